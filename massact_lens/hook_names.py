@@ -1,0 +1,190 @@
+"""Which hidden state: every hook-name string of the library lives here.
+
+Background
+----------
+Massive activations live in the *residual stream*, but "the residual stream" is a
+different hook point depending on where the model puts its LayerNorms:
+
+* **pre-norm** models (GPT-2, LLaMA, Mistral, the TransformerLens-native test
+  models): the block output ``blocks.{l}.hook_resid_post`` is the un-normalised
+  residual sum. Sun et al. measure it there.
+* **post-norm** models (BERT and its family): each sub-layer's output is added to
+  the residual and the *sum* is normalised, so the block output is already
+  LayerNorm-ed and the massive values are gone. They live in the pre-LayerNorm
+  sums: ``blocks.{l}.ln1.hook_in`` (residual + attention output) and
+  ``blocks.{l}.ln2.hook_in`` (that normalised, + MLP output; TransformerLens also
+  calls it ``hook_resid_mid`` for BERT). On all-MiniLM-L6-v2, dim 99 on [CLS]
+  reaches ~220 in ``ln2.hook_in`` of layer 0 but only ~8 in ``hook_resid_post``.
+
+A hook function sees ``hook.name`` = the *underlying* name of the point
+(``blocks.0.hook_out``), not the alias asked for (``blocks.0.hook_resid_post``):
+the library never routes on ``hook.name``; it closes over its own labels.
+
+Usage
+-----
+>>> from massact_lens.hook_names import layer_of, expand_hook_names
+>>> layer_of("blocks.3.hook_resid_post")
+3
+>>> expand_hook_names("blocks.{layer}.hook_resid_pre", n_layers=2)
+('blocks.0.hook_resid_pre', 'blocks.1.hook_resid_pre')
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from transformer_lens.model_protocol import TransformerLensModel
+
+__all__ = [
+    "POST_NORM_FAMILIES",
+    "RESID_POST",
+    "POST_NORM_SUMS",
+    "attention_hook",
+    "expand_hook_names",
+    "is_post_norm",
+    "layer_of",
+    "residual_hook_names",
+    "resolve_hook_names",
+]
+
+#: Pre-norm models: the block output is the raw residual stream.
+RESID_POST = "blocks.{layer}.hook_resid_post"
+#: Post-norm models: the two pre-LayerNorm residual sums of each block.
+POST_NORM_SUMS = ("blocks.{layer}.ln1.hook_in", "blocks.{layer}.ln2.hook_in")
+
+#: Architecture-name prefixes of post-LayerNorm model families.
+POST_NORM_FAMILIES = (
+    "Bert",
+    "Roberta",
+    "XLMRoberta",
+    "Electra",
+    "DistilBert",
+    "Albert",
+    "MPNet",
+    "Camembert",
+    "OpenAIGPT",
+)
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+_ATTENTION_HOOKS = {
+    "pattern": "blocks.{layer}.attn.hook_pattern",
+    "scores": "blocks.{layer}.attn.hook_attn_scores",
+    "q": "blocks.{layer}.attn.hook_q",
+    "k": "blocks.{layer}.attn.hook_k",
+    "v": "blocks.{layer}.attn.hook_v",
+    "z": "blocks.{layer}.attn.hook_z",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "ln1_out": "blocks.{layer}.ln1.hook_out",
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+}
+
+
+def attention_hook(kind: str, layer: int) -> str:
+    """The hook name of one attention quantity of a layer.
+
+    ``kind`` is one of ``pattern, scores, q, k, v, z, attn_out, ln1_out, resid_pre``.
+
+    >>> attention_hook("pattern", 2)
+    'blocks.2.attn.hook_pattern'
+    """
+    if kind not in _ATTENTION_HOOKS:
+        raise ValueError(f"Unknown attention hook kind {kind!r}; use one of {sorted(_ATTENTION_HOOKS)}.")
+    return _ATTENTION_HOOKS[kind].format(layer=layer)
+
+
+def layer_of(hook_name: str) -> int:
+    """The block index a ``blocks.{l}.…`` hook name belongs to.
+
+    >>> layer_of("blocks.11.ln2.hook_in")
+    11
+    """
+    match = _BLOCK_RE.match(hook_name)
+    if match is None:
+        raise ValueError(
+            f"Hook {hook_name!r} is not inside a block (expected 'blocks.<layer>.…'). "
+            "massact_lens measures per-layer hidden states; name a block hook point "
+            "such as 'blocks.0.hook_resid_post'."
+        )
+    return int(match.group(1))
+
+
+def expand_hook_names(template: str, n_layers: int, layers: Sequence[int] | None = None) -> tuple[str, ...]:
+    """Expand a ``{layer}`` template over ``layers`` (all layers by default).
+
+    A name without ``{layer}`` is returned as a one-element tuple.
+
+    >>> expand_hook_names("blocks.{layer}.ln2.hook_in", n_layers=6, layers=[0, 2])
+    ('blocks.0.ln2.hook_in', 'blocks.2.ln2.hook_in')
+    """
+    if "{layer}" not in template:
+        return (template,)
+    chosen = range(n_layers) if layers is None else layers
+    return tuple(template.format(layer=layer) for layer in chosen)
+
+
+def is_post_norm(model: TransformerLensModel) -> bool:
+    """True when the model normalises the residual sum (BERT-style post-LN)."""
+    architecture = str(getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", None) or "")
+    return architecture.startswith(POST_NORM_FAMILIES)
+
+
+def residual_hook_names(model: TransformerLensModel, layers: Sequence[int] | None = None) -> tuple[str, ...]:
+    """The residual-stream hook points where massive activations are measured.
+
+    Pre-norm: ``blocks.{l}.hook_resid_post``. Post-norm: both pre-LayerNorm sums
+    of each block (``ln1.hook_in``, ``ln2.hook_in``), in forward order.
+    """
+    templates = POST_NORM_SUMS if is_post_norm(model) else (RESID_POST,)
+    chosen = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    return tuple(t.format(layer=layer) for layer in chosen for t in templates)
+
+
+def resolve_hook_names(
+    model: TransformerLensModel,
+    hooks: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+) -> tuple[str, ...]:
+    """Validate and expand the hook points a measurement should read.
+
+    Args:
+        model: the model whose hook points are checked.
+        hooks: ``None`` for the residual points of :func:`residual_hook_names`;
+            else one name or several, each a concrete name or a ``{layer}`` template.
+        layers: restrict templates (and the default points) to these layers.
+
+    Raises:
+        ValueError: a layer outside ``[0, n_layers)``, or a hook name the model
+            does not have (the message lists close matches).
+
+    >>> from massact_lens.examples import tiny_model
+    >>> resolve_hook_names(tiny_model(), layers=[1])
+    ('blocks.1.hook_resid_post',)
+    """
+    n_layers = int(model.cfg.n_layers)
+    if layers is not None:
+        bad = [layer for layer in layers if not 0 <= int(layer) < n_layers]
+        if bad:
+            raise ValueError(f"Layers {bad} do not exist: the model has {n_layers} layers (0..{n_layers - 1}).")
+        if len(layers) == 0:
+            raise ValueError("layers is empty: pass None for all layers, or a non-empty list.")
+    if hooks is None:
+        names = residual_hook_names(model, layers)
+    else:
+        templates = [hooks] if isinstance(hooks, str) else list(hooks)
+        if not templates:
+            raise ValueError("hooks is empty: pass None for the residual stream, or hook names.")
+        names = tuple(n for t in templates for n in expand_hook_names(t, n_layers, layers))
+    known = model.hook_dict  # type: ignore[attr-defined]
+    for name in names:
+        if name not in known:
+            stem = name.split(".")[-1]
+            close = sorted(k for k in known if k.endswith(stem))[:5]
+            hint = f" Similar names: {close}." if close else ""
+            raise ValueError(
+                f"The model has no hook point {name!r}.{hint} "
+                "List them with sorted(model.hook_dict)."
+            )
+        layer_of(name)
+    return names

@@ -1,0 +1,429 @@
+"""The massive-activation criterion, its records, and the cross-input profile.
+
+Background
+----------
+Sun et al. (2024) call an activation *massive* when its magnitude is above 100 and
+at least about 1,000 times the median magnitude of its hidden state ("loose but
+broad"); their code never applies it and only ranks top-k. :func:`find_massive`
+applies it to a :class:`~massact_lens.scan.ScanResult`, with both thresholds
+configurable (a 384-dim encoder needs lower ones than a 4,096-dim LLM).
+
+:func:`profile` gives the cross-input picture the paper draws: which feature dims
+carry massive activations, the first and last layer where they do, on which kind of
+token (the start token, a delimiter such as "." or a newline, other), and per
+(hook, dim, token kind) the mean, std and coefficient of variation of the signed
+value over inputs: the "input-agnostic bias" claim as numbers, and what
+"set to mean" ablation needs.
+
+Usage
+-----
+>>> from massact_lens import scan, find_massive
+>>> from massact_lens.examples import tiny_model
+>>> import torch
+>>> found = find_massive(scan(tiny_model(), torch.randint(0, 64, (2, 6)), progress=False))
+>>> len(found)   # a random model has none
+0
+
+References
+----------
+Sun, Chen, Kolter, Liu. *Massive Activations in Large Language Models*, COLM 2024,
+section 2 (definition) and Table 1 (profiles).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens.batching import Batch, Inputs, plan_batches, run_batches
+from massact_lens.scan import ScanResult, scan
+
+__all__ = [
+    "DELIMITERS",
+    "TOKEN_KINDS",
+    "DimSummary",
+    "MassiveActivation",
+    "MassiveActivations",
+    "MassiveProfile",
+    "ValueStat",
+    "find_massive",
+    "profile",
+    "token_kind",
+]
+
+TokenKind = Literal["start", "delimiter", "other"]
+TOKEN_KINDS: tuple[str, ...] = ("start", "delimiter", "other")
+#: Token texts (whitespace stripped) counted as delimiters. A whitespace-only token
+#: containing a newline is a delimiter too.
+DELIMITERS: frozenset[str] = frozenset({".", ",", ";", ":", "!", "?", "\n"})
+
+
+def token_kind(position: int, token: str, delimiters: frozenset[str] = DELIMITERS) -> TokenKind:
+    """Classify a token as the paper does: the start token, a delimiter, or other.
+
+    >>> token_kind(0, "[CLS]"), token_kind(5, "."), token_kind(3, "\\n"), token_kind(2, " of")
+    ('start', 'delimiter', 'delimiter', 'other')
+    """
+    if position == 0:
+        return "start"
+    stripped = token.strip()
+    if stripped in delimiters or (stripped == "" and "\n" in token):
+        return "delimiter"
+    return "other"
+
+
+def _check_thresholds(min_value: float, min_ratio: float) -> None:
+    for name, value in (("min_value", min_value), ("min_ratio", min_ratio)):
+        if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"{name} must be a positive finite number, not {value!r}. The paper uses "
+                "min_value=100, min_ratio=1000; small models need lower ones (e.g. 50 and 200)."
+            )
+
+
+@dataclass(frozen=True)
+class MassiveActivation:
+    """One hidden-state entry that passes the criterion."""
+
+    layer: int
+    hook_name: str
+    input_index: int
+    position: int
+    token: str
+    dim: int
+    value: float
+    ratio: float
+    kind: str
+
+
+@dataclass(frozen=True)
+class MassiveActivations(Sequence[MassiveActivation]):
+    """The records :func:`find_massive` returns, with the thresholds and the scan they came from."""
+
+    records: tuple[MassiveActivation, ...]
+    min_value: float
+    min_ratio: float
+    scan: ScanResult = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.records[index]
+
+    def __iter__(self) -> Iterator[MassiveActivation]:
+        return iter(self.records)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per record, columns as the :class:`MassiveActivation` fields."""
+        columns = list(MassiveActivation.__dataclass_fields__)
+        return pd.DataFrame([asdict(r) for r in self.records], columns=columns)
+
+    def dims(self) -> tuple[int, ...]:
+        """The feature dims that carry at least one massive activation."""
+        return tuple(sorted({r.dim for r in self.records}))
+
+
+def find_massive(
+    scan_result: ScanResult,
+    min_value: float = 100.0,
+    min_ratio: float = 1000.0,
+    *,
+    delimiters: frozenset[str] = DELIMITERS,
+) -> MassiveActivations:
+    """Apply the paper's criterion: ``|x| > min_value`` and ``|x| >= min_ratio x median``.
+
+    The median is that of the entry's own hidden state (one input, one hook, real
+    positions, all dims). Only the scan's top-k entries are candidates: when all k of
+    some hidden state pass, more may exist and a warning says to raise ``top_k``.
+
+    >>> from massact_lens import scan
+    >>> from massact_lens.examples import minilm
+    >>> result = scan(minilm(), ["The cat sat on the mat."], progress=False)
+    >>> found = find_massive(result, min_value=50, min_ratio=200)
+    >>> sorted({(r.layer, r.token, r.dim) for r in found})[:3]
+    [(0, '[CLS]', 99), (1, '[CLS]', 99), (2, '[CLS]', 99)]
+    """
+    _check_thresholds(min_value, min_ratio)
+    values, medians = scan_result.values, scan_result.medians
+    magnitude = values.abs().nan_to_num(nan=0.0)
+    passes = (magnitude > min_value) & (magnitude >= min_ratio * medians[..., None])
+    full = passes.all(dim=-1)
+    if bool(full.any()):
+        n = int(full.sum())
+        warnings.warn(
+            f"In {n} hidden state(s) all top_k={scan_result.top_k} kept entries are massive: "
+            "there may be more. Scan again with a larger top_k.",
+            UserWarning,
+            stacklevel=2,
+        )
+    records = []
+    for i, h, r in passes.nonzero().tolist():
+        position = int(scan_result.positions[i, h, r])
+        token = scan_result.token(int(scan_result.token_ids[i, h, r]))
+        value = float(values[i, h, r])
+        records.append(
+            MassiveActivation(
+                layer=scan_result.layers[h],
+                hook_name=scan_result.hook_names[h],
+                input_index=i,
+                position=position,
+                token=token,
+                dim=int(scan_result.dims[i, h, r]),
+                value=value,
+                ratio=abs(value) / float(medians[i, h]),
+                kind=token_kind(position, token, delimiters),
+            )
+        )
+    return MassiveActivations(tuple(records), float(min_value), float(min_ratio), scan_result)
+
+
+@dataclass(frozen=True)
+class DimSummary:
+    """Where one feature dim carries massive activations, across all inputs."""
+
+    dim: int
+    first_layer: int
+    last_layer: int
+    hook_names: tuple[str, ...]
+    kinds: dict[str, int]  # token kind -> number of records
+    tokens: dict[str, int]  # token text -> number of records
+    input_fraction: float  # fraction of inputs where it is massive somewhere
+    max_abs_value: float
+    max_ratio: float
+
+
+@dataclass(frozen=True)
+class ValueStat:
+    """The signed value of one massive (position, dim) across inputs, at one hook."""
+
+    layer: int
+    hook_name: str
+    dim: int
+    kind: str
+    count: int
+    mean: float
+    std: float
+    cv: float  # std / |mean|
+
+
+@dataclass(frozen=True)
+class MassiveProfile:
+    """The cross-input picture of a model's massive activations. Save/load as JSON.
+
+    ``stats`` hold, for every scanned hook (also those where the entry is not
+    massive), the value of each (input, position, dim) that is massive somewhere in
+    that input, grouped by token kind: the means "set to mean" ablation uses.
+    """
+
+    model: dict[str, Any]
+    hook_names: tuple[str, ...]
+    prepend_bos: bool | None
+    min_value: float
+    min_ratio: float
+    n_inputs: int
+    dims: tuple[DimSummary, ...]
+    stats: tuple[ValueStat, ...]
+    delimiters: tuple[str, ...] = tuple(sorted(DELIMITERS))
+
+    @property
+    def massive_dims(self) -> tuple[int, ...]:
+        return tuple(d.dim for d in self.dims)
+
+    def mean_value(self, hook_name: str, dim: int, kind: str) -> float:
+        """The mean signed value at (hook, dim, token kind); KeyError if never massive there."""
+        for s in self.stats:
+            if s.hook_name == hook_name and s.dim == dim and s.kind == kind:
+                return s.mean
+        raise KeyError(f"The profile has no value for hook {hook_name!r}, dim {dim}, kind {kind!r}.")
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The per-(hook, dim, kind) statistics as a table."""
+        columns = list(ValueStat.__dataclass_fields__)
+        return pd.DataFrame([asdict(s) for s in self.stats], columns=columns)
+
+    def dims_dataframe(self) -> pd.DataFrame:
+        """One row per massive dim: layers, token kinds, how often, how large."""
+        return pd.DataFrame([asdict(d) for d in self.dims])
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "massact_lens.profile/1", **asdict(self)}, indent=1)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the profile as JSON (complete file or nothing: written to a temp name first)."""
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_json(cls, text: str) -> MassiveProfile:
+        data = json.loads(text)
+        if data.pop("format", None) != "massact_lens.profile/1":
+            raise ValueError("Not a massact_lens profile (missing format 'massact_lens.profile/1').")
+        data["hook_names"] = tuple(data["hook_names"])
+        data["delimiters"] = tuple(data["delimiters"])
+        data["dims"] = tuple(DimSummary(**{**d, "hook_names": tuple(d["hook_names"])}) for d in data["dims"])
+        data["stats"] = tuple(ValueStat(**s) for s in data["stats"])
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MassiveProfile:
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_json(handle.read())
+
+
+def _dim_summaries(found: MassiveActivations, n_inputs: int) -> tuple[DimSummary, ...]:
+    by_dim: dict[int, list[MassiveActivation]] = defaultdict(list)
+    for record in found:
+        by_dim[record.dim].append(record)
+    order = {name: i for i, name in enumerate(found.scan.hook_names)}
+    out = []
+    for dim, records in sorted(by_dim.items()):
+        kinds: dict[str, int] = defaultdict(int)
+        tokens: dict[str, int] = defaultdict(int)
+        for r in records:
+            kinds[r.kind] += 1
+            tokens[r.token] += 1
+        out.append(
+            DimSummary(
+                dim=dim,
+                first_layer=min(r.layer for r in records),
+                last_layer=max(r.layer for r in records),
+                hook_names=tuple(sorted({r.hook_name for r in records}, key=order.__getitem__)),
+                kinds=dict(kinds),
+                tokens=dict(sorted(tokens.items(), key=lambda kv: -kv[1])[:10]),
+                input_fraction=len({r.input_index for r in records}) / n_inputs,
+                max_abs_value=max(abs(r.value) for r in records),
+                max_ratio=max(r.ratio for r in records),
+            )
+        )
+    return tuple(out)
+
+
+def profile(
+    model: TransformerLensModel,
+    inputs: Inputs,
+    *,
+    min_value: float = 100.0,
+    min_ratio: float = 1000.0,
+    hooks: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    top_k: int = 10,
+    batch_size: int = 16,
+    prepend_bos: bool | None = None,
+    delimiters: frozenset[str] = DELIMITERS,
+    progress: bool = True,
+) -> MassiveProfile:
+    """Which dims carry massive activations, where, on which tokens, and how constant.
+
+    Two streaming passes over ``inputs`` (which must be a list or a tensor, not a
+    one-shot iterator): :func:`scan` + :func:`find_massive`, then a pass that reads,
+    at every hook, the value of each (input, position, dim) found massive anywhere
+    in that input, and keeps running sums per (hook, dim, token kind).
+
+    >>> from massact_lens.examples import minilm
+    >>> p = profile(minilm(), ["A short sentence.", "Another one here."],
+    ...             min_value=50, min_ratio=200, progress=False)
+    >>> p.massive_dims
+    (99,)
+    """
+    _check_thresholds(min_value, min_ratio)
+    if isinstance(inputs, Iterator):
+        raise TypeError("profile reads the inputs twice: pass a list of strings or a token tensor, not an iterator.")
+    result = scan(model, inputs, hooks=hooks, layers=layers, top_k=top_k, batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
+    found = find_massive(result, min_value, min_ratio, delimiters=delimiters)
+    stats = _value_stats(model, inputs, result, found, batch_size, prepend_bos, progress)
+    return MassiveProfile(
+        model=result.model,
+        hook_names=result.hook_names,
+        prepend_bos=result.prepend_bos,
+        min_value=float(min_value),
+        min_ratio=float(min_ratio),
+        n_inputs=result.n_inputs,
+        dims=_dim_summaries(found, result.n_inputs),
+        stats=stats,
+        delimiters=tuple(sorted(delimiters)),
+    )
+
+
+def _value_stats(
+    model: TransformerLensModel,
+    inputs: Inputs,
+    result: ScanResult,
+    found: MassiveActivations,
+    batch_size: int,
+    prepend_bos: bool | None,
+    progress: bool,
+) -> tuple[ValueStat, ...]:
+    if len(found) == 0:
+        return ()
+    dims = found.dims()
+    dim_index = {d: i for i, d in enumerate(dims)}
+    n_keys = len(dims) * len(TOKEN_KINDS)
+    # (input, position, dim) entries to follow, with their key = dim_index * 3 + kind.
+    follow: dict[tuple[int, int, int], int] = {}
+    for r in found:
+        follow[(r.input_index, r.position, r.dim)] = dim_index[r.dim] * len(TOKEN_KINDS) + TOKEN_KINDS.index(r.kind)
+    per_input: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    for (i, p, d), key in follow.items():
+        per_input[i].append((p, d, key))
+    n_hooks = len(result.hook_names)
+    sums = torch.zeros(n_hooks, 3, n_keys, dtype=torch.float64)  # count, sum, sum of squares
+    plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
+
+    def make_hooks(batch: Batch) -> list[tuple[str, Any]]:
+        rows, pos, dim, keys = [], [], [], []
+        for row in range(batch.tokens.shape[0]):
+            for p, d, key in per_input.get(batch.start + row, ()):
+                rows.append(row)
+                pos.append(p)
+                dim.append(d)
+                keys.append(key)
+        index = [torch.tensor(v, dtype=torch.long) for v in (rows, pos, dim, keys)]
+
+        def reader(h: int):  # noqa: ANN202
+            def read(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+                r, p, d, k = (t.to(activation.device) for t in index)
+                v = activation.detach()[r, p, d].double().cpu()
+                sums[h, 0].index_add_(0, index[3], torch.ones_like(v))
+                sums[h, 1].index_add_(0, index[3], v)
+                sums[h, 2].index_add_(0, index[3], v * v)
+
+            return read
+
+        return [(name, reader(h)) for h, name in enumerate(result.hook_names)] if rows else []
+
+    run_batches(model, plan, make_hooks, progress=progress, desc="profile")
+    out = []
+    for h, name in enumerate(result.hook_names):
+        for key in range(n_keys):
+            count = float(sums[h, 0, key])
+            if count == 0:
+                continue
+            mean = float(sums[h, 1, key]) / count
+            var = max(float(sums[h, 2, key]) / count - mean * mean, 0.0) * count / max(count - 1, 1)
+            std = math.sqrt(var)
+            out.append(
+                ValueStat(
+                    layer=result.layers[h],
+                    hook_name=name,
+                    dim=dims[key // len(TOKEN_KINDS)],
+                    kind=TOKEN_KINDS[key % len(TOKEN_KINDS)],
+                    count=int(count),
+                    mean=mean,
+                    std=std,
+                    cv=std / abs(mean) if mean != 0 else math.inf,
+                )
+            )
+    return tuple(out)
