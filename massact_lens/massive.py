@@ -82,7 +82,7 @@ def token_kind(position: int, token: str, delimiters: frozenset[str] = DELIMITER
     return "other"
 
 
-def _check_thresholds(min_value: float, min_ratio: float) -> None:
+def _check_thresholds(min_value: float | int, min_ratio: float | int) -> None:
     for name, value in (("min_value", min_value), ("min_ratio", min_ratio)):
         if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
             raise ValueError(
@@ -136,8 +136,8 @@ class MassiveActivations(Sequence[MassiveActivation]):
 
 def find_massive(
     scan_result: ScanResult,
-    min_value: float = 100.0,
-    min_ratio: float = 1000.0,
+    min_value: float | int = 100.0,
+    min_ratio: float | int = 1000.0,
     *,
     delimiters: frozenset[str] = DELIMITERS,
 ) -> MassiveActivations:
@@ -315,8 +315,8 @@ def profile(
     model: TransformerLensModel,
     inputs: Inputs,
     *,
-    min_value: float = 100.0,
-    min_ratio: float = 1000.0,
+    min_value: float | int = 100.0,
+    min_ratio: float | int = 1000.0,
     hooks: str | Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
     top_k: int = 10,

@@ -1,0 +1,121 @@
+"""Plant a known massive activation into a small TransformerLens-native model.
+
+Background
+----------
+To test a pipeline that *finds* massive activations you need a model where you know
+the answer. :func:`plant_massive_activation` does weight surgery on a
+``TransformerBridge.boot_native`` model (LayerNorm or RMSNorm, plain or gated MLP)
+so that one MLP neuron of block ``layer`` fires only on one token (the BOS) and
+writes ``value`` into residual dim ``dim``. From that block on, the residual stream
+of that token carries the value; nothing else changes much:
+
+1. a *marker* dim of the embedding is 1 for the chosen token and 0 for every other
+   token and position, and no attention or MLP output writes to it, so the marker
+   is exactly 0 off the BOS at every layer;
+2. in block ``layer`` one MLP neuron reads the normalised marker (with a negative
+   bias for LayerNorm, whose centring leaves small non-zero values) and writes
+   into ``dim`` only; its output weight is calibrated with one forward pass so the
+   planted entry is ``value``.
+
+Usage
+-----
+>>> import torch
+>>> from massact_lens.examples import tiny_model
+>>> model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=500.0)
+>>> _, cache = model.run_with_cache(torch.tensor([[0, 7, 9, 11]]))
+>>> round(float(cache["blocks.1.hook_resid_post"][0, 0, 5]))
+500
+"""
+
+from __future__ import annotations
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["plant_massive_activation"]
+
+
+def _params(model: TransformerBridge) -> dict[str, torch.nn.Parameter]:
+    native = getattr(model, "original_model", None)
+    if native is None or type(native).__name__ != "NativeModel":
+        raise TypeError(
+            "plant_massive_activation edits TransformerBridge.boot_native models only "
+            "(e.g. massact_lens.examples.tiny_model()); this model wraps "
+            f"{type(native).__name__}."
+        )
+    return {name.replace("_original_component.", ""): p for name, p in native.named_parameters()}
+
+
+@torch.no_grad()
+def plant_massive_activation(
+    model: TransformerBridge,
+    *,
+    layer: int = 1,
+    dim: int = 3,
+    value: float | int = 1000.0,
+    token_id: int = 0,
+    marker_dim: int | None = None,
+    neuron: int = 0,
+) -> TransformerBridge:
+    """Make ``token_id`` carry ``value`` at residual ``dim`` from block ``layer`` on.
+
+    Edits the model in place and returns it. ``marker_dim`` (default: the last dim)
+    is reserved as the token's marker and must differ from ``dim``.
+
+    Raises:
+        ValueError: a layer, dim, token or neuron out of range.
+        TypeError: not a TransformerLens-native model.
+    """
+    params = _params(model)
+    cfg = model.cfg
+    d_model, n_layers = int(cfg.d_model), int(cfg.n_layers)
+    marker = d_model - 1 if marker_dim is None else marker_dim
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} does not exist (0..{n_layers - 1}).")
+    if not 0 <= dim < d_model or not 0 <= marker < d_model or dim == marker:
+        raise ValueError(f"dim {dim} and marker_dim {marker} must be distinct dims in 0..{d_model - 1}.")
+    if not 0 <= token_id < int(cfg.d_vocab):
+        raise ValueError(f"token_id {token_id} is outside the vocabulary (0..{int(cfg.d_vocab) - 1}).")
+    gated = bool(cfg.gated_mlp)
+    if not 0 <= neuron < int(cfg.d_mlp):
+        raise ValueError(f"neuron {neuron} does not exist (0..{int(cfg.d_mlp) - 1}).")
+
+    embed = params["tok_embed.weight"]
+    embed[:, marker] = 0.0
+    embed[token_id] = 0.0
+    embed[token_id, marker] = 1.0
+    if "pos.weight" in params:
+        params["pos.weight"][:, marker] = 0.0
+    for block in range(n_layers):
+        for writer in ("attn.o", "mlp.fc_out" if not gated else "mlp.out"):
+            params[f"layers.{block}.{writer}.weight"][marker] = 0.0
+            if f"layers.{block}.{writer}.bias" in params:
+                params[f"layers.{block}.{writer}.bias"][marker] = 0.0
+
+    prefix = f"layers.{layer}.mlp."
+    readers = ("gate", "in") if gated else ("fc_in",)
+    for reader in readers:
+        weight = params[prefix + reader + ".weight"]
+        weight[neuron] = 0.0
+        weight[neuron, marker] = 10.0
+        if prefix + reader + ".bias" in params:
+            params[prefix + reader + ".bias"][neuron] = -20.0
+    out = params[prefix + ("out" if gated else "fc_out") + ".weight"]
+    out[:, neuron] = 0.0
+    out[dim, neuron] = 1.0
+
+    hook = f"blocks.{layer}.hook_resid_post"
+    probe = torch.tensor([[token_id]], device=embed.device)
+
+    def planted() -> float:
+        _, cache = model.run_with_cache(probe, names_filter=[hook])
+        return float(cache[hook][0, 0, dim])
+
+    with_neuron = planted()
+    out[dim, neuron] = 0.0
+    without = planted()
+    per_unit = with_neuron - without
+    if per_unit <= 1e-3:
+        raise RuntimeError("The planted neuron did not fire on the token; the model's norms may be unusual.")
+    out[dim, neuron] = (value - without) / per_unit
+    return model

@@ -1,0 +1,199 @@
+"""scan: recovery of planted massive activations, padding invariance, streaming, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import massact_lens as ml
+from massact_lens.examples import tiny_model
+
+
+def test_planted_activation_is_recovered_exactly(planted, bos_tokens):
+    result = ml.scan(planted, bos_tokens, progress=False)
+    found = ml.find_massive(result)
+    where = {(r.layer, r.position, r.dim) for r in found}
+    assert where == {(1, 0, 5), (2, 0, 5), (3, 0, 5)}
+    # every input, every layer from 1 on: one record each
+    assert len(found) == bos_tokens.shape[0] * 3
+    assert {r.input_index for r in found} == set(range(bos_tokens.shape[0]))
+    layer1 = [r for r in found if r.layer == 1]
+    assert all(abs(r.value - 1000.0) < 1e-2 for r in layer1)
+    assert all(r.kind == "start" for r in found)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_clean_random_model_has_none(kind, bos_tokens):
+    result = ml.scan(tiny_model(kind, n_layers=4), bos_tokens, progress=False)
+    assert len(ml.find_massive(result)) == 0
+    assert result.layer_stats()["ratio"].max() < 50
+
+
+def test_topk_and_median_match_a_direct_computation(planted, bos_tokens):
+    result = ml.scan(planted, bos_tokens[:3], top_k=4, progress=False)
+    _, cache = planted.run_with_cache(bos_tokens[:3])
+    for h, name in enumerate(result.hook_names):
+        x = cache[name].float()
+        for i in range(3):
+            flat = x[i].flatten()
+            expected = flat.abs().topk(4).values
+            assert torch.allclose(result.values[i, h].abs(), expected, rtol=1e-5)
+            assert torch.isclose(result.medians[i, h], flat.abs().median(), rtol=1e-5)
+            # positions and dims point at the entries they claim
+            for r in range(4):
+                p, d = int(result.positions[i, h, r]), int(result.dims[i, h, r])
+                assert float(x[i, p, d]) == pytest.approx(float(result.values[i, h, r]), rel=1e-6)
+                assert int(result.token_ids[i, h, r]) == int(bos_tokens[i, p])
+
+
+def test_padding_never_enters_a_statistic_tensor_input(planted):
+    generator = torch.Generator().manual_seed(1)
+    lengths = [12, 5, 9, 3]
+    tokens = torch.randint(1, 64, (4, 12), generator=generator)
+    tokens[:, 0] = 0
+    mask = torch.zeros_like(tokens)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        tokens[i, n:] = 0  # padding with the BOS id: would be massive if it leaked in
+    batched = ml.scan(planted, tokens, attention_mask=mask, progress=False)
+    for i, n in enumerate(lengths):
+        alone = ml.scan(planted, tokens[i : i + 1, :n], progress=False)
+        assert torch.allclose(batched.values[i], alone.values[0], rtol=1e-4, atol=1e-5)
+        assert torch.allclose(batched.medians[i], alone.medians[0], rtol=1e-4, atol=1e-6)
+        assert torch.equal(batched.positions[i], alone.positions[0])
+        assert int(batched.lengths[i]) == n
+    assert int(batched.positions.max()) < max(lengths)
+    found = ml.find_massive(batched)
+    assert {r.position for r in found} == {0}
+
+
+def test_padding_invariance_on_strings_real_model(minilm_model, sentences):
+    texts = sentences[:6] + ["Hi.", "A much longer sentence that goes on and on for quite a while, then stops."]
+    batched = ml.scan(minilm_model, texts, batch_size=8, progress=False)
+    single = ml.scan(minilm_model, texts, batch_size=1, progress=False)
+    assert torch.allclose(batched.values, single.values, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(batched.medians, single.medians, rtol=1e-4, atol=1e-5)
+    assert torch.equal(batched.dims, single.dims)
+    assert torch.equal(batched.lengths, single.lengths)
+
+
+def test_streamed_batches_equal_a_list(minilm_model, sentences):
+    whole = ml.scan(minilm_model, sentences, batch_size=4, progress=False)
+    streamed = ml.scan(minilm_model, (sentences[i : i + 3] for i in range(0, 12, 3)), progress=False)
+    assert streamed.n_inputs == 12
+    assert torch.allclose(whole.values, streamed.values, rtol=1e-4, atol=1e-4)
+    token_stream = ml.scan(minilm_model, iter([minilm_model.to_tokens(sentences[0])]), progress=False)
+    assert token_stream.prepend_bos is None  # token tensors are used as given
+
+
+def test_bos_is_explicit_and_recorded(minilm_model, sentences):
+    with_bos = ml.scan(minilm_model, sentences[:3], prepend_bos=True, progress=False)
+    without = ml.scan(minilm_model, sentences[:3], prepend_bos=False, progress=False)
+    assert with_bos.prepend_bos is True and without.prepend_bos is False
+    assert torch.equal(with_bos.lengths, without.lengths + 1)
+    assert with_bos.token(int(with_bos.token_ids[0, 1, 0])) == "[CLS]"
+
+
+def test_result_is_frozen_and_records_provenance(planted, bos_tokens):
+    result = ml.scan(planted, bos_tokens, layers=[2, 3], progress=False)
+    assert result.hook_names == ("blocks.2.hook_resid_post", "blocks.3.hook_resid_post")
+    assert result.layers == (2, 3)
+    assert result.model["n_layers"] == 4 and result.model["weights_processed"] is False
+    assert result.model["dtype"] == "float32"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.top_k = 3  # type: ignore[misc]
+
+
+def test_what_is_kept_does_not_grow_with_sequence_length(planted):
+    short = ml.scan(planted, torch.zeros(3, 4, dtype=torch.long), top_k=5, progress=False)
+    long = ml.scan(planted, torch.zeros(3, 30, dtype=torch.long), top_k=5, progress=False)
+    for field in ("values", "positions", "dims", "token_ids", "medians"):
+        assert getattr(short, field).shape == getattr(long, field).shape
+
+
+def test_layer_stats_are_means_over_inputs(planted, bos_tokens):
+    result = ml.scan(planted, bos_tokens, progress=False)
+    stats = result.layer_stats()
+    assert list(stats["layer"]) == [0, 1, 2, 3]
+    top1 = result.values[:, 1, 0].abs().mean()
+    assert stats.loc[1, "top1"] == pytest.approx(float(top1), rel=1e-6)
+    assert stats.loc[1, "median"] == pytest.approx(float(result.medians[:, 1].mean()), rel=1e-6)
+    assert (stats["top1"] >= stats["top2"]).all() and (stats["top2"] >= stats["top3"]).all()
+    table = result.to_dataframe()
+    assert len(table) == 8 * 4 * 10
+
+
+def test_custom_hooks_and_templates(planted, bos_tokens):
+    result = ml.scan(planted, bos_tokens, hooks="blocks.{layer}.hook_resid_pre", progress=False)
+    assert result.hook_names[0] == "blocks.0.hook_resid_pre"
+    found = ml.find_massive(result)
+    assert {r.layer for r in found} == {2, 3}  # resid_pre of block 2 = resid_post of block 1
+
+
+def test_half_precision_statistics_are_float32(bos_tokens):
+    model = tiny_model("gpt2", n_layers=2).to(torch.bfloat16)
+    result = ml.scan(model, bos_tokens, progress=False)
+    assert result.values.dtype == torch.float32 and result.medians.dtype == torch.float32
+    assert result.model["dtype"] == "bfloat16"
+
+
+class _ForwardCounter:
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.original_model.register_forward_pre_hook(self)
+
+    def __call__(self, *args):
+        self.calls += 1
+
+
+@pytest.mark.parametrize(
+    ("inputs", "kwargs", "message"),
+    [
+        ([], {}, "No inputs"),
+        (torch.zeros(0, 5, dtype=torch.long), {}, "empty"),
+        (torch.zeros(1, 40, dtype=torch.long), {}, "context of 32"),
+        (torch.zeros(2, 4, dtype=torch.long), {"hooks": "blocks.0.hook_nope"}, "no hook point"),
+        (torch.zeros(2, 4, dtype=torch.long), {"layers": [7]}, "do not exist"),
+        (torch.zeros(2, 4, dtype=torch.long), {"top_k": 0}, "top_k"),
+        (torch.full((2, 4), 99, dtype=torch.long), {}, "Token ids"),
+        (["a string"], {}, "no tokenizer"),
+        (torch.zeros(2, 4), {}, "integer ids"),
+    ],
+)
+def test_bad_input_fails_before_any_forward_pass(inputs, kwargs, message, no_leftover_hooks):
+    model = tiny_model("gpt2")
+    no_leftover_hooks(model)
+    counter = _ForwardCounter(model)
+    with pytest.raises((ValueError, TypeError), match=message):
+        ml.scan(model, inputs, progress=False, **kwargs)
+    assert counter.calls == 0
+    counter.handle.remove()
+    no_leftover_hooks(model)
+
+
+def test_no_hook_left_after_an_error_mid_scan(planted, bos_tokens, no_leftover_hooks):
+    no_leftover_hooks(planted)
+
+    def boom(activation, hook):
+        raise RuntimeError("user hook failed")
+
+    with pytest.raises(RuntimeError, match="user hook failed"), planted.hooks(fwd_hooks=[("blocks.2.hook_resid_post", boom)]):
+        ml.scan(planted, bos_tokens, progress=False)
+    no_leftover_hooks(planted)
+
+    def batches():
+        yield bos_tokens[:2]
+        yield "not a batch of the right kind" if False else 42
+
+    with pytest.raises(TypeError, match="Batch 2"):
+        ml.scan(planted, batches(), progress=False)
+    no_leftover_hooks(planted)
+
+
+def test_scan_composes_with_a_users_own_hook(planted, bos_tokens):
+    seen = []
+    with planted.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: seen.append(x.shape))]):
+        ml.scan(planted, bos_tokens, batch_size=4, progress=False)
+    assert len(seen) == 2
