@@ -8,6 +8,10 @@
   sum of layer 0, 500x the median.
 * :func:`tiny_model` builds a small random ``TransformerBridge`` (no download):
   LayerNorm/GPT-2-like or RMSNorm/rotary/gated/GQA LLaMA-like.
+* :func:`bigram_backcopy` loads one of three small decoders the project trained
+  on the Bigram-Backcopy task (:mod:`massact_lens.train`): ``default`` (a BOS
+  residual peak and BOS attention sink), ``sink_token`` and ``explicit_bias``
+  (:mod:`massact_lens.explicit_bias`), with a tokenizer, so string prompts work.
 
 >>> model = tiny_model("llama", n_layers=3)
 >>> model.cfg.n_layers, model.cfg.positional_embedding_type
@@ -138,3 +142,33 @@ def tiny_model(
     model = TransformerBridge.boot_native(cfg, model_name=f"tiny-{kind}")
     model.eval()
     return model
+
+
+def bigram_backcopy(
+    variant: Literal["default", "sink_token", "explicit_bias"] = "default",
+    device: str | None = None,
+) -> TransformerBridge:
+    """A small decoder trained by the project on Bigram-Backcopy, shipped in the package.
+
+    3 layers, 1 head, d_model 64, pre-LN, GELU; trained by
+    ``scripts/train_bigram_backcopy.sh`` (see :mod:`massact_lens.train` for the
+    recipe and the results table). Tokens are ``T0 T1 T2`` (triggers: the next
+    token copies the one before the trigger) and ``w3 .. w63``; the tokenizer puts
+    BOS ``<s>`` first, behind ``<sink>`` / ``<slot>`` for the two variants.
+
+    Args:
+        variant: ``"default"``, ``"sink_token"`` (a learnable sink token at
+            position 0) or ``"explicit_bias"`` (learnable k'/v' at position 0).
+        device: where to put the model.
+
+    >>> model = bigram_backcopy("explicit_bias")
+    >>> model.to_str_tokens("w7 w9 T1")
+    ['<slot>', '<s>', 'w7', 'w9', 'T1']
+    >>> model.to_string(model("w7 w9 T1")[0, -1].argmax())   # copies the token before T1
+    'w9'
+    """
+    from massact_lens.train import CHECKPOINTS, VARIANTS, load_checkpoint
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}.")
+    return load_checkpoint(CHECKPOINTS / variant, device=device)

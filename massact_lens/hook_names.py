@@ -37,11 +37,14 @@ from collections.abc import Sequence
 from transformer_lens.model_protocol import TransformerLensModel
 
 __all__ = [
+    "EMBED_OUT",
+    "EMBED_TOKENS",
     "POST_NORM_FAMILIES",
     "RESID_POST",
     "POST_NORM_SUMS",
     "attention_hook",
     "expand_hook_names",
+    "final_hidden_hook",
     "is_post_norm",
     "layer_of",
     "residual_hook_names",
@@ -50,6 +53,10 @@ __all__ = [
 
 #: Pre-norm models: the block output is the raw residual stream.
 RESID_POST = "blocks.{layer}.hook_resid_post"
+#: The token ids entering the embedding (``[batch, pos]`` integers).
+EMBED_TOKENS = "embed.hook_in"
+#: The token embeddings, before positional embeddings are added.
+EMBED_OUT = "hook_embed"
 #: Post-norm models: the two pre-LayerNorm residual sums of each block.
 POST_NORM_SUMS = ("blocks.{layer}.ln1.hook_in", "blocks.{layer}.ln2.hook_in")
 
@@ -76,6 +83,7 @@ _ATTENTION_HOOKS = {
     "v": "blocks.{layer}.attn.hook_v",
     "z": "blocks.{layer}.attn.hook_z",
     "attn_out": "blocks.{layer}.hook_attn_out",
+    "o_out": "blocks.{layer}.attn.o.hook_out",
     "ln1_out": "blocks.{layer}.ln1.hook_out",
     "resid_pre": "blocks.{layer}.hook_resid_pre",
 }
@@ -84,7 +92,10 @@ _ATTENTION_HOOKS = {
 def attention_hook(kind: str, layer: int) -> str:
     """The hook name of one attention quantity of a layer.
 
-    ``kind`` is one of ``pattern, scores, q, k, v, z, attn_out, ln1_out, resid_pre``.
+    ``kind`` is one of ``pattern, scores, q, k, v, z, attn_out, o_out, ln1_out, resid_pre``.
+    ``o_out`` is the output projection (``z @ W_O + b_O``): on BERT bridges it is
+    the attention output, while ``hook_attn_out`` there is
+    ``LayerNorm(resid_pre + attention output)``.
 
     >>> attention_hook("pattern", 2)
     'blocks.2.attn.hook_pattern'
@@ -128,6 +139,23 @@ def is_post_norm(model: TransformerLensModel) -> bool:
     """True when the model normalises the residual sum (BERT-style post-LN)."""
     architecture = str(getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", None) or "")
     return architecture.startswith(POST_NORM_FAMILIES)
+
+
+def final_hidden_hook(model: TransformerLensModel) -> str:
+    """The hook point holding the model's last hidden state (what embeddings pool).
+
+    Post-norm (BERT): the last block's output, which is HuggingFace's
+    ``last_hidden_state`` (sentence-transformers mean-pools it). Pre-norm: the
+    final LayerNorm's output where the model has one, else the last block's output.
+
+    >>> from massact_lens.examples import tiny_model
+    >>> final_hidden_hook(tiny_model())
+    'ln_final.hook_out'
+    """
+    last = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
+    if is_post_norm(model):
+        return last
+    return "ln_final.hook_out" if "ln_final.hook_out" in model.hook_dict else last  # type: ignore[attr-defined]
 
 
 def residual_hook_names(model: TransformerLensModel, layers: Sequence[int] | None = None) -> tuple[str, ...]:

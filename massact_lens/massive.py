@@ -133,6 +133,10 @@ class MassiveActivations(Sequence[MassiveActivation]):
         """The feature dims that carry at least one massive activation."""
         return tuple(sorted({r.dim for r in self.records}))
 
+    def dim_summaries(self) -> tuple[DimSummary, ...]:
+        """Per massive dim: first/last layer, token kinds and texts, how often, how large."""
+        return _dim_summaries(self, self.scan.n_inputs)
+
 
 def find_massive(
     scan_result: ScanResult,
@@ -351,7 +355,7 @@ def profile(
         min_value=float(min_value),
         min_ratio=float(min_ratio),
         n_inputs=result.n_inputs,
-        dims=_dim_summaries(found, result.n_inputs),
+        dims=found.dim_summaries(),
         stats=stats,
         delimiters=tuple(sorted(delimiters)),
     )

@@ -23,6 +23,7 @@ Sun, Chen, Kolter, Liu. *Massive Activations in Large Language Models*, COLM 202
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -129,10 +130,8 @@ def model_description(model: TransformerLensModel) -> dict[str, Any]:
     """
     cfg = model.cfg
     dtype = getattr(cfg, "dtype", None)
-    try:
+    with contextlib.suppress(AttributeError, StopIteration):
         dtype = next(model.parameters()).dtype  # type: ignore[attr-defined]
-    except (AttributeError, StopIteration):
-        pass
     return {
         "model_name": str(getattr(cfg, "model_name", "unknown")),
         "architecture": str(getattr(cfg, "architecture", None) or "unknown"),

@@ -37,8 +37,7 @@ def minilm_model():
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def planted(request):
     """A 4-layer tiny model with 1000.0 planted at dim 5 on token 0 from block 1 on."""
-    model = plant_massive_activation(tiny_model(request.param, n_layers=4), layer=1, dim=5, value=1000.0)
-    return model
+    return plant_massive_activation(tiny_model(request.param, n_layers=4), layer=1, dim=5, value=1000.0)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,184 @@
+"""Benchmark: scan vs a bare forward pass vs run_with_cache + the same statistics.
+
+Run from the repository root:
+
+    python bench/bench_scan.py            # MiniLM, 128 inputs of ~100 tokens
+    python bench/bench_scan.py --quick    # fewer inputs, for a smoke run
+
+Time: the three methods run interleaved in one process, ``--repeats`` rounds, and
+the median wall time of each is reported with its ratio to the bare pass (ratios
+side by side, because these machines are shared and noisy).
+
+Peak memory: each method runs in a fresh subprocess that loads the model, warms
+up on one batch, records its resident set size (RSS), runs the method over the
+inputs while a thread samples RSS every millisecond, and reports the peak *above*
+that baseline: the memory the method itself needed. CPU has no allocator counter
+like ``torch.cuda.max_memory_allocated``; RSS sampling is the honest stand-in. The
+children run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every large
+tensor from mmap and returns it on free, so RSS follows live memory instead of
+what the allocator keeps cached after a free (without it, allocator retention,
+not the method, decides the numbers).
+
+Retention: the bytes a ScanResult keeps, at two corpus sizes, per input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import massact_lens as ml  # noqa: E402
+from massact_lens.batching import plan_batches, run_batches  # noqa: E402
+from massact_lens.examples import minilm  # noqa: E402
+
+WORDS = ["the", "model", "reads", "a", "long", "sentence", "about", "rivers", "and", "mountains", "while", "the", "night", "falls", "slowly", "over", "quiet", "towns", "where", "people", "sleep", "and", "dream", "of", "distant", "seas"]
+
+
+def corpus(n: int, words: int) -> list[str]:
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, len(WORDS), (words,), generator=generator).tolist()
+        out.append(" ".join(WORDS[i] for i in idx).capitalize() + ".")
+    return out
+
+
+def bare(model, texts, batch_size):
+    plan = plan_batches(model, texts, batch_size=batch_size)
+    run_batches(model, plan, lambda _batch: [], progress=False)
+
+
+def scanned(model, texts, batch_size):
+    return ml.scan(model, texts, batch_size=batch_size, progress=False)
+
+
+def cached(model, texts, batch_size):
+    """A typical run_with_cache workflow: cache everything, then compute the same statistics."""
+    names = ml.residual_hook_names(model)
+    plan = plan_batches(model, texts, batch_size=batch_size)
+    kept = []
+    with torch.inference_mode():
+        for batch in plan.batches:
+            _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
+            mask = batch.attention_mask.bool()
+            for name in names:
+                x = cache[name].float()
+                magnitude = x.abs().masked_fill(~mask[:, :, None], float("nan")).flatten(1)
+                medians = magnitude.nanmedian(dim=1).values
+                top, flat = magnitude.nan_to_num(nan=-1.0).topk(10, dim=1)
+                kept.append((x.flatten(1).gather(1, flat), flat, medians))
+            del cache
+    return kept
+
+
+METHODS = {"bare forward": bare, "scan": scanned, "run_with_cache + stats": cached}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+
+def measure_memory(method: str, n: int, words: int, batch_size: int) -> int:
+    """In a fresh process: peak RSS above the warmed-up baseline while ``method`` runs."""
+    model = minilm()
+    texts = corpus(n, words)
+    METHODS[method](model, texts[:batch_size], batch_size)  # warm-up: allocator, kernels
+    baseline = rss_bytes()
+    peak = baseline
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    result = METHODS[method](model, texts, batch_size)
+    done.set()
+    sampler.join()
+    del result
+    return peak - baseline
+
+
+def retained_bytes(result: ml.ScanResult) -> int:
+    tensors = (result.values, result.positions, result.dims, result.token_ids, result.medians, result.lengths)
+    strings = sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in result.tokens.items())
+    return sum(t.numel() * t.element_size() for t in tensors) + strings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", type=int, default=128)
+    parser.add_argument("--words", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.inputs, args.words, args.repeats = 32, 40, 2
+    if args.memory_child:
+        print(json.dumps(measure_memory(args.memory_child, args.inputs, args.words, args.batch_size)))
+        return
+
+    model = minilm()
+    texts = corpus(args.inputs, args.words)
+    n_tokens = sum(int(b.lengths.sum()) for b in plan_batches(model, texts).batches)
+    print(f"MiniLM (6 layers, d_model 384), {args.inputs} inputs, {n_tokens} tokens, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads, {args.repeats} interleaved rounds")
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for fn in METHODS.values():
+        fn(model, texts[: args.batch_size], args.batch_size)
+    for _ in range(args.repeats):
+        for name, fn in METHODS.items():
+            start = time.perf_counter()
+            fn(model, texts, args.batch_size)
+            times[name].append(time.perf_counter() - start)
+
+    memory = {}
+    for name in METHODS:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", name, "--inputs", str(args.inputs),
+             "--words", str(args.words), "--batch-size", str(args.batch_size)],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
+        )
+        memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    base_t = statistics.median(times["bare forward"])
+    base_m = max(memory["bare forward"], 1)
+    print(f"\n{'method':<24}{'median s':>10}{'x bare':>8}{'peak MB above baseline':>26}{'x bare':>8}")
+    for name in METHODS:
+        t = statistics.median(times[name])
+        m = memory[name]
+        print(f"{name:<24}{t:>10.3f}{t / base_t:>8.2f}{m / 2**20:>26.1f}{m / base_m:>8.2f}")
+
+    print("\nWhat a ScanResult retains (12 hooks, top_k=10):")
+    small, large = 100, 1000
+    sizes = {}
+    for n in (small, large):
+        result = ml.scan(model, corpus(n, 12), batch_size=64, progress=False)
+        sizes[n] = retained_bytes(result)
+        print(f"  {n:>5} inputs: {sizes[n] / 1024:8.1f} KiB = {sizes[n] / n:6.0f} bytes per input")
+    per_input = (sizes[large] - sizes[small]) / (large - small)
+    print(f"  growth: {per_input:.0f} bytes per added input "
+          f"(12 hooks x 10 entries x 4 fields x 4 bytes + medians); 10,000 inputs ~ {per_input * 1e4 / 2**20:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
