@@ -9,6 +9,17 @@ bundled real encoder (:func:`massact_lens.examples.minilm`).
 True
 """
 
+from massact_lens.attention import (
+    AttentionConcentration,
+    AttentionLogits,
+    ImplicitBias,
+    MassiveTokens,
+    TokenFeatures,
+    attention_concentration,
+    attention_logits,
+    implicit_bias,
+    token_features,
+)
 from massact_lens.batching import Batch, plan_batches
 from massact_lens.hook_names import residual_hook_names, resolve_hook_names
 from massact_lens.massive import (
@@ -27,6 +38,15 @@ from massact_lens.scan import ScanResult, scan
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionConcentration",
+    "AttentionLogits",
+    "ImplicitBias",
+    "MassiveTokens",
+    "TokenFeatures",
+    "attention_concentration",
+    "attention_logits",
+    "implicit_bias",
+    "token_features",
     "Batch",
     "DimSummary",
     "MassiveActivation",
