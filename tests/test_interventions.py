@@ -1,0 +1,336 @@
+"""Edit hooks, position rules, ablation and patching: exact effects, hygiene, composition."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import massact_lens as ml
+from massact_lens import interventions as iv
+from massact_lens.data import SENTENCES
+from massact_lens.evaluate import embedding_similarity, sentence_embeddings
+from massact_lens.examples import minilm_dir, tiny_model
+
+PLANT_DIM = 5  # conftest's planted models: 1000.0 at dim 5 on token 0, from block 1 on
+
+def recorder(store: dict, key: str):
+    def record(tensor, *, hook):
+        store[key] = tensor.detach().clone()
+
+    return record
+
+def run_recording(model, tokens, hooks, point):
+    """Run with ``hooks`` plus a reader placed after them on ``point``."""
+    store: dict = {}
+    model.run_with_hooks(tokens, fwd_hooks=list(hooks) + [(point, recorder(store, point))])
+    return store[point]
+
+# --------------------------------------------------------------------- exact edits, tiny models
+
+def test_zero_hook_zeroes_the_planted_entry_and_nothing_else(planted, bos_tokens):
+    point = "blocks.1.hook_resid_post"
+    clean = run_recording(planted, bos_tokens, [], point)
+    assert torch.allclose(clean[:, 0, PLANT_DIM], torch.tensor(1000.0), rtol=1e-3)
+    hooks = ml.interventions.edit_hooks(planted, iv.zero_hook(dims=[PLANT_DIM], positions=iv.start_token()), hooks=point)
+    edited = run_recording(planted, bos_tokens, hooks, point)
+    assert torch.all(edited[:, 0, PLANT_DIM] == 0.0)
+    changed = edited != clean
+    expected = torch.zeros_like(changed)
+    expected[:, 0, PLANT_DIM] = True
+    assert torch.equal(changed, expected)
+
+def test_mean_ablation_writes_the_profiled_mean_exactly(planted, bos_tokens):
+    prof = ml.profile(planted, bos_tokens, progress=False)
+    assert prof.massive_dims == (PLANT_DIM,)
+    hooks = iv.ablation_hooks(planted, prof, "mean", layers=[2])
+    point = "blocks.2.hook_resid_post"
+    clean = run_recording(planted, bos_tokens, [], point)
+    edited = run_recording(planted, bos_tokens, hooks, point)
+    mean = prof.mean_value(point, PLANT_DIM, "start")
+    assert torch.all(edited[:, 0, PLANT_DIM] == torch.tensor(mean, dtype=torch.float32))
+    mask = torch.ones_like(clean, dtype=torch.bool)
+    mask[:, 0, PLANT_DIM] = False
+    assert torch.equal(edited[mask], clean[mask])
+
+def test_zero_ablation_from_profile_covers_every_layer_it_found(planted, bos_tokens):
+    prof = ml.profile(planted, bos_tokens, progress=False)
+    hooks = iv.ablation_hooks(planted, prof, "zero")
+    edited_points = [name for name, fn in hooks if isinstance(fn, iv.EditHook)]
+    assert edited_points == [f"blocks.{layer}.hook_resid_post" for layer in (1, 2, 3)]
+    with planted.hooks(fwd_hooks=hooks):
+        _, cache = planted.run_with_cache(bos_tokens)
+    for layer in (1, 2, 3):
+        assert torch.all(cache[f"blocks.{layer}.hook_resid_post"][:, 0, PLANT_DIM] == 0.0)
+    first = iv.ablation_hooks(planted, prof, "zero", layers="first")
+    assert [n for n, fn in first if isinstance(fn, iv.EditHook)] == ["blocks.1.hook_resid_post"]
+
+def test_value_and_scale_hooks_are_exact():
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    out = iv.value_hook([7.0, -1.0], dims=[1, 3], positions=iv.at_positions(2))(x.clone())
+    expected = x.clone()
+    expected[:, 2, 1], expected[:, 2, 3] = 7.0, -1.0
+    assert torch.equal(out, expected)
+    out = iv.scale_hook(0.5, dims=2, positions=iv.at_positions(-1))(x.clone())
+    expected = x.clone()
+    expected[:, 2, 2] *= 0.5
+    assert torch.equal(out, expected)
+
+def test_hook_clones_when_the_activation_requires_grad():
+    x = torch.ones(1, 2, 3, requires_grad=True)
+    out = iv.zero_hook(dims=[0])(x)
+    assert out is not x and torch.equal(x.detach(), torch.ones(1, 2, 3))
+    out.sum().backward()
+    assert torch.equal(x.grad[0, :, 0], torch.zeros(2)) and torch.equal(x.grad[0, :, 1], torch.ones(2))
+    y = torch.ones(1, 2, 3)
+    assert iv.zero_hook(dims=[0])(y) is y  # no grad: edited in place
+
+def test_delimiter_rule_edits_only_delimiter_tokens_never_the_start():
+    model = tiny_model()
+    tokens = torch.tensor([[7, 1, 7, 2, 7], [3, 7, 4, 5, 6]])
+    rule = iv.delimiter_positions(model, token_ids=[7])
+    hooks = iv.edit_hooks(model, iv.value_hook(42.0, dims=[0], positions=rule), hooks="blocks.0.hook_resid_post")
+    out = run_recording(model, tokens, hooks, "blocks.0.hook_resid_post")
+    hit = out[:, :, 0] == 42.0
+    assert hit.tolist() == [[False, False, True, False, True], [False, True, False, False, False]]
+    first = iv.edit_hooks(model, iv.value_hook(42.0, dims=[0], positions=iv.delimiter_positions(token_ids=[7], first_only=True)), hooks="blocks.0.hook_resid_post")
+    out = run_recording(model, tokens, first, "blocks.0.hook_resid_post")
+    assert (out[:, :, 0] == 42.0).tolist() == [[False, False, True, False, False], [False, True, False, False, False]]
+
+def test_delimiter_rule_reads_the_tokenizer(minilm_model):
+    rule = iv.delimiter_positions(minilm_model)
+    period = minilm_model.tokenizer.convert_tokens_to_ids(".")
+    comma = minilm_model.tokenizer.convert_tokens_to_ids(",")
+    word = minilm_model.tokenizer.convert_tokens_to_ids("cat")
+    assert {period, comma} <= rule.token_ids and word not in rule.token_ids
+
+def test_where_massive_decides_per_input(planted):
+    tokens = torch.randint(1, 64, (3, 8), generator=torch.Generator().manual_seed(1))
+    tokens[0, 0] = 0  # only rows 0 and 2 start with the planted token
+    tokens[2, 0] = 0
+    point = "blocks.2.hook_resid_post"
+    clean = run_recording(planted, tokens, [], point)
+    hooks = iv.edit_hooks(planted, iv.zero_hook(positions=iv.where_massive(100, 100)), hooks=point)
+    edited = run_recording(planted, tokens, hooks, point)
+    changed = (edited != clean).nonzero().tolist()
+    assert changed == [[0, 0, PLANT_DIM], [2, 0, PLANT_DIM]]
+
+def test_rules_combine():
+    ctx = iv.RunContext(torch.arange(5)[None], torch.tensor([[1, 9, 2, 9, 3]]))
+    x = torch.zeros(1, 5, 2)
+    delims = iv.delimiter_positions(token_ids=[9])
+    assert (iv.start_token() | delims).select(x, None, ctx).tolist() == [[True, True, False, True, False]]
+    assert (~(iv.start_token() | delims)).select(x, None, ctx).tolist() == [[False, False, True, False, True]]
+    assert (delims & iv.at_positions(3)).select(x, None, ctx).tolist() == [[False, False, False, True, False]]
+
+# --------------------------------------------------------------------- hygiene and composition
+
+def test_composition_with_a_users_hook_on_the_same_point(planted, bos_tokens, no_leftover_hooks):
+    no_leftover_hooks(planted)
+    point = "blocks.1.hook_resid_post"
+    seen: list[tuple[str, float]] = []
+
+    def users_hook(tensor, *, hook):
+        seen.append(("user", float(tensor[0, 0, PLANT_DIM].detach())))
+        return tensor + 1.0
+
+    ablation = iv.edit_hooks(planted, iv.zero_hook(dims=[PLANT_DIM], positions=iv.start_token()), hooks=point)
+    after = run_recording(planted, bos_tokens[:1], ablation + [(point, users_hook)], point)
+    assert seen == [("user", 0.0)] and float(after[0, 0, PLANT_DIM]) == 1.0
+    seen.clear()
+    after = run_recording(planted, bos_tokens[:1], [(point, users_hook)] + ablation, point)
+    assert seen[0][1] == pytest.approx(1000.0, rel=1e-3) and float(after[0, 0, PLANT_DIM]) == 0.0
+    assert float(after[0, 1, 0]) != 0.0
+    no_leftover_hooks(planted)
+
+def test_nothing_left_attached_also_after_an_exception(planted, bos_tokens, no_leftover_hooks):
+    prof = ml.profile(planted, bos_tokens, progress=False)
+    no_leftover_hooks(planted)
+
+    def boom(tensor, *, hook):
+        raise RuntimeError("boom")
+
+    hooks = iv.ablation_hooks(planted, prof, "zero")
+    with pytest.raises(RuntimeError, match="boom"):
+        planted.run_with_hooks(bos_tokens, fwd_hooks=hooks + [("blocks.2.hook_resid_post", boom)])
+    no_leftover_hooks(planted)
+    with pytest.raises(RuntimeError, match="boom"), iv.ablated(planted, prof, "mean"):
+        planted.run_with_hooks(bos_tokens, fwd_hooks=[("blocks.0.hook_resid_post", boom)])
+    no_leftover_hooks(planted)
+    too_far = iv.edit_hooks(planted, iv.zero_hook(dims=[1], positions=iv.at_positions(20)), layers=[0])
+    with pytest.raises(ValueError, match="Position 20 does not exist"):
+        planted.run_with_hooks(bos_tokens, fwd_hooks=too_far)
+    no_leftover_hooks(planted)
+
+def test_works_with_run_with_cache_nested_contexts_and_generation(planted, bos_tokens, no_leftover_hooks):
+    prof = ml.profile(planted, bos_tokens, progress=False)
+    no_leftover_hooks(planted)
+    calls = []
+    outer = [("blocks.0.hook_resid_post", lambda t, *, hook: calls.append(1))]
+    with planted.hooks(fwd_hooks=outer):
+        with iv.ablated(planted, prof, "zero"):
+            _, cache = planted.run_with_cache(bos_tokens)
+            out = planted.generate(bos_tokens[:2, :4], max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+        _, clean_cache = planted.run_with_cache(bos_tokens)
+    assert torch.all(cache["blocks.3.hook_resid_post"][:, 0, PLANT_DIM] == 0.0)
+    assert float(clean_cache["blocks.3.hook_resid_post"][0, 0, PLANT_DIM]) > 900  # gone after the context
+    assert out.shape == (2, 7) and len(calls) == 2 + 3  # the outer hook ran in every pass
+    no_leftover_hooks(planted)
+
+@pytest.fixture(scope="module")
+def hf_decoders(tmp_path_factory):
+    """Tiny random HF decoders (learned positions; rotary) with MiniLM's tokenizer."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
+    models = {}
+    configs = {
+        "gpt2": transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2),
+        "llama": transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64),
+    }
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(name)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        models[name] = ml.load_model(folder)
+    return models
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_kv_cached_generation_edits_the_prompt_not_each_new_token(hf_decoders, kind):
+    model = hf_decoders[kind]
+    prompt = torch.tensor([[101, 2023, 2003, 1037, 3231]])
+    point = "blocks.0.hook_resid_post"
+    passes: list[torch.Tensor] = []
+
+    def record(tensor, *, hook):
+        passes.append(tensor.detach().clone())
+
+    hooks = iv.edit_hooks(model, iv.value_hook(12345.0, positions=iv.start_token()), hooks=point)
+    args = dict(max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    with model.hooks(fwd_hooks=hooks + [(point, record)]):
+        model.generate(prompt, use_past_kv_cache=True, **args)
+    assert [p.shape[1] for p in passes] == [5, 1, 1]  # prompt, then one token per step
+    assert torch.all(passes[0][0, 0] == 12345.0) and not torch.any(passes[0][0, 1:] == 12345.0)
+    assert not any(torch.any(p == 12345.0) for p in passes[1:])
+    passes.clear()
+    with model.hooks(fwd_hooks=hooks + [(point, record)]):
+        model.generate(prompt, use_past_kv_cache=False, **args)
+    assert [p.shape[1] for p in passes] == [5, 6, 7]
+    assert all(torch.all(p[0, 0] == 12345.0) and not torch.any(p[0, 1:] == 12345.0) for p in passes)
+
+
+# --------------------------------------------------------------------- bad input
+
+def test_bad_input_is_refused_before_running(planted, minilm_model, no_leftover_hooks):
+    no_leftover_hooks(planted)
+    with pytest.raises(ValueError, match="Layers \\[7\\] do not exist"):
+        iv.edit_hooks(planted, iv.zero_hook(dims=[1]), layers=[7])
+    with pytest.raises(ValueError, match="Dims \\[32\\] do not exist"):
+        iv.edit_hooks(planted, iv.zero_hook(dims=[32]), layers=[0])
+    with pytest.raises(ValueError, match="Positions \\[40\\] do not exist"):
+        iv.edit_hooks(planted, iv.zero_hook(positions=iv.at_positions(40)), layers=[0])
+    with pytest.raises(ValueError, match="no hook point"):
+        iv.edit_hooks(planted, iv.zero_hook(), hooks="blocks.0.hook_nonsense")
+    with pytest.raises(ValueError, match="needs a profile"):
+        iv.ablation_hooks(planted, None, "mean")
+    with pytest.raises(ValueError, match="no profile was given"):
+        iv.mean_hook(None, "blocks.0.hook_resid_post")
+    with pytest.raises(ValueError, match="mode must be"):
+        iv.ablation_hooks(planted, None, "half")
+    other = ml.profile(minilm_model, ["A sentence."], min_value=50, min_ratio=200, progress=False)
+    with pytest.raises(ValueError, match="6 layers and d_model 384"):
+        iv.ablation_hooks(planted, other, "zero")
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        iv.delimiter_positions(planted)
+    with pytest.raises(RuntimeError, match="needs the batch's token ids"):
+        planted.run_with_hooks(torch.zeros(1, 3, dtype=torch.long), fwd_hooks=[("blocks.0.hook_resid_post", iv.zero_hook(positions=iv.delimiter_positions(token_ids=[1])))])
+    no_leftover_hooks(planted)
+
+def test_profile_without_massive_activations_is_refused():
+    model = tiny_model()
+    empty = ml.profile(model, torch.randint(0, 64, (2, 6)), progress=False)
+    with pytest.raises(ValueError, match="found no massive activations"):
+        iv.ablation_hooks(model, empty, "zero")
+
+# --------------------------------------------------------------------- patching
+
+def test_patching_writes_the_source_values_into_the_target(planted):
+    source = torch.tensor([[0, 5, 6, 7]])  # planted token first: 1000 at dim 5
+    target = torch.tensor([[3, 5, 6, 7, 8]])  # no massive activation
+    point = "blocks.1.hook_resid_post"
+    hooks = iv.patching_hooks(planted, source, dims=[PLANT_DIM], hooks=point, positions=iv.start_token())
+    src = run_recording(planted, source, [], point)
+    clean = run_recording(planted, target, [], point)
+    patched = run_recording(planted, target, hooks, point)
+    assert float(patched[0, 0, PLANT_DIM]) == float(src[0, 0, PLANT_DIM])
+    mask = torch.ones_like(clean, dtype=torch.bool)
+    mask[0, 0, PLANT_DIM] = False
+    assert torch.equal(patched[mask], clean[mask])
+
+# --------------------------------------------------------------------- MiniLM: the paper's result
+
+@pytest.fixture(scope="module")
+def minilm_profile(minilm_model):
+    return ml.profile(minilm_model, list(SENTENCES[:12]), min_value=50, min_ratio=200, batch_size=40, progress=False)
+
+
+@functools.cache
+def _hf_minilm():
+    import transformers
+
+    folder = str(minilm_dir())
+    return transformers.AutoTokenizer.from_pretrained(folder), transformers.AutoModel.from_pretrained(folder).eval()
+
+
+def _hf_embeddings(texts, mode=None, means=None):
+    """Plain HuggingFace: dim 99 at [CLS] edited in the pre-LN sums of layers 0-3."""
+    tokenizer, model = _hf_minilm()
+    handles = []
+    for layer in range(4) if mode else ():
+        def pre(module, args, layer=layer):
+            x = args[0].clone()
+            x[:, 0, 99] = 0.0 if mode == "zero" else means[layer]
+            return (x, *args[1:])
+
+        handles.append(model.encoder.layer[layer].output.LayerNorm.register_forward_pre_hook(pre))
+    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    for handle in handles:
+        handle.remove()
+    mask = batch["attention_mask"][..., None].float()
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+@pytest.mark.slow
+def test_minilm_ablation_matches_plain_huggingface_hooks(minilm_model, minilm_profile, no_leftover_hooks):
+    """The library's hooks do exactly what hand-written HF hooks do (dim 99, [CLS], layers 0-3)."""
+    no_leftover_hooks(minilm_model)
+    prof = minilm_profile
+    assert prof.massive_dims == (99,)
+    assert {n for d in prof.dims for n in d.hook_names} == {f"blocks.{i}.ln2.hook_in" for i in range(4)}
+    sentences = list(SENTENCES[:12])
+    clean = sentence_embeddings(minilm_model, sentences, batch_size=40)
+    assert torch.allclose(clean, _hf_embeddings(sentences), atol=1e-5)  # sentence-transformers pooling
+    means = [prof.mean_value(f"blocks.{layer}.ln2.hook_in", 99, "start") for layer in range(4)]
+    cosines = {}
+    for mode in ("zero", "mean"):
+        edited = sentence_embeddings(minilm_model, sentences, fwd_hooks=iv.ablation_hooks(minilm_model, prof, mode), batch_size=40)
+        assert torch.allclose(edited, _hf_embeddings(sentences, mode, means), atol=1e-5)
+        cosines[mode] = float((edited * clean).sum(-1).mean())
+    assert cosines["zero"] <= 0.8 and cosines["mean"] >= 0.99
+    no_leftover_hooks(minilm_model)
+
+
+def test_minilm_patching_another_inputs_massive_entries_changes_nothing(minilm_model, minilm_profile):
+    targets = list(SENTENCES[1:5])
+    result = iv.massive_patching(minilm_model, SENTENCES[0], targets, minilm_profile)
+    assert result.mean_output_cosine > 0.999
+    entries = result.to_dataframe()
+    assert set(entries["hook_name"]) == {f"blocks.{i}.ln2.hook_in" for i in range(4)}
+    assert set(entries["position"]) == {0} and set(entries["dim"]) == {99}
+    assert (entries["before"] - entries["after"]).abs().max() < 3.0  # same value in every input
+    zeroed = embedding_similarity(minilm_model, targets, fwd_hooks=iv.ablation_hooks(minilm_model, minilm_profile, "zero"))
+    assert zeroed.mean_cosine < result.mean_output_cosine - 0.1
