@@ -103,7 +103,13 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens.batching import Batch, BatchPlan, Inputs, plan_batches, run_batches, token_strings
 from massact_lens.hook_names import attention_hook, is_post_norm, resolve_hook_names
-from massact_lens.massive import DELIMITERS, MassiveActivations, MassiveProfile, token_kind
+from massact_lens.massive import (
+    DELIMITERS,
+    MassiveActivations,
+    MassiveProfile,
+    massive_entries,
+    token_kind,
+)
 from massact_lens.models import model_description, warn_if_processed
 
 __all__ = [
@@ -300,12 +306,9 @@ class _MassiveRule(_Rule):
         spec = self.spec
 
         def read(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-            magnitude_all = activation.detach().float().abs()
-            median = magnitude_all.masked_fill(~real[:, :, None], float("nan")).flatten(1).nanmedian(dim=1).values
-            magnitude = magnitude_all if dims is None else magnitude_all[:, :, dims]
-            passes = (magnitude > spec.min_value) & (magnitude >= spec.min_ratio * median[:, None, None])
+            passes = massive_entries(activation, real, spec.min_value, spec.min_ratio, dims)
             assert self.found is not None
-            self.found |= passes.any(dim=-1) & real
+            self.found |= passes.any(dim=-1)
 
         return [(name, read) for name in self.names]
 

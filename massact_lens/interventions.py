@@ -81,7 +81,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens.batching import Batch, Inputs, plan_batches, run_batches
 from massact_lens.hook_names import layer_of, resolve_hook_names
-from massact_lens.massive import DELIMITERS, TOKEN_KINDS, MassiveProfile
+from massact_lens.massive import DELIMITERS, TOKEN_KINDS, MassiveProfile, massive_entries
 from massact_lens.models import model_description
 
 __all__ = [
@@ -368,13 +368,11 @@ class _WhereMassive(PositionRule):
         self.min_ratio = min_ratio
 
     def select(self, activation: torch.Tensor, dims: torch.Tensor | None, context: RunContext) -> torch.Tensor:
-        magnitude = activation.detach().abs().float()
-        flat = magnitude
         if context.attention_mask is not None:
-            flat = magnitude.masked_fill(~context.attention_mask.bool()[..., None], float("nan"))
-        median = flat.flatten(1).nanmedian(dim=1).values[:, None, None]
-        columns = magnitude if dims is None else magnitude[..., dims]
-        return (columns > self.min_value) & (columns >= self.min_ratio * median)
+            real = context.attention_mask.bool()
+        else:
+            real = torch.ones(activation.shape[:2], dtype=torch.bool, device=activation.device)
+        return massive_entries(activation, real, self.min_value, self.min_ratio, dims)
 
     def describe(self) -> str:
         return f"where |x| > {self.min_value:g} and >= {self.min_ratio:g} x median"

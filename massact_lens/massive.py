@@ -43,10 +43,11 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
+from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens.batching import Batch, Inputs, plan_batches, run_batches
-from massact_lens.scan import ScanResult, scan
+from massact_lens.scan import ScanResult, hidden_state_medians, scan
 
 __all__ = [
     "DELIMITERS",
@@ -57,6 +58,8 @@ __all__ = [
     "MassiveProfile",
     "ValueStat",
     "find_massive",
+    "massive_entries",
+    "passes_criterion",
     "profile",
     "token_kind",
 ]
@@ -80,6 +83,42 @@ def token_kind(position: int, token: str, delimiters: frozenset[str] = DELIMITER
     if stripped in delimiters or (stripped == "" and "\n" in token):
         return "delimiter"
     return "other"
+
+
+def passes_criterion(
+    magnitude: torch.Tensor, median: torch.Tensor, min_value: float | int, min_ratio: float | int
+) -> torch.Tensor:
+    """The paper's criterion, elementwise: ``|x| > min_value and |x| >= min_ratio x median``.
+
+    ``median`` broadcasts against ``magnitude`` (the median |x| of each entry's hidden state).
+
+    >>> passes_criterion(torch.tensor([150.0, 150.0, 90.0]), torch.tensor([0.1, 0.2, 0.01]), 100, 1000)
+    tensor([ True, False, False])
+    """
+    return (magnitude > min_value) & (magnitude >= min_ratio * median)
+
+
+def massive_entries(
+    activation: Float[torch.Tensor, "batch pos d_model"],
+    real: Bool[torch.Tensor, "batch pos"],
+    min_value: float | int,
+    min_ratio: float | int,
+    dims: torch.Tensor | None = None,
+) -> Bool[torch.Tensor, "batch pos n_dims"]:
+    """Which entries of a hidden state are massive, decided on the activation itself.
+
+    Every entry is tested (not only a scan's top-k), against the median |x| of its
+    own hidden state over real positions; padding entries never pass. ``dims``
+    restricts the columns tested (``n_dims = len(dims)``, default all ``d_model``).
+
+    >>> x = torch.zeros(1, 3, 4); x[0, 0, 2] = 500.0; x[0, 1:] += 0.1
+    >>> massive_entries(x, torch.ones(1, 3, dtype=torch.bool), 100, 1000).nonzero().tolist()
+    [[0, 0, 2]]
+    """
+    magnitude = activation.detach().float().abs()
+    median = hidden_state_medians(activation, real)[:, None, None]
+    columns = magnitude if dims is None else magnitude[..., dims]
+    return passes_criterion(columns, median, min_value, min_ratio) & real[:, :, None]
 
 
 def _check_thresholds(min_value: float | int, min_ratio: float | int) -> None:
@@ -160,8 +199,7 @@ def find_massive(
     """
     _check_thresholds(min_value, min_ratio)
     values, medians = scan_result.values, scan_result.medians
-    magnitude = values.abs().nan_to_num(nan=0.0)
-    passes = (magnitude > min_value) & (magnitude >= min_ratio * medians[..., None])
+    passes = passes_criterion(values.abs().nan_to_num(nan=0.0), medians[..., None], min_value, min_ratio)
     full = passes.all(dim=-1)
     if bool(full.any()):
         n = int(full.sum())

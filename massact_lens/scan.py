@@ -39,14 +39,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens.batching import Batch, Inputs, plan_batches, run_batches, token_strings
 from massact_lens.hook_names import layer_of, resolve_hook_names
 from massact_lens.models import model_description, warn_if_processed
 
-__all__ = ["ScanResult", "scan"]
+__all__ = ["ScanResult", "hidden_state_medians", "scan"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,21 @@ def _lower_medians(
         part = np.partition(magnitude.numpy(), kth, axis=1)
         return torch.from_numpy(part[np.arange(part.shape[0]), index.numpy()])
     return magnitude.sort(dim=1).values.gather(1, index[:, None])[:, 0]
+
+
+def hidden_state_medians(
+    activation: Float[torch.Tensor, "batch pos d_model"], real: Bool[torch.Tensor, "batch pos"]
+) -> Float[torch.Tensor, " batch"]:
+    """Median ``|x|`` of each hidden state over its real positions and all dims (float32).
+
+    The lower median for an even count, as ``torch.median``.
+
+    >>> x = torch.tensor([[[1.0, -4.0], [2.0, 9.0], [100.0, 100.0]]])
+    >>> hidden_state_medians(x, torch.tensor([[True, True, False]]))
+    tensor([2.])
+    """
+    magnitude = activation.detach().float().abs().masked_fill_(~real[:, :, None], -1.0).flatten(1)
+    return _lower_medians(magnitude, real.sum(dim=1) * activation.shape[-1])
 
 
 class _Collector:
