@@ -41,6 +41,10 @@ input, i.e. a boolean mask over the key axis of ``hook_pattern``. Any of:
   :class:`~massact_lens.massive.MassiveProfile` (its dims, hooks and thresholds)
   or a :class:`~massact_lens.massive.MassiveActivations` from
   :func:`~massact_lens.find_massive` on a scan of the same inputs;
+* a token-level position rule of :mod:`massact_lens.interventions`
+  (``start_token() | delimiter_positions(model)``, ``at_positions(0, -1)``, ...):
+  the same vocabulary as ablation (``where_massive`` reads the edited activation,
+  so for key positions use :class:`MassiveTokens`);
 * any callable ``(batch: Batch) -> Bool[batch, key_pos]``.
 
 Padding keys are never in C. Indices and masks address the key axis of
@@ -103,12 +107,11 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens.batching import Batch, BatchPlan, Inputs, plan_batches, run_batches, token_strings
 from massact_lens.hook_names import attention_hook, is_post_norm, resolve_hook_names
+from massact_lens.interventions import PositionRule, RunContext, delimiter_positions, start_token
 from massact_lens.massive import (
-    DELIMITERS,
     MassiveActivations,
     MassiveProfile,
     massive_entries,
-    token_kind,
 )
 from massact_lens.models import model_description, warn_if_processed
 
@@ -190,6 +193,7 @@ Positions = (
     | Sequence[str]
     | torch.Tensor
     | MassiveTokens
+    | PositionRule
     | MassiveProfile
     | MassiveActivations
     | Callable[[Batch], torch.Tensor]
@@ -212,35 +216,43 @@ class _Rule:
         raise NotImplementedError
 
 
-class _TokenRule(_Rule):
-    def __init__(self, model: TransformerLensModel, names: tuple[str, ...]) -> None:
-        self.names = names
-        self.model = model
-        self.description = "+".join(names)
-        self.strings: dict[int, str] = {}
+class _PositionRuleAdapter(_Rule):
+    """A token-level :class:`~massact_lens.interventions.PositionRule` as a key-position rule.
 
-    def _string(self, token_id: int) -> str:
-        if token_id not in self.strings:
-            self.strings.update(token_strings(self.model, [token_id]))
-        return self.strings[token_id]
+    The named rules ``"start"``, ``"delimiters"`` and ``"first_delimiter"`` are the
+    interventions module's ``start_token()`` and ``delimiter_positions(...)``, so
+    attention and ablation agree on which tokens they mean.
+    """
+
+    def __init__(self, rule: PositionRule, description: str | None = None) -> None:
+        self.rule = rule
+        self.description = description or rule.describe()
 
     def mask(self, batch: Batch) -> torch.Tensor:
-        tokens, lengths = batch.tokens.cpu(), batch.lengths.cpu()
-        out = torch.zeros(tokens.shape, dtype=torch.bool)
-        if "start" in self.names:
-            out[:, 0] = True
-        if "delimiters" in self.names or "first_delimiter" in self.names:
-            for row in range(tokens.shape[0]):
-                found = [
-                    p
-                    for p in range(1, int(lengths[row]))
-                    if token_kind(p, self._string(int(tokens[row, p])), DELIMITERS) == "delimiter"
-                ]
-                if "delimiters" in self.names:
-                    out[row, found] = True
-                elif found:
-                    out[row, found[0]] = True
-        return out
+        tokens = batch.tokens
+        context = RunContext(
+            positions=torch.arange(tokens.shape[1], device=tokens.device)[None],
+            tokens=tokens,
+            attention_mask=batch.attention_mask.to(tokens.device),
+        )
+        selected = self.rule.select(tokens[:, :, None], None, context)
+        if selected.ndim == 3:
+            selected = selected.any(dim=-1)
+        return (selected.expand(tokens.shape) & batch.attention_mask.bool().to(tokens.device)).cpu()
+
+
+def _named_rule(model: TransformerLensModel, names: tuple[str, ...]) -> _Rule:
+    rules: list[PositionRule] = []
+    if "start" in names:
+        rules.append(start_token())
+    if "delimiters" in names:
+        rules.append(delimiter_positions(model))
+    elif "first_delimiter" in names:
+        rules.append(delimiter_positions(model, first_only=True))
+    combined = rules[0]
+    for rule in rules[1:]:
+        combined = combined | rule
+    return _PositionRuleAdapter(combined, "+".join(names))
 
 
 class _IndexRule(_Rule):
@@ -396,6 +408,14 @@ def _resolve_positions(model: TransformerLensModel, positions: Any, plan: BatchP
             for batch in plan.batches:
                 rule.check(batch)
         return rule
+    if isinstance(positions, PositionRule):
+        if positions.reads_activation:
+            raise TypeError(
+                "where_massive() decides per edited hook point; for key positions use "
+                "MassiveTokens(min_value, min_ratio), which tests the residual stream of the same pass."
+            )
+        positions.check(model)
+        return _PositionRuleAdapter(positions)
     if isinstance(positions, torch.Tensor):
         if positions.is_floating_point() or positions.ndim not in (1, 2):
             raise ValueError(
@@ -433,7 +453,7 @@ def _resolve_positions(model: TransformerLensModel, positions: Any, plan: BatchP
                     "The 'delimiters' rules need the model's tokenizer to read tokens; this model has none. "
                     "Pass key indices or a mask instead."
                 )
-            return _TokenRule(model, tuple(dict.fromkeys(items)))
+            return _named_rule(model, tuple(dict.fromkeys(items)))
         if all(isinstance(p, int) and not isinstance(p, bool) for p in items):
             bad = [p for p in items if not 0 <= p < n_ctx]
             if bad:

@@ -245,6 +245,8 @@ class PositionRule:
 
     #: The rule reads token ids (needs a :class:`TokenTracker`).
     needs_tokens: bool = False
+    #: The rule reads the edited activation itself (:func:`where_massive`).
+    reads_activation: bool = False
 
     def select(self, activation: torch.Tensor, dims: torch.Tensor | None, context: RunContext) -> torch.Tensor:
         raise NotImplementedError
@@ -363,6 +365,8 @@ class _TokenIds(PositionRule):
 
 
 class _WhereMassive(PositionRule):
+    reads_activation = True
+
     def __init__(self, min_value: float, min_ratio: float) -> None:
         self.min_value = min_value
         self.min_ratio = min_ratio
@@ -383,6 +387,7 @@ class _Combined(PositionRule):
         self.op = op
         self.rules = rules
         self.needs_tokens = any(r.needs_tokens for r in rules)
+        self.reads_activation = any(r.reads_activation for r in rules)
 
     def check(self, model: TransformerLensModel) -> None:
         for rule in self.rules:
@@ -405,6 +410,7 @@ class _Not(PositionRule):
     def __init__(self, rule: PositionRule) -> None:
         self.rule = rule
         self.needs_tokens = rule.needs_tokens
+        self.reads_activation = rule.reads_activation
 
     def check(self, model: TransformerLensModel) -> None:
         self.rule.check(model)

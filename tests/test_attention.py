@@ -23,6 +23,7 @@ from massact_lens.attention import (
     token_features,
 )
 from massact_lens.examples import minilm_dir, tiny_model
+from massact_lens.interventions import at_positions, delimiter_positions, start_token, where_massive
 from massact_lens.models import load_model
 
 
@@ -202,7 +203,8 @@ def test_position_rules_agree(models, minilm_model):
         attention_mask=mask, batch_size=3, progress=False,
     )
     streamed = attention_concentration(model, iter([(tokens[:2], mask[:2]), (tokens[2:], mask[2:])]), [0, 5], progress=False)
-    for other in (by_mask, by_callable, streamed):
+    by_rule = attention_concentration(model, tokens, start_token() | at_positions(5), attention_mask=mask, progress=False)
+    for other in (by_mask, by_callable, streamed, by_rule):
         torch.testing.assert_close(other.mass, by_index.mass)
     assert by_index.n_positions.tolist() == [2, 2, 2, 1]  # input 3 has 4 real tokens: no key 5
     # Causal uniform baseline: query q sees q + 1 keys.
@@ -214,6 +216,10 @@ def test_position_rules_agree(models, minilm_model):
     first = token_features(minilm_model, text, "first_delimiter", progress=False)
     # [CLS] the cat sat . then it left . done [SEP]: 11 tokens, 2 delimiters
     assert (delimiters.counts.tolist(), first.counts.tolist()) == ([2, 9], [1, 10])
+    same = token_features(minilm_model, text, delimiter_positions(minilm_model), progress=False)
+    assert same.counts.tolist() == delimiters.counts.tolist()
+    with pytest.raises(TypeError, match="MassiveTokens"):
+        attention_concentration(model, tokens, where_massive(10, 10), attention_mask=mask, progress=False)
 
 
 def test_attention_logits_sources(models):
