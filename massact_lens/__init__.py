@@ -91,6 +91,15 @@ from massact_lens.train import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # noqa: ANN202
+    """``massact_lens.viz`` (circuitsvis widgets, plotly figures, the report) loads on first use."""
+    if name == "viz":
+        import importlib
+
+        return importlib.import_module("massact_lens.viz")
+    raise AttributeError(f"module 'massact_lens' has no attribute {name!r}")
+
 __all__ = [
     "AblationTable",
     "AttentionConcentration",
@@ -161,6 +170,7 @@ __all__ = [
     "token_features",
     "token_kind",
     "value_hook",
+    "viz",  # noqa: F822 (a lazily imported subpackage, see __getattr__)
     "warn_if_processed",
     "weights_processed",
     "where_massive",

@@ -98,7 +98,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pandas as pd
 import torch
@@ -431,7 +431,7 @@ def _resolve_positions(model: TransformerLensModel, positions: Any, plan: BatchP
             )
         return _MaskRule(mask)
     if callable(positions):
-        return _CallableRule(positions)
+        return _CallableRule(cast(Callable[[Batch], torch.Tensor], positions))
     if isinstance(positions, int) and not isinstance(positions, bool):
         positions = [positions]
     if isinstance(positions, Sequence):

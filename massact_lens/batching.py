@@ -248,7 +248,7 @@ def run_batches(
             tokens = batch.tokens.to(device) if device is not None else batch.tokens
             mask = batch.attention_mask.to(tokens.device)
             with model.hooks(fwd_hooks=make_hooks(batch)):  # type: ignore[attr-defined]
-                out = model(tokens, attention_mask=mask, return_type="logits" if on_batch else None)
+                out = model(tokens, attention_mask=mask, return_type="logits" if on_batch else None)  # type: ignore[operator]
             if on_batch is not None:
                 on_batch(batch, out)
             seen += int(batch.tokens.shape[0])

@@ -24,7 +24,7 @@ import hashlib
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import transformer_lens.model_bridge.sources.native  # noqa: F401  (registers boot_native)
 from transformer_lens.config import TransformerBridgeConfig
@@ -114,7 +114,7 @@ def tiny_model(
     >>> tiny_model().cfg.normalization_type
     'LN'
     """
-    common = dict(
+    common: dict[str, Any] = dict(
         d_model=d_model,
         d_head=d_model // n_heads,
         n_heads=n_heads,
@@ -139,7 +139,7 @@ def tiny_model(
         )
     else:
         raise ValueError(f"kind must be 'gpt2' or 'llama', not {kind!r}.")
-    model = TransformerBridge.boot_native(cfg, model_name=f"tiny-{kind}")
+    model = TransformerBridge.boot_native(cfg, model_name=f"tiny-{kind}")  # type: ignore[attr-defined]
     model.eval()
     return model
 

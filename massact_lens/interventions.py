@@ -553,6 +553,14 @@ def kind_positions(
         return start_token()
     if kind not in TOKEN_KINDS:
         raise ValueError(f"kind must be one of {TOKEN_KINDS}, not {kind!r}.")
+    if (
+        kind == "other"
+        and token_ids is None
+        and model is not None
+        and getattr(model, "tokenizer", None) is not None
+        and not _delimiter_ids(model, frozenset(delimiters))
+    ):
+        return ~start_token()  # a vocabulary without delimiters: everything but the start
     delims = delimiter_positions(model, token_ids=token_ids, delimiters=delimiters)
     return delims if kind == "delimiter" else ~(start_token() | delims)
 

@@ -77,8 +77,8 @@ def plant_massive_activation(
     if not 0 <= token_id < int(cfg.d_vocab):
         raise ValueError(f"token_id {token_id} is outside the vocabulary (0..{int(cfg.d_vocab) - 1}).")
     gated = bool(cfg.gated_mlp)
-    if not 0 <= neuron < int(cfg.d_mlp):
-        raise ValueError(f"neuron {neuron} does not exist (0..{int(cfg.d_mlp) - 1}).")
+    if not 0 <= neuron < int(cfg.d_mlp or 0):
+        raise ValueError(f"neuron {neuron} does not exist (0..{int(cfg.d_mlp or 0) - 1}).")
 
     embed = params["tok_embed.weight"]
     embed[:, marker] = 0.0

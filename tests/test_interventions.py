@@ -334,3 +334,13 @@ def test_minilm_patching_another_inputs_massive_entries_changes_nothing(minilm_m
     assert (entries["before"] - entries["after"]).abs().max() < 3.0  # same value in every input
     zeroed = embedding_similarity(minilm_model, targets, fwd_hooks=iv.ablation_hooks(minilm_model, minilm_profile, "zero"))
     assert zeroed.mean_cosine < result.mean_output_cosine - 0.1
+
+
+def test_other_kind_on_a_vocabulary_without_delimiters():
+    from massact_lens.examples import bigram_backcopy
+    from massact_lens.interventions import kind_positions
+
+    model = bigram_backcopy("default")
+    assert kind_positions("other", model).describe() == "not start token"
+    with pytest.raises(ValueError, match="delimiter"):
+        kind_positions("delimiter", model)

@@ -1,0 +1,460 @@
+"""The paper's figures as plotly figures, drawn from the library's results.
+
+Background
+----------
+Sun et al. (2024) show massive activations in a few pictures; each has a function
+here that takes the result object that holds its data and returns a
+``plotly.graph_objects.Figure`` (shows inline in Jupyter, ``fig.write_html``, or
+:func:`massact_lens.viz.save_html` for an offline file):
+
+* :func:`layer_stats_figure`: the layer-wise top-1/2/3 ``|x|`` and median curves
+  (log scale) of a :class:`~massact_lens.ScanResult` (their Figure 2);
+* :func:`hidden_state_figure`: one layer's hidden state of one input as a 3D
+  surface (their Figure 1) or a heat map over tokens x dims, the dims that stand
+  out labelled from the data (:meth:`~massact_lens.viz.HiddenStates.massive_dims`);
+* :func:`attention_logits_figure`: the attention logits (or probabilities) of one
+  layer, one head or the mean over heads (their Figure 6);
+* :func:`attention_sink_figure`: attention on the massive tokens per layer and head;
+* :func:`implicit_bias_figure`: the implicit-bias decomposition, the term from the
+  massive tokens vs the rest per layer: size and constancy (their Figure 8);
+* :func:`ablation_figure`: original vs set to zero vs set to mean (their Table 3).
+
+Figures carry their data in the traces (``fig.data[i].y`` etc.), named so that
+code and tests can read them back. Token text is HTML-escaped where it lands in
+plotly (tick labels, hover text), since plotly reads a subset of HTML there.
+
+Usage
+-----
+>>> from massact_lens import scan
+>>> from massact_lens.examples import minilm
+>>> from massact_lens.viz import layer_stats_figure
+>>> fig = layer_stats_figure(scan(minilm(), ["The cat sat on the mat."], progress=False))
+>>> [trace.name for trace in fig.data], fig.layout.yaxis.type
+(['top 1', 'top 2', 'top 3', 'median'], 'log')
+
+References
+----------
+Sun, Chen, Kolter, Liu. *Massive Activations in Large Language Models*, COLM 2024,
+Figures 1, 2, 6, 8 and Table 3.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Literal
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from massact_lens.attention import AttentionConcentration, AttentionLogits, ImplicitBias
+from massact_lens.evaluate import AblationTable
+from massact_lens.hook_names import layer_of
+from massact_lens.scan import ScanResult
+from massact_lens.viz.hidden import HiddenStates
+
+__all__ = [
+    "ablation_figure",
+    "attention_logits_figure",
+    "attention_sink_figure",
+    "display_token",
+    "hidden_state_figure",
+    "implicit_bias_figure",
+    "layer_stats_figure",
+    "short_hook_name",
+]
+
+_TEMPLATE = "plotly_white"
+_COLOURS = {"top 1": "#d62728", "top 2": "#ff7f0e", "top 3": "#bcbd22", "median": "#1f77b4", "bias": "#d62728", "rest": "#1f77b4"}
+
+
+def display_token(token: str) -> str:
+    """A token as plotly should show it: whitespace made visible, HTML escaped.
+
+    >>> display_token("<b>\\n")
+    '&lt;b&gt;\\\\n'
+    """
+    shown = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    if shown.strip() == "":
+        shown = shown.replace(" ", "␣") or "∅"
+    return html.escape(shown, quote=False)
+
+
+def short_hook_name(hook_name: str) -> str:
+    """A hook name short enough for an axis: ``"L3 ln2.hook_in"``.
+
+    >>> short_hook_name("blocks.3.ln2.hook_in"), short_hook_name("blocks.10.hook_resid_post")
+    ('L3 ln2.hook_in', 'L10 hook_resid_post')
+    """
+    layer = layer_of(hook_name)
+    return f"L{layer} {hook_name.split('.', 2)[2]}"
+
+
+def _short_positions(description: str) -> str:
+    """A position rule's description short enough for a title."""
+    if description.startswith("massive("):
+        return "the massive tokens"
+    return description if len(description) <= 48 else description[:47] + "…"
+
+
+def _finite(values: list[float]) -> list[float | None]:
+    return [v if v is not None and math.isfinite(v) else None for v in values]
+
+
+def _model_name(description: dict[str, object]) -> str:
+    name = str(description.get("model_name", "model"))
+    parts = [p for p in name.replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if name.startswith(("/", ".", "~")) and parts else name
+
+
+def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Figure:
+    """The layer-wise top-1/2/3 ``|x|`` and median curves, log scale.
+
+    One trace each named ``"top 1"``, ``"top 2"``, ``"top 3"``, ``"median"``: x the
+    hook points in forward order (``customdata`` their full names), y the mean over
+    inputs (:meth:`~massact_lens.ScanResult.layer_stats`); ``"top 1"`` has the
+    spread across inputs as error bars.
+
+    >>> import torch
+    >>> from massact_lens import scan
+    >>> from massact_lens.examples import tiny_model
+    >>> fig = layer_stats_figure(scan(tiny_model(), torch.randint(0, 64, (2, 6)), progress=False))
+    >>> len(fig.data[0].y)    # one point per hook point
+    2
+    """
+    stats = result.layer_stats()
+    labels = [short_hook_name(n) for n in stats["hook_name"]]
+    fig = go.Figure()
+    for column, name in (("top1", "top 1"), ("top2", "top 2"), ("top3", "top 3"), ("median", "median")):
+        fig.add_trace(
+            go.Scatter(
+                x=labels,
+                y=_finite(stats[column].tolist()),
+                name=name,
+                mode="lines+markers",
+                line={"color": _COLOURS[name], "dash": "dot" if name == "median" else "solid"},
+                customdata=list(stats["hook_name"]),
+                hovertemplate="%{customdata}<br>" + name + ": %{y:.4g}<extra></extra>",
+                error_y={"type": "data", "array": stats["top1_std"].tolist(), "visible": True} if name == "top 1" else None,
+            )
+        )
+    model = _model_name(result.model)
+    fig.update_layout(
+        template=_TEMPLATE,
+        title=title or f"Largest |activation| vs median per hidden state ({html.escape(model)}, {result.n_inputs} inputs)",
+        xaxis_title="hidden state (forward order)",
+        yaxis={"title": "|activation| (mean over inputs)", "type": "log", "dtick": 1},
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 60},
+    )
+    return fig
+
+
+def hidden_state_figure(
+    states: HiddenStates,
+    hook: str | int,
+    *,
+    kind: Literal["surface", "heatmap"] = "surface",
+    min_ratio: float | int = 100.0,
+    max_labels: int = 6,
+    title: str | None = None,
+) -> go.Figure:
+    """One hidden state of one input, ``|x|`` over tokens x dims, its standout dims labelled.
+
+    The paper's 3D plot (``kind="surface"``) or a heat map. The dims whose largest
+    ``|x|`` is at least ``min_ratio x`` the median ``|x|`` (at most ``max_labels``,
+    found in the data by :meth:`~massact_lens.viz.HiddenStates.massive_dims`) get
+    tick labels ``"dim 99"`` and, on the surface, a marker at their peak; the
+    token axis is labelled with the tokens. ``fig.layout.meta`` records the hook,
+    the labelled dims, the median and the peak.
+
+    Args:
+        states: from :func:`massact_lens.viz.hidden_states`.
+        hook: a hook name, or a layer (its hook point with the largest ``|x|``).
+
+    >>> from massact_lens.examples import minilm
+    >>> from massact_lens.viz import hidden_states
+    >>> states = hidden_states(minilm(), "The cat sat on the mat.", layers=[0])
+    >>> fig = hidden_state_figure(states, 0)
+    >>> fig.layout.meta["hook_name"], fig.layout.meta["labelled_dims"]
+    ('blocks.0.ln2.hook_in', [99])
+    >>> list(fig.layout.scene.xaxis.ticktext)
+    ['dim 99']
+    """
+    if kind not in ("surface", "heatmap"):
+        raise ValueError(f"kind must be 'surface' or 'heatmap', not {kind!r}.")
+    index = states.hook_index(hook)
+    name = states.hook_names[index]
+    magnitude = states.values[index].abs()  # [pos, d_model]
+    dims = list(states.massive_dims(name, min_ratio=min_ratio, max_dims=max_labels))
+    median = float(states.medians()[index])
+    peak = float(magnitude.max())
+    tokens = [display_token(t) for t in states.tokens]
+    positions = list(range(len(tokens)))
+    dim_ticks = sorted(dims)
+    dim_text = [f"dim {d}" for d in dim_ticks]
+    hover = "token %{y}<br>dim %{x}<br>|x| %{z:.4g}<extra></extra>"
+    meta = {"hook_name": name, "labelled_dims": dims, "median": median, "peak": peak, "kind": kind}
+    heading = title or (
+        f"{html.escape(name)}: |x| over tokens x dims (peak {peak:.4g}, median {median:.3g}, "
+        f"{peak / median if median > 0 else math.inf:.0f}x)"
+    )
+    if kind == "heatmap":
+        fig = go.Figure(
+            go.Heatmap(z=magnitude.tolist(), x=list(range(magnitude.shape[1])), y=positions, colorscale="Viridis",
+                       colorbar={"title": "|x|"}, hovertemplate=hover, name=name)
+        )
+        fig.update_layout(
+            template=_TEMPLATE,
+            title=heading,
+            xaxis={"title": "feature dim", "tickvals": dim_ticks, "ticktext": dim_text} if dims else {"title": "feature dim"},
+            yaxis={"title": "token", "tickvals": positions, "ticktext": tokens, "autorange": "reversed"},
+            meta=meta,
+        )
+        return fig
+    fig = go.Figure(
+        go.Surface(z=magnitude.tolist(), x=list(range(magnitude.shape[1])), y=positions, colorscale="Viridis",
+                   colorbar={"title": "|x|"}, hovertemplate=hover, name=name)
+    )
+    if dims:
+        peak_pos = [int(magnitude[:, d].argmax()) for d in dims]
+        fig.add_trace(
+            go.Scatter3d(
+                x=dims,
+                y=peak_pos,
+                z=[float(magnitude[p, d]) for p, d in zip(peak_pos, dims, strict=True)],
+                mode="markers+text",
+                text=[f"dim {d} on {tokens[p]}" for p, d in zip(peak_pos, dims, strict=True)],
+                textposition="top center",
+                marker={"size": 4, "color": "#d62728"},
+                name="massive dims",
+                hovertemplate="%{text}: %{z:.4g}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        template=_TEMPLATE,
+        title=heading,
+        scene={
+            "xaxis": {"title": "feature dim", "tickvals": dim_ticks, "ticktext": dim_text} if dims else {"title": "feature dim"},
+            "yaxis": {"title": "token", "tickvals": positions, "ticktext": tokens},
+            "zaxis": {"title": "|x|"},
+            "camera": {"eye": {"x": 1.6, "y": -1.6, "z": 0.9}},
+        },
+        height=560,
+        margin={"l": 0, "r": 0, "t": 60, "b": 0},
+        meta=meta,
+    )
+    return fig
+
+
+def attention_logits_figure(
+    logits: AttentionLogits,
+    layer: int,
+    head: int | None = None,
+    *,
+    values: Literal["logits", "pattern"] = "logits",
+    title: str | None = None,
+) -> go.Figure:
+    """Heat map of one layer's attention logits (or probabilities) on one input, query x key.
+
+    ``head=None``: the mean over heads. Cells a query cannot see (causal mask) are
+    empty. Axes are token positions labelled with the tokens; the trace's
+    ``z`` is the matrix drawn and ``fig.layout.meta`` says what it is.
+
+    >>> from massact_lens.attention import attention_logits
+    >>> from massact_lens.examples import minilm
+    >>> fig = attention_logits_figure(attention_logits(minilm(), "The cat sat.", layers=[2]), 2)
+    >>> len(fig.data[0].z), fig.layout.meta["head"]
+    (6, 'mean')
+    """
+    if values not in ("logits", "pattern"):
+        raise ValueError(f"values must be 'logits' or 'pattern', not {values!r}.")
+    if layer not in logits.layers:
+        raise ValueError(f"Layer {layer} is not in these logits (layers {list(logits.layers)}).")
+    i = logits.layers.index(layer)
+    data = (logits.logits if values == "logits" else logits.pattern)[i]  # [head, q, k]
+    n_heads = int(data.shape[0])
+    if head is not None and not 0 <= head < n_heads:
+        raise ValueError(f"Head {head} does not exist: there are {n_heads} heads.")
+    matrix = data[head] if head is not None else data.nanmean(dim=0)
+    n_keys = int(matrix.shape[-1])
+    names = [display_token(t) for t in logits.tokens] + ["&lt;slot&gt;"] * max(0, n_keys - len(logits.tokens))
+    z = [[None if math.isnan(v) else v for v in row] for row in matrix.tolist()]
+    what = "attention logits" if values == "logits" else "attention probabilities"
+    which = f"head {head}" if head is not None else "mean over heads"
+    source = logits.source[i]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n_keys)),
+            y=list(range(int(matrix.shape[0]))),
+            colorscale="RdBu_r" if values == "logits" else "Blues",
+            zmid=0 if values == "logits" else None,
+            colorbar={"title": "logit" if values == "logits" else "p"},
+            hovertemplate="query %{y}<br>key %{x}<br>%{z:.3f}<extra></extra>",
+            name=what,
+        )
+    )
+    fig.update_layout(
+        template=_TEMPLATE,
+        title=title or f"Layer {layer} {what}, {which} ({html.escape(source)})",
+        xaxis={"title": "key", "tickvals": list(range(n_keys)), "ticktext": names, "side": "top"},
+        yaxis={"title": "query", "tickvals": list(range(int(matrix.shape[0]))), "ticktext": names[: matrix.shape[0]],
+               "autorange": "reversed"},
+        height=max(360, 28 * int(matrix.shape[0]) + 160),
+        meta={"layer": layer, "head": "mean" if head is None else head, "values": values, "source": source},
+    )
+    return fig
+
+
+def attention_sink_figure(concentration: AttentionConcentration, *, title: str | None = None) -> go.Figure:
+    """Heat map of the attention on the key positions C per layer x head (mean over inputs).
+
+    ``fig.data[0].z[i][h]`` is the mean attention of layer ``concentration.layers[i]``,
+    head ``h`` on C; the uniform baseline is in the title and ``layout.meta``.
+
+    >>> from massact_lens.attention import attention_concentration
+    >>> from massact_lens.examples import minilm
+    >>> fig = attention_sink_figure(attention_concentration(minilm(), ["Hi there."], progress=False))
+    >>> len(fig.data[0].z), len(fig.data[0].z[0])       # layers x heads
+    (6, 12)
+    """
+    mass = concentration.mass.mean(dim=0)  # [layer, head]
+    uniform = float(concentration.uniform_mass.mean())
+    fig = go.Figure(
+        go.Heatmap(
+            z=mass.tolist(),
+            x=[f"H{h}" for h in range(concentration.n_heads)],
+            y=[f"L{layer}" for layer in concentration.layers],
+            zmin=0.0,
+            zmax=1.0,
+            colorscale="Reds",
+            colorbar={"title": "attention<br>on C"},
+            hovertemplate="%{y} %{x}: %{z:.3f}<extra></extra>",
+            name="attention on C",
+        )
+    )
+    fig.update_layout(
+        template=_TEMPLATE,
+        title=title or (
+            f"Attention on C = {html.escape(_short_positions(concentration.positions))} "
+            f"(uniform attention would give {uniform:.3f})"
+        ),
+        xaxis_title="head",
+        yaxis={"title": "layer", "autorange": "reversed"},
+        height=max(300, 40 * len(concentration.layers) + 140),
+        meta={"positions": concentration.positions, "uniform": uniform},
+    )
+    return fig
+
+
+def implicit_bias_figure(
+    decomposition: ImplicitBias,
+    *,
+    queries: Literal["all", "outside"] = "all",
+    title: str | None = None,
+) -> go.Figure:
+    """The implicit attention bias: the term from C vs the rest, per layer (all heads summed).
+
+    Three panels over layers, from :meth:`~massact_lens.attention.ImplicitBias.to_dataframe`
+    rows ``head == -1`` (the attention output in the residual stream):
+    attention mass on C; the mean norm of each term; and how much each term
+    varies across queries and inputs (std norm / mean norm). The bias term is
+    nearly constant where the rest is not. Traces are named
+    ``"attention on C"``, ``"bias norm"``, ``"bias variation"``, ``"rest norm"``,
+    ``"rest variation"``.
+
+    >>> import torch
+    >>> from massact_lens.attention import implicit_bias
+    >>> from massact_lens.examples import tiny_model
+    >>> split = implicit_bias(tiny_model(), torch.randint(0, 64, (3, 6)), "start", progress=False)
+    >>> [t.name for t in implicit_bias_figure(split).data]
+    ['attention on C', 'bias norm', 'bias variation', 'rest norm', 'rest variation']
+    """
+    table = decomposition.to_dataframe(queries)
+    total = pd.DataFrame(table[table["head"] == -1]).sort_values(by="layer")
+    layers = [int(x) for x in total["layer"]]
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        subplot_titles=("attention on C (mean)", "norm written to the residual", "variation (std / mean norm)"),
+        horizontal_spacing=0.08,
+    )
+    fig.add_trace(go.Bar(x=layers, y=_finite(total["c_mass"].tolist()), name="attention on C", marker_color="#7f7f7f"), row=1, col=1)
+    for term in ("bias", "rest"):
+        colour = _COLOURS[term]
+        fig.add_trace(
+            go.Scatter(x=layers, y=_finite(total[f"{term}_norm"].tolist()), name=f"{term} norm", mode="lines+markers",
+                       line={"color": colour}),
+            row=1, col=2,
+        )
+        fig.add_trace(
+            go.Scatter(x=layers, y=_finite(total[f"{term}_rel_variation"].tolist()), name=f"{term} variation",
+                       mode="lines+markers", line={"color": colour, "dash": "dot"}),
+            row=1, col=3,
+        )
+    fig.update_yaxes(range=[0, 1], row=1, col=1)
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_layout(
+        template=_TEMPLATE,
+        title=title or (
+            "Implicit attention bias: attention output = term from C "
+            f"({html.escape(_short_positions(decomposition.positions))}) + rest"
+        ),
+        legend={"orientation": "h", "y": -0.2},
+        height=400,
+        meta={"positions": decomposition.positions, "queries": queries, "layers": layers},
+    )
+    return fig
+
+
+def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Figure:
+    """The Table-3 comparison as bars: one panel per metric, one bar per setting.
+
+    Each panel's trace is named after its metric; ``x`` holds the settings
+    (Original, Set to zero, Set to mean, ...), ``y`` the values. An infinite or
+    NaN value has no bar and is written as text (``"inf"``), as the paper does.
+
+    >>> from massact_lens.evaluate import AblationTable
+    >>> llama2 = AblationTable(model={"model_name": "LLaMA2-7B"}, profile_dims=(1415, 2533),
+    ...     metrics=("WikiText ppl",), hook_names={}, details={}, values={"Original": {"WikiText ppl": 5.47},
+    ...     "Set to zero": {"WikiText ppl": float("inf")}, "Set to mean": {"WikiText ppl": 5.47}})
+    >>> fig = ablation_figure(llama2)                       # the paper's Table 3 numbers
+    >>> list(fig.data[0].x), list(fig.data[0].y), list(fig.data[0].text)
+    (['Original', 'Set to zero', 'Set to mean'], [5.47, None, 5.47], ['5.47', 'inf', '5.47'])
+    """
+    settings = list(table.values)
+    metrics = list(table.metrics)
+    if not metrics:
+        raise ValueError("The ablation table has no metrics to draw.")
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[html.escape(m) for m in metrics])
+    palette = ["#7f7f7f", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+    for j, metric in enumerate(metrics, start=1):
+        raw = [float(table.values[s][metric]) for s in settings]
+        text = ["inf" if math.isinf(v) else "nan" if math.isnan(v) else f"{v:.3g}" for v in raw]
+        fig.add_trace(
+            go.Bar(
+                x=[html.escape(s) for s in settings],
+                y=_finite(raw),
+                text=text,
+                textposition="outside",
+                name=metric,
+                marker_color=[palette[i % len(palette)] for i in range(len(settings))],
+                showlegend=False,
+                hovertemplate="%{x}: %{text}<extra>" + html.escape(metric) + "</extra>",
+            ),
+            row=1,
+            col=j,
+        )
+        finite = [v for v in raw if math.isfinite(v)]
+        if finite and max(finite) > 0:
+            fig.update_yaxes(range=[0, max(finite) * 1.18], row=1, col=j)
+    model = _model_name(table.model)
+    fig.update_layout(
+        template=_TEMPLATE,
+        title=title or f"Massive activations set to zero vs set to their mean ({html.escape(model)})",
+        height=380,
+        meta={"settings": settings, "metrics": metrics},
+    )
+    return fig

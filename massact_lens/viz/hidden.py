@@ -1,0 +1,237 @@
+"""What the views read: the full hidden states of one input, and where they are massive.
+
+Background
+----------
+A scan (:func:`massact_lens.scan`) keeps only the top-k entries of each hidden
+state, which is what a corpus needs. A picture of one input needs more: the
+paper's 3D plot draws every ``(token, dim)`` entry of one layer's hidden state,
+and the token widgets colour every token. :func:`hidden_states` reads the full
+``[pos, d_model]`` hidden states of **one** input at the residual hook points (or
+any others), in one forward pass through the library's loop
+(:func:`massact_lens.batching.run_batches`), float32 on the CPU.
+
+:meth:`HiddenStates.massive` applies the paper's criterion (``|x| > min_value``
+and ``|x| >= min_ratio x`` the median ``|x|`` of that hidden state) to *every*
+entry, not a top-k: the positions it returns are the massive tokens the widgets
+mark. :meth:`HiddenStates.massive_dims` ranks the dims that stand out in one
+hidden state, which the 3D figure labels (taken from the data, never hard-coded).
+
+Usage
+-----
+>>> from massact_lens.examples import minilm
+>>> states = hidden_states(minilm(), "The cat sat on the mat.")
+>>> states.values.shape                     # hooks x pos x d_model (post-LN BERT: 2 hooks per layer)
+torch.Size([12, 9, 384])
+>>> states.massive(min_value=50, min_ratio=200)   # position -> dims
+{0: (99,)}
+>>> states.massive_dims("blocks.0.ln2.hook_in")
+(99,)
+
+References
+----------
+Sun, Chen, Kolter, Liu. *Massive Activations in Large Language Models*, COLM 2024,
+section 2 (definition, Figure 1: the 3D plots of one layer's hidden state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens.batching import Batch, plan_batches, run_batches, token_strings
+from massact_lens.hook_names import layer_of, resolve_hook_names
+from massact_lens.massive import massive_entries
+from massact_lens.models import model_description, warn_if_processed
+
+__all__ = ["HiddenStates", "hidden_states"]
+
+
+@dataclass(frozen=True)
+class HiddenStates:
+    """The full hidden states of one input at some hook points.
+
+    Attributes:
+        model: how the model was loaded (:func:`massact_lens.model_description`).
+        hook_names: the hook points read, in forward order; ``layers`` their blocks.
+        prepend_bos: BOS / [CLS] prepended (None: a token tensor used as given).
+        tokens: the token strings; ``token_ids`` the ids.
+        values: ``[n_hooks, pos, d_model]``, float32.
+    """
+
+    model: dict[str, Any]
+    hook_names: tuple[str, ...]
+    layers: tuple[int, ...]
+    prepend_bos: bool | None
+    tokens: tuple[str, ...]
+    token_ids: Int[torch.Tensor, " pos"]
+    values: Float[torch.Tensor, "n_hooks pos d_model"]
+
+    def hook_index(self, hook: str | int) -> int:
+        """Index of a hook point: its name, or a layer (the layer's hook with the largest ``|x|``).
+
+        >>> from massact_lens.examples import minilm
+        >>> states = hidden_states(minilm(), "Hi.", layers=[0])
+        >>> states.hook_names[states.hook_index(0)]     # ln2.hook_in holds the 222
+        'blocks.0.ln2.hook_in'
+        """
+        if isinstance(hook, str):
+            if hook not in self.hook_names:
+                raise ValueError(f"Hook {hook!r} was not read; these were: {list(self.hook_names)}.")
+            return self.hook_names.index(hook)
+        if isinstance(hook, bool) or not isinstance(hook, int):
+            raise TypeError(f"hook must be a hook name or a layer index, not {hook!r}.")
+        candidates = [i for i, layer in enumerate(self.layers) if layer == hook]
+        if not candidates:
+            raise ValueError(f"Layer {hook} was not read; these layers were: {sorted(set(self.layers))}.")
+        peaks = self.values.abs().amax(dim=(1, 2))
+        return max(candidates, key=lambda i: float(peaks[i]))
+
+    def state(self, hook: str | int) -> Float[torch.Tensor, "pos d_model"]:
+        """The hidden state at one hook point (name, or layer as in :meth:`hook_index`)."""
+        return self.values[self.hook_index(hook)]
+
+    def medians(self) -> Float[torch.Tensor, " n_hooks"]:
+        """Median ``|x|`` of each hidden state (all positions and dims; the lower median, as scan)."""
+        return self.values.abs().flatten(1).median(dim=1).values
+
+    def massive(self, min_value: float | int = 100.0, min_ratio: float | int = 1000.0) -> dict[int, tuple[int, ...]]:
+        """Positions with an entry that passes the criterion at some hook -> those entries' dims.
+
+        The criterion of :func:`massact_lens.find_massive`, applied to every entry
+        (:func:`massact_lens.massive.massive_entries`).
+        """
+        _check_positive("min_value", min_value)
+        _check_positive("min_ratio", min_ratio)
+        real = torch.ones(self.values.shape[:2], dtype=torch.bool)  # hooks as the batch axis; one input, no padding
+        passes = massive_entries(self.values, real, min_value, min_ratio)
+        out: dict[int, set[int]] = {}
+        for _, position, dim in passes.nonzero().tolist():
+            out.setdefault(position, set()).add(dim)
+        return {p: tuple(sorted(d)) for p, d in sorted(out.items())}
+
+    def massive_dims(self, hook: str | int, min_ratio: float | int = 100.0, max_dims: int = 6) -> tuple[int, ...]:
+        """The dims of one hidden state whose largest ``|x|`` is at least ``min_ratio x`` its median.
+
+        Largest first, at most ``max_dims``. What the 3D figure labels.
+        """
+        _check_positive("min_ratio", min_ratio)
+        if not isinstance(max_dims, int) or max_dims < 1:
+            raise ValueError(f"max_dims must be a positive integer, not {max_dims!r}.")
+        i = self.hook_index(hook)
+        peak = self.values[i].abs().amax(dim=0)  # [d_model]
+        median = float(self.medians()[i])
+        order = peak.argsort(descending=True).tolist()
+        return tuple(d for d in order[:max_dims] if float(peak[d]) >= float(min_ratio) * median)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per (hook, position): the largest ``|x|``, its dim and signed value, the median, the ratio."""
+        magnitude = self.values.abs()
+        peak, dim = magnitude.max(dim=2)  # [hooks, pos]
+        medians = self.medians()
+        rows = []
+        for h, name in enumerate(self.hook_names):
+            for p, token in enumerate(self.tokens):
+                d = int(dim[h, p])
+                rows.append(
+                    {
+                        "layer": self.layers[h],
+                        "hook_name": name,
+                        "position": p,
+                        "token": token,
+                        "dim": d,
+                        "value": float(self.values[h, p, d]),
+                        "max_abs": float(peak[h, p]),
+                        "median": float(medians[h]),
+                        "ratio": float(peak[h, p] / medians[h]) if float(medians[h]) > 0 else math.inf,
+                    }
+                )
+        return pd.DataFrame(rows)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, not {value!r}.")
+
+
+def hidden_states(
+    model: TransformerLensModel,
+    text: str | torch.Tensor,
+    *,
+    hooks: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    prepend_bos: bool | None = None,
+) -> HiddenStates:
+    """Read the full hidden states of one input (one forward pass, nothing left attached).
+
+    Args:
+        model: a TransformerBridge (raw weights: see :func:`massact_lens.load_model`).
+        text: one string, or one input's token ids (``[pos]`` or ``[1, pos]``).
+        hooks: hook points (names or ``{layer}`` templates); default the residual
+            stream (:func:`massact_lens.residual_hook_names`).
+        layers: restrict to these layers.
+        prepend_bos: for a string, put BOS / [CLS] first (None: the model's default).
+
+    Raises:
+        ValueError / TypeError: more than one input, an unknown hook or layer, bad
+            tokens: before the forward pass.
+
+    >>> from massact_lens.examples import tiny_model
+    >>> import torch
+    >>> hidden_states(tiny_model(), torch.arange(5)).values.shape
+    torch.Size([2, 5, 32])
+    """
+    if isinstance(text, torch.Tensor):
+        if text.ndim == 2 and text.shape[0] != 1:
+            raise ValueError(f"hidden_states reads one input; got a token tensor of {text.shape[0]} rows.")
+        if text.ndim not in (1, 2):
+            raise ValueError(f"Pass one input's token ids as [pos] or [1, pos], not shape {tuple(text.shape)}.")
+        inputs: Any = text.reshape(1, -1)
+    elif isinstance(text, str):
+        inputs = [text]
+    else:
+        raise TypeError(f"hidden_states reads one input (a string or a token tensor), not {type(text).__name__}.")
+    names = resolve_hook_names(model, hooks, layers)
+    plan = plan_batches(model, inputs, batch_size=1, prepend_bos=prepend_bos)
+    warn_if_processed(model)
+    read: dict[str, torch.Tensor] = {}
+    seen: list[Batch] = []
+
+    def make_hooks(batch: Batch) -> list[tuple[str, Any]]:
+        seen.append(batch)
+
+        def reader(name: str) -> Any:
+            def read_state(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+                read[name] = activation[0].detach().float().cpu()
+
+            return read_state
+
+        return [(name, reader(name)) for name in names]
+
+    run_batches(model, plan, make_hooks, progress=False, desc="hidden states")
+    missing = [n for n in names if n not in read]
+    if missing:
+        raise RuntimeError(f"Hook points {missing} did not fire during the forward pass.")
+    shapes = {n: tuple(read[n].shape) for n in names}
+    if any(len(s) != 2 for s in shapes.values()) or len({s[1] for s in shapes.values()}) != 1:
+        raise ValueError(
+            f"hidden_states reads [batch, pos, d_model] hidden states of one width; these hook points "
+            f"gave {shapes}. Read attention tensors with massact_lens.attention instead."
+        )
+    ids = seen[0].tokens[0].cpu().long()
+    strings = token_strings(model, ids.tolist())
+    return HiddenStates(
+        model=model_description(model),
+        hook_names=names,
+        layers=tuple(layer_of(n) for n in names),
+        prepend_bos=plan.prepend_bos,
+        tokens=tuple(strings[int(i)] for i in ids.tolist()),
+        token_ids=ids.clone(),
+        values=torch.stack([read[n] for n in names]).clone(),
+    )

@@ -1,0 +1,96 @@
+"""The ``massact`` command: scan, ablate and report on the embedded model, good help, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from massact_lens.cli import main
+
+PROMPTS = [
+    "The cat slept on the warm windowsill all afternoon.",
+    "She forgot her umbrella, so she got soaked on the way home.",
+    "The library closes early on Sundays.",
+]
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n\n", encoding="utf-8")
+    return path
+
+
+def test_the_console_script_explains_every_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("scan", "ablate", "report"):
+        assert f"    {command} " in out
+    script = Path(sys.executable).with_name("massact")
+    assert script.exists(), "the massact console script is not installed (pip install -e .)"
+    report_help = subprocess.run([str(script), "report", "--help"], capture_output=True, text=True, timeout=60,
+                                 check=True).stdout
+    for option in ("--model", "--prompts", "--out", "--min-value", "--pairs", "--quiet", "offline"):
+        assert option in report_help
+    assert "massact_report.html" in report_help
+
+
+def test_scan_on_the_embedded_model_prints_the_table_and_the_massive_dim(prompts_file, capsys):
+    assert main(["scan", "--prompts", str(prompts_file), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("massact scan: all-MiniLM-L6-v2 (bundled), 3 prompts, BOS on, criterion |x| > 50 and >= 200x median")
+    assert "blocks.0.ln2.hook_in" in out and "dim 99: layers 0-3" in out
+
+
+def test_ablate_on_the_embedded_model_gives_the_zero_vs_mean_table(prompts_file, tmp_path, capsys):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("The film was boring.\tThe movie was dull.\nIt will rain.\tRain is coming.\n", encoding="utf-8")
+    out_json = tmp_path / "ablate.json"
+    code = main(["ablate", "--prompts", str(prompts_file), "--pairs", str(pairs), "--quiet", "--json", str(out_json)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "massive dims [99]" in out and "| setting | cosine to original | paraphrase cosine |" in out
+    result = json.loads(out_json.read_text())
+    values = result["values"]
+    assert set(values) == {"Original", "Set to zero", "Set to mean"}
+    assert values["Set to mean"]["cosine to original"] == pytest.approx(1.0, abs=1e-3)
+    assert values["Set to zero"]["cosine to original"] < 0.9  # the paper's zero-vs-mean contrast, on real weights
+    assert values["Set to zero"]["paraphrase cosine"] < values["Original"]["paraphrase cosine"]
+    assert result["dims"] == [99]
+
+
+def test_bad_arguments_say_what_to_do(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="not a file"):
+        main(["ablate", "--prompts", str(tmp_path / "missing.txt")])
+    bad_pairs = tmp_path / "bad.tsv"
+    bad_pairs.write_text("only one sentence\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="tab-separated"):
+        main(["ablate", "--pairs", str(bad_pairs), "--quiet"])
+    with pytest.raises(SystemExit, match="is a folder"):
+        main(["report", "-o", str(tmp_path)])
+    assert main(["scan", "--model", str(tmp_path / "no_such_model")]) == 2
+    assert "No directory" in capsys.readouterr().err
+
+
+def test_a_folder_written_by_massact_lens_train_is_a_model(tmp_path, capsys):
+    from massact_lens.train import BigramBackcopy, TrainConfig, train
+
+    run = train(BigramBackcopy(seq_len=16), "default", tmp_path / "bb",
+                train_config=TrainConfig(steps=1, batch_size=2, eval_sequences=2), progress=False)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w7 w9 T1 w3 w5\nw12 w4 T0 w6 w7\n", encoding="utf-8")
+    assert main(["scan", "--model", str(run.directory), "--prompts", str(prompts), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "criterion |x| > 100 and >= 1000x median" in out and "blocks.2.hook_resid_post" in out
+    assert main(["ablate", "--model", str(run.directory), "--prompts", str(prompts), "--quiet"]) == 1
+    assert "nothing to ablate" in capsys.readouterr().out
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("a b\tc d\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="for encoders"):
+        main(["ablate", "--model", str(run.directory), "--prompts", str(prompts), "--pairs", str(pairs), "--quiet"])

@@ -1,0 +1,262 @@
+"""The HTML report: one self-contained file that draws offline, escapes every token, and never half-exists."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from massact_lens.cli import main
+from massact_lens.planting import plant_massive_activation
+from massact_lens.viz import build_report
+
+PROMPTS = [
+    "The cat slept on the warm windowsill all afternoon.",
+    "<script>alert(1)</script> is a prompt, not markup.",
+    "<img src=x onerror=\"document.body.dataset.pwned='yes'\"> & more.",
+    "She forgot her umbrella, so she got soaked.",
+]
+RAW_MARKUP = ("<script>alert(1)</script>", "<img src=x onerror")
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+BUNDLES = ("plotly-js", "circuitsvis-js")
+
+
+class _Page(HTMLParser):
+    """Elements with their attributes, and for each element with an id the tags inside it."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self.inside: dict[str, list[str]] = {}
+        self.stack: list[tuple[str, str | None]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {k: v or "" for k, v in attrs}
+        self.elements.append((tag, attributes))
+        for _, element_id in self.stack:
+            if element_id is not None:
+                self.inside[element_id].append(tag)
+        if attributes.get("id"):
+            self.inside.setdefault(attributes["id"], [])
+        if tag not in VOID:
+            self.stack.append((tag, attributes.get("id")))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID and self.stack and self.stack[-1][0] == tag:
+            self.stack.pop()
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i][0] == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        if not self.stack or self.stack[-1][0] not in ("script", "style"):
+            self.text.append(data)
+
+
+def _parse(text: str) -> _Page:
+    page = _Page()
+    page.feed(text)
+    return page
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """``massact report`` on the embedded model, with a prompts file full of markup."""
+    folder = tmp_path_factory.mktemp("report")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    out = folder / "report.html"
+    code = main(["report", "--prompts", str(prompts), "--pairs", "none", "--example", "1",
+                 "--attention-prompts", "3", "--quiet", "-o", str(out)])
+    assert code == 0
+    return out, out.read_text(encoding="utf-8")
+
+
+def test_the_report_has_every_section_and_the_settings(report):
+    _, text = report
+    page = _parse(text)
+    headings = [a.get("id") for tag, a in page.elements if tag == "h2"]
+    assert headings == ["where-are-the-massive-activations", "are-they-the-same-for-every-input",
+                        "what-does-attention-do-with-them", "what-does-ablating-them-do", "settings"]
+    body = " ".join(page.text)
+    assert "all-MiniLM-L6-v2 (bundled)" in body and "|x| > 50 and >= 200 x median" in body
+    assert "massact report --prompts" in body  # the command line that made it
+    assert "Set to zero" in body and "Set to mean" in body  # the Table-3 rows
+    assert "failed" not in body
+    assert re.search(r"Dim 99 is massive in layers 0-\d, on start tokens \(\[CLS\]\)", body)  # "In short"
+    assert "an implicit attention bias" in body
+    plots = [a["id"] for tag, a in page.elements if tag == "div" and a.get("class") == "plot"]
+    widgets = [a["id"] for tag, a in page.elements if tag == "div" and a.get("class") == "circuitsvis"]
+    assert len(plots) == 6 and len(widgets) == 2
+    scripts = [a.get("id") for tag, a in page.elements if tag == "script"]
+    # each library once, then one small script per figure or widget: no script came from a prompt
+    assert scripts.count("plotly-js") == 1 and scripts.count("circuitsvis-js") == 1
+    assert len(scripts) == len(plots) + len(widgets) + 3
+
+
+def test_the_report_names_no_network_address(report):
+    _, text = report
+    page = _parse(text)
+    for tag, attributes in page.elements:
+        for name in ("src", "href", "action", "data", "poster", "srcset", "xlink:href", "formaction"):
+            value = attributes.get(name)
+            if value is not None:
+                assert value.startswith(("#", "data:", "blob:")), f"<{tag} {name}={value!r}>"
+    assert not any(tag in ("link", "iframe", "object", "embed", "base") for tag, _ in page.elements)
+    # Outside the two inlined libraries there is no URL at all ...
+    ours = re.sub(r'<script id="(?:plotly-js|circuitsvis-js)">.*?</script>', "", text, flags=re.S)
+    assert len(ours) < len(text) // 10
+    assert not re.search(r"https?:|//[a-z0-9-]+\.[a-z]", ours, re.IGNORECASE)
+    # ... and nothing in them that loads one: no static import, no import() or url() of a literal address
+    for pattern in (r"""\bimport\s*\(\s*["'`](?:https?:)?//""", r"""\bfrom\s*["'`](?:https?:)?//""",
+                    r"@import", r"""url\(\s*["']?(?:https?:)?//""", r"sourceMappingURL"):
+        assert not re.search(pattern, text, re.IGNORECASE), pattern
+    assert "default-src 'none'" in text  # the page forbids fetching anything, too
+
+
+def test_prompt_and_token_text_is_escaped_everywhere(report):
+    _, text = report
+    for raw in RAW_MARKUP:
+        assert raw not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; is a prompt" in text  # prompts list and settings
+    page = _parse(text)
+    assert not any("onerror" in attributes for _, attributes in page.elements)
+    shown = " ".join(page.text)
+    assert "<script>alert(1)</script> is a prompt, not markup." in shown  # shown as text, verbatim
+
+
+def test_no_partial_report_is_left_on_error(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("One prompt.\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="example"):
+        main(["report", "--prompts", str(prompts), "--example", "4", "--quiet", "-o", str(tmp_path / "r.html")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["report", "--quiet", "-o", str(tmp_path / "missing" / "r.html")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
+
+
+def _decoder_with_tokenizer(tmp_path: Path):
+    """A tiny LLaMA-like decoder with a word-level tokenizer and 900.0 planted at dim 7 on BOS."""
+    from transformers import AutoTokenizer
+
+    from massact_lens.examples import tiny_model
+    from massact_lens.train import BigramBackcopy, TrainConfig, train
+
+    run = train(BigramBackcopy(seq_len=16), "default", tmp_path / "bb",
+                train_config=TrainConfig(steps=1, batch_size=2, eval_sequences=2), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(run.directory)  # w3 .. w63, T0 .. T2, BOS <s>
+    model = tiny_model("llama", n_layers=3, d_vocab=len(tokenizer), n_ctx=32)
+    plant_massive_activation(model, layer=1, dim=7, value=900.0, token_id=tokenizer.bos_token_id)
+    tokenizer.padding_side = "right"
+    model.tokenizer = tokenizer
+    model.cfg.tokenizer_prepends_bos = False
+    model.cfg.default_prepend_bos = True
+    return model
+
+
+def test_a_decoder_report_masks_causally_and_ablates_by_perplexity(tmp_path):
+    model = _decoder_with_tokenizer(tmp_path)
+    prompts = ["w7 w9 T1 w3 w5 w8", "w12 w4 T0 w6 w7 w20 w9", "w3 w5 w10 w11 T2 w4"]
+    report = build_report(model, prompts, min_value=100, min_ratio=100, progress=False)
+    text = report.save(tmp_path / "bb.html").read_text(encoding="utf-8")
+    assert report.settings["attention"] == "causal" and report.settings["massive dims found"] == "7"
+    assert '"maskUpperTri": true' in text
+    ablation = next(s for s in report.sections if s.title.startswith("What does ablating"))
+    table = next(item for item in ablation.items if hasattr(item, "columns") and "perplexity" in item.columns)
+    ppl = dict(zip(table["setting"], table["perplexity"], strict=True))
+    assert ppl["Set to mean"] == pytest.approx(ppl["Original"], rel=1e-4)  # BOS is constant: mean is the identity
+    assert ppl["Set to zero"] != pytest.approx(ppl["Original"], rel=1e-3)
+    assert any("identity" in note for note in ablation.notes)
+
+
+# ----------------------------------------------------------------------------- in a browser
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome"))
+                 if p), None)
+
+
+class _Proxy:
+    """Every HTTP(S) request the browser makes arrives here; we record its host and drop it."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(64)
+        self.port = self.server.getsockname()[1]
+        self.hosts: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            conn.settimeout(2)
+            try:
+                line = conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1")
+                target = line.split(" ")[1] if " " in line else line
+                self.hosts.append(re.sub(r"^[a-z]+://", "", target).split("/")[0].split(":")[0])
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _chromium(url: str, profile: Path, proxy: _Proxy, *extra: str) -> str:
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={profile}", f"--proxy-server=http://127.0.0.1:{proxy.port}", "--proxy-bypass-list=<-loopback>",
+        "--virtual-time-budget=20000", *extra, url,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # type: ignore[list-item]
+    return done.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
+def test_the_report_draws_offline_in_headless_chromium(report, tmp_path):
+    path, text = report
+    proxy = _Proxy()
+    try:
+        # The proxy sees what a page asks for: a probe page's image request arrives, and so do the
+        # browser's own background calls, which are the same for any page.
+        probe = tmp_path / "probe.html"
+        probe.write_text('<p>probe</p><img src="http://massact-probe.invalid/x.png">', encoding="utf-8")
+        _chromium(probe.as_uri(), tmp_path / "profile-probe", proxy)
+        assert "massact-probe.invalid" in proxy.hosts, "the proxy did not see the page's request"
+        browser_own = set(proxy.hosts) - {"massact-probe.invalid"}
+        proxy.hosts.clear()
+        dom = _chromium(path.as_uri(), tmp_path / "profile", proxy, "--dump-dom")
+    finally:
+        proxy.close()
+    assert set(proxy.hosts) <= browser_own, f"the report asked the network for {set(proxy.hosts) - browser_own}"
+
+    source, drawn = _parse(text), _parse(dom)
+    plots = [a["id"] for tag, a in source.elements if tag == "div" and a.get("class") == "plot"]
+    widgets = [a["id"] for tag, a in source.elements if tag == "div" and a.get("class") == "circuitsvis"]
+    for plot in plots:  # plotly drew each figure: its SVG layers, and WebGL canvas for the 3D surface
+        assert drawn.inside[plot].count("svg") >= 2, plot
+    assert sum("canvas" in drawn.inside[p] for p in plots) == 1  # the 3D surface
+    for widget in widgets:  # React rendered each circuitsvis view into its div
+        assert len(drawn.inside[widget]) > 20, widget
+    assert max(drawn.inside[w].count("canvas") for w in widgets) >= 4  # attention heads: one canvas per head, at least
+    body = [a for tag, a in drawn.elements if tag == "body"][0]
+    assert "data-pwned" not in body, "markup from a prompt ran"
+    shown = " ".join(drawn.text)
+    assert "<script>alert(1)</script> is a prompt, not markup." in shown
+    assert re.search(r"L\dH0", shown)  # head names drawn by the attention widget
