@@ -29,6 +29,7 @@ padding gives the same numbers as one input at a time.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
-__all__ = ["Batch", "BatchPlan", "Inputs", "plan_batches", "run_batches", "token_strings"]
+__all__ = ["Batch", "BatchPlan", "Inputs", "last_block_hook", "plan_batches", "run_batches", "token_strings"]
 
 Inputs = str | Sequence[str] | torch.Tensor | Iterable[Any]
 HookList = list[tuple[str, Callable[..., Any]]]
@@ -225,6 +226,21 @@ def plan_batches(
     return BatchPlan(stream, None, None if tensors_only else bos)
 
 
+class _StopForward(Exception):
+    """Raised by the stop hook of :func:`run_batches` once every needed hook has fired."""
+
+
+def last_block_hook(hook_names: Iterable[str]) -> str:
+    """The block output after which none of ``hook_names`` can fire (for ``stop_after``).
+
+    >>> last_block_hook(["blocks.0.ln2.hook_in", "blocks.3.hook_resid_pre"])
+    'blocks.3.hook_resid_post'
+    """
+    from massact_lens.hook_names import RESID_POST, layer_of
+
+    return RESID_POST.format(layer=max(layer_of(n) for n in hook_names))
+
+
 def run_batches(
     model: TransformerLensModel,
     plan: BatchPlan,
@@ -233,21 +249,37 @@ def run_batches(
     progress: bool = True,
     desc: str = "batches",
     on_batch: Callable[[Batch, Any], None] | None = None,
+    stop_after: str | None = None,
 ) -> int:
     """Run every batch of ``plan`` under the hooks ``make_hooks(batch)`` returns.
 
     Hooks are attached with ``model.hooks(...)`` for one batch at a time and are
     removed when the batch ends, also when a hook raises. Runs in inference mode.
     ``on_batch(batch, logits)`` sees the model output. Returns the number of inputs.
+
+    ``stop_after``: a hook name (use :func:`last_block_hook`) after which the rest
+    of the forward pass is skipped: later blocks, the final norm and the unembedding,
+    which on a BERT bridge (a 30k-word prediction head) is most of the cost. Only
+    for measurements that read nothing later; not with ``on_batch``.
     """
+    if stop_after is not None and on_batch is not None:
+        raise ValueError("stop_after skips the model output, so it cannot be combined with on_batch.")
     seen = 0
     bar = tqdm(plan.batches, total=_n_batches(plan), desc=desc, disable=not progress, leave=False)
     device = getattr(model.cfg, "device", None)
+
+    def stop(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+        raise _StopForward
+
     with torch.inference_mode():
         for batch in bar:
             tokens = batch.tokens.to(device) if device is not None else batch.tokens
             mask = batch.attention_mask.to(tokens.device)
-            with model.hooks(fwd_hooks=make_hooks(batch)):  # type: ignore[attr-defined]
+            hooks = make_hooks(batch)
+            if stop_after is not None:
+                hooks = [*hooks, (stop_after, stop)]
+            out = None
+            with model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
                 out = model(tokens, attention_mask=mask, return_type="logits" if on_batch else None)  # type: ignore[operator]
             if on_batch is not None:
                 on_batch(batch, out)

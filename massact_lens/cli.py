@@ -239,6 +239,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = report.save(out)
     size = path.stat().st_size / 1e6
     print(f"massact report: {label}, {len(prompts)} prompts, criterion |x| > {min_value:g} and >= {min_ratio:g}x median")
+    for finding in report.findings:
+        print(f"  - {finding}")
     print(f"wrote {path} ({size:.1f} MB): one self-contained page, open it in a browser; it needs no internet.")
     return 0
 

@@ -46,7 +46,7 @@ import torch
 from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens.batching import Batch, Inputs, plan_batches, run_batches
+from massact_lens.batching import Batch, Inputs, last_block_hook, plan_batches, run_batches
 from massact_lens.scan import ScanResult, hidden_state_medians, scan
 
 __all__ = [
@@ -446,7 +446,7 @@ def _value_stats(
 
         return [(name, reader(h)) for h, name in enumerate(result.hook_names)] if rows else []
 
-    run_batches(model, plan, make_hooks, progress=progress, desc="profile")
+    run_batches(model, plan, make_hooks, progress=progress, desc="profile", stop_after=last_block_hook(result.hook_names))
     out = []
     for h, name in enumerate(result.hook_names):
         for key in range(n_keys):

@@ -42,7 +42,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens.batching import Batch, Inputs, plan_batches, run_batches, token_strings
+from massact_lens.batching import (
+    Batch,
+    Inputs,
+    last_block_hook,
+    plan_batches,
+    run_batches,
+    token_strings,
+)
 from massact_lens.hook_names import layer_of, resolve_hook_names
 from massact_lens.models import model_description, warn_if_processed
 
@@ -268,7 +275,7 @@ def scan(
         collector.lengths.append(batch.lengths)
         return [(name, collector.hook(i, _on(batch, device), mask)) for i, name in enumerate(names)]
 
-    run_batches(model, plan, make_hooks, progress=progress, desc="scan")
+    run_batches(model, plan, make_hooks, progress=progress, desc="scan", stop_after=last_block_hook(names))
     token_ids = collector.stacked(3)
     seen = token_ids.flatten()
     return ScanResult(

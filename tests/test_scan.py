@@ -197,3 +197,14 @@ def test_scan_composes_with_a_users_own_hook(planted, bos_tokens):
     with planted.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: seen.append(x.shape))]):
         ml.scan(planted, bos_tokens, batch_size=4, progress=False)
     assert len(seen) == 2
+
+
+def test_stopping_after_the_last_needed_layer_changes_nothing(minilm_model, sentences, no_leftover_hooks):
+    no_leftover_hooks(minilm_model)
+    full = ml.scan(minilm_model, sentences[:4], progress=False)
+    early = ml.scan(minilm_model, sentences[:4], layers=[0, 1], progress=False)  # stops after block 1
+    assert torch.equal(early.values, full.values[:, :4])
+    assert torch.equal(early.medians, full.medians[:, :4])
+    no_leftover_hooks(minilm_model)
+    logits = minilm_model(minilm_model.to_tokens(sentences[0]))  # the model still runs whole afterwards
+    assert logits.shape[-1] == minilm_model.cfg.d_vocab
