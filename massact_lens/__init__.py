@@ -76,46 +76,49 @@ from massact_lens.massive import (
 )
 from massact_lens.models import load_model, model_description, warn_if_processed, weights_processed
 from massact_lens.scan import ScanResult, scan
-from massact_lens.train import (
-    BigramBackcopy,
-    Evaluation,
-    ModelConfig,
-    SnapshotScan,
-    TextFile,
-    TrainConfig,
-    TrainResult,
-    load_checkpoint,
-    results_table,
-    scan_snapshots,
-)
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # noqa: ANN202
-    """``massact_lens.viz`` (circuitsvis widgets, plotly figures, the report) loads on first use."""
-    if name == "viz":
-        import importlib
+#: Loaded on first use: the viz subpackage (plotly, circuitsvis), and the training
+#: names, so that ``python -m massact_lens.train`` does not import its own module twice.
+_LAZY = {
+    "viz": None,
+    **dict.fromkeys(
+        (
+            "BigramBackcopy", "Evaluation", "ModelConfig", "SnapshotScan", "TextFile", "TrainConfig",
+            "TrainResult", "load_checkpoint", "results_table", "scan_snapshots",
+        ),
+        "massact_lens.train",
+    ),
+}
 
+
+def __getattr__(name: str):  # noqa: ANN202
+    import importlib
+
+    if name not in _LAZY:
+        raise AttributeError(f"module 'massact_lens' has no attribute {name!r}")
+    if name == "viz":
         return importlib.import_module("massact_lens.viz")
-    raise AttributeError(f"module 'massact_lens' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 __all__ = [
     "AblationTable",
     "AttentionConcentration",
     "AttentionLogits",
     "Batch",
-    "BigramBackcopy",
+    "BigramBackcopy",  # noqa: F822 (lazy, see __getattr__)
     "DimSummary",
     "EditHook",
-    "Evaluation",
+    "Evaluation",  # noqa: F822 (lazy, see __getattr__)
     "ExplicitAttentionBias",
     "ImplicitBias",
     "MassiveActivation",
     "MassiveActivations",
     "MassiveProfile",
     "MassiveTokens",
-    "ModelConfig",
+    "ModelConfig",  # noqa: F822 (lazy, see __getattr__)
     "PatchHook",
     "PatchingResult",
     "PerplexityResult",
@@ -123,12 +126,12 @@ __all__ = [
     "ScanResult",
     "SimilarityResult",
     "SinkToken",
-    "SnapshotScan",
-    "TextFile",
+    "SnapshotScan",  # noqa: F822 (lazy, see __getattr__)
+    "TextFile",  # noqa: F822 (lazy, see __getattr__)
     "TokenFeatures",
     "TokenTracker",
-    "TrainConfig",
-    "TrainResult",
+    "TrainConfig",  # noqa: F822 (lazy, see __getattr__)
+    "TrainResult",  # noqa: F822 (lazy, see __getattr__)
     "ValueStat",
     "ablated",
     "ablation_hooks",
@@ -149,7 +152,7 @@ __all__ = [
     "implicit_bias",
     "intervention_hooks",
     "kind_positions",
-    "load_checkpoint",
+    "load_checkpoint",  # noqa: F822 (lazy, see __getattr__)
     "load_model",
     "massive_patching",
     "mean_hook",
@@ -161,10 +164,10 @@ __all__ = [
     "profile",
     "residual_hook_names",
     "resolve_hook_names",
-    "results_table",
+    "results_table",  # noqa: F822 (lazy, see __getattr__)
     "scale_hook",
     "scan",
-    "scan_snapshots",
+    "scan_snapshots",  # noqa: F822 (lazy, see __getattr__)
     "sentence_embeddings",
     "start_token",
     "token_features",

@@ -134,6 +134,12 @@ def _thresholds(args: argparse.Namespace, defaults: tuple[float, float]) -> tupl
     )
 
 
+def _print_table(table: pd.DataFrame) -> None:
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table.round(2).to_string(index=False))
+    print()
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     import massact_lens as ml
 
@@ -151,9 +157,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     stats = result.layer_stats()
     counts: dict[str, int] = found.to_dataframe()["hook_name"].value_counts().to_dict()
     stats["massive"] = [int(counts.get(name, 0)) for name in stats["hook_name"]]
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(stats.drop(columns=["n_inputs"]).round(2).to_string(index=False))
-    print()
+    _print_table(stats.drop(columns=["n_inputs"]))
     if len(found) == 0:
         print("No massive activations under this criterion. The largest top1/median ratio was "
               f"{stats['ratio'].max():.0f}x; lower --min-ratio / --min-value to look closer.")
@@ -239,6 +243,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = report.save(out)
     size = path.stat().st_size / 1e6
     print(f"massact report: {label}, {len(prompts)} prompts, criterion |x| > {min_value:g} and >= {min_ratio:g}x median")
+    if report.layer_stats is not None:
+        print("\nPer hidden state: top-1/2/3 |x|, median |x| and top1/median, mean over prompts:")
+        _print_table(report.layer_stats)
     for finding in report.findings:
         print(f"  - {finding}")
     print(f"wrote {path} ({size:.1f} MB): one self-contained page, open it in a browser; it needs no internet.")

@@ -148,6 +148,8 @@ class Report:
     prompts: tuple[str, ...] = ()
     summary: str = ""
     findings: list[str] = field(default_factory=list)
+    #: The layer-wise table of the scan (top-1/2/3, median, ratio, massive entries per hidden state).
+    layer_stats: pd.DataFrame | None = None
 
     def section(self, title: str, intro: str = "") -> Section:
         """Append a new section and return it."""
@@ -465,6 +467,7 @@ def build_report(
     where.add(layer_stats_figure(result, title=f"Largest |activation| vs median per hidden state ({label})"),
               "Log scale. Error bars: std of the top-1 value across prompts.")
     where.add(stats.drop(columns=["n_inputs"]))
+    report.layer_stats = stats.drop(columns=["n_inputs"])
     if len(found):
         where.add(_dims_table(found), "The massive dims: where they appear, on which tokens, in how many prompts.")
         summaries = sorted(found.dim_summaries(), key=lambda d: (-d.input_fraction, -d.max_ratio))
