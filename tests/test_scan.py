@@ -208,3 +208,15 @@ def test_stopping_after_the_last_needed_layer_changes_nothing(minilm_model, sent
     no_leftover_hooks(minilm_model)
     logits = minilm_model(minilm_model.to_tokens(sentences[0]))  # the model still runs whole afterwards
     assert logits.shape[-1] == minilm_model.cfg.d_vocab
+
+
+def test_shapes_are_checked_at_run_time_in_the_suite():
+    """pyproject's --jaxtyping-packages flag instruments massact_lens: a wrong shape is an error."""
+    import jaxtyping
+
+    from massact_lens.scan import hidden_state_medians
+
+    with pytest.raises(jaxtyping.TypeCheckError):
+        hidden_state_medians(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool))  # needs [batch, pos, d_model]
+    with pytest.raises(jaxtyping.TypeCheckError):
+        hidden_state_medians(torch.ones(2, 3, 4), torch.ones(5, 3, dtype=torch.bool))  # batch sizes differ
