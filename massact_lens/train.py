@@ -18,7 +18,7 @@ The task here is synthetic and self-contained (no data file): ``n_tokens``
 tokens with Zipf frequencies, each row of the bigram matrix a Dirichlet draw
 centred on them (``concentration``), the ``n_triggers`` most frequent tokens
 are the triggers, the first token is a non-trigger. With the defaults about 30%
-of the targets are copies and the Bayes-optimal loss is about 1.70 nats/token.
+of the targets are copies and the Bayes-optimal loss is about 1.72 nats/token.
 Guo et al. estimate their bigram from Shakespeare characters instead.
 
 Three variants (:data:`VARIANTS`), all with BOS ``<s>``:
