@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=["minilm", "bigram_backcopy"], default="minilm")
     parser.add_argument("--variant", default="default", help="bigram_backcopy variant")
     parser.add_argument("--min-value", type=float, help="criterion (default 50 MiniLM, 10 decoder)")
-    parser.add_argument("--min-ratio", type=float, help="criterion (default 200 MiniLM, 4 decoder)")
+    parser.add_argument("--min-ratio", type=float, help="criterion (default 200 MiniLM, 20 decoder)")
     parser.add_argument("--kinds", nargs="+", help="token kinds to ablate (default: MiniLM all, decoder start)")
     parser.add_argument("--layers", nargs="+", type=int, help="only these layers")
     parser.add_argument("--sequences", type=int, default=256, help="decoder: held-out sequences")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = bigram_backcopy(args.variant)
         inputs = bigram_sequences(args.sequences)
-        thresholds = (args.min_value or 10.0, args.min_ratio or 4.0)
+        thresholds = (args.min_value or 10.0, args.min_ratio or 20.0)
         kinds = args.kinds or ["start"]
     prof = ml.profile(model, inputs, min_value=thresholds[0], min_ratio=thresholds[1], progress=not args.quiet)
     if not prof.dims:
