@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +68,7 @@ from massact_lens.interventions import (
     hook_names_of,
 )
 from massact_lens.massive import MassiveProfile
-from massact_lens.models import model_description, warn_if_processed
+from massact_lens.models import hub_reachable, model_description, warn_if_processed
 
 __all__ = [
     "AblationTable",
@@ -192,7 +191,7 @@ def _dataset_texts(name: str, config: str | None, split: str, text_field: str) -
     except ImportError:
         raise ValueError(f"{name!r} is not a file, and reading it as a dataset name needs the 'datasets' package (pip install datasets). Or pass a list of strings.") from None
     offline = any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline and not _hub_reachable():
+    if not offline and not hub_reachable():
         raise ValueError(
             f"{name!r} is not a file, and the model hub (huggingface.co) is unreachable, so it cannot be "
             "loaded as a dataset. Pass a list of strings, a text file, or token ids."
@@ -208,14 +207,6 @@ def _dataset_texts(name: str, config: str | None, split: str, text_field: str) -
     if text_field not in first:
         raise ValueError(f"Dataset {name!r} has no field {text_field!r}; its fields: {sorted(first)}.")
     return (row[text_field] for row in data)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _token_stream(model: TransformerLensModel, texts: Iterator[str], separator: str) -> Iterator[list[int]]:

@@ -7,19 +7,10 @@ only where ``gpt2`` can be loaded: from the local HuggingFace cache or the hub.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 import massact_lens as ml
-
-
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+from massact_lens.models import hub_reachable
 
 
 def _cached(name: str) -> bool:
@@ -33,7 +24,7 @@ def _cached(name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def gpt2():
-    if not (_cached("gpt2") or _hub_reachable()):
+    if not (_cached("gpt2") or hub_reachable()):
         pytest.skip("needs GPT-2 weights: the model hub is unreachable here and gpt2 is not in the local cache")
     return ml.load_model("gpt2")
 
