@@ -33,17 +33,26 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
-__all__ = ["Batch", "BatchPlan", "Inputs", "last_block_hook", "plan_batches", "run_batches", "token_strings"]
+from massact_lens._types import HookList, Inputs
 
-Inputs = str | Sequence[str] | torch.Tensor | Iterable[Any]
-HookList = list[tuple[str, Callable[..., Any]]]
+__all__ = [
+    "Batch",
+    "BatchAware",
+    "BatchPlan",
+    "Inputs",
+    "announce",
+    "last_block_hook",
+    "plan_batches",
+    "run_batches",
+    "token_strings",
+]
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,33 @@ class Batch:
     @property
     def lengths(self) -> Int[torch.Tensor, " batch"]:
         return self.attention_mask.sum(dim=1)
+
+    def to(self, device: Any) -> Batch:
+        """The same batch with its tensors on ``device``."""
+        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.start)
+
+
+@runtime_checkable
+class BatchAware(Protocol):
+    """A hook that wants to be told each batch before its forward pass.
+
+    The batch loop (:func:`run_batches`) calls ``before_batch(batch)`` on every hook
+    function of the batch's hook list that has this method, before the forward pass:
+    this is how a token tracker learns the padding mask and that a fresh sequence
+    starts (rather than guessing from shapes).
+    """
+
+    def before_batch(self, batch: Batch) -> None: ...
+
+
+def announce(fwd_hooks: Iterable[tuple[Any, Any]], batch: Batch) -> None:
+    """Call ``before_batch(batch)`` on every :class:`BatchAware` hook of ``fwd_hooks``.
+
+    :func:`run_batches` does this for you; a loop of its own calls it before each pass.
+    """
+    for _, fn in fwd_hooks:
+        if isinstance(fn, BatchAware):
+            fn.before_batch(batch)
 
 
 @dataclass(frozen=True)
@@ -276,6 +312,7 @@ def run_batches(
             tokens = batch.tokens.to(device) if device is not None else batch.tokens
             mask = batch.attention_mask.to(tokens.device)
             hooks = make_hooks(batch)
+            announce(hooks, batch)
             if stop_after is not None:
                 hooks = [*hooks, (stop_after, stop)]
             out = None

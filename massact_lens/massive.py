@@ -85,17 +85,76 @@ def token_kind(position: int, token: str, delimiters: frozenset[str] = DELIMITER
     return "other"
 
 
+@dataclass(frozen=True)
+class Criterion:
+    """The paper's criterion: an entry is massive when ``|x| > min_value`` and
+    ``|x| >= min_ratio x`` the median ``|x|`` of its hidden state.
+
+    The one threshold check of the library: :func:`find_massive`, :func:`profile`,
+    ``where_massive`` and the attention key sets all build one. Both thresholds must
+    be positive finite numbers (the paper: 100 and 1000; small models need lower
+    ones, e.g. 50 and 200).
+
+    >>> c = Criterion(100, 1000)
+    >>> c.passes(torch.tensor([150.0, 150.0, 90.0]), torch.tensor([0.1, 0.2, 0.01]))
+    tensor([ True, False, False])
+    >>> Criterion(0, 1000)
+    Traceback (most recent call last):
+    ...
+    ValueError: min_value must be a positive finite number, not 0. The paper uses min_value=100, min_ratio=1000; small models need lower ones (e.g. 50 and 200).
+    """
+
+    min_value: float | int = 100.0
+    min_ratio: float | int = 1000.0
+
+    def __post_init__(self) -> None:
+        for name in ("min_value", "min_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"{name} must be a positive finite number, not {value!r}. The paper uses "
+                    "min_value=100, min_ratio=1000; small models need lower ones (e.g. 50 and 200)."
+                )
+            object.__setattr__(self, name, float(value))
+
+    def passes(self, magnitude: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
+        """Elementwise; ``median`` broadcasts against ``magnitude``."""
+        return (magnitude > self.min_value) & (magnitude >= self.min_ratio * median)
+
+    def entries(
+        self,
+        activation: Float[torch.Tensor, "batch pos d_model"],
+        real: Bool[torch.Tensor, "batch pos"],
+        dims: torch.Tensor | None = None,
+    ) -> Bool[torch.Tensor, "batch pos n_dims"]:
+        """Which entries of a hidden state are massive, decided on the activation itself.
+
+        Every entry is tested (not only a scan's top-k), against the median |x| of its
+        own hidden state over real positions; padding entries never pass. ``dims``
+        restricts the columns tested (``n_dims = len(dims)``, default all ``d_model``).
+
+        >>> x = torch.zeros(1, 3, 4); x[0, 0, 2] = 500.0; x[0, 1:] += 0.1
+        >>> Criterion(100, 1000).entries(x, torch.ones(1, 3, dtype=torch.bool)).nonzero().tolist()
+        [[0, 0, 2]]
+        """
+        magnitude = activation.detach().float().abs()
+        median = hidden_state_medians(activation, real)
+        tested = magnitude if dims is None else magnitude[..., dims]
+        return self.passes(tested, median[:, None, None]) & real[..., None]
+
+    def describe(self) -> str:
+        return f"|x| > {self.min_value:g} and >= {self.min_ratio:g} x median"
+
+
 def passes_criterion(
     magnitude: torch.Tensor, median: torch.Tensor, min_value: float | int, min_ratio: float | int
 ) -> torch.Tensor:
-    """The paper's criterion, elementwise: ``|x| > min_value and |x| >= min_ratio x median``.
-
-    ``median`` broadcasts against ``magnitude`` (the median |x| of each entry's hidden state).
+    """``Criterion(min_value, min_ratio).passes(magnitude, median)``.
 
     >>> passes_criterion(torch.tensor([150.0, 150.0, 90.0]), torch.tensor([0.1, 0.2, 0.01]), 100, 1000)
     tensor([ True, False, False])
     """
-    return (magnitude > min_value) & (magnitude >= min_ratio * median)
+    return Criterion(min_value, min_ratio).passes(magnitude, median)
 
 
 def massive_entries(
@@ -105,29 +164,12 @@ def massive_entries(
     min_ratio: float | int,
     dims: torch.Tensor | None = None,
 ) -> Bool[torch.Tensor, "batch pos n_dims"]:
-    """Which entries of a hidden state are massive, decided on the activation itself.
-
-    Every entry is tested (not only a scan's top-k), against the median |x| of its
-    own hidden state over real positions; padding entries never pass. ``dims``
-    restricts the columns tested (``n_dims = len(dims)``, default all ``d_model``).
-
-    >>> x = torch.zeros(1, 3, 4); x[0, 0, 2] = 500.0; x[0, 1:] += 0.1
-    >>> massive_entries(x, torch.ones(1, 3, dtype=torch.bool), 100, 1000).nonzero().tolist()
-    [[0, 0, 2]]
-    """
-    magnitude = activation.detach().float().abs()
-    median = hidden_state_medians(activation, real)[:, None, None]
-    columns = magnitude if dims is None else magnitude[..., dims]
-    return passes_criterion(columns, median, min_value, min_ratio) & real[:, :, None]
+    """``Criterion(min_value, min_ratio).entries(activation, real, dims)``."""
+    return Criterion(min_value, min_ratio).entries(activation, real, dims)
 
 
 def _check_thresholds(min_value: float | int, min_ratio: float | int) -> None:
-    for name, value in (("min_value", min_value), ("min_ratio", min_ratio)):
-        if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise ValueError(
-                f"{name} must be a positive finite number, not {value!r}. The paper uses "
-                "min_value=100, min_ratio=1000; small models need lower ones (e.g. 50 and 200)."
-            )
+    Criterion(min_value, min_ratio)
 
 
 @dataclass(frozen=True)
