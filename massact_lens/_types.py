@@ -115,11 +115,20 @@ class Provenance:
         if diff:
             raise ValueError(f"{what} come from different models ({'; '.join(diff)}).")
 
+    # Read-only dict-style access, as results had before Provenance (a plain dict).
     def __getitem__(self, key: str) -> Any:
-        """Dict-style access, as results had before Provenance (``result.provenance["n_layers"]``)."""
         if key not in {f.name for f in fields(self)}:
             raise KeyError(key)
         return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default) if key in {f.name for f in fields(self)} else default
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self.to_dict().items())
 
 
 def is_causal(model: TransformerLensModel) -> bool:

@@ -27,6 +27,7 @@ import contextlib
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,17 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_protocol import TransformerLensModel
 
-__all__ = ["hub_reachable", "load_model", "model_description", "weights_processed", "warn_if_processed"]
+from massact_lens._types import Provenance
+
+__all__ = [
+    "attention_implementation",
+    "fast_attention",
+    "hub_reachable",
+    "load_model",
+    "model_description",
+    "warn_if_processed",
+    "weights_processed",
+]
 
 
 def load_model(
@@ -135,21 +146,65 @@ def warn_if_processed(model: TransformerLensModel, stacklevel: int = 3) -> None:
 
 
 def model_description(model: TransformerLensModel) -> dict[str, Any]:
-    """How a model was loaded, as recorded in every result of the library.
+    """How a model was loaded, as a plain dict: ``Provenance.of(model).to_dict()``.
+
+    Results carry a typed :class:`~massact_lens.Provenance`; this dict form is kept
+    for code written against 0.1.
 
     >>> from massact_lens.examples import tiny_model
     >>> model_description(tiny_model())["n_layers"]
     2
     """
-    cfg = model.cfg
-    dtype = getattr(cfg, "dtype", None)
-    with contextlib.suppress(AttributeError, StopIteration):
-        dtype = next(model.parameters()).dtype  # type: ignore[attr-defined]
-    return {
-        "model_name": str(getattr(cfg, "model_name", "unknown")),
-        "architecture": str(getattr(cfg, "architecture", None) or "unknown"),
-        "n_layers": int(cfg.n_layers),
-        "d_model": int(cfg.d_model),
-        "dtype": str(dtype).replace("torch.", ""),
-        "weights_processed": weights_processed(model),
-    }
+    return Provenance.of(model).to_dict()
+
+
+def _hf_configs(model: TransformerLensModel) -> list[Any]:
+    """The HuggingFace configs whose ``_attn_implementation`` picks the attention kernel."""
+    hf = getattr(model, "original_model", None)
+    config = getattr(hf, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return []
+    out = [config]
+    for name in ("text_config", "vision_config"):
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            out.append(sub)
+    return out
+
+
+@contextlib.contextmanager
+def attention_implementation(model: TransformerLensModel, implementation: str) -> Iterator[None]:
+    """Run HuggingFace attention with ``implementation`` ("sdpa", "eager", ...) inside the block.
+
+    :func:`load_model` boots with eager attention so that ``hook_pattern`` is filled;
+    a pass that reads no pattern runs faster with PyTorch's fused kernel. The
+    setting is restored on exit, also when the body raises. Models without a
+    HuggingFace config (``boot_native``) are left as they are.
+
+    >>> from massact_lens.examples import minilm
+    >>> model = minilm()
+    >>> with attention_implementation(model, "sdpa"):
+    ...     model.original_model.config._attn_implementation
+    'sdpa'
+    >>> model.original_model.config._attn_implementation
+    'eager'
+    """
+    configs = _hf_configs(model)
+    before = [c._attn_implementation for c in configs]
+    try:
+        for config in configs:
+            config._attn_implementation = implementation
+        yield
+    finally:
+        for config, value in zip(configs, before, strict=True):
+            config._attn_implementation = value
+
+
+def fast_attention(model: TransformerLensModel) -> contextlib.AbstractContextManager[None]:
+    """``attention_implementation(model, "sdpa")`` for passes that read no attention pattern.
+
+    Set ``MASSACT_LENS_EAGER=1`` to keep eager attention everywhere (e.g. to compare).
+    """
+    if os.environ.get("MASSACT_LENS_EAGER") == "1":
+        return contextlib.nullcontext()
+    return attention_implementation(model, "sdpa")

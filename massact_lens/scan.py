@@ -32,28 +32,23 @@ torch.Size([3, 2, 10])
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens.batching import (
-    Batch,
-    Inputs,
-    last_block_hook,
-    plan_batches,
-    run_batches,
-    token_strings,
-)
+from massact_lens._types import HookList, Inputs, Provenance, model_device
+from massact_lens.batching import Batch, last_block_hook, plan_batches, run_batches, token_strings
 from massact_lens.hook_names import layer_of, resolve_hook_names
-from massact_lens.models import model_description, warn_if_processed
+from massact_lens.models import fast_attention, warn_if_processed
+from massact_lens.statistics import HiddenStateStats, hidden_state_medians, hidden_state_stats
 
-__all__ = ["ScanResult", "hidden_state_medians", "scan"]
+__all__ = ["ScanResult", "hidden_state_medians", "scan"]  # hidden_state_medians: see statistics
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,7 @@ class ScanResult:
     """The top-k entries and medians of every (input, hook) hidden state.
 
     Attributes:
-        model: how the model was loaded (:func:`massact_lens.models.model_description`).
+        provenance: the model as it was measured (:class:`massact_lens.Provenance`).
         hook_names: the hook points read, in forward order; ``layers`` their blocks.
         prepend_bos: BOS prepended to strings (None: token tensors used as given).
         values: signed values of the top-k ``|x|`` entries, ``[input, hook, k]``
@@ -71,9 +66,12 @@ class ScanResult:
         lengths: real tokens per input.
         first_token_ids: the token at position 0 of each input.
         tokens: id -> readable string, for the ids that appear in the entries.
+        nonfinite: ``[input, hook]``, True where the hidden state held a NaN or an
+            infinite entry: its median is NaN and :func:`find_massive` and
+            :meth:`layer_stats` leave it out, saying so.
     """
 
-    model: dict[str, Any]
+    provenance: Provenance
     hook_names: tuple[str, ...]
     layers: tuple[int, ...]
     prepend_bos: bool | None
@@ -85,10 +83,115 @@ class ScanResult:
     medians: Float[torch.Tensor, "n_inputs n_hooks"]
     lengths: Int[torch.Tensor, " n_inputs"]
     tokens: dict[int, str] = field(repr=False)
+    nonfinite: Bool[torch.Tensor, "n_inputs n_hooks"] | None = None
 
     @property
     def n_inputs(self) -> int:
         return int(self.values.shape[0])
+
+    @property
+    def model(self) -> Provenance:
+        """The provenance (the name of this field before 0.2)."""
+        return self.provenance
+
+    @classmethod
+    def merge(cls, parts: Sequence[ScanResult]) -> ScanResult:
+        """One result from scans of consecutive slices of a corpus, in order.
+
+        Exactly the result one scan of the concatenated inputs gives (input ``i`` of
+        part ``j`` becomes input ``sum(n_inputs of parts before j) + i``). The parts
+        must come from the same model, hooks, top_k and BOS setting (ValueError
+        otherwise); parts with no input (empty shards) are allowed.
+
+        >>> import torch
+        >>> from massact_lens.examples import tiny_model
+        >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
+        >>> parts = [scan(model, tokens[:1], progress=False), scan(model, tokens[1:], progress=False)]
+        >>> torch.equal(ScanResult.merge(parts).values, scan(model, tokens, progress=False).values)
+        True
+        """
+        parts = list(parts)
+        if not parts:
+            raise ValueError("ScanResult.merge needs at least one result.")
+        first = parts[0]
+        for i, part in enumerate(parts[1:], 1):
+            if not isinstance(part, ScanResult):
+                raise TypeError(f"Part {i} is a {type(part).__name__}, not a ScanResult.")
+            first.provenance.check_same(part.provenance, f"Scan results 0 and {i}")
+            for name in ("hook_names", "top_k", "prepend_bos"):
+                if getattr(part, name) != getattr(first, name):
+                    raise ValueError(
+                        f"Scan results 0 and {i} differ in {name} ({getattr(first, name)!r} != "
+                        f"{getattr(part, name)!r}): scan every slice with the same settings."
+                    )
+
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(p, name) for p in parts])
+
+        tokens: dict[int, str] = {}
+        for part in parts:
+            tokens.update(part.tokens)
+        nonfinite = torch.cat(
+            [p.nonfinite if p.nonfinite is not None else torch.zeros(p.medians.shape, dtype=torch.bool) for p in parts]
+        )
+        return cls(
+            provenance=first.provenance,
+            hook_names=first.hook_names,
+            layers=first.layers,
+            prepend_bos=first.prepend_bos,
+            top_k=first.top_k,
+            values=cat("values"),
+            positions=cat("positions"),
+            dims=cat("dims"),
+            token_ids=cat("token_ids"),
+            medians=cat("medians"),
+            lengths=cat("lengths"),
+            tokens=tokens,
+            nonfinite=nonfinite,
+        )
+
+    @classmethod
+    def empty(
+        cls, provenance: Provenance, hook_names: Sequence[str], top_k: int, prepend_bos: bool | None
+    ) -> ScanResult:
+        """A result of no input (what a rank with an empty shard contributes to a merge)."""
+        n_hooks = len(hook_names)
+        ints = torch.zeros(0, n_hooks, top_k, dtype=torch.int32)
+        return cls(
+            provenance=provenance,
+            hook_names=tuple(hook_names),
+            layers=tuple(layer_of(n) for n in hook_names),
+            prepend_bos=prepend_bos,
+            top_k=top_k,
+            values=torch.zeros(0, n_hooks, top_k),
+            positions=ints,
+            dims=ints.clone(),
+            token_ids=ints.clone(),
+            medians=torch.zeros(0, n_hooks),
+            lengths=torch.zeros(0, dtype=torch.long),
+            tokens={},
+            nonfinite=torch.zeros(0, n_hooks, dtype=torch.bool),
+        )
+
+    def nonfinite_states(self) -> list[tuple[int, str]]:
+        """(input index, hook name) of every hidden state that held a NaN or inf."""
+        if self.nonfinite is None:
+            return []
+        return [(int(i), self.hook_names[int(h)]) for i, h in self.nonfinite.nonzero().tolist()]
+
+    def warn_nonfinite(self, stacklevel: int = 2) -> None:
+        """Warn (``RuntimeWarning``) when some hidden state held a NaN or inf."""
+        bad = self.nonfinite_states()
+        if bad:
+            shown = ", ".join(f"input {i} at {h}" for i, h in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            warnings.warn(
+                f"{len(bad)} hidden state(s) held NaN or infinite values ({shown}{more}): their "
+                "medians are NaN and find_massive / layer_stats leave them out. Check the "
+                "model's dtype and any hook that runs before these points.",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
 
     def token(self, token_id: int) -> str:
         """The readable string of a token id seen in the entries."""
@@ -98,13 +201,16 @@ class ScanResult:
         """The paper's layer-wise plot data: per hook, top-1/2/3 ``|x|`` and median.
 
         Each column is the mean over inputs; ``ratio`` is the mean of top1/median,
-        ``top1_std`` the spread of top-1 across inputs.
+        ``top1_std`` the spread of top-1 across inputs. Hidden states that held a NaN
+        or inf are left out: ``n_inputs`` counts those used, ``n_nonfinite`` the others.
         """
-        mags = self.values.abs()
+        bad = self.nonfinite if self.nonfinite is not None else torch.zeros(self.medians.shape, dtype=torch.bool)
+        mags = self.values.abs().masked_fill(bad[..., None], float("nan"))
         rows = []
         for h, name in enumerate(self.hook_names):
             top = [mags[:, h, i] if i < self.top_k else torch.full_like(mags[:, h, 0], float("nan")) for i in range(3)]
-            med = self.medians[:, h]
+            med = self.medians[:, h].masked_fill(bad[:, h], float("nan"))
+            finite_top1 = top[0][~torch.isnan(top[0])]
             rows.append(
                 {
                     "layer": self.layers[h],
@@ -112,10 +218,11 @@ class ScanResult:
                     "top1": float(top[0].nanmean()),
                     "top2": float(top[1].nanmean()),
                     "top3": float(top[2].nanmean()),
-                    "median": float(med.mean()),
+                    "median": float(med.nanmean()),
                     "ratio": float((top[0] / med).nanmean()),
-                    "top1_std": float(top[0].std()) if self.n_inputs > 1 else 0.0,
-                    "n_inputs": self.n_inputs,
+                    "top1_std": float(finite_top1.std()) if finite_top1.numel() > 1 else 0.0,
+                    "n_inputs": self.n_inputs - int(bad[:, h].sum()),
+                    "n_nonfinite": int(bad[:, h].sum()),
                 }
             )
         return pd.DataFrame(rows)
@@ -144,85 +251,62 @@ class ScanResult:
         )
 
 
-def _lower_medians(
-    magnitude: Float[torch.Tensor, "batch entries"], n_real: Int[torch.Tensor, " batch"]
-) -> Float[torch.Tensor, " batch"]:
-    """Per row, the lower median of the real entries (padding is -1, so it sorts first).
-
-    Same value as ``torch.median`` of the real entries. On the CPU numpy's
-    introselect (``np.partition``) is several times faster than ``torch.kthvalue``.
-    """
-    n_total = magnitude.shape[1]
-    index = (n_total - n_real) + (n_real + 1) // 2 - 1
-    if magnitude.device.type == "cpu":
-        kth = np.unique(index.numpy())
-        part = np.partition(magnitude.numpy(), kth, axis=1)
-        return torch.from_numpy(part[np.arange(part.shape[0]), index.numpy()])
-    return magnitude.sort(dim=1).values.gather(1, index[:, None])[:, 0]
-
-
-def hidden_state_medians(
-    activation: Float[torch.Tensor, "batch pos d_model"], real: Bool[torch.Tensor, "batch pos"]
-) -> Float[torch.Tensor, " batch"]:
-    """Median ``|x|`` of each hidden state over its real positions and all dims (float32).
-
-    The lower median for an even count, as ``torch.median``.
-
-    >>> x = torch.tensor([[[1.0, -4.0], [2.0, 9.0], [100.0, 100.0]]])
-    >>> hidden_state_medians(x, torch.tensor([[True, True, False]]))
-    tensor([2.])
-    """
-    magnitude = activation.detach().float().abs().masked_fill_(~real[:, :, None], -1.0).flatten(1)
-    return _lower_medians(magnitude, real.sum(dim=1) * activation.shape[-1])
-
-
 class _Collector:
-    """Per-hook accumulators of top-k entries and medians, filled inside hooks."""
+    """Per-batch statistics of every hook, kept on the model's device until the batch
+    ends, then moved to the host in one transfer per field (no sync per hook)."""
 
     def __init__(self, n_hooks: int, top_k: int) -> None:
+        self.n_hooks = n_hooks
         self.top_k = top_k
-        self.parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(n_hooks)]
+        self.pending: list[HiddenStateStats | None] = []
+        self.tokens: torch.Tensor | None = None
+        self.host: list[tuple[torch.Tensor, ...]] = []
         self.lengths: list[torch.Tensor] = []
 
-    def hook(self, index: int, batch: Batch, mask: torch.Tensor):  # noqa: ANN201
-        top_k = self.top_k
-        parts = self.parts[index]
+    def start(self, batch: Batch, device: torch.device) -> list[Any]:
+        """Flush the previous batch; return one reader per hook for ``batch``."""
+        self.flush()
+        self.pending = [None] * self.n_hooks
+        self.tokens = batch.tokens.to(device)
+        self.lengths.append(batch.lengths.cpu())
+        mask = batch.attention_mask.to(device).bool()
+        return [self._reader(i, mask) for i in range(self.n_hooks)]
 
-        def read(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-            x = activation.detach().float()
-            batch_size, pos, d_model = x.shape
-            # |x| with padding at -1: below every real entry, so it is never a top-k
-            # entry and sits first in sorted order (the median index skips it).
-            magnitude = x.abs().masked_fill_(~mask[:, :, None], -1.0).flatten(1)
-            n_real = mask.sum(dim=1) * d_model
-            medians = _lower_medians(magnitude, n_real)
-            k = min(top_k, pos * d_model)
-            top, flat = magnitude.topk(k, dim=1)
-            signed = x.flatten(1).gather(1, flat)
-            missing = top < 0
-            positions = torch.div(flat, d_model, rounding_mode="floor")
-            token_ids = batch.tokens.gather(1, positions)
-            if k < top_k:
-                pad = top_k - k
-                signed = torch.nn.functional.pad(signed, (0, pad))
-                missing = torch.nn.functional.pad(missing, (0, pad), value=True)
-                positions = torch.nn.functional.pad(positions, (0, pad))
-                flat = torch.nn.functional.pad(flat, (0, pad))
-                token_ids = torch.nn.functional.pad(token_ids, (0, pad))
-            parts.append(
-                (
-                    signed.masked_fill(missing, float("nan")).cpu(),
-                    positions.masked_fill(missing, -1).to(torch.int32).cpu(),
-                    (flat % d_model).masked_fill(missing, -1).to(torch.int32).cpu(),
-                    token_ids.masked_fill(missing, -1).to(torch.int32).cpu(),
-                    medians.cpu(),
-                )
-            )
+    def _reader(self, index: int, mask: torch.Tensor) -> Any:
+        def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
+            self.pending[index] = hidden_state_stats(activation, mask.to(activation.device), self.top_k)
 
         return read
 
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        missing = [i for i, s in enumerate(self.pending) if s is None]
+        if missing:
+            raise RuntimeError(
+                f"Hook(s) {missing} did not fire in this forward pass: the model never reached them. "
+                "Check the hook names against model.hook_dict."
+            )
+        stats = [s for s in self.pending if s is not None]
+        device = stats[0].values.device
+        tokens = self.tokens.to(device)  # type: ignore[union-attr]
+        positions = torch.stack([s.positions.to(device) for s in stats], dim=1)
+        token_ids = tokens.gather(1, positions.clamp(min=0).flatten(1).long()).view_as(positions)
+        token_ids = token_ids.masked_fill(positions < 0, -1).to(torch.int32)
+        self.host.append(
+            (
+                torch.stack([s.values.to(device) for s in stats], dim=1).cpu(),
+                positions.cpu(),
+                torch.stack([s.dims.to(device) for s in stats], dim=1).cpu(),
+                token_ids.cpu(),
+                torch.stack([s.medians.to(device) for s in stats], dim=1).cpu(),
+                torch.stack([s.nonfinite.to(device) for s in stats], dim=1).cpu(),
+            )
+        )
+        self.pending = []
+
     def stacked(self, field_index: int) -> torch.Tensor:
-        return torch.stack([torch.cat([p[field_index] for p in parts]) for parts in self.parts], dim=1)
+        return torch.cat([part[field_index] for part in self.host])
 
 
 def scan(
@@ -269,17 +353,20 @@ def scan(
     warn_if_processed(model)
     collector = _Collector(len(names), top_k)
 
-    def make_hooks(batch: Batch) -> list[tuple[str, Any]]:
-        device = getattr(model.cfg, "device", None) or "cpu"
-        mask = batch.attention_mask.to(device).bool()
-        collector.lengths.append(batch.lengths)
-        return [(name, collector.hook(i, _on(batch, device), mask)) for i, name in enumerate(names)]
+    device = model_device(model)
 
-    run_batches(model, plan, make_hooks, progress=progress, desc="scan", stop_after=last_block_hook(names))
+    def make_hooks(batch: Batch) -> HookList:
+        return list(zip(names, collector.start(batch, device), strict=True))
+
+    with fast_attention(model):
+        run_batches(model, plan, make_hooks, progress=progress, desc="scan", stop_after=last_block_hook(names))
+    collector.flush()
+    if not collector.host:
+        raise ValueError("The inputs were empty: nothing was scanned. Pass at least one input.")
     token_ids = collector.stacked(3)
     seen = token_ids.flatten()
-    return ScanResult(
-        model=model_description(model),
+    result = ScanResult(
+        provenance=Provenance.of(model),
         hook_names=names,
         layers=tuple(layer_of(n) for n in names),
         prepend_bos=plan.prepend_bos,
@@ -291,8 +378,7 @@ def scan(
         medians=collector.stacked(4),
         lengths=torch.cat(collector.lengths),
         tokens=token_strings(model, seen[seen >= 0].tolist()),
+        nonfinite=collector.stacked(5),
     )
-
-
-def _on(batch: Batch, device: Any) -> Batch:
-    return Batch(batch.tokens.to(device), batch.attention_mask.to(device), batch.start)
+    result.warn_nonfinite(stacklevel=3)
+    return result

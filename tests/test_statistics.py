@@ -1,0 +1,102 @@
+"""The per-hidden-state statistics: exact medians and top-k, padding, NaN, fast attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import massact_lens as ml
+from massact_lens.examples import tiny_model
+from massact_lens.models import attention_implementation
+from massact_lens.statistics import hidden_state_medians, hidden_state_stats, lower_medians
+
+
+def _reference(x: torch.Tensor, lengths: list[int], k: int):
+    out = []
+    for row, n in enumerate(lengths):
+        real = x[row, :n].float()
+        mags = real.abs().flatten()
+        top = mags.topk(min(k, mags.numel()))
+        out.append((real.flatten()[top.indices], top.indices // x.shape[-1], top.indices % x.shape[-1], mags.median()))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stats_equal_torch_median_and_topk_with_uneven_padding(seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch, pos, d = 6, 7, 5
+    x = torch.randn(batch, pos, d, generator=gen) * 3
+    lengths = torch.randint(1, pos + 1, (batch,), generator=gen).tolist()
+    real = torch.arange(pos)[None] < torch.tensor(lengths)[:, None]
+    x[~real] = 1e6  # padding must never enter a statistic
+    stats = hidden_state_stats(x, real, top_k=4)
+    for row, (values, positions, dims, median) in enumerate(_reference(x, lengths, 4)):
+        n = values.numel()
+        torch.testing.assert_close(stats.values[row, :n], values)
+        assert stats.positions[row, :n].tolist() == positions.tolist()
+        assert stats.dims[row, :n].tolist() == dims.tolist()
+        assert float(stats.medians[row]) == float(median)  # exact: the same lower median
+    torch.testing.assert_close(hidden_state_medians(x, real), stats.medians)
+
+
+def test_fewer_entries_than_top_k_are_nan_and_minus_one():
+    x = torch.ones(2, 1, 2)
+    stats = hidden_state_stats(x, torch.tensor([[True], [False]]), top_k=3)
+    assert torch.isnan(stats.values[0, 2]) and stats.positions[0, 2] == -1 and stats.dims[0, 2] == -1
+    assert torch.isnan(stats.values[1]).all() and torch.isnan(stats.medians[1])
+
+
+def test_a_mask_that_is_not_right_padding_gives_the_same_numbers():
+    x = torch.randn(2, 5, 3)
+    left = torch.tensor([[False, True, True, True, True], [True, True, True, True, True]])
+    shifted = torch.cat([x[:1, 1:], x[:1, :1]], dim=1)
+    right = torch.tensor([[True, True, True, True, False]])
+    a = hidden_state_stats(x, left, top_k=3)
+    b = hidden_state_stats(shifted, right, top_k=3)
+    assert float(a.medians[0]) == float(b.medians[0])
+    torch.testing.assert_close(a.values[0], b.values[0])
+    assert (a.positions[0] - 1).tolist() == b.positions[0].tolist()
+
+
+def test_lower_medians_is_exact_for_even_and_odd_counts():
+    m = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 0.0], [9.0, 8.0, 7.0, 6.0, 5.0, 0.0]])
+    assert lower_medians(m.clone(), torch.tensor([4, 5])).tolist() == [2.0, 7.0]
+
+
+def test_nan_in_a_hidden_state_is_flagged_and_warned():
+    model = tiny_model()
+    tokens = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+
+    def poison(x, hook):
+        x = x.clone()
+        x[1, 2, 0] = float("nan")  # input 1 only, as an upstream user hook might
+        return x
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", poison)]), pytest.warns(RuntimeWarning, match="input 1 at blocks.0"):
+        result = ml.scan(model, tokens, progress=False)
+    # the NaN flows on down input 1's residual stream; the other inputs stay clean
+    assert result.nonfinite_states() == [(1, "blocks.0.hook_resid_post"), (1, "blocks.1.hook_resid_post")]
+    assert torch.isnan(result.medians[1, 0]) and not torch.isnan(result.medians[0, 0])
+    stats = result.layer_stats()
+    assert stats.loc[0, "n_nonfinite"] == 1 and stats.loc[0, "n_inputs"] == 2
+    assert all(stats[["top1", "median", "ratio"]].notna().all())
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        ml.find_massive(result, 1.0, 2.0)
+
+
+def test_attention_implementation_is_restored_after_an_error(minilm_model):
+    config = minilm_model.original_model.config
+    with pytest.raises(RuntimeError), attention_implementation(minilm_model, "sdpa"):
+        assert config._attn_implementation == "sdpa"
+        raise RuntimeError("boom")
+    assert config._attn_implementation == "eager"
+
+
+def test_scan_with_fast_attention_matches_eager(minilm_model, monkeypatch):
+    texts = ["The cat sat on the mat.", "Massive activations act as biases, and they are large."]
+    fast = ml.scan(minilm_model, texts, progress=False)
+    monkeypatch.setenv("MASSACT_LENS_EAGER", "1")
+    eager = ml.scan(minilm_model, texts, progress=False)
+    assert torch.equal(fast.positions, eager.positions) and torch.equal(fast.dims, eager.dims)
+    torch.testing.assert_close(fast.values, eager.values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.medians, eager.medians, rtol=1e-4, atol=1e-5)
