@@ -256,10 +256,10 @@ def test_conv1d_weights_are_read_as_output_by_input(hf_gpt2):
     _, cache = hf_gpt2.run_with_cache(hf_gpt2.to_tokens("a short text"))
     hidden, written = cache["blocks.1.mlp.out.hook_in"], cache["blocks.1.mlp.out.hook_out"]
     assert torch.allclose(hidden @ weight.T + conv.bias, written, atol=1e-5)
-    before = float(conv.weight[7, 3])
+    before = float(conv.weight.detach()[7, 3])
     with edited_weights(hf_gpt2, {(1, "mlp.out", 3, 7): 0.0}):
-        assert float(conv.weight[7, 3]) == 0.0
-    assert float(conv.weight[7, 3]) == before
+        assert float(conv.weight.detach()[7, 3]) == 0.0
+    assert float(conv.weight.detach()[7, 3]) == before
 
 
 # --- real weights ----------------------------------------------------------------------
