@@ -47,6 +47,7 @@ __all__ = [
     "final_hidden_hook",
     "is_post_norm",
     "layer_of",
+    "mlp_hook",
     "residual_hook_names",
     "resolve_hook_names",
 ]
@@ -103,6 +104,29 @@ def attention_hook(kind: str, layer: int) -> str:
     if kind not in _ATTENTION_HOOKS:
         raise ValueError(f"Unknown attention hook kind {kind!r}; use one of {sorted(_ATTENTION_HOOKS)}.")
     return _ATTENTION_HOOKS[kind].format(layer=layer)
+
+
+_MLP_HOOKS = {
+    "hidden": "blocks.{layer}.mlp.out.hook_in",
+    "out": "blocks.{layer}.mlp.out.hook_out",
+}
+
+
+def mlp_hook(kind: str, layer: int) -> str:
+    """The hook name of one MLP quantity of a layer: ``hidden`` or ``out``.
+
+    ``hidden`` is the down projection's input (GPT-2 / BERT: the post-activation;
+    gated LLaMA MLPs: ``act(gate) * up``), the same tensor as ``mlp.hook_post`` on
+    the bridges checked (native GPT-2 / LLaMA, HF LLaMA, BERT). ``out`` is the down
+    projection's output, the MLP's direct write into the residual stream (for BERT,
+    before the LayerNorm; equal to ``hook_mlp_out`` on all of those bridges).
+
+    >>> mlp_hook("hidden", 11)
+    'blocks.11.mlp.out.hook_in'
+    """
+    if kind not in _MLP_HOOKS:
+        raise ValueError(f"Unknown MLP hook kind {kind!r}; use one of {sorted(_MLP_HOOKS)}.")
+    return _MLP_HOOKS[kind].format(layer=layer)
 
 
 def layer_of(hook_name: str) -> int:

@@ -1,0 +1,179 @@
+"""Read and temporarily edit single weight entries of a model (e.g. a super weight).
+
+Every matrix is indexed as ``[row, column]`` = ``[output dim, input channel]``, the
+layout of ``torch.nn.Linear.weight``, whatever the module stores: GPT-2's
+``Conv1D`` keeps ``[in, out]`` and is read through its transpose. For the MLP down
+projection (``"mlp.out"``) ``row`` is the residual dim written and ``column`` the
+MLP hidden channel read; this is TransformerLens' ``W_out[column, row]``.
+
+>>> from massact_lens.examples import tiny_model
+>>> model = tiny_model("llama")
+>>> with edited_weights(model, {(1, "mlp.out", 5, 0): 0.0}):
+...     float(projection_weight(model, 1)[5, 0])
+0.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from transformer_lens.model_protocol import TransformerLensModel
+
+__all__ = ["WeightEntry", "edited_weights", "edits_from_rows", "projection_weight"]
+
+#: One weight entry: (layer, component inside the block, row = output dim, column = input channel).
+WeightEntry = tuple[int, str, int, int]
+
+#: Other names accepted for a component (``W_down`` is the MLP down projection).
+_ALIASES = {"W_down": "mlp.out"}
+
+
+def _module(model: TransformerLensModel, layer: Any, component: Any) -> Any:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int, not {layer!r}.")
+    n_layers = int(model.cfg.n_layers)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"Layer {layer} does not exist: the model has {n_layers} layers (0..{n_layers - 1}).")
+    if component == "W_out":
+        raise ValueError(
+            "'W_out' is ambiguous here: TransformerLens' W_out is [d_mlp, d_model], while edits "
+            "index (row = output dim, column = input channel). Use 'mlp.out' (or 'W_down') with "
+            "row = the residual dim and column = the MLP channel."
+        )
+    if not isinstance(component, str):
+        raise TypeError(f"component must be a string such as 'mlp.out', not {component!r}.")
+    name = _ALIASES.get(component, component)
+    module: Any = model.blocks[layer]  # type: ignore[attr-defined]
+    for part in name.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            raise ValueError(
+                f"Block {layer} has no component {component!r}. Use a projection such as "
+                "'mlp.out' (the down projection), 'mlp.in', 'mlp.gate', 'attn.o'."
+            )
+    original = getattr(module, "original_component", None)
+    return module if original is None else original
+
+
+def projection_weight(
+    model: TransformerLensModel, layer: int, component: str = "mlp.out"
+) -> Float[torch.Tensor, "d_out d_in"]:
+    """The weight of one projection of block ``layer`` as ``[output dim, input channel]``.
+
+    A detached view of the model's own parameter (transposed for GPT-2's
+    ``Conv1D``): it shares the storage, so writing into it edits the model; use
+    :func:`edited_weights` for that, which puts the values back.
+
+    Raises:
+        ValueError: no such layer or component, or a component whose weight is not a
+            parameter of the model (a joint projection split into views, for instance).
+
+    >>> from massact_lens.examples import tiny_model
+    >>> projection_weight(tiny_model("gpt2"), 0).shape   # d_model x d_mlp
+    torch.Size([32, 128])
+    """
+    module = _module(model, layer, component)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ValueError(f"Component {component!r} of block {layer} has no 2-D weight ({type(module).__name__}).")
+    if not any(weight is p for p in model.parameters()):  # type: ignore[attr-defined]
+        raise ValueError(
+            f"The weight of {component!r} in block {layer} is not a parameter of the model "
+            "(a split view of a joint projection?): editing it would not change the forward pass."
+        )
+    if isinstance(module, torch.nn.Linear):
+        return weight.detach()
+    if hasattr(module, "nf") and hasattr(module, "nx"):  # transformers' Conv1D: [in, out]
+        return weight.detach().T
+    raise ValueError(
+        f"Cannot tell the layout of {type(module).__name__}'s weight in {component!r} of block "
+        f"{layer}: only torch.nn.Linear ([out, in]) and transformers' Conv1D ([in, out]) are known."
+    )
+
+
+def _check_value(value: Any, entry: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"The value for {entry} must be a finite number, not {value!r}.")
+    return float(value)
+
+
+@contextlib.contextmanager
+def edited_weights(
+    model: TransformerLensModel, edits: Mapping[WeightEntry, float | int]
+) -> Iterator[None]:
+    """Set single weight entries for the length of a ``with`` block, then restore them.
+
+    ``edits`` maps ``(layer, component, row, column)`` to the value to set, with
+    ``row`` = output dim and ``column`` = input channel (see :func:`projection_weight`).
+    Every entry is checked before anything changes; the original values are put
+    back when the block ends, also when it raises. Works with or without grad mode.
+
+    Raises:
+        ValueError: no edits, a layer / component / row / column out of range, a
+            non-finite value, or the same entry twice (under two names).
+
+    >>> from massact_lens.examples import tiny_model
+    >>> model = tiny_model()
+    >>> before = float(projection_weight(model, 0)[3, 7])
+    >>> with edited_weights(model, {(0, "W_down", 3, 7): 0.0}):
+    ...     float(projection_weight(model, 0)[3, 7])
+    0.0
+    >>> float(projection_weight(model, 0)[3, 7]) == before
+    True
+    """
+    if not isinstance(edits, Mapping) or len(edits) == 0:
+        raise ValueError("No edits: pass a mapping {(layer, 'mlp.out', row, column): value, ...}.")
+    planned: list[tuple[torch.Tensor, int, int, float]] = []
+    seen: dict[tuple[int, int], Any] = {}
+    for entry, value in edits.items():
+        if not isinstance(entry, tuple) or len(entry) != 4:
+            raise ValueError(f"Each edit key must be (layer, component, row, column), not {entry!r}.")
+        layer, component, row, column = entry
+        weight = projection_weight(model, layer, component)
+        for axis, (name, index) in enumerate((("row", row), ("column", column))):
+            size = int(weight.shape[axis])
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
+                raise ValueError(f"{name} {index!r} of {entry} is out of range: {component!r} has {size} {name}s.")
+        offset = int(weight.storage_offset() + row * weight.stride(0) + column * weight.stride(1))
+        key = (weight.untyped_storage().data_ptr(), offset)
+        if key in seen:
+            raise ValueError(f"The edits {seen[key]} and {entry} set the same weight entry.")
+        seen[key] = entry
+        planned.append((weight, row, column, _check_value(value, entry)))
+    originals: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for weight, row, column, value in planned:
+                originals.append((weight, row, column, weight[row, column].clone()))
+                weight[row, column] = value
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, row, column, old in reversed(originals):
+                weight[row, column] = old
+
+
+def edits_from_rows(rows: pd.DataFrame, value: float | int = 0.0) -> dict[WeightEntry, float | int]:
+    """Edits setting the down-projection entries of ``rows`` to ``value``.
+
+    ``rows`` has the columns ``layer, row, column`` (e.g. some rows of
+    :meth:`massact_lens.lineage.Lineage.super_weights`); an entry that appears twice
+    is edited once.
+
+    >>> import pandas as pd
+    >>> edits_from_rows(pd.DataFrame({"layer": [11], "row": [507], "column": [1229]}))
+    {(11, 'mlp.out', 507, 1229): 0.0}
+    """
+    missing = {"layer", "row", "column"} - set(rows.columns)
+    if missing:
+        raise ValueError(f"rows lacks the columns {sorted(missing)}: pass rows of Lineage.super_weights().")
+    if len(rows) == 0:
+        raise ValueError("rows is empty: there is no weight to edit.")
+    entries = zip(rows["layer"].tolist(), rows["row"].tolist(), rows["column"].tolist(), strict=True)
+    return {(int(layer), "mlp.out", int(row), int(column)): value for layer, row, column in entries}
