@@ -74,6 +74,7 @@ from massact_lens.massive import (
     profile,
     token_kind,
 )
+from massact_lens._types import Provenance
 from massact_lens.models import load_model, model_description, warn_if_processed, weights_processed
 from massact_lens.scan import ScanResult, scan
 
@@ -104,6 +105,7 @@ def __getattr__(name: str):  # noqa: ANN202
     return getattr(importlib.import_module(_LAZY[name]), name)
 
 __all__ = [
+    "Provenance",
     "AblationTable",
     "AttentionConcentration",
     "AttentionLogits",

@@ -50,6 +50,10 @@ class Provenance:
     dtype: str
     #: True when the weights were folded / centred (TransformerLens processing).
     weights_processed: bool
+    d_mlp: int = 0
+    d_vocab: int = 0
+    #: "LN", "RMS", ... (``cfg.normalization_type``).
+    normalization: str = "unknown"
 
     @classmethod
     def of(cls, model: TransformerLensModel) -> Provenance:
@@ -68,6 +72,9 @@ class Provenance:
             n_heads=int(getattr(cfg, "n_heads", 0) or 0),
             dtype=str(dtype).replace("torch.", ""),
             weights_processed=weights_processed(model),
+            d_mlp=int(getattr(cfg, "d_mlp", 0) or 0),
+            d_vocab=int(getattr(cfg, "d_vocab", 0) or 0),
+            normalization=str(getattr(cfg, "normalization_type", None) or "unknown"),
         )
 
     def with_dtype(self, dtype: str) -> Provenance:
@@ -84,12 +91,13 @@ class Provenance:
         if not isinstance(data, Mapping):
             raise ValueError(f"{source}: 'provenance' must be an object, not {type(data).__name__}.")
         kinds = {"model_name": str, "architecture": str, "n_layers": int, "d_model": int,
-                 "n_heads": int, "dtype": str, "weights_processed": bool}
+                 "n_heads": int, "dtype": str, "weights_processed": bool, "d_mlp": int,
+                 "d_vocab": int, "normalization": str}
         out = {}
         for f in fields(cls):
             if f.name not in data:
-                if f.name == "n_heads":  # older files did not record it
-                    out[f.name] = 0
+                if f.name in ("n_heads", "d_mlp", "d_vocab", "normalization"):  # not in 0.1 files
+                    out[f.name] = 0 if f.name != "normalization" else "unknown"
                     continue
                 raise ValueError(f"{source}: provenance has no field {f.name!r}.")
             value = data[f.name]

@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._types import Provenance
 from massact_lens.batching import (
     Batch,
     Inputs,
@@ -55,7 +56,7 @@ from massact_lens.massive import (
     passes_criterion,
     token_kind,
 )
-from massact_lens.models import model_description, warn_if_processed
+from massact_lens.models import warn_if_processed
 from massact_lens.scan import hidden_state_medians
 from massact_lens.weights import projection_weight
 
@@ -127,7 +128,7 @@ class Lineage:
     """What writes each massive activation, and how it was measured.
 
     Attributes:
-        model: how the model was loaded (:func:`massact_lens.models.model_description`).
+        provenance: the model as it was measured (:class:`massact_lens.Provenance`).
         hook_names: the hook templates read, ``{layer}`` over ``0..n_layers_traced-1``.
         weight: which matrix ``super_weights`` reads, and its index convention.
         prepend_bos: BOS put before strings (None: token tensors used as given).
@@ -136,7 +137,7 @@ class Lineage:
         blocks, channels: the records behind :meth:`writers` and :meth:`super_weights`.
     """
 
-    model: dict[str, Any]
+    provenance: Provenance
     hook_names: tuple[str, ...]
     weight: str
     prepend_bos: bool | None
@@ -188,12 +189,12 @@ class _Targets:
 def _targets(model: TransformerLensModel, massive: Any) -> _Targets:
     """Validate the massive set against the model and list what to trace."""
     if isinstance(massive, MassiveProfile):
-        recorded, prepend_bos = massive.model, massive.prepend_bos
+        recorded, prepend_bos = massive.provenance, massive.prepend_bos
         pairs = sorted({(d.dim, kind) for d in massive.dims for kind in d.kinds})
         last = max((d.last_layer for d in massive.dims), default=-1)
         delimiters = frozenset(massive.delimiters)
     elif isinstance(massive, MassiveActivations):
-        recorded, prepend_bos = massive.scan.model, massive.scan.prepend_bos
+        recorded, prepend_bos = massive.scan.provenance, massive.scan.prepend_bos
         pairs = sorted({(r.dim, r.kind) for r in massive})
         last = max((r.layer for r in massive), default=-1)
         delimiters = DELIMITERS
@@ -202,15 +203,11 @@ def _targets(model: TransformerLensModel, massive: Any) -> _Targets:
             f"massive must be a MassiveProfile (from profile) or MassiveActivations (from "
             f"find_massive), not {type(massive).__name__}."
         )
-    here = model_description(model)
-    differ = [
-        f"{key} {recorded.get(key)!r} vs {here[key]!r}"
-        for key in ("model_name", "n_layers", "d_model")
-        if recorded.get(key) != here[key]
-    ]
+    here = Provenance.of(model)
+    differ = here.differences(recorded, ignore=("model_name", "dtype"))
     if differ:
         raise ValueError(
-            "The massive activations were measured on another model (recorded vs this model: "
+            "The massive activations were measured on another model (this model vs recorded: "
             + "; ".join(differ)
             + "). Trace them on the model they came from, or measure this model first."
         )
@@ -219,7 +216,7 @@ def _targets(model: TransformerLensModel, massive: Any) -> _Targets:
             "The massive set is empty: there is nothing to trace. Lower min_value / min_ratio "
             "in find_massive or profile (small models need e.g. 50 and 200)."
         )
-    d_model = here["d_model"]
+    d_model = here.d_model
     bad = sorted({d for d, _ in pairs if not 0 <= d < d_model})
     if bad:
         raise ValueError(f"Dims {bad} are out of range: the model has d_model={d_model}.")
@@ -492,7 +489,7 @@ def lineage(
     run_batches(model, plan, make_hooks, progress=progress, desc="lineage", stop_after=stop_after)
     blocks, channels = _results(model, targets.pairs, sums, top_channels)
     result = Lineage(
-        model=model_description(model),
+        provenance=Provenance.of(model),
         hook_names=templates,
         weight="blocks.{layer}.mlp.out weight, as W_down[row = output dim, column = input channel]",
         prepend_bos=plan.prepend_bos,

@@ -34,6 +34,14 @@ def minilm_model():
     return minilm()
 
 
+@pytest.fixture(scope="session")
+def smollm2_model():
+    """SmolLM2-135M-Instruct (dequantised Q4_1 weights), converted once into the user cache."""
+    from massact_lens.examples import smollm2
+
+    return smollm2()
+
+
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def planted(request):
     """A 4-layer tiny model with 1000.0 planted at dim 5 on token 0 from block 1 on."""

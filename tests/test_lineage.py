@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,6 @@ from massact_lens.planting import plant_massive_activation
 from massact_lens.weights import edited_weights, edits_from_rows, projection_weight
 
 LAYER, DIM, NEURON, VALUE = 1, 5, 11, 1000.0
-SMOLLM2_DIR = Path("/work/smollm2-hf")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -121,7 +119,7 @@ def test_batching_and_streaming_do_not_change_the_result(planted_model, bos_toke
 
 
 def test_result_records_how_it_was_obtained(planted_model, traced):
-    assert traced.model == ml.models.model_description(planted_model)
+    assert traced.provenance == ml.Provenance.of(planted_model)
     assert traced.targets == ((DIM, "start"),)
     assert "blocks.{layer}.mlp.out.hook_in" in traced.hook_names
     assert traced.n_inputs == 8 and traced.top_channels == 4
@@ -145,7 +143,7 @@ def test_inputs_without_the_activation_warn(planted_model, found):
 def test_a_profile_from_another_model_is_refused_before_any_forward(found, bos_tokens):
     other_shape = tiny_model("gpt2", n_layers=3)
     other_name = tiny_model("llama" if found.scan.model["model_name"] == "tiny-gpt2" else "gpt2", n_layers=4)
-    for model, match in ((other_shape, "n_layers"), (other_name, "model_name")):
+    for model, match in ((other_shape, "n_layers"), (other_name, "another model")):
         with ForwardCounter(model) as counter, pytest.raises(ValueError, match=match):
             lineage(model, bos_tokens, found, progress=False)
         assert counter.calls == 0
@@ -286,16 +284,9 @@ def test_minilm_dim_99_on_cls(minilm_model, sentences):
     assert top.weight_ratio > 10 and abs(top.contribution) > abs(channels.iloc[1].contribution)
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """SmolLM2-135M-Instruct as a float32 folder (dequantised 4-bit weights), or a skip."""
-    if not (SMOLLM2_DIR / "READY").exists():
-        pytest.skip(f"SmolLM2 is not available offline here: {SMOLLM2_DIR} has no READY file.")
-    return load_model(SMOLLM2_DIR)
-
-
 @pytest.mark.slow
-def test_smollm2_super_weight(smollm2, sentences):
+def test_smollm2_super_weight(smollm2_model, sentences):
+    smollm2 = smollm2_model
     texts = sentences[:4]
     found = ml.find_massive(ml.scan(smollm2, texts, prepend_bos=False, progress=False))
     result = lineage(smollm2, texts, found, top_channels=3, progress=False)

