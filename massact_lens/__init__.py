@@ -9,6 +9,7 @@ bundled real encoder (:func:`massact_lens.examples.minilm`).
 True
 """
 
+from massact_lens._types import Provenance
 from massact_lens.attention import (
     AttentionConcentration,
     AttentionLogits,
@@ -74,7 +75,6 @@ from massact_lens.massive import (
     profile,
     token_kind,
 )
-from massact_lens._types import Provenance
 from massact_lens.models import load_model, model_description, warn_if_processed, weights_processed
 from massact_lens.scan import ScanResult, scan
 
