@@ -157,5 +157,7 @@ def model_device(model: TransformerLensModel) -> torch.device:
     'cpu'
     """
     with contextlib.suppress(AttributeError, StopIteration):
-        return next(model.parameters()).device  # type: ignore[attr-defined]
+        device = next(model.parameters()).device  # type: ignore[attr-defined]
+        if device.type != "meta":  # an offloaded embedding runs where accelerate puts it
+            return device
     return torch.device(getattr(model.cfg, "device", None) or "cpu")

@@ -40,7 +40,7 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Inputs
+from massact_lens._types import HookList, Inputs, model_device
 
 __all__ = [
     "Batch",
@@ -302,7 +302,7 @@ def run_batches(
         raise ValueError("stop_after skips the model output, so it cannot be combined with on_batch.")
     seen = 0
     bar = tqdm(plan.batches, total=_n_batches(plan), desc=desc, disable=not progress, leave=False)
-    device = getattr(model.cfg, "device", None)
+    device = model_device(model)
 
     def stop(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
         raise _StopForward

@@ -24,8 +24,10 @@ Sun, Chen, Kolter, Liu. *Massive Activations in Large Language Models*, COLM 202
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +57,9 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     tokenizer: Any | None = None,
     hf_model: Any | None = None,
+    device_map: str | dict[str, str | int] | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> TransformerBridge:
     """Load a model as a raw-weight, eager-attention ``TransformerBridge``.
 
@@ -68,12 +73,23 @@ def load_model(
         hf_model: an already loaded HuggingFace model. Use one fresh object per
             bridge: booting the same object twice strips the first bridge's
             attention hooks.
+        device_map: for a model larger than one device: Accelerate's device map
+            (``"auto"``, ``"balanced"``, or ``{module name: device | "cpu" | "disk"}``),
+            passed to HuggingFace. Blocks then run on their own devices and every
+            statistic is computed where its block runs. Weight processing
+            (``enable_compatibility_mode``) is not supported on such a model.
+        max_memory: with ``device_map="auto"``: memory per device (``{0: "70GiB", "cpu": "200GiB"}``).
+        offload_folder: where Accelerate writes the blocks mapped to ``"disk"``.
 
     Raises:
         FileNotFoundError: ``name_or_dir`` looks like a path but does not exist.
+        ValueError: ``device`` together with ``device_map``; a ``"disk"`` map without
+            ``offload_folder``; an offload folder that cannot be written (all before
+            any weight is read).
         OSError: the hub is unreachable and the model is not in the local cache;
             the message says what to pass instead.
     """
+    offload = _check_placement(device, device_map, max_memory, offload_folder)
     name = os.fspath(name_or_dir)
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
     path = Path(name).expanduser()
@@ -91,7 +107,7 @@ def load_model(
         name = str(path.resolve())
     try:
         model = TransformerBridge.boot_transformers(
-            name, device=device, dtype=dtype, tokenizer=tokenizer, hf_model=hf_model
+            name, device=device, dtype=dtype, tokenizer=tokenizer, hf_model=hf_model, **offload
         )
     except OSError as error:
         if path.is_dir():
@@ -105,6 +121,38 @@ def load_model(
     model.eval()
     warn_if_processed(model)
     return model
+
+
+def _check_placement(
+    device: Any, device_map: Any, max_memory: Any, offload_folder: str | os.PathLike[str] | None
+) -> dict[str, Any]:
+    """Validate the big-model arguments before any weight is read; the keywords for the bridge."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder only apply with device_map (e.g. device_map='auto').")
+        return {}
+    if device is not None:
+        raise ValueError("Pass either device or device_map, not both: with device_map, Accelerate places the blocks.")
+    if not isinstance(device_map, str | dict):
+        raise ValueError(f"device_map must be a string ('auto', 'balanced', ...) or a dict, not {type(device_map).__name__}.")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModuleNotFoundError("device_map needs HuggingFace Accelerate: pip install accelerate")
+    out: dict[str, Any] = {"device_map": device_map, "max_memory": max_memory}
+    if offload_folder is not None:
+        folder = Path(offload_folder).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise ValueError(
+                f"The offload folder {os.fspath(folder)!r} cannot be written ({error.strerror or error}). "
+                "Pass an offload_folder on a writable disk with room for the offloaded weights."
+            ) from None
+        out["offload_folder"] = str(folder)
+    elif isinstance(device_map, dict) and "disk" in device_map.values():
+        raise ValueError("device_map sends blocks to 'disk': pass offload_folder=... (a writable folder).")
+    return out
 
 
 def _is_hub_id(name: str) -> bool:

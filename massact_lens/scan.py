@@ -381,4 +381,7 @@ def scan(
         nonfinite=collector.stacked(5),
     )
     result.warn_nonfinite(stacklevel=3)
+    from massact_lens.precision import check_range  # a leaf module that imports scan
+
+    check_range(result, stacklevel=3)
     return result

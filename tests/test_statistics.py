@@ -100,3 +100,29 @@ def test_scan_with_fast_attention_matches_eager(minilm_model, monkeypatch):
     assert torch.equal(fast.positions, eager.positions) and torch.equal(fast.dims, eager.dims)
     torch.testing.assert_close(fast.values, eager.values, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.medians, eager.medians, rtol=1e-4, atol=1e-5)
+
+
+def test_float16_overflow_and_precision_are_reported():
+    import warnings
+
+    from massact_lens.planting import plant_massive_activation
+    from massact_lens.precision import check_range, compare_precision
+
+    model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=20000.0)
+    tokens = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 20,000 in float32: fits float16, no warning
+        assert check_range(ml.scan(model, tokens, progress=False)) == pytest.approx(20000.0, rel=1e-3)
+    big = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=104000.0)
+    with pytest.warns(RuntimeWarning, match="exceeds float16"):
+        ml.scan(big, tokens, progress=False)
+    half = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=20000.0).to(torch.bfloat16)
+    found = ml.find_massive(ml.scan(model, tokens, progress=False), 1000, 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bfloat16 rounds 20,000 to a step of 128: under 1%
+        frame = compare_precision(model, half, tokens, massive=found)
+    assert set(frame.columns) >= {"float32", "bfloat16", "relative_difference"} and len(frame) == len(found)
+    assert 0 < frame.relative_difference.max() < 0.01
+    with pytest.warns(RuntimeWarning, match="moves by"):
+        compare_precision(model, half, tokens, massive=found, tolerance=1e-6)

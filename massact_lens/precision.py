@@ -1,0 +1,178 @@
+"""Massive activations against the range and precision of half-precision dtypes.
+
+A massive activation can be larger than float16 holds (65,504: Gemma-3-270m's reaches
+~104,000), and half precision rounds a 20,000-valued entry to steps of 16 (float16) or
+128 (bfloat16). :func:`check_range` warns when a scan's values leave (or come near the
+edge of) the model's dtype, or would overflow float16; :func:`compare_precision`
+measures how far a half-precision copy of a model moves each massive value against
+float32, and warns above 1%.
+
+>>> import torch
+>>> from massact_lens.examples import tiny_model
+>>> from massact_lens.planting import plant_massive_activation
+>>> from massact_lens.scan import scan
+>>> model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=70000.0)
+>>> import warnings
+>>> with warnings.catch_warnings(record=True) as caught:
+...     warnings.simplefilter("always")
+...     result = scan(model, torch.zeros(1, 4, dtype=torch.long), progress=False)  # warns
+>>> round(check_range(result, stacklevel=1)), "exceeds float16" in str(caught[0].message)
+(70000, True)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens._types import Inputs
+from massact_lens.massive import MassiveActivations, find_massive
+from massact_lens.scan import ScanResult, scan
+
+__all__ = ["FLOAT16_MAX", "check_range", "compare_precision"]
+
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+_HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_range(result: ScanResult, *, margin: float = 0.5, stacklevel: int = 2) -> float:
+    """Warn when the scan's largest ``|x|`` leaves or nears the range of a half dtype.
+
+    * The model runs in float16 and some hidden state overflowed (inf / NaN), or a
+      kept value is above ``margin`` x 65,504 (the sums that produce it may overflow).
+    * The model runs in a wider dtype but a value is above float16's 65,504: the same
+      model in float16 would overflow there.
+
+    Returns the largest finite ``|x|`` seen.
+    """
+    finite = result.values[torch.isfinite(result.values)]
+    largest = float(finite.abs().max()) if finite.numel() else 0.0
+    dtype = result.provenance.dtype
+    where = _where_largest(result)
+    if dtype == "float16":
+        if result.nonfinite is not None and bool(result.nonfinite.any()):
+            warnings.warn(
+                f"Hidden states overflowed in float16 (which holds |x| <= {FLOAT16_MAX:,.0f}): massive "
+                "activations can exceed it. Load the model in bfloat16 or float32 "
+                "(load_model(..., dtype=torch.bfloat16)).",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
+        elif largest > margin * FLOAT16_MAX:
+            warnings.warn(
+                f"A massive value of {largest:,.0f} ({where}) is within {1 / margin:g}x of float16's "
+                f"maximum {FLOAT16_MAX:,.0f}: sums that produce it may overflow. Prefer bfloat16 or float32.",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
+    elif largest > FLOAT16_MAX:
+        warnings.warn(
+            f"A massive value of {largest:,.0f} ({where}) exceeds float16's maximum {FLOAT16_MAX:,.0f}: "
+            "this model overflows if run in float16. Use bfloat16 or float32.",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+    return largest
+
+
+def _where_largest(result: ScanResult) -> str:
+    values = result.values.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    if values.numel() == 0:
+        return "nowhere"
+    i, h, k = (int(x) for x in torch.unravel_index(values.argmax(), values.shape))
+    return f"input {i}, {result.hook_names[h]}, position {int(result.positions[i, h, k])}, dim {int(result.dims[i, h, k])}"
+
+
+def compare_precision(
+    reference: TransformerLensModel,
+    half: TransformerLensModel,
+    inputs: Inputs,
+    *,
+    massive: MassiveActivations | None = None,
+    tolerance: float = 0.01,
+    hooks: str | Sequence[str] | None = None,
+    batch_size: int = 16,
+    prepend_bos: bool | None = None,
+) -> pd.DataFrame:
+    """How much a half-precision copy moves each massive value, against ``reference``.
+
+    ``reference`` is the model in float32, ``half`` the same weights in float16 or
+    bfloat16 (load it twice: ``load_model(folder)`` and ``load_model(folder,
+    dtype=torch.bfloat16)``). Both are scanned on ``inputs``; each massive entry of
+    the reference (``massive``, default the paper's criterion on its scan) is looked
+    up at the same (input, hook, position, dim) in the half model's hidden state.
+    Returns one row per entry with both values and the relative difference, and warns
+    (``RuntimeWarning``) when any moves by more than ``tolerance`` (1%).
+    """
+    ref_p, half_p = (_provenance(m) for m in (reference, half))
+    if half_p.dtype not in _HALF:
+        raise ValueError(f"half must run in float16 or bfloat16, not {half_p.dtype}.")
+    ref_p.check_same(half_p, "reference and half", ignore=("dtype",))
+    ref = scan(reference, inputs, hooks=hooks, batch_size=batch_size, prepend_bos=prepend_bos, progress=False)
+    found = massive if massive is not None else find_massive(ref)
+    if len(found) == 0:
+        raise ValueError("The reference has no massive activation on these inputs: nothing to compare.")
+    values = _values_at(half, inputs, found, ref.hook_names, batch_size, prepend_bos)
+    frame = pd.DataFrame(
+        [
+            {"input_index": r.input_index, "hook_name": r.hook_name, "position": r.position, "dim": r.dim,
+             "float32": r.value, half_p.dtype: v}
+            for r, v in zip(found, values, strict=True)
+        ]
+    )
+    frame["relative_difference"] = (frame[half_p.dtype] - frame["float32"]).abs() / frame["float32"].abs()
+    worst = frame.loc[frame["relative_difference"].idxmax()]
+    if float(worst["relative_difference"]) > tolerance or not frame["relative_difference"].notna().all():
+        warnings.warn(
+            f"In {half_p.dtype} a massive value moves by {float(worst['relative_difference']):.2%} against "
+            f"float32 ({worst['float32']:,.1f} -> {worst[half_p.dtype]:,.1f} at input {int(worst['input_index'])}, "
+            f"{worst['hook_name']}, dim {int(worst['dim'])}): more than {tolerance:.0%}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return frame
+
+
+def _provenance(model: TransformerLensModel):  # noqa: ANN202
+    from massact_lens._types import Provenance
+
+    return Provenance.of(model)
+
+
+def _values_at(
+    model: TransformerLensModel,
+    inputs: Inputs,
+    found: MassiveActivations,
+    hook_names: Sequence[str],
+    batch_size: int,
+    prepend_bos: bool | None,
+) -> list[float]:
+    """The values of ``model``'s hidden states at the entries of ``found`` (one pass per batch)."""
+    from massact_lens.batching import Batch, last_block_hook, plan_batches, run_batches
+
+    wanted: dict[int, list[tuple[int, str, int, int]]] = {}
+    for k, r in enumerate(found):
+        wanted.setdefault(r.input_index, []).append((k, r.hook_name, r.position, r.dim))
+    out = [float("nan")] * len(found)
+    plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
+
+    def make_hooks(batch: Batch) -> list[tuple[str, object]]:
+        rows = {row: wanted.get(batch.start + row, []) for row in range(int(batch.tokens.shape[0]))}
+
+        def reader(name: str):  # noqa: ANN202
+            def read(activation: torch.Tensor, hook: object = None) -> None:  # noqa: ARG001
+                for row, entries in rows.items():
+                    for k, hook_name, position, dim in entries:
+                        if hook_name == name:
+                            out[k] = float(activation[row, position, dim].float())
+
+            return read
+
+        return [(name, reader(name)) for name in hook_names]
+
+    run_batches(model, plan, make_hooks, progress=False, desc="precision", stop_after=last_block_hook(hook_names))
+    return out
