@@ -46,6 +46,21 @@ def _params(model: TransformerBridge) -> dict[str, torch.nn.Parameter]:
     return {name.replace("_original_component.", ""): p for name, p in native.named_parameters()}
 
 
+def _normalised_marker(model: TransformerBridge, layer: int, marker: int, token_id: int, device: torch.device) -> tuple[float, float]:
+    """The marker dim after block ``layer``'s MLP LayerNorm: on the token, and at most elsewhere."""
+    n_ctx, d_vocab = int(model.cfg.n_ctx), int(model.cfg.d_vocab)
+    others = [t for t in range(d_vocab) if t != token_id]
+    hook = f"blocks.{layer}.ln2.hook_out"
+    values = []
+    for start in range(0, len(others), n_ctx - 1):
+        probe = torch.tensor([[token_id, *others[start : start + n_ctx - 1]]], device=device)
+        _, cache = model.run_with_cache(probe, names_filter=[hook])
+        values.append(cache[hook][0, :, marker].float())
+    on = float(values[0][0])
+    off = max(float(v[1:].max()) for v in values)
+    return on, off
+
+
 @torch.no_grad()
 def plant_massive_activation(
     model: TransformerBridge,
@@ -94,12 +109,21 @@ def plant_massive_activation(
 
     prefix = f"layers.{layer}.mlp."
     readers = ("gate", "in") if gated else ("fc_in",)
+    scale, offset = 10.0, -20.0
+    if any(prefix + reader + ".bias" in params for reader in readers):
+        # LayerNorm centres and rescales the marker: read where the normalised marker
+        # separates the token from every other one, at this block, and fire only above it.
+        on, off = _normalised_marker(model, layer, marker, token_id, embed.device)
+        if on - off <= 1e-6:
+            raise RuntimeError("The token's marker does not stand out after the LayerNorm of this block.")
+        scale = 20.0 / (on - off)
+        offset = -scale * off - 10.0
     for reader in readers:
         weight = params[prefix + reader + ".weight"]
         weight[neuron] = 0.0
-        weight[neuron, marker] = 10.0
+        weight[neuron, marker] = scale
         if prefix + reader + ".bias" in params:
-            params[prefix + reader + ".bias"][neuron] = -20.0
+            params[prefix + reader + ".bias"][neuron] = offset
     out = params[prefix + ("out" if gated else "fc_out") + ".weight"]
     out[:, neuron] = 0.0
     out[dim, neuron] = 1.0
