@@ -155,8 +155,11 @@ def _tensor_batches(
     batch_size: int,
     start: int = 0,
 ) -> list[Batch]:
-    if tokens.is_floating_point():
-        raise TypeError("Token tensors must hold integer ids, not floats.")
+    if tokens.is_floating_point() or tokens.dtype == torch.bool or tokens.is_complex():
+        raise TypeError(
+            f"Token tensors must hold integer ids, not {str(tokens.dtype).replace('torch.', '')} "
+            "(a bool tensor would be read as ids 0 and 1). Tokenise with model.to_tokens(...)."
+        )
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2:
@@ -249,8 +252,16 @@ def plan_batches(
     if isinstance(inputs, Sequence):
         if len(inputs) == 0:
             raise ValueError("No inputs: pass at least one string (or a non-empty token tensor).")
-        if all(isinstance(x, str) for x in inputs):
+        strings = [isinstance(x, str) for x in inputs]
+        if all(strings):
             return BatchPlan(_string_batches(model, inputs, batch_size, bos), len(inputs), bos)
+        if any(strings):
+            bad = [i for i, ok in enumerate(strings) if not ok]
+            kinds = sorted({type(inputs[i]).__name__ for i in bad})
+            raise TypeError(
+                f"Inputs {bad[:5]} are {', '.join(kinds)}, not strings, in a list of strings: pass "
+                "only strings (or one token tensor, or an iterable of batches)."
+            )
     if not isinstance(inputs, Iterable):
         raise TypeError(f"Cannot read inputs of type {type(inputs).__name__}: pass strings, a token tensor, or an iterable of batches.")
     items = iter(inputs)

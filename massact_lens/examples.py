@@ -227,6 +227,17 @@ def tiny_model(
     >>> tiny_model().cfg.normalization_type
     'LN'
     """
+    for name, value in (("n_layers", n_layers), ("d_model", d_model), ("n_heads", n_heads),
+                        ("d_vocab", d_vocab), ("n_ctx", n_ctx)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}.")
+    if d_model % n_heads or (kind == "llama" and n_heads % 2):
+        raise ValueError(
+            f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})"
+            + (", and n_heads even (2 KV heads)" if kind == "llama" else "") + "."
+        )
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"kind must be 'gpt2' or 'llama', not {kind!r}.")
     common: dict[str, Any] = dict(
         d_model=d_model,
         d_head=d_model // n_heads,

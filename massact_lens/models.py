@@ -109,8 +109,16 @@ def load_model(
         model = TransformerBridge.boot_transformers(
             name, device=device, dtype=dtype, tokenizer=tokenizer, hf_model=hf_model, **offload
         )
-    except OSError as error:
+    except Exception as error:
         if path.is_dir():
+            if not isinstance(error, OSError | ValueError) and "safetensor" not in type(error).__name__.lower():
+                raise
+            raise ValueError(
+                f"Could not load the weights in {name!r} ({type(error).__name__}: {error}). A weights "
+                "file may be truncated or corrupted: write the folder again (save_pretrained) or "
+                "reinstall the package that ships it."
+            ) from error
+        if not isinstance(error, OSError):
             raise
         raise OSError(
             f"Could not load {name!r}: the model hub is unreachable and the model is not in "

@@ -346,8 +346,14 @@ def scan(
         ValueError: empty input, an input longer than the context, an unknown hook
             or layer, ``top_k < 1``: all before any forward pass.
     """
-    if not isinstance(top_k, int) or top_k < 1:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, not {top_k!r}.")
+    most = int(model.cfg.n_ctx) * int(model.cfg.d_model)
+    if top_k > most:
+        raise ValueError(
+            f"top_k={top_k:,} is more than a hidden state holds (n_ctx x d_model = {most:,}); "
+            "the paper's few massive entries need top_k of 10 or so."
+        )
     names = resolve_hook_names(model, hooks, layers)
     plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos)
     warn_if_processed(model)
