@@ -119,6 +119,8 @@ def test_bad_input_is_refused_before_running(minilm_model, text_decoder, tmp_pat
         perplexity(text_decoder, "surely_not_a_dataset_name_xyz", progress=False)
     with pytest.raises(ValueError, match="no tokenizer"):
         perplexity(tiny_model(), ["text"], progress=False)
+    with pytest.raises(ValueError, match="integer ids"):
+        perplexity(tiny_model(), torch.ones(50, dtype=torch.bool), progress=False)
     with pytest.raises(ValueError, match="needs a profile"):
         ablation_table(minilm_model, None, modes=("mean",), progress=False)
     with pytest.raises(ValueError, match="corpus"):

@@ -283,6 +283,34 @@ def test_patching_writes_the_source_values_into_the_target(planted):
     assert written[["hook_name", "target_row", "position", "dim"]].values.tolist() == [[point, 0, 0, PLANT_DIM]]
     assert written["after"].tolist() == [float(src[0, 0, PLANT_DIM])]
     assert written["before"].tolist() == [float(clean[0, 0, PLANT_DIM])]
+    # run_with_hooks(remove_batch_dim=True) passes hook positionally, without the batch dim.
+    squeezed = planted.run_with_hooks(target, fwd_hooks=hooks, remove_batch_dim=True)
+    assert torch.equal(squeezed, planted.run_with_hooks(target, fwd_hooks=hooks))
+
+
+def test_patching_more_targets_than_batch_size_counts_rows_in_the_stream(planted):
+    generator = torch.Generator().manual_seed(4)
+    sources = torch.randint(1, 64, (5, 6), generator=generator)
+    targets = torch.randint(1, 64, (5, 7), generator=generator)
+    point, dim = "blocks.1.hook_resid_post", 3
+    src = run_recording(planted, sources, [], point)
+    result = massive_patching(planted, sources, targets, dims=[dim], hooks=point, positions=iv.at_positions(1), batch_size=2)
+    entries = result.to_dataframe()
+    assert entries["target_row"].tolist() == [0, 1, 2, 3, 4]
+    assert entries["after"].tolist() == pytest.approx(src[:, 1, dim].tolist())  # target i got source i
+    assert result.provenance.n_layers == 4 and result.model == result.provenance.to_dict()
+
+
+def test_patching_counts_are_checked_before_any_forward_pass(planted):
+    sources, targets = torch.randint(1, 64, (3, 6)), torch.randint(1, 64, (5, 6))
+    calls: list[int] = []
+    handle = planted.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="3 inputs and there are 5 targets"):
+            massive_patching(planted, sources, targets, dims=[3], hooks="blocks.1.hook_resid_post")
+    finally:
+        handle.remove()
+    assert calls == []
 
 
 def test_patching_moved_to_evaluate_and_the_old_names_warn():
@@ -338,6 +366,22 @@ def test_an_announced_one_token_batch_is_a_fresh_sequence_not_a_continuation():
     model.run_with_hooks(torch.tensor([[8]]), fwd_hooks=hooks + [(point, record)])
     assert seen[-1] != 123.0
 
+
+def test_a_bool_tensor_is_not_read_as_token_ids():
+    tracker = iv.TokenTracker()
+    tracker.on_tokens(torch.tensor([[True, False, True]]))
+    assert tracker.tokens is None
+    tracker.on_tokens(torch.tensor([[1, 0, 1]]))
+    assert tracker.tokens.tolist() == [[1, 0, 1]]
+
+
+def test_edit_hooks_work_under_remove_batch_dim(planted, bos_tokens):
+    prof = ml.profile(planted, bos_tokens, progress=False)
+    hooks = iv.ablation_hooks(planted, prof, "zero")
+    one = bos_tokens[:1]
+    expected = planted.run_with_hooks(one, fwd_hooks=hooks)
+    assert not torch.allclose(expected, planted(one))
+    assert torch.equal(planted.run_with_hooks(one, fwd_hooks=hooks, remove_batch_dim=True), expected)
 
 # --------------------------------------------------------------------- MiniLM: the paper's result
 

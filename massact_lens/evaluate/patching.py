@@ -16,7 +16,7 @@ passes in (:func:`massive_patching` returns it in its result).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,8 +115,10 @@ class PatchHook:
         return PatchHook(self.source_values, self.dims, self.positions, self.label, tracker, self.hook_name, self.recorder)
 
     def __call__(
-        self, activation: Float[torch.Tensor, "batch pos d_model"], hook: Any = None  # noqa: ARG002
-    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        self, activation: Float[torch.Tensor, "*batch pos d_model"], hook: Any = None
+    ) -> Float[torch.Tensor, "*batch pos d_model"]:
+        if activation.ndim == 2:  # run_with_hooks(remove_batch_dim=True) dropped a batch of one
+            return self(activation[None], hook)[0]
         ctx = run_context(self.tracker, self.positions, activation, "patch")
         batch = int(activation.shape[0])
         first = ctx.batch.start if ctx.batch is not None else 0
@@ -272,6 +274,12 @@ class PatchingResult:
         return self.entries
 
 
+def _count(model: TransformerLensModel, inputs: Any, prepend_bos: bool | None) -> int | None:
+    if isinstance(inputs, Iterator) or not isinstance(inputs, str | Sequence | torch.Tensor):
+        return None  # counting would consume a stream
+    return plan_batches(model, inputs, batch_size=1 << 30, prepend_bos=prepend_bos).n_inputs
+
+
 def massive_patching(
     model: TransformerLensModel,
     source: Inputs,
@@ -286,8 +294,8 @@ def massive_patching(
 
     If the massive activations are input-agnostic biases (the paper's claim), a
     target barely changes when its own are replaced by another input's:
-    ``output_cosine`` stays near 1. The source is one input or one per target.
-    Keyword arguments go to :func:`patching_hooks`.
+    ``output_cosine`` stays near 1. The source is one input or one per target
+    (checked before any forward pass). Keyword arguments go to :func:`patching_hooks`.
 
     >>> from massact_lens.examples import minilm
     >>> model = minilm()
@@ -298,6 +306,10 @@ def massive_patching(
     """
     if "recorder" in kwargs:
         raise TypeError("massive_patching records what it wrote itself (result.entries); do not pass recorder=.")
+    n_source = _count(model, source, kwargs.get("prepend_bos"))
+    n_targets = _count(model, targets, None)
+    if n_source is not None and n_targets is not None and n_source not in (1, n_targets):
+        raise ValueError(f"The source has {n_source} inputs and there are {n_targets} targets: use one source input, or one per target.")
     recorder = PatchRecorder()
     hooks = patching_hooks(model, source, profile, recorder=recorder, **kwargs)
     patches = [fn for _, fn in hooks if isinstance(fn, PatchHook)]

@@ -274,7 +274,7 @@ def perplexity(
         bos = False  # the model's default asks for a BOS it does not know
     rows = isinstance(corpus, torch.Tensor) and corpus.ndim == 2
     if isinstance(corpus, torch.Tensor):
-        if corpus.is_floating_point() or corpus.ndim not in (1, 2) or corpus.shape[-1] < 2:
+        if corpus.is_floating_point() or corpus.dtype == torch.bool or corpus.ndim not in (1, 2) or corpus.shape[-1] < 2:
             raise ValueError("A token-tensor corpus must hold integer ids: a stream [n_tokens] or sequences [n, seq] of 2+ tokens.")
         d_vocab = int(model.cfg.d_vocab)
         if int(corpus.min()) < 0 or int(corpus.max()) >= d_vocab:

@@ -113,8 +113,8 @@ class TokenTracker:
 
     def on_tokens(self, tokens: torch.Tensor) -> None:
         announced, self._announced = self._announced, None
-        if tokens.is_floating_point() or tokens.ndim not in (1, 2):
-            self.tokens = None  # embeddings were passed in: no ids to read
+        if tokens.is_floating_point() or tokens.dtype == torch.bool or tokens.ndim not in (1, 2):
+            self.tokens = None  # embeddings (or a bool mask) were passed in: no ids to read
             return
         if tokens.ndim == 1:
             tokens = tokens[None]

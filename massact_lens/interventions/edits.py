@@ -95,6 +95,10 @@ def edit_entries(
 class EditHook:
     """``fn(activation, hook)``: rewrite chosen dims at chosen positions, nothing else.
 
+    Called as TransformerLens calls hooks: ``fn(activation, hook=hook)``, or
+    ``fn(activation, hook)`` with ``[pos, d_model]`` under
+    ``run_with_hooks(..., remove_batch_dim=True)``.
+
     Built by :func:`zero_hook`, :func:`value_hook`, :func:`scale_hook`,
     :func:`mean_hook`. It keeps no state: each call asks ``positions`` where, then
     calls :func:`edit_entries`. ``tracker`` is set by the list builders
@@ -129,8 +133,10 @@ class EditHook:
         return replace(self, tracker=tracker)
 
     def __call__(
-        self, activation: Float[torch.Tensor, "batch pos d_model"], hook: Any = None
-    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        self, activation: Float[torch.Tensor, "*batch pos d_model"], hook: Any = None
+    ) -> Float[torch.Tensor, "*batch pos d_model"]:
+        if activation.ndim == 2:  # run_with_hooks(remove_batch_dim=True) dropped a batch of one
+            return self(activation[None], hook)[0]
         d_model = int(activation.shape[-1])
         if self.dims is not None and max(self.dims) >= d_model:
             where = f" at {hook.name!r}" if getattr(hook, "name", None) else ""
