@@ -24,10 +24,14 @@ from massact_lens.attention import (
 from massact_lens.batching import Batch, plan_batches
 from massact_lens.evaluate import (
     AblationTable,
+    PatchHook,
+    PatchingResult,
     PerplexityResult,
     SimilarityResult,
     ablation_table,
     embedding_similarity,
+    massive_patching,
+    patching_hooks,
     perplexity,
     sentence_embeddings,
 )
@@ -43,8 +47,6 @@ from massact_lens.explicit_bias import (
 from massact_lens.hook_names import residual_hook_names, resolve_hook_names
 from massact_lens.interventions import (
     EditHook,
-    PatchHook,
-    PatchingResult,
     PositionRule,
     TokenTracker,
     ablated,
@@ -56,9 +58,7 @@ from massact_lens.interventions import (
     edit_hooks,
     intervention_hooks,
     kind_positions,
-    massive_patching,
     mean_hook,
-    patching_hooks,
     scale_hook,
     start_token,
     value_hook,

@@ -218,8 +218,13 @@ def test_position_rules_agree(models, minilm_model):
     assert (delimiters.counts.tolist(), first.counts.tolist()) == ([2, 9], [1, 10])
     same = token_features(minilm_model, text, delimiter_positions(minilm_model), progress=False)
     assert same.counts.tolist() == delimiters.counts.tolist()
-    with pytest.raises(TypeError, match="MassiveTokens"):
-        attention_concentration(model, tokens, where_massive(10, 10), attention_mask=mask, progress=False)
+    # where_massive is one rule: as a key set it reads the residual stream, as MassiveTokens does.
+    by_where = token_features(minilm_model, text, where_massive(50, 200), progress=False)
+    by_tokens = token_features(minilm_model, text, MassiveTokens(50, 200), progress=False)
+    assert by_where.counts.tolist() == by_tokens.counts.tolist() == [1, 10]  # [CLS]
+    either = token_features(minilm_model, text, start_token() | where_massive(50, 200), progress=False)
+    assert either.counts.tolist() == [1, 10]
+    assert token_features(minilm_model, text, ~where_massive(50, 200), progress=False).counts.tolist() == [10, 1]
 
 
 def test_attention_logits_sources(models):
@@ -351,7 +356,8 @@ def test_results_are_frozen_and_record_how(models):
     model = models["gpt2"]
     tokens, mask = _inputs("gpt2", [])
     result = implicit_bias(model, tokens, [0], layers=[1], attention_mask=mask, progress=False)
-    assert result.model["model_name"] == "tiny-gpt2" and result.positions == "indices[0]"
+    assert result.provenance.model_name == "tiny-gpt2" and result.positions == "indices[0]"
+    assert result.model["model_name"] == "tiny-gpt2"  # the old spelling, read-only
     assert result.hook_names == ("blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v", "blocks.1.attn.hook_z")
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.layers = (0,)  # type: ignore[misc]
@@ -359,3 +365,20 @@ def test_results_are_frozen_and_record_how(models):
         result.written(0)
     result.bias_z.add_(0.0)  # a normal tensor, not an inference-mode one
     assert list(result.to_dataframe().columns)[:5] == ["layer", "head", "c_mass", "bias_norm", "rest_norm"]
+
+
+def test_key_sets_are_position_rules(models):
+    from massact_lens.attention import as_rule, key_mask
+    from massact_lens.batching import plan_batches
+    from massact_lens.interventions import PositionRule
+
+    model = models["gpt2"]
+    tokens, mask = _inputs("gpt2", [])
+    plan = plan_batches(model, tokens, attention_mask=mask, batch_size=4)
+    batch = plan.batches[0]
+    for positions in ("start", [0, 5], torch.ones(9, dtype=torch.bool), lambda b: b.attention_mask.bool(), MassiveTokens()):
+        assert isinstance(as_rule(model, positions, plan), PositionRule)
+    assert key_mask(as_rule(model, [0, 5], plan), batch).sum(1).tolist() == [2, 2, 2, 1]
+    rows = torch.zeros(4, 9, dtype=torch.bool)
+    rows[2, 3] = True
+    assert key_mask(as_rule(model, rows, plan), batch).nonzero().tolist() == [[2, 3]]

@@ -46,6 +46,7 @@ def test_perplexity_matches_a_direct_computation_and_ignores_padding():
         assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
     capped = perplexity(model, CORPUS, seq_len=16, max_tokens=40, progress=False)
     assert capped.n_tokens == 15 + 15 + 7
+    assert result.provenance.model_name == model.cfg.model_name and result.model == result.provenance.to_dict()
 
 
 def test_nan_and_infinite_perplexity_are_reported_not_raised(no_leftover_hooks):
@@ -118,6 +119,8 @@ def test_bad_input_is_refused_before_running(minilm_model, text_decoder, tmp_pat
         perplexity(text_decoder, "surely_not_a_dataset_name_xyz", progress=False)
     with pytest.raises(ValueError, match="no tokenizer"):
         perplexity(tiny_model(), ["text"], progress=False)
+    with pytest.raises(ValueError, match="integer ids"):
+        perplexity(tiny_model(), torch.ones(50, dtype=torch.bool), progress=False)
     with pytest.raises(ValueError, match="needs a profile"):
         ablation_table(minilm_model, None, modes=("mean",), progress=False)
     with pytest.raises(ValueError, match="corpus"):

@@ -10,8 +10,16 @@ import torch.nn.functional as F
 
 import massact_lens as ml
 from massact_lens import interventions as iv
+from massact_lens.batching import plan_batches, run_batches
 from massact_lens.data import SENTENCES
-from massact_lens.evaluate import embedding_similarity, sentence_embeddings
+from massact_lens.evaluate import (
+    PatchHook,
+    PatchRecorder,
+    embedding_similarity,
+    massive_patching,
+    patching_hooks,
+    sentence_embeddings,
+)
 from massact_lens.examples import minilm_dir, tiny_model
 
 PLANT_DIM = 5  # conftest's planted models: 1000.0 at dim 5 on token 0, from block 1 on
@@ -261,7 +269,8 @@ def test_patching_writes_the_source_values_into_the_target(planted):
     source = torch.tensor([[0, 5, 6, 7]])  # planted token first: 1000 at dim 5
     target = torch.tensor([[3, 5, 6, 7, 8]])  # no massive activation
     point = "blocks.1.hook_resid_post"
-    hooks = iv.patching_hooks(planted, source, dims=[PLANT_DIM], hooks=point, positions=iv.start_token())
+    recorder = PatchRecorder()
+    hooks = patching_hooks(planted, source, dims=[PLANT_DIM], hooks=point, positions=iv.start_token(), recorder=recorder)
     src = run_recording(planted, source, [], point)
     clean = run_recording(planted, target, [], point)
     patched = run_recording(planted, target, hooks, point)
@@ -269,6 +278,110 @@ def test_patching_writes_the_source_values_into_the_target(planted):
     mask = torch.ones_like(clean, dtype=torch.bool)
     mask[0, 0, PLANT_DIM] = False
     assert torch.equal(patched[mask], clean[mask])
+    # What the patch wrote went to the caller's recorder, not into the hook.
+    written = recorder.to_dataframe()
+    assert written[["hook_name", "target_row", "position", "dim"]].values.tolist() == [[point, 0, 0, PLANT_DIM]]
+    assert written["after"].tolist() == [float(src[0, 0, PLANT_DIM])]
+    assert written["before"].tolist() == [float(clean[0, 0, PLANT_DIM])]
+    # run_with_hooks(remove_batch_dim=True) passes hook positionally, without the batch dim.
+    squeezed = planted.run_with_hooks(target, fwd_hooks=hooks, remove_batch_dim=True)
+    assert torch.equal(squeezed, planted.run_with_hooks(target, fwd_hooks=hooks))
+
+
+def test_patching_more_targets_than_batch_size_counts_rows_in_the_stream(planted):
+    generator = torch.Generator().manual_seed(4)
+    sources = torch.randint(1, 64, (5, 6), generator=generator)
+    targets = torch.randint(1, 64, (5, 7), generator=generator)
+    point, dim = "blocks.1.hook_resid_post", 3
+    src = run_recording(planted, sources, [], point)
+    result = massive_patching(planted, sources, targets, dims=[dim], hooks=point, positions=iv.at_positions(1), batch_size=2)
+    entries = result.to_dataframe()
+    assert entries["target_row"].tolist() == [0, 1, 2, 3, 4]
+    assert entries["after"].tolist() == pytest.approx(src[:, 1, dim].tolist())  # target i got source i
+    assert result.provenance.n_layers == 4 and result.model == result.provenance.to_dict()
+
+
+def test_patching_counts_are_checked_before_any_forward_pass(planted):
+    sources, targets = torch.randint(1, 64, (3, 6)), torch.randint(1, 64, (5, 6))
+    calls: list[int] = []
+    handle = planted.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="3 inputs and there are 5 targets"):
+            massive_patching(planted, sources, targets, dims=[3], hooks="blocks.1.hook_resid_post")
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_patching_moved_to_evaluate_and_the_old_names_warn():
+    import massact_lens.evaluate as ev
+
+    for name in ("massive_patching", "patching_hooks", "PatchHook", "PatchingResult"):
+        with pytest.warns(DeprecationWarning, match=f"massact_lens.evaluate.patching.{name}"):
+            moved = getattr(iv, name)
+        assert moved is getattr(ev, name)
+    with pytest.raises(AttributeError):
+        iv.no_such_name  # noqa: B018
+
+# --------------------------------------------------------------------- stateless hooks, the tracker
+
+def test_edit_entries_is_a_pure_tensor_function():
+    x = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)
+    entries = torch.zeros(1, 3, 2, dtype=torch.bool)
+    entries[0, 1, 1] = True  # position 1, second of dims [0, 3]
+    out = iv.edit_entries(x.clone(), entries, torch.tensor([0, 3]), "scale", [10.0])
+    expected = x.clone()
+    expected[0, 1, 3] *= 10
+    assert torch.equal(out, expected)
+    out = iv.edit_entries(x.clone(), torch.tensor([[False, True, True]]), None, "set", [0.0])
+    assert torch.equal(out[0, 0], x[0, 0]) and not out[0, 1:].any()
+
+
+def test_hook_objects_keep_no_state():
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(iv.EditHook)] == ["operation", "amount", "dims", "positions", "label", "tracker"]
+    assert "written" not in {f.name for f in dataclasses.fields(PatchHook)}
+    hook = iv.zero_hook(dims=[1], positions=iv.where_massive(1, 1))
+    before = dict(vars(hook))
+    hook(torch.ones(1, 2, 3))
+    hook(torch.ones(2, 4, 3, dtype=torch.float64))
+    assert dict(vars(hook)) == before
+
+
+def test_an_announced_one_token_batch_is_a_fresh_sequence_not_a_continuation():
+    model = tiny_model("llama")  # rotary: no position ids to read, the tracker decides
+    assert "pos_embed.hook_in" not in model.hook_dict
+    point = "blocks.0.hook_resid_post"
+    hooks = iv.edit_hooks(model, iv.value_hook(123.0, dims=[0], positions=iv.start_token()), hooks=point)
+    seen: list[float] = []
+
+    def record(tensor, *, hook):
+        seen.append(float(tensor[0, 0, 0].detach()))
+
+    plan = plan_batches(model, torch.tensor([[5], [6], [7]]), batch_size=1)
+    run_batches(model, plan, lambda batch: hooks + [(point, record)], progress=False)
+    assert seen == [123.0] * 3  # each announced batch starts a sequence
+    # Not announced, one token, the batch size of the pass before: a decoding step (generate).
+    model.run_with_hooks(torch.tensor([[8]]), fwd_hooks=hooks + [(point, record)])
+    assert seen[-1] != 123.0
+
+
+def test_a_bool_tensor_is_not_read_as_token_ids():
+    tracker = iv.TokenTracker()
+    tracker.on_tokens(torch.tensor([[True, False, True]]))
+    assert tracker.tokens is None
+    tracker.on_tokens(torch.tensor([[1, 0, 1]]))
+    assert tracker.tokens.tolist() == [[1, 0, 1]]
+
+
+def test_edit_hooks_work_under_remove_batch_dim(planted, bos_tokens):
+    prof = ml.profile(planted, bos_tokens, progress=False)
+    hooks = iv.ablation_hooks(planted, prof, "zero")
+    one = bos_tokens[:1]
+    expected = planted.run_with_hooks(one, fwd_hooks=hooks)
+    assert not torch.allclose(expected, planted(one))
+    assert torch.equal(planted.run_with_hooks(one, fwd_hooks=hooks, remove_batch_dim=True), expected)
 
 # --------------------------------------------------------------------- MiniLM: the paper's result
 
@@ -326,7 +439,7 @@ def test_minilm_ablation_matches_plain_huggingface_hooks(minilm_model, minilm_pr
 
 def test_minilm_patching_another_inputs_massive_entries_changes_nothing(minilm_model, minilm_profile):
     targets = list(SENTENCES[1:5])
-    result = iv.massive_patching(minilm_model, SENTENCES[0], targets, minilm_profile)
+    result = massive_patching(minilm_model, SENTENCES[0], targets, minilm_profile)
     assert result.mean_output_cosine > 0.999
     entries = result.to_dataframe()
     assert set(entries["hook_name"]) == {f"blocks.{i}.ln2.hook_in" for i in range(4)}

@@ -1,0 +1,42 @@
+"""Attention sinks, attention logits, and the implicit attention bias of massive tokens.
+
+Each function measures attention against a key set C (``positions=``, see
+:func:`~massact_lens.attention.keys.as_rule`): :func:`attention_concentration`
+(the sink), :func:`attention_logits` (heat maps), :func:`implicit_bias` (the exact
+``bias + rest`` split of each head's output), :func:`token_features` (keys, values
+and attention inputs of C vs the other tokens). The science: ``docs/concepts.md``.
+
+>>> import torch
+>>> from massact_lens.examples import tiny_model
+>>> model = tiny_model("llama")                 # rotary, grouped-query attention
+>>> tokens = torch.randint(0, 64, (3, 7))
+>>> attention_concentration(model, tokens, "start", progress=False).mass.shape   # inputs x layers x heads
+torch.Size([3, 2, 4])
+>>> bool(implicit_bias(model, tokens, "start", layers=[1], progress=False).z_error.max() < 1e-5)
+True
+"""
+
+from massact_lens._types import HookList
+from massact_lens.attention.concentration import AttentionConcentration, attention_concentration
+from massact_lens.attention.decomposition import ImplicitBias, implicit_bias
+from massact_lens.attention.features import GROUPS, TokenFeatures, token_features
+from massact_lens.attention.keys import TOKEN_RULES, MassiveTokens, Positions, as_rule, key_mask
+from massact_lens.attention.logits import AttentionLogits, attention_logits
+
+__all__ = [
+    "GROUPS",
+    "TOKEN_RULES",
+    "AttentionConcentration",
+    "AttentionLogits",
+    "HookList",
+    "ImplicitBias",
+    "MassiveTokens",
+    "Positions",
+    "TokenFeatures",
+    "as_rule",
+    "attention_concentration",
+    "attention_logits",
+    "implicit_bias",
+    "key_mask",
+    "token_features",
+]

@@ -1,0 +1,181 @@
+"""The pre-softmax attention logits of one input, per layer and head, for heat maps.
+
+>>> from massact_lens.examples import minilm
+>>> heat = attention_logits(minilm(), "The cat sat.", layers=[2])
+>>> heat.logits.shape, heat.source
+(torch.Size([1, 12, 6, 6]), ('q.k',))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens._types import HookList, Provenance, is_causal
+from massact_lens.attention._passes import (
+    allowed_keys,
+    centred_logits,
+    check_layers,
+    detached,
+    repeat_kv,
+)
+from massact_lens.batching import Batch, plan_batches, run_batches, token_strings
+from massact_lens.hook_names import attention_hook
+
+__all__ = ["AttentionLogits", "attention_logits"]
+
+
+@dataclass(frozen=True)
+class AttentionLogits:
+    """The pre-softmax attention logits of one input, for heat maps."""
+
+    #: The model as it was when it ran.
+    provenance: Provenance
+    #: The layers read.
+    layers: tuple[int, ...]
+    #: Per layer, how the logits were obtained: ``"hook_attn_scores"`` (real
+    #: pre-softmax scores), ``"q.k"`` (rebuilt from ``hook_q`` and ``hook_k`` with the
+    #: model's scale, and checked: their softmax matches ``hook_pattern``), or
+    #: ``"log(hook_pattern) centred"`` (exact up to a per-query constant; each
+    #: query's row has mean 0 over its visible keys).
+    source: tuple[str, ...]
+    #: BOS / [CLS] prepended (None: a token tensor as given).
+    prepend_bos: bool | None
+    #: The token strings of the input.
+    tokens: tuple[str, ...]
+    #: The token ids of the input.
+    token_ids: Int[torch.Tensor, " pos"]
+    #: NaN where a query cannot see a key (causal mask).
+    logits: Float[torch.Tensor, "layer head_index query_pos key_pos"]
+    #: The attention probabilities (``hook_pattern``).
+    pattern: Float[torch.Tensor, "layer head_index query_pos key_pos"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """Deprecated: :attr:`provenance` as the dict results held before (read-only copy)."""
+        return self.provenance.to_dict()
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Every visible (layer, head, query, key) as a row with tokens, logit and probability."""
+        idx = (~torch.isnan(self.logits)).nonzero()
+        lay, h, q, k = idx.unbind(1)
+        names = list(self.tokens) + ["<slot>"] * max(0, self.logits.shape[-1] - len(self.tokens))
+        return pd.DataFrame(
+            {
+                "layer": [self.layers[x] for x in lay.tolist()],
+                "head": h.numpy(),
+                "query": q.numpy(),
+                "key": k.numpy(),
+                "query_token": [names[x] for x in q.tolist()],
+                "key_token": [names[x] for x in k.tolist()],
+                "logit": self.logits[lay, h, q, k].numpy(),
+                "prob": self.pattern[lay, h, q, k].numpy(),
+            }
+        )
+
+
+def _attn_scale(model: TransformerLensModel) -> float:
+    cfg = model.cfg
+    if getattr(cfg, "use_attn_scale", True) is False:
+        return 1.0
+    scale = getattr(cfg, "attn_scale", -1.0)
+    return float(scale) if scale is not None and scale > 0 else math.sqrt(int(cfg.d_head))
+
+
+def attention_logits(
+    model: TransformerLensModel,
+    text: str | torch.Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+    prepend_bos: bool | None = None,
+) -> AttentionLogits:
+    """The pre-softmax attention logits of one input, per layer and head, for heat maps.
+
+    Where ``hook_attn_scores`` holds real pre-softmax scores they are used; where it
+    holds the pattern (BERT and native bridges of TransformerLens 4.3) the logits
+    are rebuilt as ``q . k / scale`` from ``hook_q`` / ``hook_k`` and kept only if
+    their softmax reproduces ``hook_pattern`` (1e-4, float32); otherwise (rotary
+    models whose ``hook_q`` precedes the rotation) they are ``log(hook_pattern)``
+    centred per query, which differs from the logits by a per-query constant only.
+
+    Cost: one forward pass; caches ``hook_pattern``, ``hook_attn_scores``,
+    ``hook_q`` and ``hook_k`` of the chosen layers for this input.
+
+    >>> from massact_lens.examples import minilm
+    >>> heat = attention_logits(minilm(), "The cat sat.", layers=[2])
+    >>> heat.logits.shape, heat.source
+    (torch.Size([1, 12, 6, 6]), ('q.k',))
+    """
+    chosen = check_layers(model, layers, ("pattern", "q", "k"))
+    if isinstance(text, torch.Tensor) and text.ndim == 2 and text.shape[0] != 1:
+        raise ValueError(f"attention_logits reads one input; got a token tensor of {text.shape[0]} rows.")
+    if not isinstance(text, str | torch.Tensor):
+        raise TypeError(f"attention_logits reads one input (a string or a token tensor), not {type(text).__name__}.")
+    plan = plan_batches(model, text, batch_size=1, prepend_bos=prepend_bos)
+    causal = is_causal(model)
+    kinds = ["pattern", "q", "k"] + (["scores"] if all(attention_hook("scores", x) in model.hook_dict for x in chosen) else [])  # type: ignore[attr-defined]
+    cache: dict[tuple[int, str], torch.Tensor] = {}
+    seen: list[Batch] = []
+
+    def make_hooks(batch: Batch) -> HookList:
+        seen.append(batch)
+        hooks: HookList = []
+        for layer in chosen:
+            for kind in kinds:
+
+                def read(tensor: torch.Tensor, hook: Any, key: tuple[int, str] = (layer, kind)) -> None:  # noqa: ARG001
+                    cache[key] = tensor.detach()
+
+                hooks.append((attention_hook(kind, layer), read))
+        return hooks
+
+    run_batches(model, plan, make_hooks, progress=False, desc="logits")
+    batch = seen[0]
+    n_heads = int(model.cfg.n_heads)
+    scale = _attn_scale(model)
+    logits_all, patterns, sources = [], [], []
+    real = batch.attention_mask.bool().to(cache[(chosen[0], "pattern")].device)
+    for layer in chosen:
+        pattern = cache[(layer, "pattern")].float()
+        key_len = int(pattern.shape[-1])
+        allowed = allowed_keys(real, key_len, causal)[:, None]
+        scores = cache.get((layer, "scores"))
+        if scores is not None and not torch.equal(scores, cache[(layer, "pattern")]):
+            logits = scores.float()
+            source = "hook_attn_scores"
+        else:
+            q = cache[(layer, "q")].float()
+            k = repeat_kv(cache[(layer, "k")].float(), n_heads)
+            logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / scale if k.shape[1] == key_len else None
+            source = "q.k"
+            if logits is not None:
+                rebuilt = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+                if float((rebuilt - pattern).abs().max()) > 1e-4:
+                    logits = None
+            if logits is None:
+                centred, _, _ = centred_logits(cache[(layer, "pattern")], None, allowed[:, 0])
+                logits = centred
+                source = "log(hook_pattern) centred"
+        visible = allowed & torch.isfinite(logits) & (logits > -1e30)
+        logits_all.append(logits.masked_fill(~visible, float("nan"))[0])
+        patterns.append(pattern[0])
+        sources.append(source)
+    ids = batch.tokens[0]
+    strings = token_strings(model, ids.tolist())
+    return AttentionLogits(
+        provenance=Provenance.of(model),
+        layers=chosen,
+        source=tuple(sources),
+        prepend_bos=plan.prepend_bos,
+        tokens=tuple(strings[int(i)] for i in ids.tolist()),
+        token_ids=detached(ids.long()),
+        logits=detached(torch.stack(logits_all)),
+        pattern=detached(torch.stack(patterns)),
+    )

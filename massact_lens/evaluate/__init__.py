@@ -1,0 +1,56 @@
+"""What a model does under a hook list: perplexity, embedding similarity, Table 3, patching.
+
+Every function takes any ``fwd_hooks`` list (from :mod:`massact_lens.interventions`
+or your own) and runs the library's one forward loop (:mod:`massact_lens.batching`).
+
+>>> import torch
+>>> from massact_lens.examples import tiny_model
+>>> perplexity(tiny_model(), torch.arange(64), seq_len=8, progress=False).n_chunks
+8
+"""
+
+from massact_lens.evaluate.embeddings import (
+    SimilarityResult,
+    embedding_similarity,
+    sentence_embeddings,
+)
+from massact_lens.evaluate.patching import (
+    PatchHook,
+    PatchingResult,
+    PatchRecorder,
+    massive_patching,
+    patching_hooks,
+)
+from massact_lens.evaluate.perplexity import Corpus, PerplexityResult, perplexity
+from massact_lens.evaluate.table import (
+    COSINE,
+    MEAN,
+    ORIGINAL,
+    PAIR_COSINE,
+    PERPLEXITY,
+    ZERO,
+    AblationTable,
+    ablation_table,
+)
+
+__all__ = [
+    "COSINE",
+    "MEAN",
+    "ORIGINAL",
+    "PAIR_COSINE",
+    "PERPLEXITY",
+    "ZERO",
+    "AblationTable",
+    "Corpus",
+    "PatchHook",
+    "PatchRecorder",
+    "PatchingResult",
+    "PerplexityResult",
+    "SimilarityResult",
+    "ablation_table",
+    "embedding_similarity",
+    "massive_patching",
+    "patching_hooks",
+    "perplexity",
+    "sentence_embeddings",
+]

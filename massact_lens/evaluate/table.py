@@ -1,0 +1,217 @@
+"""The paper's Table 3: original vs massive activations set to zero vs set to their mean.
+
+Each row is a hook list (built and checked before the first forward pass), each
+column a metric: perplexity for a causal LM, embedding cosines for an encoder.
+
+>>> import torch
+>>> from massact_lens import profile
+>>> from massact_lens.examples import minilm
+>>> model = minilm()
+>>> p = profile(model, ["The cat sat.", "It rained."], min_value=50, min_ratio=200, progress=False)
+>>> ablation_table(model, p, sentences=["A dog ran."], progress=False).to_dataframe().index.tolist()
+['Original', 'Set to zero', 'Set to mean']
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens._types import HookList, Provenance, is_causal
+from massact_lens.evaluate._hooks import check_hook_list
+from massact_lens.evaluate.embeddings import _check_pairs, _clean_embeddings, _similarity
+from massact_lens.evaluate.perplexity import Corpus, perplexity
+from massact_lens.interventions import ablation_hooks, check_profile_matches, hook_names_of
+from massact_lens.massive import MassiveProfile
+
+__all__ = ["COSINE", "MEAN", "ORIGINAL", "PAIR_COSINE", "PERPLEXITY", "ZERO", "AblationTable", "ablation_table"]
+
+#: Row names of the paper's settings.
+ORIGINAL, ZERO, MEAN = "Original", "Set to zero", "Set to mean"
+#: Column names of the metrics.
+PERPLEXITY, COSINE, PAIR_COSINE = "perplexity", "cosine to original", "paraphrase cosine"
+
+
+@dataclass(frozen=True)
+class AblationTable:
+    """The paper's Table 3 for one model: one row per setting, one column per metric."""
+
+    #: The model as it was when it ran.
+    provenance: Provenance
+    #: The massive dims of the profile the ablations came from (empty without one).
+    profile_dims: tuple[int, ...]
+    #: The columns, in order.
+    metrics: tuple[str, ...]
+    #: ``values[setting][metric]``.
+    values: dict[str, dict[str, float]]
+    #: The hook points each setting edits.
+    hook_names: dict[str, tuple[str, ...]]
+    #: ``details[setting][metric]``: the full result (PerplexityResult, SimilarityResult).
+    details: dict[str, dict[str, Any]] = field(repr=False)
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """Deprecated: :attr:`provenance` as the dict results held before (read-only copy)."""
+        return self.provenance.to_dict()
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Rows: settings (Original, Set to zero, Set to mean, ...); columns: metrics."""
+        frame = pd.DataFrame.from_dict(self.values, orient="index", columns=list(self.metrics))
+        frame.index.name = "setting"
+        return frame
+
+    def to_markdown(self, digits: int = 3) -> str:
+        """The table as GitHub markdown (no extra dependency)."""
+        header = "| setting | " + " | ".join(self.metrics) + " |"
+        rule = "|---|" + "---|" * len(self.metrics)
+        rows = [
+            f"| {name} | " + " | ".join(_fmt(self.values[name][m], digits) for m in self.metrics) + " |"
+            for name in self.values
+        ]
+        return "\n".join([header, rule, *rows])
+
+
+def _legacy_provenance(description: Mapping[str, Any]) -> Provenance:
+    """A Provenance from an old ``model`` description dict; unknown fields as "unknown" / 0."""
+    get = description.get
+    return Provenance(
+        model_name=str(get("model_name", "unknown")),
+        architecture=str(get("architecture", "unknown")),
+        n_layers=int(get("n_layers", 0)),
+        d_model=int(get("d_model", 0)),
+        n_heads=int(get("n_heads", 0)),
+        dtype=str(get("dtype", "unknown")),
+        weights_processed=bool(get("weights_processed", False)),
+    )
+
+
+_dataclass_init = AblationTable.__init__
+
+
+def _init(self: AblationTable, *args: Any, model: Mapping[str, Any] | Provenance | None = None, **kwargs: Any) -> None:
+    if model is not None:  # the spelling before Provenance, kept for one release
+        warnings.warn("AblationTable(model=...) is deprecated: pass provenance=Provenance(...).", DeprecationWarning, stacklevel=2)
+        kwargs["provenance"] = model if isinstance(model, Provenance) else _legacy_provenance(model)
+    _dataclass_init(self, *args, **kwargs)
+
+
+AblationTable.__init__ = _init  # type: ignore[method-assign]
+
+
+def _fmt(value: float, digits: int) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}" if abs(value) < 10**6 else f"{value:.3g}"
+
+
+def ablation_table(
+    model: TransformerLensModel,
+    profile: MassiveProfile | None = None,
+    *,
+    sentences: Sequence[str] | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    corpus: Corpus | None = None,
+    modes: Sequence[str] = ("zero", "mean"),
+    settings: dict[str, Sequence[Any]] | None = None,
+    batch_size: int = 16,
+    seq_len: int | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+    **ablation_kwargs: Any,
+) -> AblationTable:
+    """Original vs massive activations set to zero vs set to their mean (Table 3).
+
+    Metrics: perplexity on ``corpus`` (causal models), and for ``sentences`` the
+    mean cosine of each embedding to the original one, and for ``pairs`` the mean
+    paraphrase-pair cosine. An encoder with neither gets the built-in
+    :data:`massact_lens.data.SENTENCES` and :data:`~massact_lens.data.PARAPHRASE_PAIRS`.
+    Every hook list is built and checked before the first forward pass.
+
+    Args:
+        profile: where the massive activations are and their means
+            (:func:`massact_lens.profile`); needed for ``"mean"``.
+        modes: which ablations to add after "Original".
+        settings: extra rows, name -> any hook list.
+        ablation_kwargs: passed to :func:`massact_lens.ablation_hooks`
+            (``layers``, ``dims``, ``kinds``, ``positions``, ``hooks``).
+
+    >>> from massact_lens import profile
+    >>> from massact_lens.data import SENTENCES, PARAPHRASE_PAIRS
+    >>> from massact_lens.examples import minilm
+    >>> model = minilm()
+    >>> sentences, pairs = list(SENTENCES[:8]), list(PARAPHRASE_PAIRS[:4])
+    >>> p = profile(model, sentences, min_value=50, min_ratio=200, progress=False)
+    >>> table = ablation_table(model, p, sentences=sentences, pairs=pairs, progress=False)
+    >>> print(table.to_markdown(digits=2))
+    | setting | cosine to original | paraphrase cosine |
+    |---|---|---|
+    | Original | 1.00 | 0.81 |
+    | Set to zero | 0.64 | 0.75 |
+    | Set to mean | 1.00 | 0.81 |
+    """
+    causal = is_causal(model)
+    if sentences is None and corpus is None and pairs is None:
+        if causal:
+            raise ValueError("Pass corpus=... (a list of strings, a text file, or token ids) to measure perplexity.")
+        from massact_lens.data import PARAPHRASE_PAIRS, SENTENCES  # noqa: PLC0415
+
+        sentences, pairs = list(SENTENCES), list(PARAPHRASE_PAIRS)
+    if corpus is not None and not causal:
+        raise ValueError("Perplexity needs a causal LM; for this encoder pass sentences= and pairs= instead of corpus=.")
+    if pairs is not None and sentences is None:
+        sentences = [s for pair in pairs for s in pair]
+    names = {"zero": ZERO, "mean": MEAN}
+    bad = [m for m in modes if m not in names]
+    if bad:
+        raise ValueError(f"modes must be among 'zero' and 'mean', not {bad}.")
+    if profile is not None:
+        check_profile_matches(model, profile)
+    hook_lists: dict[str, HookList] = {ORIGINAL: []}
+    for mode in modes:
+        hook_lists[names[mode]] = ablation_hooks(model, profile, mode, **ablation_kwargs)  # type: ignore[arg-type]
+    for name, hooks in (settings or {}).items():
+        if name in hook_lists:
+            raise ValueError(f"Setting name {name!r} is taken; choose another.")
+        hook_lists[name] = check_hook_list(model, hooks)
+    flat_pairs = _check_pairs(pairs)
+
+    metrics: list[str] = []
+    if corpus is not None:
+        metrics.append(PERPLEXITY)
+    if sentences is not None:
+        metrics.append(COSINE)
+    if flat_pairs:
+        metrics.append(PAIR_COSINE)
+    clean = None
+    if sentences is not None:
+        clean = _clean_embeddings(model, sentences, flat_pairs, batch_size, progress)
+    values: dict[str, dict[str, float]] = {}
+    details: dict[str, dict[str, Any]] = {}
+    for name, hooks in hook_lists.items():
+        values[name], details[name] = {}, {}
+        if corpus is not None:
+            result = perplexity(model, corpus, fwd_hooks=hooks, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+            values[name][PERPLEXITY] = result.perplexity
+            details[name][PERPLEXITY] = result
+        if sentences is not None:
+            similarity = _similarity(model, sentences, pairs, hooks, clean, batch_size, progress)
+            values[name][COSINE] = similarity.mean_cosine
+            details[name][COSINE] = similarity
+            if flat_pairs:
+                values[name][PAIR_COSINE] = similarity.pair_cosine
+    return AblationTable(
+        provenance=Provenance.of(model),
+        profile_dims=profile.massive_dims if profile is not None else (),
+        metrics=tuple(metrics),
+        values=values,
+        hook_names={name: hook_names_of(hooks) for name, hooks in hook_lists.items()},
+        details=details,
+    )

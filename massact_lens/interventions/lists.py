@@ -1,0 +1,383 @@
+"""Hook lists: validated, self-contained lists of edits, and the paper's ablation.
+
+Every builder checks names, dims and positions against the model before any
+forward pass and puts one :class:`~massact_lens.interventions.TokenTracker` first,
+so the list works alone or concatenated with your hooks in ``run_with_hooks``,
+``run_with_cache``, ``generate`` or ``model.hooks()``.
+
+>>> from massact_lens.examples import tiny_model
+>>> from massact_lens.interventions import zero_hook, start_token
+>>> [name for name, _ in edit_hooks(tiny_model(), zero_hook(dims=[3], positions=start_token()), layers=[0, 1])]
+['embed.hook_in', 'pos_embed.hook_in', 'blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens._types import HookFn, HookList, Provenance
+from massact_lens.hook_names import layer_of, resolve_hook_names
+from massact_lens.interventions.edits import EditHook, RuleHook, as_dims, mean_hook
+from massact_lens.interventions.positions import (
+    PositionRule,
+    TokenTracker,
+    TrackerHook,
+    as_position_rule,
+    kind_positions,
+    where_massive,
+)
+from massact_lens.massive import TOKEN_KINDS, MassiveProfile
+
+__all__ = [
+    "ablated",
+    "ablation_hooks",
+    "check_profile_matches",
+    "edit_hooks",
+    "hook_names_of",
+    "intervention_hooks",
+]
+
+#: Hook-name endings whose last axis is d_model (dims are checked before running).
+_RESIDUAL_SUFFIXES = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_in",
+    "hook_out",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
+_RESIDUAL_EXCEPTIONS = (".mlp.in.", ".mlp.out.hook_in", ".attn.q.", ".attn.k.", ".attn.v.", ".attn.o.hook_in", "embed.hook_in", "pos_embed.hook_in")
+
+
+def _is_residual(name: str) -> bool:
+    return name.endswith(_RESIDUAL_SUFFIXES) and not any(x in name for x in _RESIDUAL_EXCEPTIONS)
+
+
+def check_dims(model: TransformerLensModel, name: str, dims: tuple[int, ...] | None) -> None:
+    """ValueError when ``dims`` do not exist at hook point ``name`` (a d_model-wide point).
+
+    >>> from massact_lens.examples import tiny_model
+    >>> check_dims(tiny_model(), "blocks.0.hook_resid_post", (40,))
+    Traceback (most recent call last):
+    ...
+    ValueError: Dims [40] do not exist at 'blocks.0.hook_resid_post': the model has d_model=32 (dims 0..31).
+    """
+    d_model = int(model.cfg.d_model)
+    if dims is not None and _is_residual(name) and max(dims) >= d_model:
+        bad = [d for d in dims if d >= d_model]
+        raise ValueError(f"Dims {bad} do not exist at {name!r}: the model has d_model={d_model} (dims 0..{d_model - 1}).")
+
+
+def intervention_hooks(model: TransformerLensModel, edits: Sequence[tuple[str, HookFn]]) -> HookList:
+    """Validate ``(hook name, hook)`` pairs and make them a self-contained hook list.
+
+    Hook names are checked against the model, dims of edit (and patch) hooks
+    against ``d_model`` and position rules against the model, all before any
+    forward pass. Those hooks are bound to one :class:`TokenTracker`, whose hooks
+    come first. Other callables (your own hooks) pass through unchanged, in order.
+
+    >>> from massact_lens.examples import tiny_model
+    >>> from massact_lens.interventions import zero_hook
+    >>> hooks = intervention_hooks(tiny_model(), [("blocks.0.hook_resid_post", zero_hook(dims=2))])
+    >>> len(hooks)   # tracker (tokens, positions) + the edit
+    3
+    """
+    if isinstance(edits, tuple) and len(edits) == 2 and isinstance(edits[0], str):
+        edits = [edits]  # type: ignore[list-item]
+    pairs = list(edits)
+    for item in pairs:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and callable(item[1])):
+            raise TypeError(f"Each edit must be a (hook name, hook function) pair, not {item!r}.")
+    tracked = [fn for _, fn in pairs if isinstance(fn, RuleHook)]
+    tracker: TokenTracker | None = TokenTracker() if tracked else None
+    out: HookList = []
+    if tracker is not None:
+        try:
+            out.extend(tracker.hooks(model))
+        except ValueError:
+            if any(fn.positions.needs_tokens for fn in tracked):
+                raise
+            tracker = None
+    for name, fn in pairs:
+        resolve_hook_names(model, name)
+        if isinstance(fn, RuleHook):
+            check_dims(model, name, fn.dims)
+            fn.positions.check(model)
+            fn = fn.bound(tracker) if tracker is not None else fn
+        out.append((name, fn))
+    return out
+
+
+def edit_hooks(
+    model: TransformerLensModel,
+    edit: EditHook | Sequence[EditHook],
+    *,
+    hooks: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+) -> HookList:
+    """Apply ``edit`` (or several, in order) at every chosen hook point.
+
+    Args:
+        model: the model the hooks are for (names, dims, positions are checked).
+        edit: from :func:`zero_hook`, :func:`value_hook`, :func:`scale_hook`, ...
+        hooks: hook names or ``{layer}`` templates; default the residual stream
+            (:func:`massact_lens.hook_names.residual_hook_names`).
+        layers: restrict to these layers.
+
+    >>> from massact_lens.examples import tiny_model
+    >>> from massact_lens.interventions import scale_hook
+    >>> hooks = edit_hooks(tiny_model(), scale_hook(2.0, dims=[0]), hooks="blocks.{layer}.hook_resid_mid", layers=[1])
+    >>> hooks[-1][0]
+    'blocks.1.hook_resid_mid'
+    """
+    edits = [edit] if isinstance(edit, EditHook) else list(edit)
+    if not edits or not all(isinstance(e, EditHook) for e in edits):
+        raise TypeError("edit must be an EditHook (zero_hook(...), value_hook(...), ...) or a list of them.")
+    names = resolve_hook_names(model, hooks, layers)
+    return intervention_hooks(model, [(name, e) for name in names for e in edits])
+
+
+def _field(provenance: Any, key: str) -> Any:
+    try:
+        return provenance[key]
+    except KeyError:
+        return None
+
+
+def check_profile_matches(model: TransformerLensModel, profile: MassiveProfile) -> None:
+    """Raise ValueError when ``profile`` was measured on a model of another shape.
+
+    Compares layer count and d_model, and that the profile's hook points exist;
+    warns when only the model name differs.
+
+    >>> from massact_lens import profile
+    >>> from massact_lens.examples import minilm, tiny_model
+    >>> p = profile(minilm(), ["Hi."], min_value=50, min_ratio=200, progress=False)
+    >>> check_profile_matches(tiny_model(), p)
+    Traceback (most recent call last):
+    ...
+    ValueError: The profile was measured on a model with 6 layers and d_model 384 (...), but this model has 2 layers and d_model 32. Measure a profile on this model: massact_lens.profile(model, inputs, ...).
+    """
+    if not isinstance(profile, MassiveProfile):
+        raise TypeError(f"profile must be a MassiveProfile (massact_lens.profile(...)), not {type(profile).__name__}.")
+    mine = Provenance.of(model)
+    theirs = getattr(profile, "provenance", None) or profile.model
+    shape = (_field(theirs, "n_layers"), _field(theirs, "d_model"))
+    if shape != (mine.n_layers, mine.d_model):
+        raise ValueError(
+            f"The profile was measured on a model with {shape[0]} layers and d_model {shape[1]} "
+            f"({_field(theirs, 'model_name')}), but this model has {mine.n_layers} layers and d_model "
+            f"{mine.d_model}. Measure a profile on this model: massact_lens.profile(model, inputs, ...)."
+        )
+    missing = [n for n in profile.hook_names if n not in model.hook_dict]  # type: ignore[attr-defined]
+    if missing:
+        raise ValueError(f"The profile's hook points {missing[:3]} do not exist in this model: it was measured on another architecture.")
+    if _field(theirs, "model_name") != mine.model_name:
+        warnings.warn(
+            f"The profile was measured on {_field(theirs, 'model_name')!r}, this model is {mine.model_name!r} "
+            "(same shape). Mean values only transfer between identical weights.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def ablation_hooks(
+    model: TransformerLensModel,
+    profile: MassiveProfile | None = None,
+    mode: str = "zero",
+    *,
+    layers: Sequence[int] | str | None = None,
+    dims: int | Sequence[int] | None = None,
+    hooks: str | Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    positions: PositionRule | None = None,
+) -> HookList:
+    """The paper's ablation as a hook list: massive entries set to zero or to their mean.
+
+    With a profile, by default every massive dim is edited at every hook point
+    where the profile found it massive, on each token kind it was found on: the
+    start token at position 0; delimiters and other tokens only where the entry
+    is massive in the input at hand (:func:`where_massive` with the profile's
+    thresholds). ``mode="mean"`` writes the profile's mean for (hook, dim, kind).
+
+    Args:
+        model: the model to ablate; the profile must come from a model of its shape.
+        profile: from :func:`massact_lens.profile`. Required for ``"mean"``.
+            Without one, ``"zero"`` needs ``dims`` (positions default: where massive,
+            with the paper's thresholds 100 / 1000).
+        mode: ``"zero"`` or ``"mean"``.
+        layers: only these layers (among the profile's hook points); ``"first"``:
+            each dim only at the first hook point where it is massive (the paper's
+            LLaMA2 setting).
+        dims: only these dims (default: the profile's massive dims).
+        hooks: explicit hook names or ``{layer}`` templates instead of the
+            profile's points.
+        kinds: only these token kinds (``"start"``, ``"delimiter"``, ``"other"``).
+        positions: one rule for every kind instead of the kinds' rules (with
+            ``"mean"``, select a single kind).
+
+    Raises:
+        ValueError: unknown mode; "mean" without a profile; a profile from a model
+            of another shape; a layer, dim, kind or hook not in the model or profile.
+
+    >>> from massact_lens import profile
+    >>> from massact_lens.examples import minilm
+    >>> model = minilm()
+    >>> p = profile(model, ["The cat sat on the mat.", "It rained all day."], min_value=50, min_ratio=200, progress=False)
+    >>> hooks = ablation_hooks(model, p, "mean")
+    >>> [name for name, _ in hooks]
+    ['embed.hook_in', 'pos_embed.hook_in', 'blocks.0.ln2.hook_in', 'blocks.1.ln2.hook_in', 'blocks.2.ln2.hook_in', 'blocks.3.ln2.hook_in']
+    >>> hooks[2][1]
+    EditHook(set to mean, dims [99], at start token)
+    """
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"mode must be 'zero' or 'mean', not {mode!r}.")
+    if isinstance(layers, str) and layers != "first":
+        raise ValueError(f"layers must be a list of layers, None, or 'first', not {layers!r}.")
+    if positions is not None:
+        as_position_rule(positions)
+    if kinds is not None:
+        bad = [k for k in kinds if k not in TOKEN_KINDS]
+        if bad or not kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {TOKEN_KINDS}, not {kinds!r}.")
+    if profile is None:
+        if mode == "mean":
+            raise ValueError(
+                "mode='mean' writes each massive activation's mean over many inputs, so it needs a "
+                "profile: p = massact_lens.profile(model, inputs, ...); ablation_hooks(model, p, 'mean')."
+            )
+        chosen = as_dims(dims)
+        if chosen is None:
+            raise ValueError("Without a profile, pass dims=[...] (the massive dims to zero).")
+        if layers == "first":
+            raise ValueError("layers='first' needs a profile (it says where each dim first appears).")
+        rule = positions or where_massive()
+        return edit_hooks(model, EditHook("set", (0.0,), chosen, rule, "set to zero"), hooks=hooks, layers=layers)  # type: ignore[arg-type]
+
+    check_profile_matches(model, profile)
+    plan = _ablation_plan(model, profile, layers, as_dims(dims), hooks, kinds)
+    if positions is not None and mode == "mean" and len({kind for _, _, kind in plan}) > 1:
+        raise ValueError("With mode='mean' and one positions rule, select one token kind: kinds=['start'], for example.")
+    rules: dict[str, PositionRule] = {}
+
+    def rule_for(kind: str) -> PositionRule:
+        if positions is not None:
+            return positions
+        if kind not in rules:
+            base = kind_positions(kind, model, delimiters=frozenset(profile.delimiters))
+            rules[kind] = base if kind == "start" else base & where_massive(profile.min_value, profile.min_ratio)
+        return rules[kind]
+
+    grouped: dict[tuple[str, str], list[int]] = {}
+    for name, dim, kind in plan:
+        grouped.setdefault((name, kind), []).append(dim)
+    pairs: list[tuple[str, HookFn]] = []
+    for (name, kind), group in grouped.items():
+        if mode == "zero":
+            edit = EditHook("set", (0.0,), tuple(group), rule_for(kind), "set to zero")
+        else:
+            edit = mean_hook(profile, name, group, kind, rule_for(kind))
+        pairs.append((name, edit))
+    return intervention_hooks(model, pairs)
+
+
+def _ablation_plan(
+    model: TransformerLensModel,
+    profile: MassiveProfile,
+    layers: Sequence[int] | str | None,
+    dims: tuple[int, ...] | None,
+    hooks: str | Sequence[str] | None,
+    kinds: Sequence[str] | None,
+) -> list[tuple[str, int, str]]:
+    """(hook, dim, kind) triples to edit, in forward order of the profile's hook points."""
+    if not profile.dims:
+        raise ValueError(
+            f"The profile found no massive activations (min_value={profile.min_value:g}, "
+            f"min_ratio={profile.min_ratio:g}): nothing to ablate. Profile again with lower thresholds."
+        )
+    summaries = {d.dim: d for d in profile.dims}
+    d_model = int(model.cfg.d_model)
+    if dims is not None:
+        bad = [d for d in dims if not 0 <= d < d_model]
+        if bad:
+            raise ValueError(f"Dims {bad} do not exist: the model has d_model={d_model}.")
+        unknown = [d for d in dims if d not in summaries]
+        if unknown:
+            raise ValueError(f"Dims {unknown} are not massive in the profile (its massive dims: {list(summaries)}).")
+    chosen = dims or tuple(summaries)
+    order = {name: i for i, name in enumerate(profile.hook_names)}
+    if hooks is not None:
+        names = resolve_hook_names(model, hooks, None if layers in (None, "first") else layers)  # type: ignore[arg-type]
+    elif layers is not None and layers != "first":
+        n_layers = int(model.cfg.n_layers)
+        bad = [layer for layer in layers if not 0 <= int(layer) < n_layers]
+        if bad:
+            raise ValueError(f"Layers {bad} do not exist: the model has {n_layers} layers (0..{n_layers - 1}).")
+        scanned = sorted({layer_of(n) for n in profile.hook_names})
+        missing = [layer for layer in layers if layer not in scanned]
+        if missing:
+            raise ValueError(f"Layers {missing} were not scanned by the profile (it covers layers {scanned}).")
+        names = tuple(n for n in profile.hook_names if layer_of(n) in set(layers))
+    else:
+        names = None
+    plan = []
+    for dim in chosen:
+        summary = summaries[dim]
+        if names is None:
+            points = summary.hook_names[:1] if layers == "first" else summary.hook_names
+        else:
+            points = names
+        found_kinds = [k for k in TOKEN_KINDS if summary.kinds.get(k, 0) > 0]
+        for kind in found_kinds if kinds is None else [k for k in kinds if k in found_kinds]:
+            plan.extend((name, dim, kind) for name in points)
+    if not plan:
+        raise ValueError(f"Nothing to ablate: the profile's dims {list(chosen)} were never massive on kinds {list(kinds or [])}.")
+    plan.sort(key=lambda t: (order.get(t[0], len(order)), t[1]))
+    return plan
+
+
+@contextlib.contextmanager
+def ablated(
+    model: TransformerLensModel,
+    profile: MassiveProfile | None = None,
+    mode: str = "zero",
+    **kwargs: Any,
+) -> Iterator[TransformerLensModel]:
+    """Run the model with :func:`ablation_hooks` attached; they are gone afterwards.
+
+    Works around any call: forward, ``run_with_cache``, ``generate``, and the
+    evaluation functions. Other hook contexts nest inside or outside it.
+
+    >>> from massact_lens import profile
+    >>> from massact_lens.examples import minilm
+    >>> model = minilm()
+    >>> p = profile(model, ["A short sentence."], min_value=50, min_ratio=200, progress=False)
+    >>> with ablated(model, p, "zero"):
+    ...     _, cache = model.run_with_cache(model.to_tokens("Hello there."))
+    >>> float(cache["blocks.0.ln2.hook_in"][0, 0, 99])
+    0.0
+    """
+    hooks = ablation_hooks(model, profile, mode, **kwargs)
+    with model.hooks(fwd_hooks=hooks):  # type: ignore[attr-defined]
+        yield model
+
+
+def hook_names_of(hooks: Sequence[tuple[Any, HookFn]]) -> tuple[str, ...]:
+    """The hook-point names a hook list touches (tracker hooks left out; filters by name).
+
+    >>> from massact_lens.examples import tiny_model
+    >>> from massact_lens.interventions import zero_hook
+    >>> hook_names_of(edit_hooks(tiny_model(), zero_hook(dims=[1]), layers=[1]))
+    ('blocks.1.hook_resid_post',)
+    """
+    return tuple(
+        name if isinstance(name, str) else getattr(name, "__name__", "filter")
+        for name, fn in hooks
+        if not isinstance(fn, TrackerHook)
+    )

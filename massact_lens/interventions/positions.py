@@ -1,0 +1,464 @@
+"""Which positions: the one family of position rules.
+
+A :class:`PositionRule` says where an edit applies and which keys form an attention
+key set; rules combine with ``|``, ``&`` and ``~``. What a rule knows about the pass
+in progress is a :class:`RunContext`; rules that need the token ids read them from
+a :class:`TokenTracker` (both in :mod:`.context`, re-exported here).
+
+>>> import torch
+>>> context = RunContext(torch.arange(4)[None], torch.tensor([[5, 9, 6, 9]]))
+>>> (start_token() | delimiter_positions(token_ids=[9])).select(torch.zeros(1, 4, 2), None, context)
+tensor([[ True,  True, False,  True]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens.hook_names import resolve_hook_names
+from massact_lens.interventions.context import (
+    RunContext,
+    TokenTracker,
+    TrackerHook,
+    default_context,
+)
+from massact_lens.massive import DELIMITERS, TOKEN_KINDS, Criterion
+
+__all__ = [
+    "PositionRule",
+    "RunContext",
+    "TokenTracker",
+    "TrackerHook",
+    "WhereMassive",
+    "all_positions",
+    "as_position_rule",
+    "at_positions",
+    "delimiter_positions",
+    "kind_positions",
+    "run_context",
+    "start_token",
+    "where_massive",
+]
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class PositionRule:
+    """Where an edit applies, or which keys form an attention key set.
+
+    :meth:`select` returns a boolean mask of positions, ``[1 or batch, pos]``, or of
+    single entries, ``[1 or batch, pos, n_dims]`` (one column per edited dim).
+    :meth:`check` validates against a model before any forward pass. Rules
+    combine: ``a | b``, ``a & b``, ``~a``.
+    """
+
+    #: The rule reads token ids (needs a :class:`TokenTracker`).
+    needs_tokens: bool = False
+    #: The rule reads the activation itself (:func:`where_massive`).
+    reads_activation: bool = False
+
+    def select(
+        self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext
+    ) -> Bool[torch.Tensor, "_ pos *cols"]:
+        raise NotImplementedError
+
+    def check(self, model: TransformerLensModel) -> None:  # noqa: ARG002
+        """Validate against ``model`` before any forward pass (raise ValueError)."""
+        return
+
+    def leaves(self) -> tuple[PositionRule, ...]:
+        """The rules this one is built from (itself for a simple rule)."""
+        return (self,)
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def __or__(self, other: PositionRule) -> PositionRule:
+        return _Combined("|", (self, as_position_rule(other)))
+
+    def __and__(self, other: PositionRule) -> PositionRule:
+        return _Combined("&", (self, as_position_rule(other)))
+
+    def __invert__(self) -> PositionRule:
+        return _Not(self)
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+def as_position_rule(value: Any) -> PositionRule:
+    """``value`` if it is a :class:`PositionRule`; TypeError naming the constructors otherwise.
+
+    >>> as_position_rule(start_token())
+    start token
+    """
+    if not isinstance(value, PositionRule):
+        raise TypeError(
+            f"Expected a position rule (start_token(), at_positions(...), delimiter_positions(...), "
+            f"where_massive(...), all_positions()), not {type(value).__name__}."
+        )
+    return value
+
+
+class _All(PositionRule):
+    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
+        return torch.ones(1, int(activation.shape[1]), dtype=torch.bool, device=activation.device)
+
+    def describe(self) -> str:
+        return "all positions"
+
+
+class _Start(PositionRule):
+    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
+        return ctx.positions.to(activation.device) == 0
+
+    def describe(self) -> str:
+        return "start token"
+
+
+class _At(PositionRule):
+    """Explicit positions. ``strict``: an index beyond the input raises (else it is absent)."""
+
+    def __init__(self, indices: tuple[int, ...], strict: bool = True) -> None:
+        self.indices = indices
+        self.strict = strict
+
+    def check(self, model: TransformerLensModel) -> None:
+        n_ctx = int(model.cfg.n_ctx)
+        bad = [i for i in self.indices if not -n_ctx <= i < n_ctx]
+        if bad:
+            raise ValueError(f"Positions {bad} do not exist: the model's context has {n_ctx} positions (0..{n_ctx - 1}, or -1..-{n_ctx}).")
+
+    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
+        n = int(activation.shape[1])
+        positions = ctx.positions.to(activation.device)
+        out = torch.zeros_like(positions, dtype=torch.bool)
+        fresh = ctx.starts_sequence
+        lengths = ctx.real(activation).sum(dim=1, keepdim=True)
+        local = torch.arange(n, device=activation.device)[None]
+        for index in self.indices:
+            if index >= 0:
+                if self.strict and fresh and index >= int(positions.max()) + 1:
+                    raise ValueError(
+                        f"Position {index} does not exist in this input: it has {int(positions.max()) + 1} "
+                        "positions. Choose positions inside every input (or a negative index from the end)."
+                    )
+                out = out | (positions == index)
+            elif fresh:
+                if bool((lengths + index < 0).any()):
+                    raise ValueError(f"Position {index} does not exist in an input of {int(lengths.min())} tokens.")
+                out = out | (local == lengths + index)
+        return out
+
+    def describe(self) -> str:
+        return f"positions {list(self.indices)}" if self.strict else f"indices{list(self.indices)}"
+
+
+class _TokenIds(PositionRule):
+    needs_tokens = True
+
+    def __init__(self, token_ids: frozenset[int], first_only: bool, label: str) -> None:
+        self.token_ids = token_ids
+        self.first_only = first_only
+        self.label = label
+
+    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
+        if ctx.tokens is None:
+            raise RuntimeError(
+                f"The rule '{self.describe()}' needs the token ids of this batch, but no token tracker "
+                "saw them. Build the hook list with intervention_hooks / edit_hooks / ablation_hooks "
+                "(they put a TokenTracker first), and pass token ids, not embeddings."
+            )
+        tokens = ctx.tokens.to(activation.device)
+        ids = torch.tensor(sorted(self.token_ids), dtype=tokens.dtype, device=tokens.device)
+        out = torch.isin(tokens, ids) & (ctx.positions.to(tokens.device) != 0) & ctx.real(activation)
+        if self.first_only:
+            out = out & (out.cumsum(dim=1) == 1)
+        return out
+
+    def describe(self) -> str:
+        return self.label + (" (first)" if self.first_only else "")
+
+
+@dataclass(frozen=True, repr=False)
+class WhereMassive(PositionRule):
+    """Entries massive in *this* input (:class:`massact_lens.massive.Criterion`), decided at run time.
+
+    In an edit it reads the edited activation. As an attention key set the
+    attention functions read the residual stream at ``hooks`` (default the
+    residual points of :func:`massact_lens.residual_hook_names`) in the same pass,
+    and a position is in the set when one of its entries (in ``dims``, default any)
+    is massive at any of those hooks. Build it with :func:`where_massive`.
+    """
+
+    min_value: float | int = 100.0
+    min_ratio: float | int = 1000.0
+    hooks: Sequence[str] | None = None
+    dims: Sequence[int] | None = None
+
+    reads_activation = True
+
+    def __post_init__(self) -> None:
+        # Frozen and hashable whatever sequences were passed.
+        if self.hooks is not None:
+            object.__setattr__(self, "hooks", (self.hooks,) if isinstance(self.hooks, str) else tuple(self.hooks))
+        if self.dims is not None:
+            object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+
+    @property
+    def criterion(self) -> Criterion:
+        """The thresholds as a :class:`~massact_lens.massive.Criterion` (ValueError if not positive)."""
+        return Criterion(self.min_value, self.min_ratio)
+
+    def check(self, model: TransformerLensModel) -> None:
+        self.criterion  # noqa: B018 (validates the thresholds)
+        if self.dims is not None:
+            d_model = int(model.cfg.d_model)
+            if not self.dims:
+                raise ValueError(f"{type(self).__name__}.dims is empty: pass None for any dim, or some dims.")
+            bad = [d for d in self.dims if not 0 <= d < d_model]
+            if bad:
+                raise ValueError(f"{type(self).__name__} dims {bad} do not exist: d_model is {d_model}.")
+        self.key_hooks(model)
+
+    def key_hooks(self, model: TransformerLensModel) -> tuple[str, ...]:
+        """The hook points read when this rule is a key set."""
+        return resolve_hook_names(model, None if self.hooks is None else list(self.hooks))
+
+    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:
+        if ctx.found is not None and self in ctx.found:
+            return ctx.found[self].to(activation.device)
+        entries = self.criterion.entries(activation, ctx.real(activation), dims)
+        if self.dims is not None:
+            columns = dims if dims is not None else torch.arange(int(activation.shape[-1]), device=activation.device)
+            entries = entries & torch.isin(columns, torch.tensor(self.dims, device=columns.device))
+        return entries
+
+    def describe(self) -> str:
+        out = f"where |x| > {float(self.min_value):g} and >= {float(self.min_ratio):g} x median"
+        if self.hooks is not None:
+            out += f" at {','.join(self.hooks)}"
+        if self.dims is not None:
+            out += f" in dims {list(self.dims)}"
+        return out
+
+
+class _Combined(PositionRule):
+    def __init__(self, op: str, rules: tuple[PositionRule, ...]) -> None:
+        self.op = op
+        self.rules = rules
+        self.needs_tokens = any(r.needs_tokens for r in rules)
+        self.reads_activation = any(r.reads_activation for r in rules)
+
+    def check(self, model: TransformerLensModel) -> None:
+        for rule in self.rules:
+            rule.check(model)
+
+    def leaves(self) -> tuple[PositionRule, ...]:
+        return tuple(leaf for rule in self.rules for leaf in rule.leaves())
+
+    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:
+        parts = [r.select(activation, dims, ctx) for r in self.rules]
+        if any(p.ndim == 3 for p in parts):
+            parts = [p if p.ndim == 3 else p[..., None] for p in parts]
+        out = parts[0]
+        for p in parts[1:]:
+            out = (out | p) if self.op == "|" else (out & p)
+        return out
+
+    def describe(self) -> str:
+        return "(" + f" {self.op} ".join(r.describe() for r in self.rules) + ")"
+
+
+class _Not(PositionRule):
+    def __init__(self, rule: PositionRule) -> None:
+        self.rule = rule
+        self.needs_tokens = rule.needs_tokens
+        self.reads_activation = rule.reads_activation
+
+    def check(self, model: TransformerLensModel) -> None:
+        self.rule.check(model)
+
+    def leaves(self) -> tuple[PositionRule, ...]:
+        return self.rule.leaves()
+
+    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:
+        return ~self.rule.select(activation, dims, ctx)
+
+    def describe(self) -> str:
+        return f"not {self.rule.describe()}"
+
+
+def run_context(tracker: TokenTracker | None, rule: PositionRule, activation: torch.Tensor, owner: str) -> RunContext:
+    """The context a hook's rule sees: from ``tracker``, else positions ``0..pos-1``.
+
+    RuntimeError (naming ``owner``) when the rule needs token ids and there is no tracker.
+
+    >>> run_context(None, start_token(), torch.zeros(1, 3, 2), "hook").positions.tolist()
+    [[0, 1, 2]]
+    """
+    if tracker is not None:
+        return tracker.context(activation)
+    if rule.needs_tokens:
+        raise RuntimeError(
+            f"This {owner}'s position rule ({rule.describe()}) needs the batch's token ids. "
+            "Build the hook list with intervention_hooks(model, [(name, hook)]) or edit_hooks(...), "
+            "which put a TokenTracker first."
+        )
+    return default_context(activation)
+
+
+# --------------------------------------------------------------------------- constructors
+
+
+def all_positions() -> PositionRule:
+    """Every position.
+
+    >>> all_positions()
+    all positions
+    """
+    return _All()
+
+
+def start_token() -> PositionRule:
+    """The first token of the sequence (BOS / [CLS], or the first word without BOS).
+
+    Selects absolute position 0: in a KV-cached decoding step it selects nothing.
+
+    >>> start_token()
+    start token
+    """
+    return _Start()
+
+
+def at_positions(*indices: int | Sequence[int], strict: bool = True) -> PositionRule:
+    """Explicit positions; a negative index counts from the end of each input.
+
+    A non-negative index beyond the input raises ValueError when the hook runs
+    (``strict=False``: it is absent from that input, as attention key indices);
+    beyond the model's context, when the hook list is built.
+
+    >>> at_positions(0, 3, -1), at_positions(0, 5, strict=False)
+    (positions [0, 3, -1], indices[0, 5])
+    """
+    flat: list[Any] = []
+    for index in indices:
+        if isinstance(index, Sequence) and not isinstance(index, str):
+            flat.extend(index)
+        else:
+            flat.append(index)
+    if not flat or any(isinstance(i, bool) or not isinstance(i, int) for i in flat):
+        raise ValueError(f"at_positions needs one or more integer positions, not {indices!r}.")
+    return _At(tuple(int(i) for i in flat), bool(strict))
+
+
+def delimiter_positions(
+    model: TransformerLensModel | None = None,
+    *,
+    token_ids: Sequence[int] | None = None,
+    delimiters: frozenset[str] | Sequence[str] = DELIMITERS,
+    first_only: bool = False,
+) -> PositionRule:
+    """Positions holding a delimiter token ("." "," ";" ":" "!" "?" or a newline).
+
+    The same classification as :func:`massact_lens.massive.token_kind` (the start
+    token is never a delimiter). The delimiter ids are read from the model's
+    tokenizer, or given as ``token_ids`` (for models without a tokenizer).
+    ``first_only`` keeps only the first delimiter of each input (the paper's LLaMA2
+    massive activations sit on the first "." or newline).
+
+    >>> delimiter_positions(token_ids=[5, 7], first_only=True)
+    delimiters (first)
+    """
+    if token_ids is None:
+        if model is None or getattr(model, "tokenizer", None) is None:
+            raise ValueError(
+                "delimiter_positions needs the model's tokenizer to find the delimiter tokens; "
+                "this model has none. Pass token_ids=[...] (the ids that count as delimiters)."
+            )
+        ids = _delimiter_ids(model, frozenset(delimiters))
+    else:
+        ids = frozenset(int(i) for i in token_ids)
+        if model is not None:
+            d_vocab = int(model.cfg.d_vocab)
+            bad = sorted(i for i in ids if not 0 <= i < d_vocab)
+            if bad:
+                raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary (0..{d_vocab - 1}).")
+    if not ids:
+        raise ValueError(f"No token of the vocabulary is a delimiter in {sorted(delimiters)}.")
+    return _TokenIds(ids, bool(first_only), "delimiters")
+
+
+_DELIMITER_CACHE: dict[tuple[int, frozenset[str]], frozenset[int]] = {}
+
+
+def _delimiter_ids(model: TransformerLensModel, delimiters: frozenset[str]) -> frozenset[int]:
+    tokenizer = model.tokenizer  # type: ignore[attr-defined]
+    key = (id(tokenizer), delimiters)
+    if key not in _DELIMITER_CACHE:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _DELIMITER_CACHE[key] = frozenset(
+            i for i, text in enumerate(texts) if text.strip() in delimiters or (text.strip() == "" and "\n" in text)
+        )
+    return _DELIMITER_CACHE[key]
+
+
+def where_massive(
+    min_value: float | int = 100.0,
+    min_ratio: float | int = 1000.0,
+    hooks: str | Sequence[str] | None = None,
+    dims: Sequence[int] | None = None,
+) -> WhereMassive:
+    """Entries that are massive in *this* input, decided from the activation at run time.
+
+    An entry passes when ``|x| > min_value`` and ``|x| >= min_ratio x median |x|``
+    of its hidden state (one input, real positions when the padding is known, all
+    dims): :class:`massact_lens.massive.Criterion`. In an edit it selects single
+    (position, dim) entries of the edited activation, so one hook list serves a
+    whole batch; as an attention key set it reads the residual stream at ``hooks``
+    (see :class:`WhereMassive`). ``dims`` restricts the entries tested.
+
+    >>> where_massive(50, 200)
+    where |x| > 50 and >= 200 x median
+    """
+    rule = WhereMassive(min_value, min_ratio, hooks, dims)
+    rule.criterion  # noqa: B018 (raise now for bad thresholds)
+    return rule
+
+
+def kind_positions(
+    kind: str,
+    model: TransformerLensModel | None = None,
+    *,
+    delimiters: frozenset[str] | Sequence[str] = DELIMITERS,
+    token_ids: Sequence[int] | None = None,
+) -> PositionRule:
+    """The positions of one token kind of :func:`massact_lens.token_kind`.
+
+    ``"start"``: the start token; ``"delimiter"``: delimiter tokens; ``"other"``:
+    everything else.
+
+    >>> kind_positions("other", token_ids=[5])
+    not (start token | delimiters)
+    """
+    if kind == "start":
+        return start_token()
+    if kind not in TOKEN_KINDS:
+        raise ValueError(f"kind must be one of {TOKEN_KINDS}, not {kind!r}.")
+    if (
+        kind == "other"
+        and token_ids is None
+        and model is not None
+        and getattr(model, "tokenizer", None) is not None
+        and not _delimiter_ids(model, frozenset(delimiters))
+    ):
+        return ~start_token()  # a vocabulary without delimiters: everything but the start
+    delims = delimiter_positions(model, token_ids=token_ids, delimiters=delimiters)
+    return delims if kind == "delimiter" else ~(start_token() | delims)
