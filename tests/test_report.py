@@ -14,7 +14,7 @@ import pytest
 
 from massact_lens.cli import main
 from massact_lens.planting import plant_massive_activation
-from massact_lens.viz import build_report
+from massact_lens.report import build_report
 
 PROMPTS = [
     "The cat slept on the warm windowsill all afternoon.",
