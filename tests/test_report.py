@@ -151,7 +151,7 @@ def _decoder_with_tokenizer(tmp_path: Path):
     from transformers import AutoTokenizer
 
     from massact_lens.examples import tiny_model
-    from massact_lens.train import BigramBackcopy, TrainConfig, train
+    from massact_lens.training import BigramBackcopy, TrainConfig, train
 
     run = train(BigramBackcopy(seq_len=16), "default", tmp_path / "bb",
                 train_config=TrainConfig(steps=1, batch_size=2, eval_sequences=2), progress=False)
