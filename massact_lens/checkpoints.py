@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
@@ -73,7 +74,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     """The ``config.json`` of a checkpoint folder, checked to be this module's format.
 
     Raises:
-        FileNotFoundError: no ``config.json``. ValueError: another format.
+        FileNotFoundError: no ``config.json``. ValueError: not JSON, or another format.
 
     >>> read_config(CHECKPOINTS / "default")["variant"]
     'default'
@@ -82,7 +83,10 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     file = folder / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: pass a folder written by massact_lens.training.")
-    config = json.loads(file.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{file} is not valid JSON ({error}): the checkpoint is damaged; write it again.") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else None
         raise ValueError(f"{file} is not a {FORMAT} checkpoint (format={found!r}).")
@@ -209,7 +213,8 @@ def load_checkpoint(directory: str | Path, *, device: str | None = None) -> Tran
 
     Raises:
         FileNotFoundError: the folder lacks ``config.json`` or ``model.safetensors``.
-        ValueError: the folder was not written by massact_lens.
+        ValueError: the folder was not written by massact_lens, or its weights are
+            truncated, damaged, or do not fit its config.
 
     >>> model = load_checkpoint(CHECKPOINTS / "explicit_bias")
     >>> model.to_str_tokens("w7 T1")
@@ -220,9 +225,19 @@ def load_checkpoint(directory: str | Path, *, device: str | None = None) -> Tran
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}: pass a folder written by massact_lens.training.")
     config = read_config(folder)
+    weights = folder / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as error:
+        raise ValueError(
+            f"{weights} is truncated or damaged ({error}); copy or train the checkpoint again."
+        ) from None
     with torch.random.fork_rng(devices=[]):  # a "torch"-init model draws from the global RNG
         model = build_model(config["model"], config["variant"], seed=0)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{weights} does not fit {folder / 'config.json'}: {error}") from None
     set_tokenizer(model, folder)
     if device is not None:
         model.to(device, print_details=False)

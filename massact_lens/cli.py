@@ -2,7 +2,8 @@
 
 Without ``--model`` it runs on the bundled all-MiniLM-L6-v2 with thresholds for a
 384-dim encoder (50 and 200x); with ``--model`` (a hub name, a HuggingFace folder, or
-a checkpoint folder) the paper's 100 and 1000x unless given.
+a checkpoint folder) the paper's 100 and 1000x unless given. Arguments and files are
+checked before any model is loaded.
 
     massact scan --model ./my_llama --prompts prompts.txt --json scan.json
     massact ablate                                # the paper's Table 3: zero vs mean
@@ -44,7 +45,7 @@ def _positive_int(text: str) -> int:
 
 
 def _criterion(args: argparse.Namespace) -> Any:
-    """The criterion the run uses (defaults by --model given or not)."""
+    """The criterion the run uses (defaults by --model given or not), checked before any model loads."""
     from massact_lens.massive import Criterion
 
     defaults = DEFAULT_THRESHOLDS["default" if args.model is None else "other"]
@@ -178,11 +179,12 @@ def markdown_table(frame: Any) -> str:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     prompts = _prompts(args.prompts)
+    criterion = _criterion(args)
+    _check_output(args.json, "--json")
     from massact_lens.massive import find_massive
     from massact_lens.scan import scan
 
     model = _load(args.model)
-    criterion = _criterion(args)
     result = scan(model, prompts, top_k=args.top_k, batch_size=args.batch_size,
                   prepend_bos=False if args.no_bos else None, progress=not args.quiet)
     found = find_massive(result, criterion.min_value, criterion.min_ratio)
@@ -214,12 +216,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     prompts = _prompts(args.prompts)
     given_pairs = _read_pairs(args.pairs)
+    criterion = _criterion(args)
+    _check_output(args.json, "--json")
     from massact_lens._types import is_causal
     from massact_lens.evaluate import ablation_table
     from massact_lens.massive import profile
 
     model = _load(args.model)
-    criterion = _criterion(args)
     pairs = _pairs_for(model, given_pairs)
     causal = is_causal(model)
     found = profile(model, prompts, min_value=criterion.min_value, min_ratio=criterion.min_ratio,
@@ -258,10 +261,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     given_pairs = _read_pairs(args.pairs)
     if not 0 <= args.example < len(prompts):
         raise SystemExit(f"massact: --example must index a prompt (0..{len(prompts) - 1}), not {args.example}.")
+    criterion = _criterion(args)
     from massact_lens.report import build_report
 
     model = _load(args.model)
-    criterion = _criterion(args)
     pairs = _pairs_for(model, given_pairs)
     label = DEFAULT_MODEL if args.model is None else args.model
     argv = args.argv if args.argv is not None else sys.argv[1:]
@@ -442,17 +445,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``massact ARGS``; errors in the inputs are one line on stderr and exit status 2.
 
-    >>> main(["scan", "--model", "no/such_model_here", "--prompts", "missing.txt"])
+    >>> main(["scan", "--min-value", "nan"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    SystemExit: massact: --prompts 'missing.txt' is not a file. Give a text file with one prompt per line.
+    SystemExit: massact: --min-value / --min-ratio: min_value must be a positive finite number, not nan...
     """
+    from safetensors import SafetensorError
+
     args = build_parser().parse_args(argv)
     args.argv = None if argv is None else list(argv)
     try:
         return int(args.func(args))
     except (ValueError, TypeError, OSError) as error:
         print(f"massact: {error}", file=sys.stderr)
+        return 2
+    except SafetensorError as error:  # a HuggingFace folder's weights (checkpoints say so themselves)
+        model = getattr(args, "model", None) or "the model"
+        print(f"massact: the weights of {model} are truncated or damaged ({error}); copy or download them "
+              "again.", file=sys.stderr)
         return 2
 
 

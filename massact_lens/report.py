@@ -92,13 +92,13 @@ class Report:
     """A page of sections and the settings of the run that produced it.
 
     ``to_html()`` gives the self-contained document; ``save(path)`` writes it
-    atomically. Build one
+    atomically; in a notebook the report shows itself (in an iframe). Build one
     with :func:`build_report`, or add your own sections.
 
     >>> report = Report("Mine")
     >>> _ = report.section("Notes").add("Dim 99 is massive.")
-    >>> "Dim 99 is massive." in report.to_html()
-    True
+    >>> "Dim 99 is massive." in report.to_html(), report._repr_html_().startswith("<iframe")
+    (True, True)
     """
 
     title: str
@@ -159,6 +159,13 @@ class Report:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_html` to ``path`` (temp name, then rename); returns the path."""
         return write_atomic(path, self.to_html())
+
+    def _repr_html_(self) -> str:
+        """The page in an iframe, so its styles and scripts stay apart from the notebook's."""
+        return (
+            f'<iframe srcdoc="{html.escape(self.to_html(), quote=True)}" title="{html.escape(self.title)}" '
+            'style="width: 100%; height: 820px; border: 1px solid #ddd;"></iframe>'
+        )
 
 
 def _metric(value: float) -> str:

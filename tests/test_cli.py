@@ -115,3 +115,37 @@ def test_train_is_a_verb_of_the_one_command(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-m", "massact_lens", "train", "table", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--csv" in done.stdout
+
+
+def test_arguments_and_output_files_are_checked_before_the_model_loads(tmp_path, prompts_file):
+    model = str(tmp_path / "no_such_model")  # loading it fails: an error about anything else came first
+    with pytest.raises(SystemExit, match="min_value must be a positive finite number, not nan"):
+        main(["scan", "--model", model, "--min-value", "nan"])
+    with pytest.raises(SystemExit, match="min_ratio must be a positive finite number"):
+        main(["ablate", "--model", model, "--min-ratio", "-5"])
+    with pytest.raises(SystemExit, match="min_value"):
+        main(["report", "--model", model, "--min-value", "inf", "-o", str(tmp_path / "r.html")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["scan", "--model", model, "--json", str(tmp_path / "missing" / "scan.json")])
+    with pytest.raises(SystemExit, match="is a folder"):
+        main(["ablate", "--model", model, "--prompts", str(prompts_file), "--json", str(tmp_path)])
+
+
+def test_truncated_weights_are_one_clear_line(tmp_path, capsys):
+    import shutil
+
+    from massact_lens.checkpoints import CHECKPOINTS, load_checkpoint
+    from massact_lens.examples import minilm_dir
+
+    folders = {"checkpoint": tmp_path / "bb", "huggingface": tmp_path / "hf"}
+    shutil.copytree(CHECKPOINTS / "default", folders["checkpoint"])
+    shutil.copytree(minilm_dir(), folders["huggingface"])
+    for folder in folders.values():
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        load_checkpoint(folders["checkpoint"])
+    for folder in folders.values():
+        assert main(["scan", "--model", str(folder), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("massact: ") and "truncated or damaged" in err and len(err.splitlines()) == 1

@@ -260,3 +260,16 @@ def test_the_report_draws_offline_in_headless_chromium(report, tmp_path):
     shown = " ".join(drawn.text)
     assert "<script>alert(1)</script> is a prompt, not markup." in shown
     assert re.search(r"L\dH0", shown)  # head names drawn by the attention widget
+
+
+def test_a_report_shows_itself_in_a_notebook():
+    import html
+
+    from massact_lens.report import Report
+
+    report = Report("A <b>title</b>")
+    report.section("Notes").add("Dim 99 is massive.")
+    shown = report._repr_html_()
+    assert shown.startswith("<iframe ") and shown.endswith("</iframe>")
+    srcdoc = re.search(r'srcdoc="([^"]*)"', shown)
+    assert srcdoc is not None and html.unescape(srcdoc.group(1)) == report.to_html()
