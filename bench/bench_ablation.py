@@ -22,10 +22,10 @@ import time
 
 import torch
 
-import massact_lens as ml
 from massact_lens.evaluate import perplexity
 from massact_lens.examples import tiny_model
 from massact_lens.interventions import ablation_hooks
+from massact_lens.massive import profile
 from massact_lens.planting import plant_massive_activation
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     plant_massive_activation(model, layer=args.plant_layer, dim=5, value=1000.0, token_id=0)
     corpus = torch.randint(1, args.vocab, (args.sequences, args.seq_len))
     corpus[:, 0] = 0  # the planted start token begins every sequence
-    prof = ml.profile(model, corpus[:16], progress=False)
+    prof = profile(model, corpus[:16], progress=False)
     settings = {"none": [], "zero": ablation_hooks(model, prof, "zero"), "mean": ablation_hooks(model, prof, "mean")}
     edited = sum(1 for name, _ in settings["zero"] if name.startswith("blocks."))
     print(

@@ -19,21 +19,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 
-import massact_lens as ml
 from massact_lens.data import PARAPHRASE_PAIRS, SENTENCES
 from massact_lens.evaluate import ablation_table
 from massact_lens.examples import minilm
+from massact_lens.massive import profile
 
 
 def bigram_sequences(n: int) -> torch.Tensor:
     """Held-out Bigram-Backcopy sequences for the ``default`` variant: BOS, then task tokens."""
-    from massact_lens.train import BOS_ID, EVAL_SEED, SPECIAL_TOKENS, BigramBackcopy
+    from massact_lens.training.tasks import BigramBackcopy, held_out
 
-    body = BigramBackcopy().sample(np.random.default_rng(EVAL_SEED), n) + len(SPECIAL_TOKENS)
-    return torch.cat([torch.full((n, 1), BOS_ID), torch.from_numpy(body)], dim=1)
+    return held_out(BigramBackcopy(), "default", n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = bigram_sequences(args.sequences)
         thresholds = (args.min_value or 10.0, args.min_ratio or 20.0)
         kinds = args.kinds or ["start"]
-    prof = ml.profile(model, inputs, min_value=thresholds[0], min_ratio=thresholds[1], progress=not args.quiet)
+    prof = profile(model, inputs, min_value=thresholds[0], min_ratio=thresholds[1], progress=not args.quiet)
     if not prof.dims:
         print(f"No massive activations at |x| > {thresholds[0]:g} and >= {thresholds[1]:g}x the median: nothing to ablate.")
         return 1

@@ -1,64 +1,79 @@
-"""The ``massact`` command: scan, ablate and report on massive activations from the shell.
+"""The ``massact`` command: scan, ablate, report, and train small decoders, from the shell.
 
-With no ``--model`` it runs on the embedded default model, the real pretrained
-all-MiniLM-L6-v2 bundled offline, with thresholds suited to a 384-dim encoder
-(|x| > 50 and >= 200x the median); with ``--model`` (a hub name, a local
-HuggingFace folder, or a folder written by :mod:`massact_lens.train`) the paper's
-thresholds (100 and 1000x) apply unless given.
+Without ``--model`` it runs on the bundled all-MiniLM-L6-v2 with thresholds for a
+384-dim encoder (50 and 200x); with ``--model`` (a hub name, a HuggingFace folder, or
+a checkpoint folder) the paper's 100 and 1000x unless given. Arguments and files are
+checked before any model is loaded.
 
-    massact scan                                  # MiniLM, built-in sentences
     massact scan --model ./my_llama --prompts prompts.txt --json scan.json
     massact ablate                                # the paper's Table 3: zero vs mean
     massact report                                # one offline HTML page: massact_report.html
-    massact report --model massact_lens/checkpoints/bigram_backcopy/default --min-value 5 --min-ratio 20
+    massact train bigram-backcopy --variant explicit_bias --out runs/eb --snapshot-every 500
+    massact train table                           # the shipped decoders' results table
+
+>>> build_parser().parse_args(["train", "table"]).train_command
+'table'
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (bundled)"
 #: Thresholds for the embedded default model (a 384-dim encoder) and for any other model.
 DEFAULT_THRESHOLDS = {"default": (50.0, 200.0), "other": (100.0, 1000.0)}
 
 
-def _is_train_checkpoint(path: Path) -> bool:
-    """A folder written by massact_lens.train (its own config.json format, not HuggingFace's)."""
-    config = path / "config.json"
-    if not (path.is_dir() and config.is_file()):
-        return False
+# ---------------------------------------------------------------- checks (no torch, no model)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _criterion(args: argparse.Namespace) -> Any:
+    """The criterion the run uses (defaults by --model given or not), checked before any model loads."""
+    from massact_lens.massive import Criterion
+
+    defaults = DEFAULT_THRESHOLDS["default" if args.model is None else "other"]
+    values = (defaults[0] if args.min_value is None else args.min_value,
+              defaults[1] if args.min_ratio is None else args.min_ratio)
     try:
-        return str(json.loads(config.read_text(encoding="utf-8")).get("format", "")).startswith("massact_lens.train/")
-    except (ValueError, OSError, AttributeError):
-        return False
+        return Criterion(*values)
+    except ValueError as error:
+        raise SystemExit(f"massact: --min-value / --min-ratio: {error}") from None
 
 
-def _load(model_arg: str | None):  # noqa: ANN202
-    from massact_lens.examples import minilm
-    from massact_lens.models import load_model
+def _describe(criterion: Any) -> str:
+    return f"|x| > {criterion.min_value:g} and >= {criterion.min_ratio:g}x median"
 
-    if model_arg is None:
-        return minilm(), DEFAULT_THRESHOLDS["default"]
-    path = Path(model_arg).expanduser()
-    if _is_train_checkpoint(path):
-        from massact_lens.train import load_checkpoint
 
-        return load_checkpoint(path), DEFAULT_THRESHOLDS["other"]
-    return load_model(model_arg), DEFAULT_THRESHOLDS["other"]
+def _check_output(path: str | None, option: str) -> None:
+    """A file to write at the end: refuse a folder or a missing parent folder now, not after the work."""
+    if path is None:
+        return
+    out = Path(path)
+    if out.is_dir():
+        raise SystemExit(f"massact: {option} {path!r} is a folder; give a file name such as {out / 'out'}.")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise SystemExit(f"massact: folder {str(out.parent)!r} of {option} does not exist; create it or choose another {option}.")
 
 
 def _read_pairs(arg: str | None) -> list[tuple[str, str]] | str | None:
-    """--pairs, read before any model is loaded: 'builtin' (not given), None ('none'), or the pairs of a file."""
+    """--pairs: 'builtin' (not given), None ('none'), or the pairs of a file."""
     if arg is None:
         return "builtin"
     if arg.lower() == "none":
@@ -80,27 +95,6 @@ def _read_pairs(arg: str | None) -> list[tuple[str, str]] | str | None:
     return pairs
 
 
-def _pairs_for(model: Any, pairs: list[tuple[str, str]] | str | None) -> list[tuple[str, str]] | None:
-    """The paraphrase pairs an encoder is judged on; decoders are judged by perplexity instead."""
-    from massact_lens.data import PARAPHRASE_PAIRS
-
-    if _causal(model):
-        if isinstance(pairs, list):
-            raise SystemExit("massact: --pairs is for encoders; a causal model is judged by perplexity on the prompts.")
-        return None
-    return list(PARAPHRASE_PAIRS) if pairs == "builtin" else pairs  # type: ignore[return-value]
-
-
-def _causal(model: Any) -> bool:
-    return str(getattr(model.cfg, "attention_dir", "causal")) != "bidirectional"
-
-
-def _write(path: str, text: str) -> None:
-    from massact_lens.viz.report import write_atomic
-
-    write_atomic(path, text)
-
-
 def _prompts(path: str | None) -> list[str]:
     from massact_lens.data import SENTENCES
 
@@ -109,51 +103,94 @@ def _prompts(path: str | None) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"massact: --prompts {path!r} is not a file. Give a text file with one prompt per line.")
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-    prompts = [line for line in lines if line]
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise SystemExit(f"massact: {path!r} has no non-empty lines.")
     return prompts
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub name, local HuggingFace folder, or a folder written by "
-                        "massact_lens.train (default: the bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--prompts", help="text file, one prompt per line (default: 40 built-in sentences)")
-    parser.add_argument("--min-value", type=float, help="criterion: |x| above this (default 50 on MiniLM, else 100)")
-    parser.add_argument("--min-ratio", type=float, help="criterion: |x| / median at least this (default 200 on MiniLM, else 1000)")
-    parser.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default 16)")
-    parser.add_argument("--no-bos", action="store_true", help="do not prepend BOS / [CLS] to prompts")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+# ---------------------------------------------------------------- after the checks
 
 
-def _thresholds(args: argparse.Namespace, defaults: tuple[float, float]) -> tuple[float, float]:
-    return (
-        defaults[0] if args.min_value is None else args.min_value,
-        defaults[1] if args.min_ratio is None else args.min_ratio,
-    )
+def _load(model_arg: str | None) -> Any:
+    from massact_lens.checkpoints import is_checkpoint, load_checkpoint
+    from massact_lens.examples import minilm
+    from massact_lens.models import load_model
+
+    if model_arg is None:
+        return minilm()
+    path = Path(model_arg).expanduser()
+    return load_checkpoint(path) if is_checkpoint(path) else load_model(model_arg)
 
 
-def _print_table(table: pd.DataFrame) -> None:
+def _pairs_for(model: Any, pairs: list[tuple[str, str]] | str | None) -> list[tuple[str, str]] | None:
+    """The paraphrase pairs an encoder is judged on; decoders are judged by perplexity instead."""
+    from massact_lens._types import is_causal
+    from massact_lens.data import PARAPHRASE_PAIRS
+
+    if is_causal(model):
+        if isinstance(pairs, list):
+            raise SystemExit("massact: --pairs is for encoders; a causal model is judged by perplexity on the prompts.")
+        return None
+    return list(PARAPHRASE_PAIRS) if pairs == "builtin" else pairs  # type: ignore[return-value]
+
+
+def _provenance_json(provenance: Any) -> dict[str, Any]:
+    return provenance.to_dict() if hasattr(provenance, "to_dict") else dict(provenance)
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    from massact_lens.viz.page import write_atomic
+
+    write_atomic(path, json.dumps(payload, indent=1, default=str))
+    print(f"\nwrote {path}")
+
+
+def _print_table(table: Any) -> None:
+    import pandas as pd
+
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.round(2).to_string(index=False))
     print()
 
 
-def cmd_scan(args: argparse.Namespace) -> int:
-    import massact_lens as ml
+def markdown_table(frame: Any) -> str:
+    """A DataFrame as a markdown table, floats to 4 decimals (1 from 10 up), NaN as n/a.
 
+    >>> import pandas as pd
+    >>> print(markdown_table(pd.DataFrame({"layer": [0], "ratio": [27.81]})))
+    | layer | ratio |
+    |---|---|
+    | 0 | 27.8 |
+    """
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "n/a" if math.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- verbs
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
     prompts = _prompts(args.prompts)
-    model, defaults = _load(args.model)
-    min_value, min_ratio = _thresholds(args, defaults)
-    result = ml.scan(
-        model, prompts, top_k=args.top_k, batch_size=args.batch_size,
-        prepend_bos=False if args.no_bos else None, progress=not args.quiet,
-    )
-    found = ml.find_massive(result, min_value, min_ratio)
+    criterion = _criterion(args)
+    _check_output(args.json, "--json")
+    from massact_lens.massive import find_massive
+    from massact_lens.scan import scan
+
+    model = _load(args.model)
+    result = scan(model, prompts, top_k=args.top_k, batch_size=args.batch_size,
+                  prepend_bos=False if args.no_bos else None, progress=not args.quiet)
+    found = find_massive(result, criterion.min_value, criterion.min_ratio)
     name = DEFAULT_MODEL if args.model is None else args.model
     print(f"massact scan: {name}, {result.n_inputs} prompts, BOS {'on' if result.prepend_bos else 'off'}, "
-          f"criterion |x| > {min_value:g} and >= {min_ratio:g}x median\n")
+          f"criterion {_describe(criterion)}\n")
     stats = result.layer_stats()
     counts: dict[str, int] = found.to_dataframe()["hook_name"].value_counts().to_dict()
     stats["massive"] = [int(counts.get(name, 0)) for name in stats["hook_name"]]
@@ -168,28 +205,30 @@ def cmd_scan(args: argparse.Namespace) -> int:
             print(f"  dim {dim.dim}: layers {dim.first_layer}-{dim.last_layer}, up to {dim.max_abs_value:.1f} "
                   f"({dim.max_ratio:.0f}x median), kinds {dim.kinds}, {100 * dim.input_fraction:.0f}% of prompts; {tokens}")
     if args.json:
-        payload = {"model": result.model, "prompts": len(prompts), "min_value": min_value, "min_ratio": min_ratio,
-                   "layer_stats": stats.to_dict(orient="records"), "massive": found.to_dataframe().to_dict(orient="records")}
-        _write(args.json, json.dumps(payload, indent=1))
-        print(f"\nwrote {args.json}")
+        _write_json(args.json, {
+            "model": _provenance_json(result.model), "prompts": len(prompts), "min_value": criterion.min_value,
+            "min_ratio": criterion.min_ratio, "layer_stats": stats.to_dict(orient="records"),
+            "massive": found.to_dataframe().to_dict(orient="records"),
+        })
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    import massact_lens as ml
-    from massact_lens.evaluate import ablation_table
-
     prompts = _prompts(args.prompts)
     given_pairs = _read_pairs(args.pairs)
-    model, defaults = _load(args.model)
-    min_value, min_ratio = _thresholds(args, defaults)
+    criterion = _criterion(args)
+    _check_output(args.json, "--json")
+    from massact_lens._types import is_causal
+    from massact_lens.evaluate import ablation_table
+    from massact_lens.massive import profile
+
+    model = _load(args.model)
     pairs = _pairs_for(model, given_pairs)
-    causal = _causal(model)
-    bos = False if args.no_bos else None
-    found = ml.profile(model, prompts, min_value=min_value, min_ratio=min_ratio, batch_size=args.batch_size,
-                       prepend_bos=bos, progress=not args.quiet)
+    causal = is_causal(model)
+    found = profile(model, prompts, min_value=criterion.min_value, min_ratio=criterion.min_ratio,
+                    batch_size=args.batch_size, prepend_bos=False if args.no_bos else None, progress=not args.quiet)
     name = DEFAULT_MODEL if args.model is None else args.model
-    print(f"massact ablate: {name}, {len(prompts)} prompts, criterion |x| > {min_value:g} and >= {min_ratio:g}x median")
+    print(f"massact ablate: {name}, {len(prompts)} prompts, criterion {_describe(criterion)}")
     if not found.massive_dims:
         print("No massive activations under this criterion, so nothing to ablate. Lower --min-ratio / --min-value.")
         return 1
@@ -208,41 +247,37 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print(f"judged by {judged}\n")
     print(table.to_markdown())
     if args.json:
-        payload = {"model": table.model, "prompts": len(prompts), "min_value": min_value, "min_ratio": min_ratio,
-                   "dims": list(found.massive_dims), "hook_names": table.hook_names, "metrics": list(table.metrics),
-                   "values": table.values}
-        _write(args.json, json.dumps(payload, indent=1, default=str))
-        print(f"\nwrote {args.json}")
+        _write_json(args.json, {
+            "model": _provenance_json(table.model), "prompts": len(prompts), "min_value": criterion.min_value,
+            "min_ratio": criterion.min_ratio, "dims": list(found.massive_dims), "hook_names": table.hook_names,
+            "metrics": list(table.metrics), "values": table.values,
+        })
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from massact_lens.viz.report import build_report
-
-    out = Path(args.out)
-    if out.is_dir():
-        raise SystemExit(f"massact: --out {args.out!r} is a folder; give a file name such as {out / 'report.html'}.")
-    if not out.parent.is_dir():
-        raise SystemExit(f"massact: folder {str(out.parent)!r} does not exist; create it or choose another --out.")
+    _check_output(args.out, "--out")
     prompts = _prompts(args.prompts)
     given_pairs = _read_pairs(args.pairs)
     if not 0 <= args.example < len(prompts):
         raise SystemExit(f"massact: --example must index a prompt (0..{len(prompts) - 1}), not {args.example}.")
-    model, defaults = _load(args.model)
-    min_value, min_ratio = _thresholds(args, defaults)
+    criterion = _criterion(args)
+    from massact_lens.report import build_report
+
+    model = _load(args.model)
     pairs = _pairs_for(model, given_pairs)
     label = DEFAULT_MODEL if args.model is None else args.model
     argv = args.argv if args.argv is not None else sys.argv[1:]
     report = build_report(
-        model, prompts, model_label=label, min_value=min_value, min_ratio=min_ratio,
+        model, prompts, model_label=label, min_value=criterion.min_value, min_ratio=criterion.min_ratio,
         prepend_bos=False if args.no_bos else None, batch_size=args.batch_size, top_k=args.top_k,
         example=args.example, attention_prompts=args.attention_prompts, pairs=pairs,
         ablation=not args.no_ablation, progress=not args.quiet,
         settings={"command": "massact " + shlex.join(argv), "prompts file": args.prompts or "built-in (40 sentences)"},
     )
-    path = report.save(out)
+    path = report.save(args.out)
     size = path.stat().st_size / 1e6
-    print(f"massact report: {label}, {len(prompts)} prompts, criterion |x| > {min_value:g} and >= {min_ratio:g}x median")
+    print(f"massact report: {label}, {len(prompts)} prompts, criterion {_describe(criterion)}")
     if report.layer_stats is not None:
         print("\nPer hidden state: top-1/2/3 |x|, median |x| and top1/median, mean over prompts:")
         _print_table(report.layer_stats)
@@ -252,7 +287,107 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"massact: --out {args.out!r} is a file; give a folder for the checkpoint.")
+    if args.train_command == "text" and not Path(args.file).is_file():
+        raise SystemExit(f"massact: --file {args.file!r} is not a file. Give a UTF-8 text file to train on.")
+    from massact_lens.training import BigramBackcopy, ModelConfig, TextFile, TrainConfig, train
+
+    task = (BigramBackcopy(seq_len=args.seq_len, seed=args.task_seed) if args.train_command == "bigram-backcopy"
+            else TextFile(args.file, seq_len=args.seq_len))
+    train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    model_config = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)})
+    result = train(task, args.variant, out, model_config=model_config, train_config=train_config,
+                   progress=not args.no_progress)
+    evaluation = result.evaluation
+    print(f"{result.variant}: {result.steps} steps, {result.tokens} tokens in {result.seconds:.1f} s "
+          f"({result.tokens_per_second:,.0f} tokens/s, {result.cpu_seconds:.1f} s CPU); held-out loss "
+          f"{evaluation.loss:.4f} (optimal {evaluation.optimal_loss:.4f}), back-copy accuracy "
+          f"{evaluation.copy_accuracy:.4f} -> {result.directory}")
+    return 0
+
+
+def cmd_train_table(args: argparse.Namespace) -> int:
+    from massact_lens.checkpoints import is_checkpoint
+
+    bad = [d for d in args.directories if not is_checkpoint(d)]
+    if bad:
+        raise SystemExit(f"massact: {bad} are not checkpoint folders (config.json of massact_lens.training).")
+    from massact_lens.training import results_table
+
+    frame = results_table(args.directories or None, n_sequences=args.n_sequences)
+    print(frame.to_csv(index=False) if args.csv else markdown_table(frame))
+    return 0
+
+
+def cmd_train_snapshots(args: argparse.Namespace) -> int:
+    if not Path(args.run_dir, "snapshots").is_dir():
+        raise SystemExit(f"massact: {args.run_dir!r} has no snapshots/ folder: train with --snapshot-every N.")
+    from massact_lens.training import scan_snapshots
+
+    frame = scan_snapshots(args.run_dir, n_sequences=args.n_sequences, progress=not args.quiet).to_dataframe()
+    print(frame.to_csv(index=False) if args.csv else markdown_table(frame))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub name, local HuggingFace folder, or a checkpoint folder written by "
+                        "massact train (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--prompts", help="text file, one prompt per line (default: 40 built-in sentences)")
+    parser.add_argument("--min-value", type=float, help="criterion: |x| above this (default 50 on MiniLM, else 100)")
+    parser.add_argument("--min-ratio", type=float, help="criterion: |x| / median at least this (default 200 on MiniLM, else 1000)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="inputs per forward pass (default 16)")
+    parser.add_argument("--no-bos", action="store_true", help="do not prepend BOS / [CLS] to prompts")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _training_arguments(parser: argparse.ArgumentParser) -> None:
+    from massact_lens.checkpoints import VARIANTS
+    from massact_lens.training import ModelConfig, TrainConfig
+
+    parser.add_argument("--variant", choices=VARIANTS, default="default")
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    for config in (TrainConfig(), ModelConfig()):
+        for item in fields(config):
+            default = getattr(config, item.name)
+            parser.add_argument(f"--{item.name.replace('_', '-')}", type=type(default), default=default,
+                                help=f"default {default}")
+    parser.add_argument("--seq-len", type=int, default=64, help="task tokens per sequence (default 64)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=cmd_train)
+
+
+def _train_parser(sub: Any) -> None:
+    train = sub.add_parser("train", help="train small decoders (Bigram-Backcopy, a text file) and measure them",
+                           description="Train small decoders on CPU and measure them: the recipe and the shipped "
+                           "models' results are in docs/training.md.")
+    verbs = train.add_subparsers(dest="train_command", required=True, metavar="VERB")
+    bb = verbs.add_parser("bigram-backcopy", help="train on the Bigram-Backcopy task")
+    _training_arguments(bb)
+    bb.add_argument("--task-seed", type=int, default=0, help="seed of the bigram matrix")
+    text = verbs.add_parser("text", help="train a character-level model on a text file")
+    _training_arguments(text)
+    text.add_argument("--file", required=True)
+    table = verbs.add_parser("table", help="the results table of checkpoints (default: the shipped ones)")
+    table.add_argument("directories", nargs="*")
+    table.add_argument("--n-sequences", type=_positive_int, default=256)
+    table.add_argument("--csv", action="store_true", help="CSV instead of markdown")
+    table.set_defaults(func=cmd_train_table)
+    snaps = verbs.add_parser("scan-snapshots", help="scan every snapshot of a run (emergence over training)")
+    snaps.add_argument("run_dir")
+    snaps.add_argument("--n-sequences", type=_positive_int, default=32)
+    snaps.add_argument("--csv", action="store_true")
+    snaps.add_argument("--quiet", action="store_true", help="no progress bar")
+    snaps.set_defaults(func=cmd_train_snapshots)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``massact`` and its verbs."""
     parser = argparse.ArgumentParser(
         prog="massact",
         description="Find, measure, ablate and look at massive activations (Sun et al. 2024) "
@@ -263,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="One streaming pass: per layer the top-1/2/3 |activation| and the median "
                           "(the paper's layer-wise plot data), then the massive dims.")
     _common(scan)
-    scan.add_argument("--top-k", type=int, default=10, help="entries kept per hidden state (default 10)")
+    scan.add_argument("--top-k", type=_positive_int, default=10, help="entries kept per hidden state (default 10)")
     scan.add_argument("--json", help="also write the table and the records to this JSON file")
     scan.set_defaults(func=cmd_scan)
 
@@ -295,23 +430,39 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--out", default="massact_report.html",
                         help="the HTML file to write (default: massact_report.html); written atomically")
     report.add_argument("--example", type=int, default=0, help="index of the prompt drawn in the single-input views (default 0)")
-    report.add_argument("--attention-prompts", type=int, default=16,
+    report.add_argument("--attention-prompts", type=_positive_int, default=16,
                         help="how many prompts (the first ones) the attention analyses use (default 16)")
     report.add_argument("--pairs", metavar="FILE|none", help="paraphrase pairs for an encoder's ablation: a text "
                         "file, two sentences per line separated by a tab, or 'none' (default: 20 built-in pairs)")
     report.add_argument("--no-ablation", action="store_true", help="leave out the zero / mean comparison")
-    report.add_argument("--top-k", type=int, default=10, help="entries kept per hidden state (default 10)")
+    report.add_argument("--top-k", type=_positive_int, default=10, help="entries kept per hidden state (default 10)")
     report.set_defaults(func=cmd_report)
+
+    _train_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``massact ARGS``; errors in the inputs are one line on stderr and exit status 2.
+
+    >>> main(["scan", "--min-value", "nan"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    SystemExit: massact: --min-value / --min-ratio: min_value must be a positive finite number, not nan...
+    """
+    from safetensors import SafetensorError
+
     args = build_parser().parse_args(argv)
     args.argv = None if argv is None else list(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, OSError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:
         print(f"massact: {error}", file=sys.stderr)
+        return 2
+    except SafetensorError as error:  # a HuggingFace folder's weights (checkpoints say so themselves)
+        model = getattr(args, "model", None) or "the model"
+        print(f"massact: the weights of {model} are truncated or damaged ({error}); copy or download them "
+              "again.", file=sys.stderr)
         return 2
 
 

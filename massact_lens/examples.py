@@ -291,7 +291,7 @@ def bigram_backcopy(
     >>> model.to_string(model("w7 w9 T1")[0, -1].argmax())   # copies the token before T1
     'w9'
     """
-    from massact_lens.train import CHECKPOINTS, VARIANTS, load_checkpoint
+    from massact_lens.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}.")

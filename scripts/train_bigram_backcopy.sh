@@ -6,7 +6,7 @@
 #   bash scripts/train_bigram_backcopy.sh            # overwrite the shipped models
 #   bash scripts/train_bigram_backcopy.sh runs/bb    # write them somewhere else
 #
-# Recipe (the defaults of massact_lens.train): task BigramBackcopy(n_tokens=64,
+# Recipe (the defaults of massact_lens.training; docs/training.md): task BigramBackcopy(n_tokens=64,
 # n_triggers=3, zipf_exponent=1.0, concentration=0.25, seq_len=64, seed=0);
 # 3 layers, 1 head, d_model 64, d_mlp 256, pre-LN, GELU, learned positions,
 # PyTorch's default initialisation (--init torch; --init gpt2 gives no BOS peak);
@@ -18,9 +18,9 @@ out="${1:-massact_lens/checkpoints/bigram_backcopy}"
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 for variant in default sink_token explicit_bias; do
-    "$PY" -m massact_lens.train bigram-backcopy --variant "$variant" --out "$out/$variant" \
+    "$PY" -m massact_lens train bigram-backcopy --variant "$variant" --out "$out/$variant" \
         --steps 5000 --batch-size 32 --lr 3e-3 --beta1 0.9 --beta2 0.99 --weight-decay 0.0 \
         --seed 0 --threads 1 --seq-len 64 --task-seed 0 --init torch \
         --n-layers 3 --d-model 64 --n-heads 1 --d-mlp 256
 done
-"$PY" -m massact_lens.train table "$out/default" "$out/sink_token" "$out/explicit_bias"
+"$PY" -m massact_lens train table "$out/default" "$out/sink_token" "$out/explicit_bias"

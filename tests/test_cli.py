@@ -11,6 +11,7 @@ import pytest
 
 from massact_lens.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "The cat slept on the warm windowsill all afternoon.",
     "She forgot her umbrella, so she got soaked on the way home.",
@@ -79,7 +80,7 @@ def test_bad_arguments_say_what_to_do(tmp_path, capsys):
 
 
 def test_a_folder_written_by_massact_lens_train_is_a_model(tmp_path, capsys):
-    from massact_lens.train import BigramBackcopy, TrainConfig, train
+    from massact_lens.training import BigramBackcopy, TrainConfig, train
 
     run = train(BigramBackcopy(seq_len=16), "default", tmp_path / "bb",
                 train_config=TrainConfig(steps=1, batch_size=2, eval_sequences=2), progress=False)
@@ -94,3 +95,57 @@ def test_a_folder_written_by_massact_lens_train_is_a_model(tmp_path, capsys):
     pairs.write_text("a b\tc d\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="for encoders"):
         main(["ablate", "--model", str(run.directory), "--prompts", str(prompts), "--pairs", str(pairs), "--quiet"])
+
+
+def test_train_is_a_verb_of_the_one_command(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "    train " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for verb in ("bigram-backcopy", "text", "table", "scan-snapshots"):
+        assert f"    {verb}" in out
+    with pytest.raises(SystemExit, match="not a file"):
+        main(["train", "text", "--file", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="not checkpoint folders"):
+        main(["train", "table", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no snapshots"):
+        main(["train", "scan-snapshots", str(tmp_path)])
+    done = subprocess.run([sys.executable, "-m", "massact_lens", "train", "table", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--csv" in done.stdout
+
+
+def test_arguments_and_output_files_are_checked_before_the_model_loads(tmp_path, prompts_file):
+    model = str(tmp_path / "no_such_model")  # loading it fails: an error about anything else came first
+    with pytest.raises(SystemExit, match="min_value must be a positive finite number, not nan"):
+        main(["scan", "--model", model, "--min-value", "nan"])
+    with pytest.raises(SystemExit, match="min_ratio must be a positive finite number"):
+        main(["ablate", "--model", model, "--min-ratio", "-5"])
+    with pytest.raises(SystemExit, match="min_value"):
+        main(["report", "--model", model, "--min-value", "inf", "-o", str(tmp_path / "r.html")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["scan", "--model", model, "--json", str(tmp_path / "missing" / "scan.json")])
+    with pytest.raises(SystemExit, match="is a folder"):
+        main(["ablate", "--model", model, "--prompts", str(prompts_file), "--json", str(tmp_path)])
+
+
+def test_truncated_weights_are_one_clear_line(tmp_path, capsys):
+    import shutil
+
+    from massact_lens.checkpoints import CHECKPOINTS, load_checkpoint
+    from massact_lens.examples import minilm_dir
+
+    folders = {"checkpoint": tmp_path / "bb", "huggingface": tmp_path / "hf"}
+    shutil.copytree(CHECKPOINTS / "default", folders["checkpoint"])
+    shutil.copytree(minilm_dir(), folders["huggingface"])
+    for folder in folders.values():
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        load_checkpoint(folders["checkpoint"])
+    for folder in folders.values():
+        assert main(["scan", "--model", str(folder), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("massact: ") and "truncated or damaged" in err and len(err.splitlines()) == 1

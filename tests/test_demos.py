@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-DEMOS = sorted((Path(__file__).resolve().parent.parent / "demos").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parent.parent
+DEMOS = sorted((ROOT / "demos").glob("*.ipynb"))
 
 
 def test_there_are_demos_and_they_are_stored_without_outputs():
@@ -22,7 +24,7 @@ def test_there_are_demos_and_they_are_stored_without_outputs():
 
 def _needs(path: Path) -> None:
     if "bigram_backcopy" in path.name:
-        from massact_lens.train import CHECKPOINTS, VARIANTS
+        from massact_lens.checkpoints import CHECKPOINTS, VARIANTS
 
         missing = [v for v in VARIANTS if not (CHECKPOINTS / v / "model.safetensors").is_file()]
         if missing:
@@ -40,7 +42,9 @@ def test_the_demo_runs(path: Path, tmp_path: Path):
     client = nbclient.NotebookClient(
         notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
-    client.execute()  # raises CellExecutionError, with the cell and the traceback, if any cell fails
+    # the kernel imports the package of this checkout, not whichever one is installed
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    client.execute(env={**os.environ, "PYTHONPATH": path})  # raises CellExecutionError if any cell fails
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     shown = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]

@@ -14,7 +14,7 @@ import pytest
 
 from massact_lens.cli import main
 from massact_lens.planting import plant_massive_activation
-from massact_lens.viz import build_report
+from massact_lens.report import build_report
 
 PROMPTS = [
     "The cat slept on the warm windowsill all afternoon.",
@@ -151,7 +151,7 @@ def _decoder_with_tokenizer(tmp_path: Path):
     from transformers import AutoTokenizer
 
     from massact_lens.examples import tiny_model
-    from massact_lens.train import BigramBackcopy, TrainConfig, train
+    from massact_lens.training import BigramBackcopy, TrainConfig, train
 
     run = train(BigramBackcopy(seq_len=16), "default", tmp_path / "bb",
                 train_config=TrainConfig(steps=1, batch_size=2, eval_sequences=2), progress=False)
@@ -260,3 +260,16 @@ def test_the_report_draws_offline_in_headless_chromium(report, tmp_path):
     shown = " ".join(drawn.text)
     assert "<script>alert(1)</script> is a prompt, not markup." in shown
     assert re.search(r"L\dH0", shown)  # head names drawn by the attention widget
+
+
+def test_a_report_shows_itself_in_a_notebook():
+    import html
+
+    from massact_lens.report import Report
+
+    report = Report("A <b>title</b>")
+    report.section("Notes").add("Dim 99 is massive.")
+    shown = report._repr_html_()
+    assert shown.startswith("<iframe ") and shown.endswith("</iframe>")
+    srcdoc = re.search(r'srcdoc="([^"]*)"', shown)
+    assert srcdoc is not None and html.unescape(srcdoc.group(1)) == report.to_html()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,18 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from massact_lens import examples
+from massact_lens.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
+from massact_lens.cli import main
 from massact_lens.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
-from massact_lens.train import (
-    CHECKPOINTS,
-    VARIANTS,
+from massact_lens.training import (
     BigramBackcopy,
     TextFile,
     TrainConfig,
-    evaluate,
-    load_checkpoint,
-    main,
     results_table,
     scan_snapshots,
+    task_metrics,
     train,
 )
 
@@ -118,7 +119,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_command_line_table(short_run, capsys):
-    assert main(["table", short_run.directory, "--n-sequences", "8"]) == 0
+    assert main(["train", "table", short_run.directory, "--n-sequences", "8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| checkpoint | variant | layer | loss |")
     assert len(out.strip().splitlines()) == 2 + 3  # header, rule, one row per layer
@@ -184,4 +185,43 @@ def test_variants_reach_equal_loss(table):
 
 def test_evaluate_refuses_a_task_that_does_not_fit():
     with pytest.raises(ValueError, match="does not fit"):
-        evaluate(examples.bigram_backcopy(), BigramBackcopy(seq_len=200), n_sequences=2)
+        task_metrics(examples.bigram_backcopy(), BigramBackcopy(seq_len=200), n_sequences=2)
+
+
+# ---------------------------------------------------------------- layout: old names, no trainer in analysis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_old_names_still_import_with_a_deprecation_warning():
+    import massact_lens.train as old
+
+    with pytest.warns(DeprecationWarning, match="massact_lens.training.task_metrics"):
+        assert old.evaluate is task_metrics
+    with pytest.warns(DeprecationWarning, match="massact_lens.checkpoints.load_checkpoint"):
+        assert old.load_checkpoint is load_checkpoint
+    with pytest.warns(DeprecationWarning):
+        assert old.BigramBackcopy is BigramBackcopy
+    with pytest.raises(AttributeError):
+        _ = old.no_such_name
+
+
+def test_loading_and_analysis_never_import_the_trainer():
+    code = (
+        "import sys, massact_lens, massact_lens.examples, massact_lens.viz, massact_lens.report, massact_lens.cli\n"
+        "massact_lens.examples.bigram_backcopy()\n"
+        "assert not [m for m in sys.modules if m.startswith('massact_lens.training')], sorted(sys.modules)\n"
+    )
+    done = _python("-c", code)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_old_command_runs_the_train_verb_with_a_warning(short_run):
+    done = _python("-m", "massact_lens.train", "table", short_run.directory, "--n-sequences", "4")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("| checkpoint | variant | layer | loss |")
+    assert "DeprecationWarning" in done.stderr and "massact train" in done.stderr

@@ -20,6 +20,7 @@ from massact_lens.viz import (
     Widget,
     ablation_figure,
     attention_heads,
+    attention_heads_widget,
     attention_logits_figure,
     attention_sink_figure,
     hidden_state_figure,
@@ -28,8 +29,9 @@ from massact_lens.viz import (
     layer_stats_figure,
     save_html,
     tokens_by_activation,
+    tokens_by_activation_widget,
 )
-from massact_lens.viz.report import write_atomic
+from massact_lens.viz.page import write_atomic
 from massact_lens.viz.widgets import script_json
 
 XSS = "</script><script>alert(1)</script>"
@@ -246,3 +248,50 @@ def test_save_html_inlines_each_bundle_once_and_writes_nothing_on_error(tmp_path
         write_atomic(path, "<p>" * 100_000 + "\ud800")
     assert path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["views.html"]  # no temp file left
+
+
+# ----------------------------------------------------------------------------- views render results
+
+
+def test_views_render_results_and_the_one_liners_measure_first(minilm_model):
+    text = "The cat sat on the mat."
+    logits = attention_logits(minilm_model, text, layers=[2])
+    states = hidden_states(minilm_model, text)
+    from_data = attention_heads_widget(logits, 2, massive=states.massive(50, 200), exclude_bos=True)
+    one_liner = attention_heads(minilm_model, text, layer=2, min_value=50, min_ratio=200, exclude_bos=True)
+    assert _props(from_data) == _props(one_liner)
+    assert from_data.meta["mask_upper_tri"] is False  # an encoder's logits have no masked entries
+    assert _props(tokens_by_activation_widget(states)) == _props(tokens_by_activation(minilm_model, text))
+    with pytest.raises(ValueError, match="Layer 3"):
+        attention_heads_widget(logits, 3)
+
+
+def test_the_causal_mask_is_read_from_the_logits(planted, bos_tokens):
+    logits = attention_logits(planted, bos_tokens[0], layers=[2])
+    assert attention_heads_widget(logits, 2).meta["mask_upper_tri"] is True  # NaN above the diagonal
+    assert attention_heads_widget(logits, 2, causal=False).meta["mask_upper_tri"] is False
+
+
+def test_viz_views_take_no_model_and_the_report_moved_out(recwarn):
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import massact_lens.report
+    import massact_lens.viz as viz
+
+    views = [name for name in viz.__all__ if name.endswith(("_figure", "_widget"))]
+    assert len(views) == 8
+    for name in views:
+        assert "model" not in inspect.signature(getattr(viz, name)).parameters, name
+    for path in Path(viz.__file__).parent.glob("*.py"):  # the package root imports viz, not the other way
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "massact_lens", path.name
+            elif isinstance(node, ast.Import):
+                assert "massact_lens" not in [alias.name for alias in node.names], path.name
+    with pytest.warns(DeprecationWarning, match="massact_lens.report.build_report"):
+        assert viz.build_report is massact_lens.report.build_report
+    with pytest.warns(DeprecationWarning, match="massact_lens.viz.page.write_atomic"):
+        from massact_lens.viz.report import write_atomic as old
+    assert old is write_atomic

@@ -1,48 +1,23 @@
-"""The paper's figures as plotly figures, drawn from the library's results.
+"""The paper's figures as plotly figures, each drawn from the result object that holds its data.
 
-Background
-----------
-Sun et al. (2024) show massive activations in a few pictures; each has a function
-here that takes the result object that holds its data and returns a
-``plotly.graph_objects.Figure`` (shows inline in Jupyter, ``fig.write_html``, or
-:func:`massact_lens.viz.save_html` for an offline file):
+Layer-wise top-1/2/3 vs median (:func:`layer_stats_figure`, the paper's Figure 2),
+one hidden state in 3D (:func:`hidden_state_figure`, Figure 1), attention logits
+(Figure 6), attention on the massive tokens, the implicit-bias decomposition
+(Figure 8), and the ablation table (Table 3). Traces are named so that code can
+read the data back; token text is HTML-escaped where plotly would read it as markup.
 
-* :func:`layer_stats_figure`: the layer-wise top-1/2/3 ``|x|`` and median curves
-  (log scale) of a :class:`~massact_lens.ScanResult` (their Figure 2);
-* :func:`hidden_state_figure`: one layer's hidden state of one input as a 3D
-  surface (their Figure 1) or a heat map over tokens x dims, the dims that stand
-  out labelled from the data (:meth:`~massact_lens.viz.HiddenStates.massive_dims`);
-* :func:`attention_logits_figure`: the attention logits (or probabilities) of one
-  layer, one head or the mean over heads (their Figure 6);
-* :func:`attention_sink_figure`: attention on the massive tokens per layer and head;
-* :func:`implicit_bias_figure`: the implicit-bias decomposition, the term from the
-  massive tokens vs the rest per layer: size and constancy (their Figure 8);
-* :func:`ablation_figure`: original vs set to zero vs set to mean (their Table 3).
-
-Figures carry their data in the traces (``fig.data[i].y`` etc.), named so that
-code and tests can read them back. Token text is HTML-escaped where it lands in
-plotly (tick labels, hover text), since plotly reads a subset of HTML there.
-
-Usage
------
 >>> from massact_lens import scan
 >>> from massact_lens.examples import minilm
->>> from massact_lens.viz import layer_stats_figure
 >>> fig = layer_stats_figure(scan(minilm(), ["The cat sat on the mat."], progress=False))
 >>> [trace.name for trace in fig.data], fig.layout.yaxis.type
 (['top 1', 'top 2', 'top 3', 'median'], 'log')
-
-References
-----------
-Sun, Chen, Kolter, Liu. *Massive Activations in Large Language Models*, COLM 2024,
-Figures 1, 2, 6, 8 and Table 3.
 """
 
 from __future__ import annotations
 
 import html
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -102,8 +77,12 @@ def _finite(values: list[float]) -> list[float | None]:
     return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
-def _model_name(description: dict[str, object]) -> str:
-    name = str(description.get("model_name", "model"))
+def _model_name(provenance: Any) -> str:
+    """A short model name from a result's provenance (a Provenance, or a dict as older results hold)."""
+    try:
+        name = str(provenance["model_name"])
+    except (KeyError, TypeError):
+        name = "model"
     parts = [p for p in name.replace("\\", "/").split("/") if p]
     return "/".join(parts[-2:]) if name.startswith(("/", ".", "~")) and parts else name
 

@@ -1,23 +1,9 @@
-"""What the views read: the full hidden states of one input, and where they are massive.
+"""What the single-input views read: the full hidden states of one input, and where they are massive.
 
-Background
-----------
-A scan (:func:`massact_lens.scan`) keeps only the top-k entries of each hidden
-state, which is what a corpus needs. A picture of one input needs more: the
-paper's 3D plot draws every ``(token, dim)`` entry of one layer's hidden state,
-and the token widgets colour every token. :func:`hidden_states` reads the full
-``[pos, d_model]`` hidden states of **one** input at the residual hook points (or
-any others), in one forward pass through the library's loop
-(:func:`massact_lens.batching.run_batches`), float32 on the CPU.
+A scan keeps the top-k entries of each hidden state; a picture of one input needs
+every ``(token, dim)`` entry. :func:`hidden_states` reads them (one forward pass,
+float32 on the CPU); :meth:`HiddenStates.massive` applies the criterion to every entry.
 
-:meth:`HiddenStates.massive` applies the paper's criterion (``|x| > min_value``
-and ``|x| >= min_ratio x`` the median ``|x|`` of that hidden state) to *every*
-entry, not a top-k: the positions it returns are the massive tokens the widgets
-mark. :meth:`HiddenStates.massive_dims` ranks the dims that stand out in one
-hidden state, which the 3D figure labels (taken from the data, never hard-coded).
-
-Usage
------
 >>> from massact_lens.examples import minilm
 >>> states = hidden_states(minilm(), "The cat sat on the mat.")
 >>> states.values.shape                     # hooks x pos x d_model (post-LN BERT: 2 hooks per layer)
@@ -26,11 +12,6 @@ torch.Size([12, 9, 384])
 {0: (99,)}
 >>> states.massive_dims("blocks.0.ln2.hook_in")
 (99,)
-
-References
-----------
-Sun, Chen, Kolter, Liu. *Massive Activations in Large Language Models*, COLM 2024,
-section 2 (definition, Figure 1: the 3D plots of one layer's hidden state).
 """
 
 from __future__ import annotations
@@ -45,10 +26,11 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._types import HookList, Provenance
 from massact_lens.batching import Batch, plan_batches, run_batches, token_strings
 from massact_lens.hook_names import layer_of, resolve_hook_names
-from massact_lens.massive import massive_entries
-from massact_lens.models import model_description, warn_if_processed
+from massact_lens.massive import Criterion
+from massact_lens.models import warn_if_processed
 
 __all__ = ["HiddenStates", "hidden_states"]
 
@@ -58,20 +40,25 @@ class HiddenStates:
     """The full hidden states of one input at some hook points.
 
     Attributes:
-        model: how the model was loaded (:func:`massact_lens.model_description`).
+        provenance: the model that was read (``.model`` is the same, for older code).
         hook_names: the hook points read, in forward order; ``layers`` their blocks.
         prepend_bos: BOS / [CLS] prepended (None: a token tensor used as given).
         tokens: the token strings; ``token_ids`` the ids.
         values: ``[n_hooks, pos, d_model]``, float32.
     """
 
-    model: dict[str, Any]
+    provenance: Provenance
     hook_names: tuple[str, ...]
     layers: tuple[int, ...]
     prepend_bos: bool | None
     tokens: tuple[str, ...]
     token_ids: Int[torch.Tensor, " pos"]
     values: Float[torch.Tensor, "n_hooks pos d_model"]
+
+    @property
+    def model(self) -> Provenance:
+        """The provenance, under the name results had before :class:`~massact_lens._types.Provenance`."""
+        return self.provenance
 
     def hook_index(self, hook: str | int) -> int:
         """Index of a hook point: its name, or a layer (the layer's hook with the largest ``|x|``).
@@ -105,12 +92,11 @@ class HiddenStates:
         """Positions with an entry that passes the criterion at some hook -> those entries' dims.
 
         The criterion of :func:`massact_lens.find_massive`, applied to every entry
-        (:func:`massact_lens.massive.massive_entries`).
+        (:meth:`massact_lens.massive.Criterion.entries`).
         """
-        _check_positive("min_value", min_value)
-        _check_positive("min_ratio", min_ratio)
+        criterion = Criterion(min_value, min_ratio)
         real = torch.ones(self.values.shape[:2], dtype=torch.bool)  # hooks as the batch axis; one input, no padding
-        passes = massive_entries(self.values, real, min_value, min_ratio)
+        passes = criterion.entries(self.values, real)
         out: dict[int, set[int]] = {}
         for _, position, dim in passes.nonzero().tolist():
             out.setdefault(position, set()).add(dim)
@@ -121,7 +107,7 @@ class HiddenStates:
 
         Largest first, at most ``max_dims``. What the 3D figure labels.
         """
-        _check_positive("min_ratio", min_ratio)
+        Criterion(1.0, min_ratio)  # the criterion's check of a ratio
         if not isinstance(max_dims, int) or max_dims < 1:
             raise ValueError(f"max_dims must be a positive integer, not {max_dims!r}.")
         i = self.hook_index(hook)
@@ -153,11 +139,6 @@ class HiddenStates:
                     }
                 )
         return pd.DataFrame(rows)
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, not {value!r}.")
 
 
 def hidden_states(
@@ -203,7 +184,7 @@ def hidden_states(
     read: dict[str, torch.Tensor] = {}
     seen: list[Batch] = []
 
-    def make_hooks(batch: Batch) -> list[tuple[str, Any]]:
+    def make_hooks(batch: Batch) -> HookList:
         seen.append(batch)
 
         def reader(name: str) -> Any:
@@ -227,7 +208,7 @@ def hidden_states(
     ids = seen[0].tokens[0].cpu().long()
     strings = token_strings(model, ids.tolist())
     return HiddenStates(
-        model=model_description(model),
+        provenance=Provenance.of(model),
         hook_names=names,
         layers=tuple(layer_of(n) for n in names),
         prepend_bos=plan.prepend_bos,

@@ -1,47 +1,16 @@
-"""circuitsvis widgets of massive activations: attention heads with the massive tokens marked, tokens by magnitude.
+"""circuitsvis views that draw offline: attention heads with the massive tokens marked, tokens by magnitude.
 
-Background
-----------
-circuitsvis draws interactive views in Jupyter and VS Code. Three of its habits
-get in the way of looking at massive activations, and this module works around
-each:
+The views render results (:class:`~massact_lens.attention.AttentionLogits`,
+:class:`~massact_lens.viz.HiddenStates`): :func:`attention_heads_widget`,
+:func:`tokens_by_activation_widget`. :func:`attention_heads` and
+:func:`tokens_by_activation` are the one-liners that measure a model first. A
+:class:`Widget` inlines circuitsvis's bundle (no CDN, no request), and its props
+are escaped so that no token text can close the ``<script>`` they sit in.
 
-* **Offline.** ``str(html)`` of a circuitsvis object loads the JavaScript from a
-  CDN (blank without internet), and displaying one in Jupyter first tries to reach
-  google.com. A :class:`Widget` is circuitsvis's ``RenderedHTML`` whose ``str()``
-  and notebook display are the *inlined* bundle (``local_src``): it draws offline
-  and makes no request. :func:`massact_lens.viz.save_html` writes widgets (and
-  figures) to one self-contained file.
-* **Sinks saturate the colour scale.** An attention sink takes 0.6-0.99 of every
-  query's attention, so every other entry looks white. ``exclude_bos=True`` sets
-  the scale from the keys that are not sinks (position 0 and the massive tokens);
-  ``max_value`` sets it by hand.
-* **Causal vs bidirectional.** circuitsvis masks the upper triangle by default,
-  which hides half of an encoder's attention. The mask follows
-  ``model.cfg.attention_dir``.
-
-Props are serialised so that no token text can end the ``<script>`` element they
-sit in (``<``, ``>`` and ``&`` become ``\\u003c``-style escapes): a token such as
-``</script><script>alert(1)</script>`` is shown as text, never run.
-
-Usage
------
 >>> from massact_lens.examples import minilm
->>> from massact_lens.viz import attention_heads, tokens_by_activation
->>> model = minilm()
->>> view = attention_heads(model, "The cat sat on the mat.", layer=2, min_value=50, min_ratio=200)
+>>> view = attention_heads(minilm(), "The cat sat on the mat.", layer=2, min_value=50, min_ratio=200)
 >>> view.props["tokens"][:2], view.props["maskUpperTri"]
 (['[CLS] ★d99', 'the'], False)
->>> view                                  # doctest: +SKIP
->>> colours = tokens_by_activation(model, "The cat sat on the mat.")
->>> len(colours.props["labels"])          # one colouring per hidden state read
-12
-
-References
-----------
-Sun, Chen, Kolter, Liu. *Massive Activations in Large Language Models*, COLM 2024,
-section 4 (attention concentrates on the massive tokens).
-Cooney, Nanda et al. *CircuitsVis* (github.com/TransformerLensOrg/CircuitsVis).
 """
 
 from __future__ import annotations
@@ -60,11 +29,20 @@ import torch
 from circuitsvis.utils.render import RenderedHTML
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens.attention import attention_logits
+from massact_lens._types import is_causal
+from massact_lens.attention import AttentionLogits, attention_logits
 from massact_lens.massive import MassiveProfile
-from massact_lens.viz.hidden import hidden_states
+from massact_lens.viz.hidden import HiddenStates, hidden_states
 
-__all__ = ["MASSIVE_MARK", "Widget", "attention_heads", "script_json", "tokens_by_activation"]
+__all__ = [
+    "MASSIVE_MARK",
+    "Widget",
+    "attention_heads",
+    "attention_heads_widget",
+    "script_json",
+    "tokens_by_activation",
+    "tokens_by_activation_widget",
+]
 
 #: Appended to the label of a massive token, with its dims: ``"[CLS] ★d99"``.
 MASSIVE_MARK = "★"
@@ -173,8 +151,19 @@ class Widget(RenderedHTML):
         return f"Widget({self.element}, {sorted(self.props)})"
 
 
-def _is_causal(model: TransformerLensModel) -> bool:
-    return str(getattr(model.cfg, "attention_dir", "causal")) != "bidirectional"
+#: Which tokens to mark: ``{position: dims}``, or a list of positions.
+Marks = Mapping[int, Sequence[int]] | Sequence[int]
+
+
+def _marks(massive: Marks | None) -> dict[int, tuple[int, ...]]:
+    if massive is None:
+        return {}
+    if isinstance(massive, Mapping):
+        return {int(p): tuple(int(d) for d in dims) for p, dims in massive.items()}
+    bad = [p for p in massive if isinstance(p, bool) or not isinstance(p, int)]
+    if bad:
+        raise TypeError(f"massive positions must be integers, not {bad}.")
+    return {int(p): () for p in massive}
 
 
 def _marked(tokens: Sequence[str], massive: Mapping[int, Sequence[int]]) -> list[str]:
@@ -189,95 +178,72 @@ def _marked(tokens: Sequence[str], massive: Mapping[int, Sequence[int]]) -> list
     return out
 
 
-def _massive_map(
-    model: TransformerLensModel,
-    text: str | torch.Tensor,
-    massive: Mapping[int, Sequence[int]] | Sequence[int] | MassiveProfile | None,
-    min_value: float | int,
-    min_ratio: float | int,
-    prepend_bos: bool | None,
-) -> dict[int, tuple[int, ...]]:
-    if isinstance(massive, Mapping):
-        return {int(p): tuple(int(d) for d in dims) for p, dims in massive.items()}
-    if isinstance(massive, MassiveProfile):
-        states = hidden_states(model, text, hooks=list(massive.hook_names), prepend_bos=prepend_bos)
-        found = states.massive(massive.min_value, massive.min_ratio)
-        dims = set(massive.massive_dims)
-        return {p: tuple(d for d in ds if d in dims) for p, ds in found.items() if dims.intersection(ds)}
-    if massive is not None:
-        bad = [p for p in massive if isinstance(p, bool) or not isinstance(p, int)]
-        if bad:
-            raise TypeError(f"massive positions must be integers, not {bad}.")
-        return {int(p): () for p in massive}
-    return hidden_states(model, text, prepend_bos=prepend_bos).massive(min_value, min_ratio)
-
-
-def attention_heads(
-    model: TransformerLensModel,
-    text: str | torch.Tensor,
-    layer: int,
-    *,
-    heads: Sequence[int] | None = None,
-    massive: Mapping[int, Sequence[int]] | Sequence[int] | MassiveProfile | None = None,
-    min_value: float | int = 100.0,
-    min_ratio: float | int = 1000.0,
-    exclude_bos: bool = False,
-    max_value: float | int | None = None,
-    prepend_bos: bool | None = None,
-) -> Widget:
-    """The attention patterns of one layer's heads on one input, massive tokens marked.
-
-    Draws circuitsvis's ``AttentionHeads`` with ``attention`` of shape
-    ``[head_index, query_pos, key_pos]`` (``hook_pattern`` of the layer). Each
-    massive token's label gets ``★`` and its dims (``"[CLS] ★d99"``).
-
-    Args:
-        model: a TransformerBridge with eager attention (:func:`massact_lens.load_model`).
-        text: one string, or one input's token ids.
-        layer: the layer whose heads are drawn.
-        heads: only these heads (default all).
-        massive: which tokens to mark: a ``{position: dims}`` map, a list of
-            positions, a :class:`~massact_lens.MassiveProfile` (its dims at its
-            hooks, with its thresholds), or None to apply the criterion
-            (``min_value``, ``min_ratio``) to this input's residual stream.
-        exclude_bos: leave the sink keys (position 0 and the massive tokens) out of
-            the colour scale: the scale's maximum is the largest attention on any
-            other key; the sink columns saturate.
-        max_value: the colour scale's maximum, by hand (overrides ``exclude_bos``).
-        prepend_bos: for a string, put BOS / [CLS] first (None: the model's default).
-
-    Returns:
-        A :class:`Widget`; ``meta`` holds the layer, heads, massive positions,
-        the colour maximum and whether the upper triangle is masked.
-
-    Raises:
-        ValueError: a layer or head that does not exist, a bad threshold.
-
-    >>> from massact_lens.examples import minilm
-    >>> view = attention_heads(minilm(), "Rain fell.", layer=3, heads=[0, 1],
-    ...                        massive=[0], exclude_bos=True)
-    >>> view.props["attentionHeadNames"], view.meta["massive"]
-    (['L3H0', 'L3H1'], {0: ()})
-    >>> 0 < view.props["maxValue"] < 1
-    True
-    """
-    n_heads = int(model.cfg.n_heads)
+def _chosen_heads(heads: Sequence[int] | None, n_heads: int, max_value: float | int | None) -> list[int]:
     chosen = list(range(n_heads)) if heads is None else [int(h) for h in heads]
     bad = [h for h in chosen if not 0 <= h < n_heads]
     if bad or not chosen:
         raise ValueError(f"Heads {bad or chosen} do not exist: the model has {n_heads} heads (0..{n_heads - 1}).")
     if max_value is not None and not max_value > 0:
         raise ValueError(f"max_value must be positive, not {max_value!r}.")
-    marks = _massive_map(model, text, massive, min_value, min_ratio, prepend_bos)
-    logits = attention_logits(model, text, layers=[layer], prepend_bos=prepend_bos)
-    pattern = logits.pattern[0][chosen]  # [head, query, key]
+    return chosen
+
+
+def attention_heads_widget(
+    logits: AttentionLogits,
+    layer: int,
+    *,
+    heads: Sequence[int] | None = None,
+    massive: Marks | None = None,
+    exclude_bos: bool = False,
+    max_value: float | int | None = None,
+    causal: bool | None = None,
+) -> Widget:
+    """The attention patterns of one layer's heads on one input, massive tokens marked.
+
+    Draws circuitsvis's ``AttentionHeads`` with ``attention`` of shape
+    ``[head_index, query_pos, key_pos]`` (``logits.pattern`` of the layer). Each
+    massive token's label gets ``★`` and its dims (``"[CLS] ★d99"``).
+
+    Args:
+        logits: from :func:`massact_lens.attention.attention_logits` (one input).
+        layer: the layer whose heads are drawn (one of ``logits.layers``).
+        heads: only these heads (default all).
+        massive: which tokens to mark: a ``{position: dims}`` map (as
+            :meth:`~massact_lens.viz.HiddenStates.massive` gives) or a list of positions.
+        exclude_bos: leave the sink keys (position 0 and the massive tokens) out of
+            the colour scale: the scale's maximum is the largest attention on any
+            other key; the sink columns saturate.
+        max_value: the colour scale's maximum, by hand (overrides ``exclude_bos``).
+        causal: mask the upper triangle. None: as the logits say (a causal model's
+            logits are NaN above the diagonal); an encoder's upper triangle is real
+            attention and stays visible.
+
+    Returns:
+        A :class:`Widget`; ``meta`` holds the layer, heads, massive positions,
+        the colour maximum and whether the upper triangle is masked.
+
+    >>> from massact_lens.attention import attention_logits
+    >>> from massact_lens.examples import minilm
+    >>> logits = attention_logits(minilm(), "Rain fell.", layers=[3])
+    >>> view = attention_heads_widget(logits, 3, heads=[0, 1], massive=[0], exclude_bos=True)
+    >>> view.props["attentionHeadNames"], view.meta["massive"], view.meta["mask_upper_tri"]
+    (['L3H0', 'L3H1'], {0: ()}, False)
+    """
+    if layer not in logits.layers:
+        raise ValueError(f"Layer {layer} is not in these logits (layers {list(logits.layers)}).")
+    index = logits.layers.index(layer)
+    chosen = _chosen_heads(heads, int(logits.pattern.shape[1]), max_value)
+    marks = _marks(massive)
+    pattern = logits.pattern[index][chosen]  # [head, query, key]
     tokens = list(logits.tokens)
     if pattern.shape[-1] != len(tokens) or pattern.shape[-2] != len(tokens):
         raise ValueError(
             f"Layer {layer}'s pattern is {tuple(pattern.shape[-2:])} for {len(tokens)} tokens: "
             "circuitsvis draws square query x key patterns over the tokens only."
         )
-    causal = _is_causal(model)
+    if causal is None:
+        above = torch.ones(pattern.shape[-2:], dtype=torch.bool).triu(diagonal=1)
+        causal = bool(torch.isnan(logits.logits[index][:, above]).all())
     scale = None if max_value is None else float(max_value)
     if scale is None and exclude_bos:
         sinks = sorted({0, *marks})
@@ -303,8 +269,85 @@ def attention_heads(
             "max_value": scale,
             "mask_upper_tri": causal,
             "tokens": tuple(tokens),
-            "model": logits.model,
+            "provenance": logits.model,
         },
+    )
+
+
+def attention_heads(
+    model: TransformerLensModel,
+    text: str | torch.Tensor,
+    layer: int,
+    *,
+    heads: Sequence[int] | None = None,
+    massive: Marks | MassiveProfile | None = None,
+    min_value: float | int = 100.0,
+    min_ratio: float | int = 1000.0,
+    exclude_bos: bool = False,
+    max_value: float | int | None = None,
+    prepend_bos: bool | None = None,
+) -> Widget:
+    """Measure one input's attention and draw one layer's heads (:func:`attention_heads_widget`).
+
+    Args:
+        model: a TransformerBridge with eager attention (:func:`massact_lens.load_model`).
+        text: one string, or one input's token ids.
+        massive: which tokens to mark: as :func:`attention_heads_widget` takes, a
+            :class:`~massact_lens.MassiveProfile` (its dims at its hooks, with its
+            thresholds), or None to apply the criterion (``min_value``,
+            ``min_ratio``) to this input's residual stream.
+        prepend_bos: for a string, put BOS / [CLS] first (None: the model's default).
+        layer, heads, exclude_bos, max_value: as :func:`attention_heads_widget` takes.
+
+    Raises:
+        ValueError: a layer or head that does not exist, a bad threshold.
+
+    >>> from massact_lens.examples import minilm
+    >>> view = attention_heads(minilm(), "Rain fell.", layer=3, heads=[0, 1],
+    ...                        massive=[0], exclude_bos=True)
+    >>> view.props["attentionHeadNames"], view.meta["massive"]
+    (['L3H0', 'L3H1'], {0: ()})
+    >>> 0 < view.props["maxValue"] < 1
+    True
+    """
+    _chosen_heads(heads, int(model.cfg.n_heads), max_value)  # before any forward pass
+    if isinstance(massive, MassiveProfile):
+        states = hidden_states(model, text, hooks=list(massive.hook_names), prepend_bos=prepend_bos)
+        found = states.massive(massive.min_value, massive.min_ratio)
+        dims = set(massive.massive_dims)
+        massive = {p: tuple(d for d in ds if d in dims) for p, ds in found.items() if dims.intersection(ds)}
+    elif massive is None:
+        massive = hidden_states(model, text, prepend_bos=prepend_bos).massive(min_value, min_ratio)
+    logits = attention_logits(model, text, layers=[layer], prepend_bos=prepend_bos)
+    return attention_heads_widget(
+        logits, layer, heads=heads, massive=massive, exclude_bos=exclude_bos, max_value=max_value,
+        causal=is_causal(model),
+    )
+
+
+def tokens_by_activation_widget(states: HiddenStates, *, dim: int | None = None) -> Widget:
+    """One input's tokens coloured by their largest ``|activation|``, one colouring per hidden state.
+
+    Draws circuitsvis's ``ColoredTokensMulti`` with ``values`` of shape
+    ``[pos, n_hooks]``: per token and hook point, ``max_d |x[pos, d]|``, or with
+    ``dim`` the signed ``x[pos, dim]``. Hover a token for all its values; pick a
+    hook point to colour by it. Massive tokens stand out at once.
+
+    >>> from massact_lens.examples import minilm
+    >>> from massact_lens.viz import hidden_states
+    >>> view = tokens_by_activation_widget(hidden_states(minilm(), "Rain fell.", layers=[0]), dim=99)
+    >>> view.props["labels"], round(view.props["values"][0][1])     # [CLS], blocks.0.ln2.hook_in
+    (['blocks.0.ln1.hook_in', 'blocks.0.ln2.hook_in'], 220)
+    """
+    d_model = int(states.values.shape[-1])
+    if dim is not None and (isinstance(dim, bool) or not 0 <= dim < d_model):
+        raise ValueError(f"dim {dim!r} does not exist: d_model is {d_model}.")
+    # [hooks, pos]: the largest |x| of each token, or one dim's signed value
+    values = states.values.abs().amax(dim=-1) if dim is None else states.values[:, :, dim]
+    return Widget(
+        "ColoredTokensMulti",
+        {"tokens": list(states.tokens), "values": values.T.contiguous(), "labels": list(states.hook_names)},
+        meta={"dim": dim, "hook_names": states.hook_names, "tokens": states.tokens, "provenance": states.provenance},
     )
 
 
@@ -317,12 +360,7 @@ def tokens_by_activation(
     layers: Sequence[int] | None = None,
     prepend_bos: bool | None = None,
 ) -> Widget:
-    """One input's tokens coloured by their largest ``|activation|``, one colouring per hidden state.
-
-    Draws circuitsvis's ``ColoredTokensMulti`` with ``values`` of shape
-    ``[pos, n_hooks]``: per token and hook point, ``max_d |x[pos, d]|``, or with
-    ``dim`` the signed ``x[pos, dim]``. Hover a token for all its values; pick a
-    hook point to colour by it. Massive tokens stand out at once.
+    """Read one input's hidden states and colour its tokens (:func:`tokens_by_activation_widget`).
 
     Args:
         model: a TransformerBridge.
@@ -334,17 +372,8 @@ def tokens_by_activation(
 
     >>> from massact_lens.examples import minilm
     >>> view = tokens_by_activation(minilm(), "Rain fell.", dim=99, layers=[0])
-    >>> view.props["labels"], round(view.props["values"][0][1])     # [CLS], blocks.0.ln2.hook_in
-    (['blocks.0.ln1.hook_in', 'blocks.0.ln2.hook_in'], 220)
+    >>> round(view.props["values"][0][1])     # [CLS] at blocks.0.ln2.hook_in
+    220
     """
     states = hidden_states(model, text, hooks=hooks, layers=layers, prepend_bos=prepend_bos)
-    d_model = int(states.values.shape[-1])
-    if dim is not None and (isinstance(dim, bool) or not 0 <= dim < d_model):
-        raise ValueError(f"dim {dim!r} does not exist: d_model is {d_model}.")
-    # [hooks, pos]: the largest |x| of each token, or one dim's signed value
-    values = states.values.abs().amax(dim=-1) if dim is None else states.values[:, :, dim]
-    return Widget(
-        "ColoredTokensMulti",
-        {"tokens": list(states.tokens), "values": values.T.contiguous(), "labels": list(states.hook_names)},
-        meta={"dim": dim, "hook_names": states.hook_names, "tokens": states.tokens, "model": states.model},
-    )
+    return tokens_by_activation_widget(states, dim=dim)

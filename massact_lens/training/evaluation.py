@@ -1,0 +1,280 @@
+"""Task metrics, BOS residual peaks and attention masses of a trained decoder, and the results table.
+
+>>> from massact_lens.checkpoints import CHECKPOINTS, load_checkpoint
+>>> from massact_lens.training import BigramBackcopy
+>>> result = task_metrics(load_checkpoint(CHECKPOINTS / "default"), BigramBackcopy(), n_sequences=8)
+>>> result.bos_peak_dim[0], result.attn_bos[1] > 0.9
+(53, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens._types import HookList, Provenance
+from massact_lens.batching import Batch, plan_batches, run_batches
+from massact_lens.checkpoints import (
+    CHECKPOINTS,
+    SPECIAL_TOKENS,
+    VARIANTS,
+    load_checkpoint,
+    read_config,
+)
+from massact_lens.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
+from massact_lens.hook_names import RESID_POST, attention_hook
+from massact_lens.training.tasks import EVAL_SEED, Task, sequences, task_from_dict
+
+__all__ = ["Evaluation", "results_table", "task_metrics"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Task metrics, BOS residual peaks and attention masses of one model, per layer.
+
+    Measured on ``n_sequences`` held-out sequences (seed
+    :data:`~massact_lens.training.tasks.EVAL_SEED`), full length (placeholder?, BOS,
+    ``seq_len`` task tokens).
+
+    Residual statistics read ``blocks.{l}.hook_resid_post`` (the raw pre-LN
+    residual) at the BOS position; the median ``|x|`` is taken over the task
+    positions (BOS and after, all dims), *not* the prefix position. Per sequence,
+    the BOS peak ratio is ``max_d |x[BOS, d]| / median``; ``bos_peak_ratio`` is its
+    median over sequences, ``bos_peak_dim`` the most common arg-max dim and
+    ``bos_peak_fraction`` the fraction of sequences whose BOS ratio is at least
+    ``peak_threshold`` *at that dim*. ``prefix_*`` is the same at position 0 of a
+    sink-token or explicit-bias model (for the latter that position is the
+    bias slot, whose residual stream nothing reads).
+
+    Attention masses average ``hook_pattern`` over heads and over the task
+    queries after BOS: ``attn_bos`` and ``attn_prefix`` over *non-trigger*
+    queries (where the model should stay dormant), ``attn_prev_trigger`` over
+    trigger queries, on the token before the trigger (the back-copy).
+
+    Attributes:
+        provenance: the model measured (``.model`` is the same, for older code).
+        loss: mean next-token cross-entropy over the task targets (nats).
+        optimal_loss: the Bayes-optimal loss on the same targets.
+        copy_accuracy: arg-max accuracy on the targets after a trigger.
+    """
+
+    provenance: Provenance
+    variant: str
+    task: dict[str, Any]
+    n_sequences: int
+    bos_position: int
+    hook_names: tuple[str, ...]
+    layers: tuple[int, ...]
+    peak_threshold: float
+    loss: float
+    optimal_loss: float
+    copy_accuracy: float
+    bos_peak_ratio: tuple[float, ...]
+    bos_peak_dim: tuple[int, ...]
+    bos_peak_fraction: tuple[float, ...]
+    prefix_peak_ratio: tuple[float, ...]
+    prefix_peak_dim: tuple[int, ...]
+    attn_bos: tuple[float, ...]
+    attn_prefix: tuple[float, ...]
+    attn_prev_trigger: tuple[float, ...]
+    checkpoint: str | None = field(default=None)
+
+    @property
+    def model(self) -> Provenance:
+        """The provenance, under the name results had before :class:`~massact_lens._types.Provenance`."""
+        return self.provenance
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per layer; the task metrics repeat on every row."""
+        columns = ("bos_peak_ratio", "bos_peak_dim", "bos_peak_fraction", "prefix_peak_ratio",
+                   "prefix_peak_dim", "attn_bos", "attn_prefix", "attn_prev_trigger")
+        rows = [
+            {
+                "variant": self.variant,
+                "layer": layer,
+                "loss": self.loss,
+                "optimal_loss": self.optimal_loss,
+                "copy_accuracy": self.copy_accuracy,
+                **{name: getattr(self, name)[i] for name in columns},
+            }
+            for i, layer in enumerate(self.layers)
+        ]
+        return pd.DataFrame(rows)
+
+
+class _Meter:
+    """Per-layer accumulators filled inside hooks, one batch at a time."""
+
+    def __init__(self, n_layers: int, bos: int, trigger_ids: list[int]) -> None:
+        self.bos = bos
+        self.triggers = torch.tensor(trigger_ids, dtype=torch.long)
+        self.ratio: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.dim: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.prefix_ratio: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.prefix_dim: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.mass = torch.zeros(n_layers, 3, dtype=torch.float64)  # bos, prefix, prev (sums)
+        self.count = torch.zeros(n_layers, 2, dtype=torch.float64)  # non-trigger, trigger queries
+        self.nll: list[torch.Tensor] = []
+        self.copy_hits = 0
+        self.copies = 0
+
+    def residual(self, layer: int):  # noqa: ANN201
+        def read(x: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            x = x.detach().float()
+            task = x[:, self.bos :].abs()
+            median = task.flatten(1).median(dim=1).values
+            peak, dim = task[:, 0].max(dim=1)
+            self.ratio[layer].append((peak / median).cpu())
+            self.dim[layer].append(dim.cpu())
+            if self.bos > 0:
+                pre, pre_dim = x[:, 0].abs().max(dim=1)
+                self.prefix_ratio[layer].append((pre / median).cpu())
+                self.prefix_dim[layer].append(pre_dim.cpu())
+
+        return read
+
+    def attention(self, layer: int, tokens: torch.Tensor):  # noqa: ANN201
+        def read(pattern: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            p = pattern.detach().float().mean(dim=1)  # [batch, query, key]
+            queries = torch.arange(self.bos + 1, p.shape[1], device=p.device)
+            is_trigger = torch.isin(tokens[:, queries], self.triggers.to(tokens.device))
+            rows = p[:, queries]  # [batch, n_query, key]
+            plain = (~is_trigger).double()
+            self.mass[layer, 0] += float((rows[..., self.bos].double() * plain).sum())
+            if self.bos > 0:
+                self.mass[layer, 1] += float((rows[..., 0].double() * plain).sum())
+            previous = rows.gather(2, (queries - 1).expand(rows.shape[0], -1)[..., None])[..., 0]
+            self.mass[layer, 2] += float((previous.double() * is_trigger.double()).sum())
+            self.count[layer, 0] += float(plain.sum())
+            self.count[layer, 1] += float(is_trigger.sum())
+
+        return read
+
+    def logits(self, batch: Batch, logits: torch.Tensor) -> None:
+        tokens = batch.tokens.to(logits.device)
+        predicted = logits[:, self.bos : -1].float()
+        targets = tokens[:, self.bos + 1 :]
+        nll = torch.nn.functional.cross_entropy(predicted.transpose(1, 2), targets, reduction="none")
+        self.nll.append(nll.cpu())
+        after_trigger = torch.isin(tokens[:, self.bos : -1], self.triggers.to(tokens.device))
+        self.copy_hits += int(((predicted.argmax(-1) == targets) & after_trigger).sum())
+        self.copies += int(after_trigger.sum())
+
+
+def _mode(values: torch.Tensor) -> int:
+    return int(torch.mode(values).values) if values.numel() else -1
+
+
+def _variant(model: TransformerLensModel) -> str:
+    component = prefix_component(model)
+    if isinstance(component, ExplicitAttentionBias):
+        return "explicit_bias"
+    return "sink_token" if isinstance(component, SinkToken) else "default"
+
+
+def task_metrics(
+    model: TransformerLensModel,
+    task: Task,
+    *,
+    n_sequences: int = 256,
+    batch_size: int = 64,
+    peak_threshold: float = 25.0,
+    seed: int = EVAL_SEED,
+    progress: bool = False,
+) -> Evaluation:
+    """Measure a model trained by :mod:`massact_lens.training` on held-out sequences of ``task``.
+
+    Named ``evaluate`` before; see :class:`Evaluation` for every definition. The
+    variant is read from the model (its attached bias slot or sink token).
+
+    >>> from massact_lens.checkpoints import CHECKPOINTS, load_checkpoint
+    >>> from massact_lens.training import BigramBackcopy
+    >>> result = task_metrics(load_checkpoint(CHECKPOINTS / "default"), BigramBackcopy(), n_sequences=8)
+    >>> result.bos_peak_ratio[0] > 25, result.bos_peak_dim[0], result.attn_bos[1] > 0.9
+    (True, 53, True)
+    """
+    if n_sequences < 1:
+        raise ValueError(f"n_sequences must be positive, not {n_sequences}.")
+    variant = _variant(model)
+    tokens = sequences(task, variant, np.random.default_rng(seed), n_sequences)
+    if int(tokens.max()) >= int(model.cfg.d_vocab) or tokens.shape[1] > int(model.cfg.n_ctx):
+        raise ValueError("This task does not fit the model's vocabulary or context: evaluate it on the task it was trained on.")
+    bos = 0 if variant == "default" else 1
+    n_layers = int(model.cfg.n_layers)
+    meter = _Meter(n_layers, bos, task.trigger_ids())
+    resid = [RESID_POST.format(layer=layer) for layer in range(n_layers)]
+    patterns = [attention_hook("pattern", layer) for layer in range(n_layers)]
+
+    def make_hooks(batch: Batch) -> HookList:
+        hooks: HookList = [(name, meter.residual(i)) for i, name in enumerate(resid)]
+        return hooks + [(name, meter.attention(i, batch.tokens)) for i, name in enumerate(patterns)]
+
+    plan = plan_batches(model, tokens, batch_size=batch_size)
+    run_batches(model, plan, make_hooks, progress=progress, desc="evaluate", on_batch=meter.logits)
+    nan = float("nan")
+    ratio = [torch.cat(r) for r in meter.ratio]
+    dims = [torch.cat(d) for d in meter.dim]
+    modes = [_mode(d) for d in dims]
+    optimal = task.optimal_nll(tokens[:, bos + 1 :].numpy() - len(SPECIAL_TOKENS))
+    mass = meter.mass / meter.count[:, [0, 0, 1]].clamp(min=1)
+    return Evaluation(
+        provenance=Provenance.of(model),
+        variant=variant,
+        task=task.to_dict(),
+        n_sequences=n_sequences,
+        bos_position=bos,
+        hook_names=tuple(resid) + tuple(patterns),
+        layers=tuple(range(n_layers)),
+        peak_threshold=peak_threshold,
+        loss=float(torch.cat(meter.nll).mean()),
+        optimal_loss=float(np.mean(optimal)),
+        copy_accuracy=meter.copy_hits / meter.copies if meter.copies else nan,
+        bos_peak_ratio=tuple(float(r.median()) for r in ratio),
+        bos_peak_dim=tuple(modes),
+        bos_peak_fraction=tuple(
+            float(((r >= peak_threshold) & (d == m)).double().mean()) for r, d, m in zip(ratio, dims, modes, strict=True)
+        ),
+        prefix_peak_ratio=tuple(float(torch.cat(r).median()) if r else nan for r in meter.prefix_ratio),
+        prefix_peak_dim=tuple(_mode(torch.cat(d)) if d else -1 for d in meter.prefix_dim),
+        attn_bos=tuple(float(x) for x in mass[:, 0]),
+        attn_prefix=tuple(float(x) if bos else nan for x in mass[:, 1]),
+        attn_prev_trigger=tuple(float(x) if meter.count[i, 1] else nan for i, x in enumerate(mass[:, 2])),
+    )
+
+
+def results_table(
+    directories: Sequence[str | Path] | None = None,
+    *,
+    n_sequences: int = 256,
+    peak_threshold: float = 25.0,
+) -> pd.DataFrame:
+    """The results table: one row per (checkpoint, layer), as :class:`Evaluation` defines.
+
+    Args:
+        directories: checkpoint folders (default: the three shipped Bigram-Backcopy
+            models, in :data:`~massact_lens.checkpoints.VARIANTS` order).
+        n_sequences: held-out sequences per model.
+        peak_threshold: the ratio counted in ``bos_peak_fraction``.
+
+    >>> from massact_lens.checkpoints import CHECKPOINTS
+    >>> results_table([CHECKPOINTS / "default"], n_sequences=4)["layer"].tolist()
+    [0, 1, 2]
+    """
+    folders = [CHECKPOINTS / v for v in VARIANTS] if directories is None else [Path(d) for d in directories]
+    frames = []
+    for folder in folders:
+        model = load_checkpoint(folder)
+        task = task_from_dict(read_config(folder)["task"])
+        result = task_metrics(model, task, n_sequences=n_sequences, peak_threshold=peak_threshold)
+        frame = result.to_dataframe()
+        frame.insert(0, "checkpoint", folder.name)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
