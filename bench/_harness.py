@@ -201,6 +201,15 @@ def quiet_stderr() -> Iterator[None]:
         yield
 
 
+def warn_if_busy() -> None:
+    """Say so on stderr when other work already loads the machine (timings are then noise)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5:
+        print(f"WARNING: load average {load:.1f} on {cores} core(s) before the benchmark starts: "
+              "other processes are running, so the timings are noise (memory and checks are not).",
+              file=sys.stderr)
+
+
 def environment() -> dict[str, Any]:
     import platform
 

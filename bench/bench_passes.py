@@ -56,6 +56,7 @@ from _harness import (  # noqa: E402
     rotated,
     run_child,
     summary,
+    warn_if_busy,
 )
 
 METHODS = ("forward", "scan", "profile", "implicit_bias", "attention_concentration", "lineage")
@@ -174,6 +175,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(f"massact_lens from {Path(massact_lens.__file__).parent}", file=sys.stderr)
+    warn_if_busy()
     with quiet_stderr():
         model = _load(args.model)
     sizes = {"short": args.short_size, "long": args.long_size}

@@ -98,6 +98,7 @@ from _harness import (  # noqa: E402
     rotated,
     run_child,
     summary,
+    warn_if_busy,
 )
 
 ROUTES = ("hf", "bridge", "hf_hidden", "hf_hooks", "nnsight", "paper", "scan", "run_with_cache")
@@ -497,6 +498,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(f"massact_lens from {Path(massact_lens.__file__).parent}", file=sys.stderr)
+    warn_if_busy()
     with quiet_stderr():
         model = examples.minilm("cpu") if args.model == "minilm" else examples.smollm2("cpu")
         folder = str(examples.minilm_dir() if args.model == "minilm" else examples.smollm2_dir())
@@ -615,7 +617,7 @@ def main() -> None:
             "configs": [
                 {"length": c["length"], "size": c["size"], "n_tokens": c["n_tokens"],
                  "routes": {r: {"seconds": times[r][i], "peak_bytes": peaks[r][i],
-                                "peak_bytes_default_malloc": peaks_default[r][i]} for r in routes}}
+                                "peak_bytes_timing_processes": peaks_default[r][i]} for r in routes}}
                 for i, c in enumerate(configs)
             ],
         }
