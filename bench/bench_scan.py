@@ -4,6 +4,7 @@ Run from the repository root:
 
     python bench/bench_scan.py            # MiniLM, 128 inputs of ~100 tokens
     python bench/bench_scan.py --quick    # fewer inputs, for a smoke run
+    python bench/bench_scan.py --micro    # only the median microbenchmark (seconds)
 
 Time: the methods run interleaved in one process, ``--repeats`` rounds, and
 the median wall time of each is reported with its ratio to the bare pass (ratios
@@ -20,6 +21,16 @@ what the allocator keeps cached after a free (without it, allocator retention,
 not the method, decides the numbers).
 
 Retention: the bytes a ScanResult keeps, at two corpus sizes, per input.
+
+Median microbenchmark (``--micro`` runs only this): the lower median of each row of a
+``[batch, pos x d_model]`` float32 magnitude matrix, as massact_lens.statistics finds it
+on the CPU (one ``np.partition`` per batch) against ``torch.kthvalue`` and
+``torch.median``, best of several calls, after checking that all three agree.
+
+The scan against seven other ways to the same statistics (HF forward, hooks,
+output_hidden_states, nnsight, the paper's float64 copies, run_with_cache), one fresh
+process per route and round: bench/bench_routes.py. Cost of each measurement in forward
+passes: bench/bench_passes.py.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 import massact_lens as ml  # noqa: E402
 from massact_lens.batching import last_block_hook, plan_batches, run_batches  # noqa: E402
 from massact_lens.examples import minilm  # noqa: E402
+from massact_lens.statistics import hidden_state_stats, lower_medians  # noqa: E402
 
 WORDS = ["the", "model", "reads", "a", "long", "sentence", "about", "rivers", "and", "mountains", "while", "the", "night", "falls", "slowly", "over", "quiet", "towns", "where", "people", "sleep", "and", "dream", "of", "distant", "seas"]
 
@@ -72,7 +84,8 @@ def scanned(model, texts, batch_size):
 
 
 def cached(model, texts, batch_size):
-    """A typical run_with_cache workflow: cache everything, then compute the same statistics."""
+    """A typical run_with_cache workflow: cache everything, then compute the same statistics
+    (with the library's own arithmetic, massact_lens.statistics.hidden_state_stats)."""
     names = ml.residual_hook_names(model)
     plan = plan_batches(model, texts, batch_size=batch_size)
     kept = []
@@ -80,12 +93,7 @@ def cached(model, texts, batch_size):
         for batch in plan.batches:
             _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
             mask = batch.attention_mask.bool()
-            for name in names:
-                x = cache[name].float()
-                magnitude = x.abs().masked_fill(~mask[:, :, None], float("nan")).flatten(1)
-                medians = magnitude.nanmedian(dim=1).values
-                top, flat = magnitude.nan_to_num(nan=-1.0).topk(10, dim=1)
-                kept.append((x.flatten(1).gather(1, flat), flat, medians))
+            kept.extend(hidden_state_stats(cache[name], mask, 10) for name in names)
             del cache
     return kept
 
@@ -133,6 +141,45 @@ def retained_bytes(result: ml.ScanResult) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) + strings
 
 
+def median_micro(quick: bool) -> None:
+    """Lower median per row: the library's one-selection np.partition vs torch.kthvalue / median."""
+    batch, d_model = 16, 384
+    lengths = (16, 128) if quick else (16, 128, 512)
+    repeats = 3 if quick else 7
+    print(f"\nLower median of each row of [{batch}, pos x {d_model}] float32 |x| "
+          f"({torch.get_num_threads()} thread(s), best of {repeats}):")
+    print(f"{'pos':>6}{'np.partition (library) ms':>28}{'torch.kthvalue ms':>20}{'torch.median ms':>18}{'kthvalue / partition':>22}")
+    generator = torch.Generator().manual_seed(0)
+    for pos in lengths:
+        x = torch.randn(batch, pos * d_model, generator=generator).abs()
+        n_real = torch.full((batch,), pos * d_model)
+        k = (pos * d_model + 1) // 2
+
+        def library(x=x, n_real=n_real):
+            return lower_medians(x.clone(), n_real)
+
+        def kth(x=x, k=k):
+            return x.kthvalue(k, dim=1).values
+
+        def med(x=x):
+            return x.median(dim=1).values
+
+        reference = med()
+        for fn in (library, kth):
+            if not torch.equal(fn(), reference):
+                raise AssertionError(f"{fn.__name__} disagrees with torch.median at pos {pos}")
+        best = {}
+        for fn in (library, kth, med):
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - start)
+            best[fn.__name__] = min(runs)
+        print(f"{pos:>6}{best['library'] * 1e3:>28.2f}{best['kth'] * 1e3:>20.2f}{best['med'] * 1e3:>18.2f}"
+              f"{best['kth'] / best['library']:>22.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", type=int, default=128)
@@ -140,8 +187,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--micro", action="store_true", help="only the median microbenchmark")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.micro:
+        median_micro(args.quick)
+        return
     if args.quick:
         args.inputs, args.words, args.repeats = 32, 40, 2
     if args.memory_child:
@@ -194,6 +248,7 @@ def main() -> None:
     per_input = (sizes[large] - sizes[small]) / (large - small)
     print(f"  growth: {per_input:.0f} bytes per added input "
           f"(12 hooks x 10 entries x 4 fields x 4 bytes + medians); 10,000 inputs ~ {per_input * 1e4 / 2**20:.1f} MB")
+    median_micro(args.quick)
 
 
 if __name__ == "__main__":
