@@ -25,8 +25,8 @@ import torch
 from massact_lens.evaluate import perplexity
 from massact_lens.examples import tiny_model
 from massact_lens.interventions import ablation_hooks
-from massact_lens.massive import profile
 from massact_lens.planting import plant_massive_activation
+from massact_lens.profiles import profile
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import torch
 from massact_lens.data import PARAPHRASE_PAIRS, SENTENCES
 from massact_lens.evaluate import ablation_table
 from massact_lens.examples import minilm
-from massact_lens.massive import profile
+from massact_lens.profiles import profile
 
 
 def bigram_sequences(n: int) -> torch.Tensor:

@@ -1,183 +1,115 @@
 """massact_lens: massive activations (Sun et al. 2024) in TransformerLens models.
 
-Find them (:func:`scan`, :func:`find_massive`, :func:`profile`) in any
-``TransformerBridge`` loaded with raw weights (:func:`load_model`), offline on the
-bundled real encoder (:func:`massact_lens.examples.minilm`).
+The verbs a notebook starts with are here; everything else lives one level down, in
+subpackages named for their concern (:mod:`~massact_lens.interventions`,
+:mod:`~massact_lens.attention`, :mod:`~massact_lens.evaluate`, :mod:`~massact_lens.viz`,
+:mod:`~massact_lens.examples`, :mod:`~massact_lens.training`).
 
->>> import massact_lens
->>> "scan" in massact_lens.__all__
-True
+>>> import massact_lens as ml
+>>> from massact_lens.examples import minilm
+>>> found = ml.find_massive(ml.scan(minilm(), ["The cat sat on the mat."], progress=False), 50, 200)
+>>> sorted({(r.token, r.dim) for r in found})
+[('[CLS]', 99)]
 """
 
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+from massact_lens import attention, evaluate, examples, interventions
 from massact_lens._types import Provenance
-from massact_lens.attention import (
-    AttentionConcentration,
-    AttentionLogits,
-    ImplicitBias,
-    MassiveTokens,
-    TokenFeatures,
-    attention_concentration,
-    attention_logits,
-    implicit_bias,
-    token_features,
-)
-from massact_lens.batching import Batch, plan_batches
-from massact_lens.evaluate import (
-    AblationTable,
-    PatchHook,
-    PatchingResult,
-    PerplexityResult,
-    SimilarityResult,
-    ablation_table,
-    embedding_similarity,
-    massive_patching,
-    patching_hooks,
-    perplexity,
-    sentence_embeddings,
-)
-from massact_lens.explicit_bias import (
-    ExplicitAttentionBias,
-    SinkToken,
-    attach_explicit_bias,
-    attach_sink_token,
-    detach_prefix,
-    first_token_position,
-    prefix_component,
-)
-from massact_lens.hook_names import residual_hook_names, resolve_hook_names
-from massact_lens.interventions import (
-    EditHook,
-    PositionRule,
-    TokenTracker,
-    ablated,
-    ablation_hooks,
-    all_positions,
-    at_positions,
-    check_profile_matches,
-    delimiter_positions,
-    edit_hooks,
-    intervention_hooks,
-    kind_positions,
-    mean_hook,
-    scale_hook,
-    start_token,
-    value_hook,
-    where_massive,
-    zero_hook,
-)
-from massact_lens.massive import (
-    DimSummary,
-    MassiveActivation,
-    MassiveActivations,
-    MassiveProfile,
-    ValueStat,
-    find_massive,
-    profile,
-    token_kind,
-)
-from massact_lens.models import load_model, model_description, warn_if_processed, weights_processed
+from massact_lens.attention import attention_concentration, implicit_bias
+from massact_lens.evaluate import ablation_table, perplexity
+from massact_lens.interventions import ablated, ablation_hooks
+from massact_lens.lineage import lineage
+from massact_lens.massive import MassiveActivations, find_massive
+from massact_lens.models import load_model
+from massact_lens.profiles import MassiveProfile, profile
 from massact_lens.scan import ScanResult, scan
+from massact_lens.weights import edited_weights
 
-__version__ = "0.1.0"
-
-
-#: Loaded on first use: the viz subpackage (plotly, circuitsvis), and the training
-#: names, so that ``python -m massact_lens.train`` does not import its own module twice.
-_LAZY = {
-    "viz": None,
-    **dict.fromkeys(
-        (
-            "BigramBackcopy", "Evaluation", "ModelConfig", "SnapshotScan", "TextFile", "TrainConfig",
-            "TrainResult", "load_checkpoint", "results_table", "scan_snapshots",
-        ),
-        "massact_lens.train",
-    ),
-}
-
-
-def __getattr__(name: str):  # noqa: ANN202
-    import importlib
-
-    if name not in _LAZY:
-        raise AttributeError(f"module 'massact_lens' has no attribute {name!r}")
-    if name == "viz":
-        return importlib.import_module("massact_lens.viz")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__version__ = "0.2.0"
 
 __all__ = [
-    "Provenance",
-    "AblationTable",
-    "AttentionConcentration",
-    "AttentionLogits",
-    "Batch",
-    "BigramBackcopy",  # noqa: F822 (lazy, see __getattr__)
-    "DimSummary",
-    "EditHook",
-    "Evaluation",  # noqa: F822 (lazy, see __getattr__)
-    "ExplicitAttentionBias",
-    "ImplicitBias",
-    "MassiveActivation",
     "MassiveActivations",
     "MassiveProfile",
-    "MassiveTokens",
-    "ModelConfig",  # noqa: F822 (lazy, see __getattr__)
-    "PatchHook",
-    "PatchingResult",
-    "PerplexityResult",
-    "PositionRule",
+    "Provenance",
     "ScanResult",
-    "SimilarityResult",
-    "SinkToken",
-    "SnapshotScan",  # noqa: F822 (lazy, see __getattr__)
-    "TextFile",  # noqa: F822 (lazy, see __getattr__)
-    "TokenFeatures",
-    "TokenTracker",
-    "TrainConfig",  # noqa: F822 (lazy, see __getattr__)
-    "TrainResult",  # noqa: F822 (lazy, see __getattr__)
-    "ValueStat",
     "ablated",
     "ablation_hooks",
     "ablation_table",
-    "all_positions",
-    "at_positions",
-    "attach_explicit_bias",
-    "attach_sink_token",
+    "attention",
     "attention_concentration",
-    "attention_logits",
-    "check_profile_matches",
-    "delimiter_positions",
-    "detach_prefix",
-    "edit_hooks",
-    "embedding_similarity",
+    "edited_weights",
+    "evaluate",
+    "examples",
     "find_massive",
-    "first_token_position",
     "implicit_bias",
-    "intervention_hooks",
-    "kind_positions",
-    "load_checkpoint",  # noqa: F822 (lazy, see __getattr__)
+    "interventions",
+    "lineage",
     "load_model",
-    "massive_patching",
-    "mean_hook",
-    "model_description",
-    "patching_hooks",
     "perplexity",
-    "plan_batches",
-    "prefix_component",
     "profile",
-    "residual_hook_names",
-    "resolve_hook_names",
-    "results_table",  # noqa: F822 (lazy, see __getattr__)
-    "scale_hook",
     "scan",
-    "scan_snapshots",  # noqa: F822 (lazy, see __getattr__)
-    "sentence_embeddings",
-    "start_token",
-    "token_features",
-    "token_kind",
-    "value_hook",
-    "viz",  # noqa: F822 (a lazily imported subpackage, see __getattr__)
-    "warn_if_processed",
-    "weights_processed",
-    "where_massive",
-    "zero_hook",
+    "viz",  # noqa: F822 (imported on first use: plotly and circuitsvis are heavy)
 ]
+
+#: Subpackages imported on first use.
+_LAZY_MODULES = {"viz": "massact_lens.viz", "training": "massact_lens.training", "report": "massact_lens.report"}
+
+#: Names that were top-level in 0.1, and where they live now. They still work, with a
+#: DeprecationWarning, for one release.
+_MOVED = {
+    **dict.fromkeys(
+        ("AttentionConcentration", "AttentionLogits", "ImplicitBias", "MassiveTokens", "TokenFeatures",
+         "attention_logits", "token_features"),
+        "massact_lens.attention",
+    ),
+    **dict.fromkeys(("Batch", "plan_batches"), "massact_lens.batching"),
+    **dict.fromkeys(
+        ("AblationTable", "PatchHook", "PatchingResult", "PerplexityResult", "SimilarityResult",
+         "embedding_similarity", "massive_patching", "patching_hooks", "sentence_embeddings"),
+        "massact_lens.evaluate",
+    ),
+    **dict.fromkeys(
+        ("ExplicitAttentionBias", "SinkToken", "attach_explicit_bias", "attach_sink_token", "detach_prefix",
+         "first_token_position", "prefix_component"),
+        "massact_lens.explicit_bias",
+    ),
+    **dict.fromkeys(("residual_hook_names", "resolve_hook_names"), "massact_lens.hook_names"),
+    **dict.fromkeys(
+        ("EditHook", "PositionRule", "TokenTracker", "all_positions", "at_positions", "check_profile_matches",
+         "delimiter_positions", "edit_hooks", "intervention_hooks", "kind_positions", "mean_hook", "scale_hook",
+         "start_token", "value_hook", "where_massive", "zero_hook"),
+        "massact_lens.interventions",
+    ),
+    **dict.fromkeys(("DimSummary", "MassiveActivation", "token_kind"), "massact_lens.massive"),
+    "ValueStat": "massact_lens.profiles",
+    **dict.fromkeys(("model_description", "warn_if_processed", "weights_processed"), "massact_lens.models"),
+    **dict.fromkeys(
+        ("BigramBackcopy", "Evaluation", "ModelConfig", "SnapshotScan", "TextFile", "TrainConfig", "TrainResult",
+         "results_table", "scan_snapshots"),
+        "massact_lens.training",
+    ),
+    "load_checkpoint": "massact_lens.checkpoints",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        return importlib.import_module(_LAZY_MODULES[name])
+    if name in _MOVED:
+        module = _MOVED[name]
+        warnings.warn(
+            f"massact_lens.{name} moved to {module}.{name} in 0.2; the top-level name goes in 0.3.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'massact_lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_LAZY_MODULES))

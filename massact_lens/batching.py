@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import HookList, Inputs, model_device
+from massact_lens.models import fast_attention
 
 __all__ = [
     "Batch",
@@ -304,6 +305,10 @@ def run_batches(
     removed when the batch ends, also when a hook raises. Runs in inference mode.
     ``on_batch(batch, logits)`` sees the model output. Returns the number of inputs.
 
+    Attention runs PyTorch's fused kernel (SDPA) unless a hook of the batch, or one the
+    user attached, reads an attention pattern or score (see
+    :func:`massact_lens.models.fast_attention`); the setting is restored after each batch.
+
     ``stop_after``: a hook name (use :func:`last_block_hook`) after which the rest
     of the forward pass is skipped: later blocks, the final norm and the unembedding,
     which on a BERT bridge (a 30k-word prediction head) is most of the cost. Only
@@ -327,7 +332,8 @@ def run_batches(
             if stop_after is not None:
                 hooks = [*hooks, (stop_after, stop)]
             out = None
-            with model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
+            attention = fast_attention(model, [name for name, _ in hooks])
+            with attention, model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
                 out = model(tokens, attention_mask=mask, return_type="logits" if on_batch else None)  # type: ignore[operator]
             if on_batch is not None:
                 on_batch(batch, out)

@@ -1,11 +1,14 @@
 """The ``massact`` command: scan, ablate, report, and train small decoders, from the shell.
 
-Without ``--model`` it runs on the bundled all-MiniLM-L6-v2 with thresholds for a
-384-dim encoder (50 and 200x); with ``--model`` (a hub name, a HuggingFace folder, or
-a checkpoint folder) the paper's 100 and 1000x unless given. Arguments and files are
-checked before any model is loaded.
+Without ``--model`` it runs on the bundled SmolLM2-135M-Instruct (a LLaMA-family
+decoder; weights dequantised from Q4_1) with the paper's thresholds (100 and 1000x).
+``--model`` takes a short name (``smollm2``, ``minilm``: 50 and 200x for that 384-dim
+encoder, ``bigram_backcopy[:default|sink_token|explicit_bias]``), a hub name, a
+HuggingFace folder, or a checkpoint folder. Arguments and files are checked before any
+model is loaded. Under ``torchrun`` the scan is split across the ranks.
 
     massact scan --model ./my_llama --prompts prompts.txt --json scan.json
+    torchrun --nproc-per-node 2 -m massact_lens scan --json scan.json
     massact ablate                                # the paper's Table 3: zero vs mean
     massact report                                # one offline HTML page: massact_report.html
     massact train bigram-backcopy --variant explicit_bias --out runs/eb --snapshot-every 500
@@ -29,9 +32,33 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2 (bundled)"
-#: Thresholds for the embedded default model (a 384-dim encoder) and for any other model.
-DEFAULT_THRESHOLDS = {"default": (50.0, 200.0), "other": (100.0, 1000.0)}
+DEFAULT_MODEL = "smollm2"
+#: The short names ``--model`` takes for the bundled models, and how they are described.
+BUNDLED = {
+    "smollm2": "SmolLM2-135M-Instruct (bundled; weights dequantised from Q4_1, not the original bf16)",
+    "minilm": "all-MiniLM-L6-v2 (bundled)",
+    "bigram_backcopy": "Bigram-Backcopy decoder trained by the project (bundled)",
+}
+#: The paper's thresholds, and lower ones for the small bundled models.
+PAPER_THRESHOLDS = (100.0, 1000.0)
+SMALL_THRESHOLDS = {"minilm": (50.0, 200.0), "bigram_backcopy": (10.0, 20.0)}
+
+
+def _short_name(model_arg: str | None) -> tuple[str, str | None] | None:
+    """(bundled name, variant) for a short ``--model`` name, else None."""
+    name = DEFAULT_MODEL if model_arg is None else model_arg
+    base, _, variant = name.partition(":")
+    if base.replace("-", "_").lower() not in BUNDLED or Path(name).exists():
+        return None
+    return base.replace("-", "_").lower(), variant or None
+
+
+def _label(model_arg: str | None) -> str:
+    short = _short_name(model_arg)
+    if short is None:
+        return str(model_arg)
+    name, variant = short
+    return BUNDLED[name] + (f", variant {variant}" if variant else "")
 
 
 # ---------------------------------------------------------------- checks (no torch, no model)
@@ -48,7 +75,8 @@ def _criterion(args: argparse.Namespace) -> Any:
     """The criterion the run uses (defaults by --model given or not), checked before any model loads."""
     from massact_lens.massive import Criterion
 
-    defaults = DEFAULT_THRESHOLDS["default" if args.model is None else "other"]
+    short = _short_name(args.model)
+    defaults = SMALL_THRESHOLDS.get(short[0], PAPER_THRESHOLDS) if short else PAPER_THRESHOLDS
     values = (defaults[0] if args.min_value is None else args.min_value,
               defaults[1] if args.min_ratio is None else args.min_ratio)
     try:
@@ -113,12 +141,19 @@ def _prompts(path: str | None) -> list[str]:
 
 
 def _load(model_arg: str | None) -> Any:
+    from massact_lens import examples
     from massact_lens.checkpoints import is_checkpoint, load_checkpoint
-    from massact_lens.examples import minilm
     from massact_lens.models import load_model
 
-    if model_arg is None:
-        return minilm()
+    short = _short_name(model_arg)
+    if short is not None:
+        name, variant = short
+        if name == "bigram_backcopy":
+            return examples.bigram_backcopy(variant or "default")
+        if variant:
+            raise SystemExit(f"massact: --model {model_arg!r}: {name} has no variants.")
+        return examples.smollm2() if name == "smollm2" else examples.minilm()
+    assert model_arg is not None
     path = Path(model_arg).expanduser()
     return load_checkpoint(path) if is_checkpoint(path) else load_model(model_arg)
 
@@ -177,6 +212,20 @@ def markdown_table(frame: Any) -> str:
 # ---------------------------------------------------------------- verbs
 
 
+def _distributed() -> bool:
+    """True under torchrun with more than one process; joins the process group once."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     prompts = _prompts(args.prompts)
     criterion = _criterion(args)
@@ -185,10 +234,18 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from massact_lens.scan import scan
 
     model = _load(args.model)
-    result = scan(model, prompts, top_k=args.top_k, batch_size=args.batch_size,
-                  prepend_bos=False if args.no_bos else None, progress=not args.quiet)
+    bos = False if args.no_bos else None
+    if _distributed():
+        from massact_lens.distributed import distributed_scan
+
+        result = distributed_scan(model, prompts, top_k=args.top_k, batch_size=args.batch_size, prepend_bos=bos)
+        if result is None:  # not rank 0: rank 0 prints and writes
+            return 0
+    else:
+        result = scan(model, prompts, top_k=args.top_k, batch_size=args.batch_size, prepend_bos=bos,
+                      progress=not args.quiet)
     found = find_massive(result, criterion.min_value, criterion.min_ratio)
-    name = DEFAULT_MODEL if args.model is None else args.model
+    name = _label(args.model)
     print(f"massact scan: {name}, {result.n_inputs} prompts, BOS {'on' if result.prepend_bos else 'off'}, "
           f"criterion {_describe(criterion)}\n")
     stats = result.layer_stats()
@@ -220,14 +277,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     _check_output(args.json, "--json")
     from massact_lens._types import is_causal
     from massact_lens.evaluate import ablation_table
-    from massact_lens.massive import profile
+    from massact_lens.profiles import profile
 
     model = _load(args.model)
     pairs = _pairs_for(model, given_pairs)
     causal = is_causal(model)
     found = profile(model, prompts, min_value=criterion.min_value, min_ratio=criterion.min_ratio,
                     batch_size=args.batch_size, prepend_bos=False if args.no_bos else None, progress=not args.quiet)
-    name = DEFAULT_MODEL if args.model is None else args.model
+    name = _label(args.model)
     print(f"massact ablate: {name}, {len(prompts)} prompts, criterion {_describe(criterion)}")
     if not found.massive_dims:
         print("No massive activations under this criterion, so nothing to ablate. Lower --min-ratio / --min-value.")
@@ -266,7 +323,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     model = _load(args.model)
     pairs = _pairs_for(model, given_pairs)
-    label = DEFAULT_MODEL if args.model is None else args.model
+    label = _label(args.model)
     argv = args.argv if args.argv is not None else sys.argv[1:]
     report = build_report(
         model, prompts, model_label=label, min_value=criterion.min_value, min_ratio=criterion.min_ratio,
@@ -336,11 +393,13 @@ def cmd_train_snapshots(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub name, local HuggingFace folder, or a checkpoint folder written by "
-                        "massact train (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--model", help="smollm2 (default), minilm, bigram_backcopy[:variant], a hub name, a local "
+                        "HuggingFace folder, or a checkpoint folder written by massact train")
     parser.add_argument("--prompts", help="text file, one prompt per line (default: 40 built-in sentences)")
-    parser.add_argument("--min-value", type=float, help="criterion: |x| above this (default 50 on MiniLM, else 100)")
-    parser.add_argument("--min-ratio", type=float, help="criterion: |x| / median at least this (default 200 on MiniLM, else 1000)")
+    parser.add_argument("--min-value", type=float, help="criterion: |x| above this (default 100; 50 on MiniLM, 10 on "
+                        "the Bigram-Backcopy decoders)")
+    parser.add_argument("--min-ratio", type=float, help="criterion: |x| / median at least this (default 1000; 200 on "
+                        "MiniLM, 20 on the Bigram-Backcopy decoders)")
     parser.add_argument("--batch-size", type=_positive_int, default=16, help="inputs per forward pass (default 16)")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend BOS / [CLS] to prompts")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -391,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="massact",
         description="Find, measure, ablate and look at massive activations (Sun et al. 2024) "
-        "in TransformerLens models. Without --model: the bundled all-MiniLM-L6-v2, offline.",
+        "in TransformerLens models. Without --model: the bundled SmolLM2-135M-Instruct, offline.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     scan = sub.add_parser("scan", help="per-layer top-1/2/3 vs median, and the massive activations found",

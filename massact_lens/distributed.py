@@ -26,7 +26,8 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import Provenance
 from massact_lens.hook_names import resolve_hook_names
-from massact_lens.massive import DELIMITERS, MassiveProfile, profile
+from massact_lens.massive import DELIMITERS
+from massact_lens.profiles import MassiveProfile, profile
 from massact_lens.scan import ScanResult, scan
 
 __all__ = ["distributed_profile", "distributed_scan", "shard", "weights_fingerprint"]

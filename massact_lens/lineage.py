@@ -52,11 +52,11 @@ from massact_lens.massive import (
     DELIMITERS,
     TOKEN_KINDS,
     MassiveActivations,
-    MassiveProfile,
     passes_criterion,
     token_kind,
 )
 from massact_lens.models import warn_if_processed
+from massact_lens.profiles import MassiveProfile
 from massact_lens.scan import hidden_state_medians
 from massact_lens.weights import projection_weight
 

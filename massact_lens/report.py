@@ -35,7 +35,8 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import Provenance, is_causal
 from massact_lens.attention import attention_concentration, attention_logits, implicit_bias
-from massact_lens.massive import Criterion, find_massive, profile
+from massact_lens.massive import Criterion, find_massive
+from massact_lens.profiles import profile
 from massact_lens.scan import scan
 from massact_lens.viz.figures import (
     ablation_figure,

@@ -45,7 +45,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._types import HookList, Inputs, Provenance, model_device
 from massact_lens.batching import Batch, last_block_hook, plan_batches, run_batches, token_strings
 from massact_lens.hook_names import layer_of, resolve_hook_names
-from massact_lens.models import fast_attention, warn_if_processed
+from massact_lens.models import warn_if_processed
 from massact_lens.statistics import HiddenStateStats, hidden_state_medians, hidden_state_stats
 
 __all__ = ["ScanResult", "hidden_state_medians", "scan"]  # hidden_state_medians: see statistics
@@ -364,8 +364,7 @@ def scan(
     def make_hooks(batch: Batch) -> HookList:
         return list(zip(names, collector.start(batch, device), strict=True))
 
-    with fast_attention(model):
-        run_batches(model, plan, make_hooks, progress=progress, desc="scan", stop_after=last_block_hook(names))
+    run_batches(model, plan, make_hooks, progress=progress, desc="scan", stop_after=last_block_hook(names))
     collector.flush()
     if not collector.host:
         raise ValueError("The inputs were empty: nothing was scanned. Pass at least one input.")

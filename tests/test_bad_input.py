@@ -9,7 +9,7 @@ import torch
 
 import massact_lens as ml
 from massact_lens.examples import minilm_dir, tiny_model
-from massact_lens.massive import MassiveProfile
+from massact_lens.profiles import MassiveProfile
 
 
 def test_a_bool_token_tensor_is_refused_not_read_as_ids():
@@ -40,7 +40,7 @@ def test_a_truncated_weights_file_names_the_folder(tmp_path):
             shutil.copy(item, tmp_path / item.name)
     with open(tmp_path / "model.safetensors", "r+b") as handle:
         handle.truncate(1000)
-    with pytest.raises(ValueError, match="truncated or corrupted"):
+    with pytest.raises(ValueError, match="truncated or damaged"):
         ml.load_model(tmp_path)
 
 

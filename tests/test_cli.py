@@ -43,7 +43,7 @@ def test_the_console_script_explains_every_command(capsys):
 
 
 def test_scan_on_the_embedded_model_prints_the_table_and_the_massive_dim(prompts_file, capsys):
-    assert main(["scan", "--prompts", str(prompts_file), "--quiet"]) == 0
+    assert main(["scan", "--model", "minilm", "--prompts", str(prompts_file), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("massact scan: all-MiniLM-L6-v2 (bundled), 3 prompts, BOS on, criterion |x| > 50 and >= 200x median")
     assert "blocks.0.ln2.hook_in" in out and "dim 99: layers 0-3" in out
@@ -53,7 +53,7 @@ def test_ablate_on_the_embedded_model_gives_the_zero_vs_mean_table(prompts_file,
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("The film was boring.\tThe movie was dull.\nIt will rain.\tRain is coming.\n", encoding="utf-8")
     out_json = tmp_path / "ablate.json"
-    code = main(["ablate", "--prompts", str(prompts_file), "--pairs", str(pairs), "--quiet", "--json", str(out_json)])
+    code = main(["ablate", "--model", "minilm", "--prompts", str(prompts_file), "--pairs", str(pairs), "--quiet", "--json", str(out_json)])
     assert code == 0
     out = capsys.readouterr().out
     assert "massive dims [99]" in out and "| setting | cosine to original | paraphrase cosine |" in out
@@ -68,11 +68,11 @@ def test_ablate_on_the_embedded_model_gives_the_zero_vs_mean_table(prompts_file,
 
 def test_bad_arguments_say_what_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit, match="not a file"):
-        main(["ablate", "--prompts", str(tmp_path / "missing.txt")])
+        main(["ablate", "--model", "minilm", "--prompts", str(tmp_path / "missing.txt")])
     bad_pairs = tmp_path / "bad.tsv"
     bad_pairs.write_text("only one sentence\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="tab-separated"):
-        main(["ablate", "--pairs", str(bad_pairs), "--quiet"])
+        main(["ablate", "--model", "minilm", "--pairs", str(bad_pairs), "--quiet"])
     with pytest.raises(SystemExit, match="is a folder"):
         main(["report", "-o", str(tmp_path)])
     assert main(["scan", "--model", str(tmp_path / "no_such_model")]) == 2
@@ -149,3 +149,38 @@ def test_truncated_weights_are_one_clear_line(tmp_path, capsys):
         assert main(["scan", "--model", str(folder), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("massact: ") and "truncated or damaged" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_default_model_is_smollm2_with_the_papers_criterion(prompts_file, capsys, smollm2_model):
+    assert main(["scan", "--prompts", str(prompts_file), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("massact scan: SmolLM2-135M-Instruct (bundled; weights dequantised from Q4_1")
+    assert "criterion |x| > 100 and >= 1000x median" in out
+    assert "dim 507: layers 11-" in out
+
+
+def test_short_model_names_are_checked(tmp_path):
+    with pytest.raises(SystemExit, match="no variants"):
+        main(["scan", "--model", "minilm:big", "--quiet"])
+
+
+@pytest.mark.slow
+def test_torchrun_splits_the_scan_and_rank_0_writes_the_result(tmp_path, prompts_file):
+    import os
+
+    out = tmp_path / "scan.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "massact_lens", "scan", "--model", "minilm", "--prompts", str(prompts_file), "--quiet",
+         "--json", str(out)],
+        check=True, capture_output=True, text=True, timeout=300, env=env,
+    )
+    single = tmp_path / "single.json"
+    assert main(["scan", "--model", "minilm", "--prompts", str(prompts_file), "--quiet", "--json", str(single)]) == 0
+    a, b = json.loads(out.read_text()), json.loads(single.read_text())
+    assert a["prompts"] == b["prompts"] == 3 and len(a["massive"]) == len(b["massive"]) > 0
+    for x, y in zip(a["massive"], b["massive"], strict=True):  # other padding: float32's last bits differ
+        assert {k: v for k, v in x.items() if k not in ("value", "ratio")} == {k: v for k, v in y.items() if k not in ("value", "ratio")}
+        assert x["value"] == pytest.approx(y["value"], rel=1e-5) and x["ratio"] == pytest.approx(y["ratio"], rel=1e-4)

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 import massact_lens as ml
 from massact_lens.distributed import distributed_profile, distributed_scan, shard
 from massact_lens.examples import minilm, tiny_model
-from massact_lens.massive import MassiveProfile
 from massact_lens.planting import plant_massive_activation
+from massact_lens.profiles import MassiveProfile
 from massact_lens.scan import ScanResult
 
 

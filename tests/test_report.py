@@ -77,7 +77,7 @@ def report(tmp_path_factory):
     prompts = folder / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     out = folder / "report.html"
-    code = main(["report", "--prompts", str(prompts), "--pairs", "none", "--example", "1",
+    code = main(["report", "--model", "minilm", "--prompts", str(prompts), "--pairs", "none", "--example", "1",
                  "--attention-prompts", "3", "--quiet", "-o", str(out)])
     assert code == 0
     return out, out.read_text(encoding="utf-8")
@@ -140,9 +140,9 @@ def test_no_partial_report_is_left_on_error(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("One prompt.\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="example"):
-        main(["report", "--prompts", str(prompts), "--example", "4", "--quiet", "-o", str(tmp_path / "r.html")])
+        main(["report", "--model", "minilm", "--prompts", str(prompts), "--example", "4", "--quiet", "-o", str(tmp_path / "r.html")])
     with pytest.raises(SystemExit, match="does not exist"):
-        main(["report", "--quiet", "-o", str(tmp_path / "missing" / "r.html")])
+        main(["report", "--model", "minilm", "--quiet", "-o", str(tmp_path / "missing" / "r.html")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
 
 

@@ -67,9 +67,9 @@ class AttentionConcentration:
     lengths: Int[torch.Tensor, " n_inputs"]
 
     @property
-    def model(self) -> dict[str, Any]:
-        """Deprecated: :attr:`provenance` as the dict results held before (read-only copy)."""
-        return self.provenance.to_dict()
+    def model(self) -> Provenance:
+        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
+        return self.provenance
 
     @property
     def n_inputs(self) -> int:

@@ -89,9 +89,9 @@ class ImplicitBias:
     out_error: Float[torch.Tensor, " layer"]
 
     @property
-    def model(self) -> dict[str, Any]:
-        """Deprecated: :attr:`provenance` as the dict results held before (read-only copy)."""
-        return self.provenance.to_dict()
+    def model(self) -> Provenance:
+        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
+        return self.provenance
 
     def _layer_index(self, layer: int) -> int:
         if layer not in self.layers:

@@ -76,9 +76,9 @@ class TokenFeatures:
     feature_mean: Float[torch.Tensor, "layer group d_model"] = field(repr=False)
 
     @property
-    def model(self) -> dict[str, Any]:
-        """Deprecated: :attr:`provenance` as the dict results held before (read-only copy)."""
-        return self.provenance.to_dict()
+    def model(self) -> Provenance:
+        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
+        return self.provenance
 
     def top_feature_dims(self, layer: int, k: int = 5, group: Literal["in_c", "other"] = "in_c") -> list[tuple[int, float]]:
         """The ``k`` largest-magnitude dims of a group's mean attention input at a layer."""

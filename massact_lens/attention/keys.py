@@ -33,7 +33,8 @@ from massact_lens.interventions.positions import (
     delimiter_positions,
     start_token,
 )
-from massact_lens.massive import MassiveActivations, MassiveProfile
+from massact_lens.massive import MassiveActivations
+from massact_lens.profiles import MassiveProfile
 
 __all__ = ["TOKEN_RULES", "MassiveTokens", "Positions", "as_rule", "key_mask"]
 

@@ -58,9 +58,9 @@ class AttentionLogits:
     pattern: Float[torch.Tensor, "layer head_index query_pos key_pos"]
 
     @property
-    def model(self) -> dict[str, Any]:
-        """Deprecated: :attr:`provenance` as the dict results held before (read-only copy)."""
-        return self.provenance.to_dict()
+    def model(self) -> Provenance:
+        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
+        return self.provenance
 
     def to_dataframe(self) -> pd.DataFrame:
         """Every visible (layer, head, query, key) as a row with tokens, logit and probability."""

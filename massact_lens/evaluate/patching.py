@@ -40,7 +40,7 @@ from massact_lens.interventions import (
 from massact_lens.interventions.edits import as_dims
 from massact_lens.interventions.lists import check_dims
 from massact_lens.interventions.positions import as_position_rule, run_context
-from massact_lens.massive import MassiveProfile
+from massact_lens.profiles import MassiveProfile
 
 __all__ = ["PatchHook", "PatchRecorder", "PatchingResult", "massive_patching", "patching_hooks"]
 
@@ -261,9 +261,9 @@ class PatchingResult:
     entries: pd.DataFrame = field(repr=False)
 
     @property
-    def model(self) -> dict[str, Any]:
-        """Deprecated: :attr:`provenance` as the dict results held before (read-only copy)."""
-        return self.provenance.to_dict()
+    def model(self) -> Provenance:
+        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
+        return self.provenance
 
     @property
     def mean_output_cosine(self) -> float:

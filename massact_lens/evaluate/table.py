@@ -28,7 +28,7 @@ from massact_lens.evaluate._hooks import check_hook_list
 from massact_lens.evaluate.embeddings import _check_pairs, _clean_embeddings, _similarity
 from massact_lens.evaluate.perplexity import Corpus, perplexity
 from massact_lens.interventions import ablation_hooks, check_profile_matches, hook_names_of
-from massact_lens.massive import MassiveProfile
+from massact_lens.profiles import MassiveProfile
 
 __all__ = ["COSINE", "MEAN", "ORIGINAL", "PAIR_COSINE", "PERPLEXITY", "ZERO", "AblationTable", "ablation_table"]
 
@@ -56,9 +56,9 @@ class AblationTable:
     details: dict[str, dict[str, Any]] = field(repr=False)
 
     @property
-    def model(self) -> dict[str, Any]:
-        """Deprecated: :attr:`provenance` as the dict results held before (read-only copy)."""
-        return self.provenance.to_dict()
+    def model(self) -> Provenance:
+        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
+        return self.provenance
 
     def to_dataframe(self) -> pd.DataFrame:
         """Rows: settings (Original, Set to zero, Set to mean, ...); columns: metrics."""

@@ -31,7 +31,8 @@ from massact_lens.interventions.positions import (
     kind_positions,
     where_massive,
 )
-from massact_lens.massive import TOKEN_KINDS, MassiveProfile
+from massact_lens.massive import TOKEN_KINDS
+from massact_lens.profiles import MassiveProfile
 
 __all__ = [
     "ablated",

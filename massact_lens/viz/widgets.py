@@ -31,7 +31,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import is_causal
 from massact_lens.attention import AttentionLogits, attention_logits
-from massact_lens.massive import MassiveProfile
+from massact_lens.profiles import MassiveProfile
 from massact_lens.viz.hidden import HiddenStates, hidden_states
 
 __all__ = [

@@ -1,0 +1,409 @@
+"""Profiles: which dims carry massive activations, where, on which tokens, and how constant.
+
+:func:`profile` scans a corpus, applies the criterion (:func:`~massact_lens.find_massive`)
+and follows every massive (position, dim) through all scanned hooks, keeping running
+sums per (hook, dim, token kind): the means that "set to mean" ablation writes. A
+:class:`MassiveProfile` saves to JSON (validated on load) and merges across shards.
+
+>>> from massact_lens.examples import minilm
+>>> p = profile(minilm(), ["A short sentence.", "Another one here."], min_value=50, min_ratio=200, progress=False)
+>>> p.massive_dims
+(99,)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens._types import Inputs, Provenance
+from massact_lens.batching import Batch, last_block_hook, plan_batches, run_batches
+from massact_lens.massive import (
+    DELIMITERS,
+    TOKEN_KINDS,
+    Criterion,
+    DimSummary,
+    MassiveActivations,
+    _by_count,
+    _check_thresholds,
+    find_massive,
+)
+from massact_lens.scan import ScanResult, scan
+
+__all__ = ["PROFILE_FORMAT", "MassiveProfile", "ValueStat", "profile"]
+
+
+@dataclass(frozen=True)
+class ValueStat:
+    """The signed value of one massive (position, dim) across inputs, at one hook."""
+
+    layer: int
+    hook_name: str
+    dim: int
+    kind: str
+    count: int
+    mean: float
+    std: float
+    cv: float  # std / |mean|
+
+
+@dataclass(frozen=True)
+class MassiveProfile:
+    """The cross-input picture of a model's massive activations. Save/load as JSON.
+
+    ``stats`` hold, for every scanned hook (also those where the entry is not
+    massive), the value of each (input, position, dim) that is massive somewhere in
+    that input, grouped by token kind: the means "set to mean" ablation uses.
+    """
+
+    provenance: Provenance
+    hook_names: tuple[str, ...]
+    prepend_bos: bool | None
+    min_value: float
+    min_ratio: float
+    n_inputs: int
+    dims: tuple[DimSummary, ...]
+    stats: tuple[ValueStat, ...]
+    delimiters: tuple[str, ...] = tuple(sorted(DELIMITERS))
+
+    @property
+    def massive_dims(self) -> tuple[int, ...]:
+        return tuple(d.dim for d in self.dims)
+
+    @property
+    def model(self) -> Provenance:
+        """The provenance (the name of this field before 0.2)."""
+        return self.provenance
+
+    @property
+    def criterion(self) -> Criterion:
+        return Criterion(self.min_value, self.min_ratio)
+
+    def mean_value(self, hook_name: str, dim: int, kind: str) -> float:
+        """The mean signed value at (hook, dim, token kind); KeyError if never massive there."""
+        for s in self.stats:
+            if s.hook_name == hook_name and s.dim == dim and s.kind == kind:
+                return s.mean
+        raise KeyError(f"The profile has no value for hook {hook_name!r}, dim {dim}, kind {kind!r}.")
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The per-(hook, dim, kind) statistics as a table."""
+        columns = list(ValueStat.__dataclass_fields__)
+        return pd.DataFrame([asdict(s) for s in self.stats], columns=columns)
+
+    def dims_dataframe(self) -> pd.DataFrame:
+        """One row per massive dim: layers, token kinds, how often, how large."""
+        return pd.DataFrame([asdict(d) for d in self.dims])
+
+    @classmethod
+    def merge(cls, parts: Sequence[MassiveProfile]) -> MassiveProfile:
+        """One profile from profiles of disjoint slices of a corpus, in order.
+
+        The same as profiling the concatenated inputs (counts and maxima exactly; means
+        and spreads pooled, equal to float64 rounding). The parts must come from the
+        same model, hooks, thresholds, BOS setting and delimiters (ValueError otherwise).
+        A part with no input (an empty shard) is allowed.
+
+        >>> from massact_lens.examples import minilm
+        >>> model = minilm()
+        >>> a = profile(model, ["One sentence."], min_value=50, min_ratio=200, progress=False)
+        >>> b = profile(model, ["Another sentence here."], min_value=50, min_ratio=200, progress=False)
+        >>> MassiveProfile.merge([a, b]).n_inputs
+        2
+        """
+        parts = list(parts)
+        if not parts:
+            raise ValueError("MassiveProfile.merge needs at least one profile.")
+        first = parts[0]
+        for i, part in enumerate(parts[1:], 1):
+            first.provenance.check_same(part.provenance, f"Profiles 0 and {i}")
+            for name in ("hook_names", "prepend_bos", "min_value", "min_ratio", "delimiters"):
+                if getattr(part, name) != getattr(first, name):
+                    raise ValueError(
+                        f"Profiles 0 and {i} differ in {name} ({getattr(first, name)!r} != "
+                        f"{getattr(part, name)!r}): profile every slice with the same settings."
+                    )
+        n_inputs = sum(p.n_inputs for p in parts)
+        order = {name: i for i, name in enumerate(first.hook_names)}
+        dims: dict[int, list[tuple[DimSummary, int]]] = defaultdict(list)
+        for p in parts:
+            for d in p.dims:
+                dims[d.dim].append((d, p.n_inputs))
+        merged_dims = []
+        for dim, items in sorted(dims.items()):
+            kinds: dict[str, int] = defaultdict(int)
+            tokens: dict[str, int] = defaultdict(int)
+            for d, _ in items:
+                for k, v in d.kinds.items():
+                    kinds[k] += v
+                for k, v in d.tokens.items():
+                    tokens[k] += v
+            merged_dims.append(
+                DimSummary(
+                    dim=dim,
+                    first_layer=min(d.first_layer for d, _ in items),
+                    last_layer=max(d.last_layer for d, _ in items),
+                    hook_names=tuple(sorted({h for d, _ in items for h in d.hook_names}, key=order.__getitem__)),
+                    kinds={k: kinds[k] for k in TOKEN_KINDS if k in kinds},
+                    tokens=_by_count(tokens),
+                    input_fraction=sum(round(d.input_fraction * n) for d, n in items) / n_inputs,
+                    max_abs_value=max(d.max_abs_value for d, _ in items),
+                    max_ratio=max(d.max_ratio for d, _ in items),
+                )
+            )
+        stats: dict[tuple[str, int, str], list[ValueStat]] = defaultdict(list)
+        for p in parts:
+            for st in p.stats:
+                stats[(st.hook_name, st.dim, st.kind)].append(st)
+        keys = sorted(stats, key=lambda k: (order[k[0]], k[1], TOKEN_KINDS.index(k[2])))
+        return cls(
+            provenance=first.provenance,
+            hook_names=first.hook_names,
+            prepend_bos=first.prepend_bos,
+            min_value=first.min_value,
+            min_ratio=first.min_ratio,
+            n_inputs=n_inputs,
+            dims=tuple(merged_dims),
+            stats=tuple(_pooled(stats[k]) for k in keys),
+            delimiters=first.delimiters,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps({"format": PROFILE_FORMAT, **asdict(self)}, indent=1)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the profile as JSON: the complete file or nothing (a temp name, then a rename)."""
+        text = self.to_json()  # serialise first: a failure leaves no file behind
+        tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "profile JSON") -> MassiveProfile:
+        """Read :meth:`to_json`'s output; ``ValueError`` naming ``source`` and the field when it does not fit."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source} is not valid JSON ({error}): is the file truncated? Save the profile again.") from None
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"Not a massact_lens profile: {source} has no format {PROFILE_FORMAT!r}.")
+        return _profile_from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MassiveProfile:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"{os.fspath(path)} is not UTF-8 text: not a saved profile.") from None
+        return cls.from_json(text, source=os.fspath(path))
+
+
+PROFILE_FORMAT = "massact_lens.profile/1"
+
+
+def _value_stat(layer: int, hook_name: str, dim: int, kind: str, count: int, mean: float, m2: float) -> ValueStat:
+    """A ValueStat from count, mean and the sum of squared deviations (sample std)."""
+    std = math.sqrt(max(m2, 0.0) / max(count - 1, 1))
+    return ValueStat(layer, hook_name, dim, kind, count, mean, std, std / abs(mean) if mean != 0 else math.inf)
+
+
+def _pooled(stats: list[ValueStat]) -> ValueStat:
+    """Chan et al.'s pooled count / mean / spread of disjoint samples."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for st in stats:
+        if count == 0:
+            count, mean, m2 = st.count, st.mean, st.std**2 * max(st.count - 1, 0)
+            continue
+        n = count + st.count
+        delta = st.mean - mean
+        m2 += st.std**2 * max(st.count - 1, 0) + delta * delta * count * st.count / n
+        mean += delta * st.count / n
+        count = n
+    first = stats[0]
+    return _value_stat(first.layer, first.hook_name, first.dim, first.kind, count, mean, m2)
+
+
+def _field(data: dict[str, Any], name: str, kinds: tuple[type, ...], source: str, where: str = "") -> Any:
+    if name not in data:
+        raise ValueError(f"{source}: {where}{name!r} is missing.")
+    value = data[name]
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"{source}: {where}{name!r} must be {names}, not {value!r}.")
+    return value
+
+
+def _profile_from_dict(data: dict[str, Any], source: str) -> MassiveProfile:
+    number = (int, float)
+    raw = data.get("provenance", data.get("model"))
+    provenance = Provenance.from_dict(raw if raw is not None else {}, source=source)
+    hooks = _field(data, "hook_names", (list,), source)
+    if not all(isinstance(h, str) for h in hooks):
+        raise ValueError(f"{source}: 'hook_names' must be a list of strings.")
+    bos = data.get("prepend_bos")
+    if bos is not None and not isinstance(bos, bool):
+        raise ValueError(f"{source}: 'prepend_bos' must be true, false or null, not {bos!r}.")
+    dims, stats = [], []
+    for i, d in enumerate(_field(data, "dims", (list,), source)):
+        where = f"dims[{i}]."
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: dims[{i}] must be an object.")
+        for name, kinds in (("dim", (int,)), ("first_layer", (int,)), ("last_layer", (int,)), ("hook_names", (list,)),
+                            ("kinds", (dict,)), ("tokens", (dict,)), ("input_fraction", number),
+                            ("max_abs_value", number), ("max_ratio", number)):
+            _field(d, name, kinds, source, where)
+        dims.append(DimSummary(**{k: d[k] for k in DimSummary.__dataclass_fields__} | {"hook_names": tuple(d["hook_names"])}))
+    for i, st in enumerate(_field(data, "stats", (list,), source)):
+        where = f"stats[{i}]."
+        if not isinstance(st, dict):
+            raise ValueError(f"{source}: stats[{i}] must be an object.")
+        for name, kinds in (("layer", (int,)), ("hook_name", (str,)), ("dim", (int,)), ("kind", (str,)),
+                            ("count", (int,)), ("mean", number), ("std", number), ("cv", number)):
+            _field(st, name, kinds, source, where)
+        if st["kind"] not in TOKEN_KINDS:
+            raise ValueError(f"{source}: {where}kind must be one of {TOKEN_KINDS}, not {st['kind']!r}.")
+        if st["hook_name"] not in hooks:
+            raise ValueError(f"{source}: {where}hook_name {st['hook_name']!r} is not among hook_names.")
+        stats.append(ValueStat(**{k: st[k] for k in ValueStat.__dataclass_fields__}))
+    delimiters = data.get("delimiters", sorted(DELIMITERS))
+    if not isinstance(delimiters, list) or not all(isinstance(x, str) for x in delimiters):
+        raise ValueError(f"{source}: 'delimiters' must be a list of strings.")
+    try:
+        Criterion(_field(data, "min_value", number, source), _field(data, "min_ratio", number, source))
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    return MassiveProfile(
+        provenance=provenance,
+        hook_names=tuple(hooks),
+        prepend_bos=bos,
+        min_value=float(data["min_value"]),
+        min_ratio=float(data["min_ratio"]),
+        n_inputs=int(_field(data, "n_inputs", (int,), source)),
+        dims=tuple(dims),
+        stats=tuple(stats),
+        delimiters=tuple(delimiters),
+    )
+
+
+def profile(
+    model: TransformerLensModel,
+    inputs: Inputs,
+    *,
+    min_value: float | int = 100.0,
+    min_ratio: float | int = 1000.0,
+    hooks: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    top_k: int = 10,
+    batch_size: int = 16,
+    prepend_bos: bool | None = None,
+    delimiters: frozenset[str] = DELIMITERS,
+    progress: bool = True,
+) -> MassiveProfile:
+    """Which dims carry massive activations, where, on which tokens, and how constant.
+
+    Two streaming passes over ``inputs`` (which must be a list or a tensor, not a
+    one-shot iterator): :func:`scan` + :func:`find_massive`, then a pass that reads,
+    at every hook, the value of each (input, position, dim) found massive anywhere
+    in that input, and keeps running sums per (hook, dim, token kind).
+
+    >>> from massact_lens.examples import minilm
+    >>> p = profile(minilm(), ["A short sentence.", "Another one here."],
+    ...             min_value=50, min_ratio=200, progress=False)
+    >>> p.massive_dims
+    (99,)
+    """
+    _check_thresholds(min_value, min_ratio)
+    if isinstance(inputs, Iterator):
+        raise TypeError("profile reads the inputs twice: pass a list of strings or a token tensor, not an iterator.")
+    result = scan(model, inputs, hooks=hooks, layers=layers, top_k=top_k, batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
+    found = find_massive(result, min_value, min_ratio, delimiters=delimiters)
+    stats = _value_stats(model, inputs, result, found, batch_size, prepend_bos, progress)
+    return MassiveProfile(
+        provenance=result.provenance,
+        hook_names=result.hook_names,
+        prepend_bos=result.prepend_bos,
+        min_value=float(min_value),
+        min_ratio=float(min_ratio),
+        n_inputs=result.n_inputs,
+        dims=found.dim_summaries(),
+        stats=stats,
+        delimiters=tuple(sorted(delimiters)),
+    )
+
+
+def _value_stats(
+    model: TransformerLensModel,
+    inputs: Inputs,
+    result: ScanResult,
+    found: MassiveActivations,
+    batch_size: int,
+    prepend_bos: bool | None,
+    progress: bool,
+) -> tuple[ValueStat, ...]:
+    if len(found) == 0:
+        return ()
+    dims = found.dims()
+    dim_index = {d: i for i, d in enumerate(dims)}
+    n_keys = len(dims) * len(TOKEN_KINDS)
+    # (input, position, dim) entries to follow, with their key = dim_index * 3 + kind.
+    follow: dict[tuple[int, int, int], int] = {}
+    for r in found:
+        follow[(r.input_index, r.position, r.dim)] = dim_index[r.dim] * len(TOKEN_KINDS) + TOKEN_KINDS.index(r.kind)
+    per_input: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    for (i, p, d), key in follow.items():
+        per_input[i].append((p, d, key))
+    n_hooks = len(result.hook_names)
+    sums = torch.zeros(n_hooks, 3, n_keys, dtype=torch.float64)  # count, sum, sum of squares
+    plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
+
+    def make_hooks(batch: Batch) -> list[tuple[str, Any]]:
+        rows, pos, dim, keys = [], [], [], []
+        for row in range(batch.tokens.shape[0]):
+            for p, d, key in per_input.get(batch.start + row, ()):
+                rows.append(row)
+                pos.append(p)
+                dim.append(d)
+                keys.append(key)
+        index = [torch.tensor(v, dtype=torch.long) for v in (rows, pos, dim, keys)]
+
+        def reader(h: int):  # noqa: ANN202
+            def read(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+                r, p, d, k = (t.to(activation.device) for t in index)
+                v = activation.detach()[r, p, d].double().cpu()
+                sums[h, 0].index_add_(0, index[3], torch.ones_like(v))
+                sums[h, 1].index_add_(0, index[3], v)
+                sums[h, 2].index_add_(0, index[3], v * v)
+
+            return read
+
+        return [(name, reader(h)) for h, name in enumerate(result.hook_names)] if rows else []
+
+    run_batches(model, plan, make_hooks, progress=progress, desc="profile", stop_after=last_block_hook(result.hook_names))
+    out = []
+    for h, name in enumerate(result.hook_names):
+        for key in range(n_keys):
+            count = float(sums[h, 0, key])
+            if count == 0:
+                continue
+            mean = float(sums[h, 1, key]) / count
+            m2 = max(float(sums[h, 2, key]) - count * mean * mean, 0.0)
+            key_dim, kind = dims[key // len(TOKEN_KINDS)], TOKEN_KINDS[key % len(TOKEN_KINDS)]
+            out.append(_value_stat(result.layers[h], name, key_dim, kind, int(count), mean, m2))
+    return tuple(out)
