@@ -1,7 +1,7 @@
 """The paper (Sun et al. 2024, arXiv 2402.17762) on SmolLM2-135M-Instruct, as markdown tables.
 
-    python demos/smollm2_paper.py                       # every table, ~5 min on a 2-core CPU
-    python demos/smollm2_paper.py --quick               # the same tables on less text, ~1-2 min
+    python demos/smollm2_paper.py                       # every table: 1.5-5 min on the shared 2-core CPU
+    python demos/smollm2_paper.py --quick               # the same tables on about half the text
     python demos/smollm2_paper.py --json smollm2.json   # also write every table as JSON
 
 The model is the bundled SmolLM2-135M-Instruct (:func:`massact_lens.examples.smollm2`):
@@ -108,9 +108,14 @@ def fmt(value: Any) -> str:
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    """A GitHub table; ``|`` inside a cell (``|x|``, ``<|im_start|>``) is escaped."""
+
+    def cell(value: Any) -> str:
+        return fmt(value.item() if hasattr(value, "item") else value).replace("|", "\\|")
+
+    header = "| " + " | ".join(cell(str(c)) for c in frame.columns) + " |"
     rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join(fmt(v.item() if hasattr(v, "item") else v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
 
 
@@ -166,11 +171,11 @@ def layer_table(with_bos: ml.ScanResult, without: ml.ScanResult) -> pd.DataFrame
             "median": a["median"],
             "top1/median": a["ratio"],
             "top1 std": a["top1_std"],
-            "no start token: top1": b["top1"],
-            "top2 ": b["top2"],
-            "median ": b["median"],
-            "top1/median ": b["ratio"],
-            "top1 std ": b["top1_std"],
+            "no start: top1": b["top1"],
+            "no start: top2": b["top2"],
+            "no start: median": b["median"],
+            "no start: top1/median": b["ratio"],
+            "no start: top1 std": b["top1_std"],
         }
     )
 
@@ -328,7 +333,7 @@ def ppl_row(label: str, result: Any, original: float | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="less text (about 1-2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the same tables on about half the text")
     parser.add_argument("--json", type=Path, help="write every table (and the settings) to this JSON file")
     parser.add_argument("--eval-tokens", type=int, help="corpus tokens for each perplexity (default 2048, quick 1024)")
     parser.add_argument("--profile-work", default="hamlet", help="Shakespeare work the activations are found and profiled on")
@@ -378,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         "(b) Where the massive activations sit",
         where_table(found),
         "One row per (dim, token kind): `start` = position 0 (`<|im_start|>`, or the piece's first "
-        "token without it), `delimiter` = punctuation / newline, `other` = any other token "
-        f"(here weak words). Entries among the top {scans['start token'].top_k} of each hidden state. {WEIGHTS}.",
+        "token without it), `delimiter` = punctuation / newline, `other` = any other token. "
+        f"Entries among the top {scans['start token'].top_k} of each hidden state. {WEIGHTS}.",
     )
     dims = sorted({d for f in found.values() for d in f.dims()})
     first_layer = first_start_layer(found["no start token"])
@@ -454,8 +459,11 @@ def main(argv: list[str] | None = None) -> int:
             "d_table3_start_token",
             "(d') Table 3 with `<|im_start|>` first in every chunk",
             t3b,
-            ablation_note.format(bos="`<|im_start|>` first in every chunk (so 'set to mean' at position 0 replaces a value "
-                                 "that is the same in every chunk: nearly the identity by construction)"),
+            ablation_note.format(
+                bos="`<|im_start|>` first in every chunk. The means come from the profile of (c), measured "
+                "without the start token, so 'set to mean' replaces the start token's value (the same in every "
+                "chunk) by the mean over other first tokens"
+            ),
         )
 
     # (e)-(g) attention, with the start token (the bridge's default), C = position 0
