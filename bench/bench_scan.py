@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 import massact_lens as ml  # noqa: E402
 from massact_lens.batching import last_block_hook, plan_batches, run_batches  # noqa: E402
 from massact_lens.examples import minilm  # noqa: E402
+from massact_lens.hook_names import residual_hook_names  # noqa: E402
 from massact_lens.statistics import hidden_state_stats, lower_medians  # noqa: E402
 
 WORDS = ["the", "model", "reads", "a", "long", "sentence", "about", "rivers", "and", "mountains", "while", "the", "night", "falls", "slowly", "over", "quiet", "towns", "where", "people", "sleep", "and", "dream", "of", "distant", "seas"]
@@ -75,7 +76,7 @@ def bare(model, texts, batch_size):
 def bare_to_last_block(model, texts, batch_size):
     """The same pass scan makes, without its statistics: stops after the last block read."""
     plan = plan_batches(model, texts, batch_size=batch_size)
-    last = last_block_hook(ml.residual_hook_names(model))
+    last = last_block_hook(residual_hook_names(model))
     run_batches(model, plan, lambda _batch: [], progress=False, stop_after=last)
 
 
@@ -86,7 +87,7 @@ def scanned(model, texts, batch_size):
 def cached(model, texts, batch_size):
     """A typical run_with_cache workflow: cache everything, then compute the same statistics
     (with the library's own arithmetic, massact_lens.statistics.hidden_state_stats)."""
-    names = ml.residual_hook_names(model)
+    names = residual_hook_names(model)
     plan = plan_batches(model, texts, batch_size=batch_size)
     kept = []
     with torch.inference_mode():

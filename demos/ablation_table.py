@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"\nNo table: {error}")
         return 1
-    print()
+    print(f"\nedited token kinds: {', '.join(kinds) if kinds else 'every kind (the library default)'}"
+          + ("  (the decoder demo's default: the BOS peak; pass --kinds to change)" if args.model != "minilm" and not args.kinds else ""))
     for setting, names in table.hook_names.items():
         if names:
             print(f"{setting}: {', '.join(names)}")

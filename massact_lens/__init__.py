@@ -18,6 +18,8 @@ import importlib
 import warnings
 from typing import Any
 
+# Eager on purpose: ``scan`` and ``lineage`` are also submodule names, and only a binding
+# made here, after those submodules are imported, keeps ``massact_lens.scan`` the function.
 from massact_lens import attention, evaluate, examples, interventions
 from massact_lens._types import Provenance
 from massact_lens.attention import attention_concentration, implicit_bias

@@ -73,16 +73,17 @@ def _positive_int(text: str) -> int:
 
 def _criterion(args: argparse.Namespace) -> Any:
     """The criterion the run uses (defaults by --model given or not), checked before any model loads."""
-    from massact_lens.massive import Criterion
+    from massact_lens._checks import check_threshold
 
     short = _short_name(args.model)
     defaults = SMALL_THRESHOLDS.get(short[0], PAPER_THRESHOLDS) if short else PAPER_THRESHOLDS
     values = (defaults[0] if args.min_value is None else args.min_value,
               defaults[1] if args.min_ratio is None else args.min_ratio)
     try:
-        return Criterion(*values)
+        checked = [check_threshold(name, value) for name, value in zip(("min_value", "min_ratio"), values, strict=True)]
     except ValueError as error:
         raise SystemExit(f"massact: --min-value / --min-ratio: {error}") from None
+    return argparse.Namespace(min_value=checked[0], min_ratio=checked[1])
 
 
 def _describe(criterion: Any) -> str:
@@ -100,6 +101,15 @@ def _check_output(path: str | None, option: str) -> None:
         raise SystemExit(f"massact: folder {str(out.parent)!r} of {option} does not exist; create it or choose another {option}.")
 
 
+def _lines(path: Path, option: str) -> list[str]:
+    """The lines of a UTF-8 text file, split at newlines only (U+2028 and friends stay inside a line)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SystemExit(f"massact: {option} {str(path)!r} is not UTF-8 text (byte {error.start}): save it as UTF-8.") from None
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
 def _read_pairs(arg: str | None) -> list[tuple[str, str]] | str | None:
     """--pairs: 'builtin' (not given), None ('none'), or the pairs of a file."""
     if arg is None:
@@ -111,7 +121,7 @@ def _read_pairs(arg: str | None) -> list[tuple[str, str]] | str | None:
         raise SystemExit(f"massact: --pairs {arg!r} is not a file. Give a text file with one pair per line, "
                          "the two sentences separated by a tab, or 'none'.")
     pairs = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_lines(file, "--pairs"), start=1):
         if not line.strip():
             continue
         parts = [p.strip() for p in line.split("\t")]
@@ -131,7 +141,7 @@ def _prompts(path: str | None) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"massact: --prompts {path!r} is not a file. Give a text file with one prompt per line.")
-    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.strip() for line in _lines(file, "--prompts") if line.strip()]
     if not prompts:
         raise SystemExit(f"massact: {path!r} has no non-empty lines.")
     return prompts

@@ -32,7 +32,6 @@ section 2 (definition) and Table 1 (profiles).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -43,6 +42,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 
+from massact_lens._checks import check_threshold
 from massact_lens.scan import ScanResult
 from massact_lens.statistics import hidden_state_medians
 
@@ -104,13 +104,7 @@ class Criterion:
 
     def __post_init__(self) -> None:
         for name in ("min_value", "min_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"{name} must be a positive finite number, not {value!r}. The paper uses "
-                    "min_value=100, min_ratio=1000; small models need lower ones (e.g. 50 and 200)."
-                )
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, check_threshold(name, getattr(self, name)))
 
     def passes(self, magnitude: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
         """Elementwise; ``median`` broadcasts against ``magnitude``."""
@@ -285,6 +279,20 @@ class DimSummary:
     input_fraction: float  # fraction of inputs where it is massive somewhere
     max_abs_value: float
     max_ratio: float
+    #: hook name -> number of inputs where the dim is massive there (forward order).
+    hook_inputs: dict[str, int] = field(default_factory=dict)
+
+    def first_hook(self, n_inputs: int, share: float = 0.5) -> str:
+        """The first hook where the dim is massive in at least ``share`` of the inputs.
+
+        "Where it appears" in the paper's sense: a build-up that crosses the threshold in
+        a few inputs at an earlier block does not count. Falls back to the first hook
+        where it is massive at all (and for profiles saved before 0.2, which lack counts).
+        """
+        for name, count in self.hook_inputs.items():
+            if count >= share * n_inputs:
+                return name
+        return self.hook_names[0]
 
 
 def _by_count(counts: dict[str, int]) -> dict[str, int]:
@@ -315,6 +323,10 @@ def _dim_summaries(found: MassiveActivations, n_inputs: int) -> tuple[DimSummary
                 input_fraction=len({r.input_index for r in records}) / n_inputs,
                 max_abs_value=max(abs(r.value) for r in records),
                 max_ratio=max(r.ratio for r in records),
+                hook_inputs={
+                    name: len({r.input_index for r in records if r.hook_name == name})
+                    for name in sorted({r.hook_name for r in records}, key=order.__getitem__)
+                },
             )
         )
     return tuple(out)

@@ -159,6 +159,7 @@ class MassiveProfile:
                     input_fraction=sum(round(d.input_fraction * n) for d, n in items) / n_inputs,
                     max_abs_value=max(d.max_abs_value for d, _ in items),
                     max_ratio=max(d.max_ratio for d, _ in items),
+                    hook_inputs=_sum_counts([d.hook_inputs for d, _ in items], order),
                 )
             )
         stats: dict[tuple[str, int, str], list[ValueStat]] = defaultdict(list)
@@ -217,6 +218,14 @@ class MassiveProfile:
 PROFILE_FORMAT = "massact_lens.profile/1"
 
 
+def _sum_counts(parts: list[dict[str, int]], order: dict[str, int]) -> dict[str, int]:
+    total: dict[str, int] = defaultdict(int)
+    for part in parts:
+        for name, count in part.items():
+            total[name] += count
+    return dict(sorted(total.items(), key=lambda kv: order[kv[0]]))
+
+
 def _value_stat(layer: int, hook_name: str, dim: int, kind: str, count: int, mean: float, m2: float) -> ValueStat:
     """A ValueStat from count, mean and the sum of squared deviations (sample std)."""
     std = math.sqrt(max(m2, 0.0) / max(count - 1, 1))
@@ -269,7 +278,11 @@ def _profile_from_dict(data: dict[str, Any], source: str) -> MassiveProfile:
                             ("kinds", (dict,)), ("tokens", (dict,)), ("input_fraction", number),
                             ("max_abs_value", number), ("max_ratio", number)):
             _field(d, name, kinds, source, where)
-        dims.append(DimSummary(**{k: d[k] for k in DimSummary.__dataclass_fields__} | {"hook_names": tuple(d["hook_names"])}))
+        counts = d.get("hook_inputs", {})
+        if not isinstance(counts, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in counts.items()):
+            raise ValueError(f"{source}: {where}'hook_inputs' must map hook names to input counts.")
+        fields_ = {k: d[k] for k in DimSummary.__dataclass_fields__ if k != "hook_inputs"}
+        dims.append(DimSummary(**fields_ | {"hook_names": tuple(d["hook_names"]), "hook_inputs": counts}))
     for i, st in enumerate(_field(data, "stats", (list,), source)):
         where = f"stats[{i}]."
         if not isinstance(st, dict):

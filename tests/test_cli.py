@@ -184,3 +184,18 @@ def test_torchrun_splits_the_scan_and_rank_0_writes_the_result(tmp_path, prompts
     for x, y in zip(a["massive"], b["massive"], strict=True):  # other padding: float32's last bits differ
         assert {k: v for k, v in x.items() if k not in ("value", "ratio")} == {k: v for k, v in y.items() if k not in ("value", "ratio")}
         assert x["value"] == pytest.approx(y["value"], rel=1e-5) and x["ratio"] == pytest.approx(y["ratio"], rel=1e-4)
+
+
+def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match="latin1.txt' is not UTF-8"):
+        main(["scan", "--model", "minilm", "--prompts", str(bad), "--quiet"])
+
+
+def test_a_line_separator_inside_a_prompt_does_not_split_it(tmp_path, capsys):
+    from massact_lens.cli import _prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("first part\u2028second part\nnext prompt\r\n", encoding="utf-8")
+    assert _prompts(str(path)) == ["first part\u2028second part", "next prompt"]

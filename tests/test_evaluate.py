@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -152,3 +153,34 @@ def test_minilm_table_reproduces_zero_vs_mean(minilm_model):
     assert frame.loc["Set to mean", "paraphrase cosine"] == pytest.approx(original_pairs, abs=1e-3)
     emb = sentence_embeddings(minilm_model, ["One.", "Two words."])
     assert emb.shape == (2, 384)
+
+
+def test_text_given_as_a_string_is_refused_with_what_to_do():
+    from massact_lens.examples import bigram_backcopy
+
+    model = bigram_backcopy("default")
+    with pytest.raises(ValueError, match=r"list of strings: perplexity\(model, \[text\]\)"):
+        perplexity(model, "It was the best of times, it was the worst of times. " * 20, progress=False)
+
+
+def test_ablation_table_passes_prepend_bos_to_perplexity():
+    from massact_lens.evaluate import ablation_table
+    from massact_lens.examples import bigram_backcopy
+
+    model = bigram_backcopy("default")
+    text = ["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12"]
+    counts = {}
+    for bos in (True, False):
+        table = ablation_table(model, None, corpus=text, modes=(), prepend_bos=bos, seq_len=32, progress=False)
+        counts[bos] = table.details["Original"]["perplexity"].n_tokens
+    assert counts[True] == counts[False] + 1  # the start token adds one predicted position
+
+
+def test_first_layer_means_where_most_inputs_have_it():
+    from massact_lens.massive import DimSummary
+
+    summary = DimSummary(dim=5, first_layer=2, last_layer=9, hook_names=("b2", "b5", "b9"), kinds={"start": 12},
+                         tokens={"<s>": 12}, input_fraction=1.0, max_abs_value=1e4, max_ratio=1e4,
+                         hook_inputs={"b2": 2, "b5": 10, "b9": 10})
+    assert summary.first_hook(10) == "b5"  # a build-up in 2 of 10 inputs at b2 is not where it appears
+    assert dataclasses.replace(summary, hook_inputs={}).first_hook(10) == "b2"  # profiles from 0.1

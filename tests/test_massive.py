@@ -7,7 +7,7 @@ import math
 import pytest
 
 import massact_lens as ml
-from massact_lens.massive import DELIMITERS
+from massact_lens.massive import DELIMITERS, token_kind
 
 
 def test_thresholds_are_applied_both_ways(planted, bos_tokens):
@@ -48,12 +48,12 @@ def test_records_and_table(planted, bos_tokens):
 
 
 def test_token_kinds():
-    assert ml.token_kind(0, "anything") == "start"
+    assert token_kind(0, "anything") == "start"
     for delimiter in (".", " .", "\n", "Ċ\n".strip("Ċ"), ",", "\n\n"):
-        assert ml.token_kind(3, delimiter) == "delimiter", delimiter
+        assert token_kind(3, delimiter) == "delimiter", delimiter
     for other in (" and", " of", "[SEP]", " "):
-        assert ml.token_kind(3, other) == "other", other
-    assert ml.token_kind(3, "--", delimiters=DELIMITERS | {"--"}) == "delimiter"
+        assert token_kind(3, other) == "other", other
+    assert token_kind(3, "--", delimiters=DELIMITERS | {"--"}) == "delimiter"
 
 
 def test_profile_of_a_planted_activation(planted, bos_tokens):

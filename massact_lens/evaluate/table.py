@@ -124,6 +124,7 @@ def ablation_table(
     batch_size: int = 16,
     seq_len: int | None = None,
     max_tokens: int | None = None,
+    prepend_bos: bool | None = None,
     progress: bool = True,
     **ablation_kwargs: Any,
 ) -> AblationTable:
@@ -140,6 +141,10 @@ def ablation_table(
             (:func:`massact_lens.profile`); needed for ``"mean"``.
         modes: which ablations to add after "Original".
         settings: extra rows, name -> any hook list.
+        prepend_bos: for a text corpus, put the model's start token first (None: the
+            model's default). In a causal model the start token's state is the same for
+            every input, so "set to mean" there is the identity: the paper ran LLaMA
+            without it (``prepend_bos=False``).
         ablation_kwargs: passed to :func:`massact_lens.ablation_hooks`
             (``layers``, ``dims``, ``kinds``, ``positions``, ``hooks``).
 
@@ -198,7 +203,8 @@ def ablation_table(
     for name, hooks in hook_lists.items():
         values[name], details[name] = {}, {}
         if corpus is not None:
-            result = perplexity(model, corpus, fwd_hooks=hooks, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+            result = perplexity(model, corpus, fwd_hooks=hooks, seq_len=seq_len, batch_size=batch_size,
+                                max_tokens=max_tokens, prepend_bos=prepend_bos, progress=progress)
             values[name][PERPLEXITY] = result.perplexity
             details[name][PERPLEXITY] = result
         if sentences is not None:

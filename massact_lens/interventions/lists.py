@@ -214,8 +214,9 @@ def ablation_hooks(
             with the paper's thresholds 100 / 1000).
         mode: ``"zero"`` or ``"mean"``.
         layers: only these layers (among the profile's hook points); ``"first"``:
-            each dim only at the first hook point where it is massive (the paper's
-            LLaMA2 setting).
+            each dim only at the first hook point where it is massive in at least
+            half of the profiled inputs (where it appears: the paper's LLaMA2 setting;
+            an earlier build-up in a few inputs does not count).
         dims: only these dims (default: the profile's massive dims).
         hooks: explicit hook names or ``{layer}`` templates instead of the
             profile's points.
@@ -331,7 +332,7 @@ def _ablation_plan(
     for dim in chosen:
         summary = summaries[dim]
         if names is None:
-            points = summary.hook_names[:1] if layers == "first" else summary.hook_names
+            points = (summary.first_hook(profile.n_inputs),) if layers == "first" else summary.hook_names
         else:
             points = names
         found_kinds = [k for k in TOKEN_KINDS if summary.kinds.get(k, 0) > 0]
