@@ -104,3 +104,79 @@ def test_profile_round_trips_and_merges(minilm_model, sentences, split, batch_si
     assert [(s.hook_name, s.dim, s.kind, s.count) for s in merged.stats] == [(s.hook_name, s.dim, s.kind, s.count) for s in whole.stats]
     for a, b in zip(merged.stats, whole.stats, strict=True):
         assert a.mean == pytest.approx(b.mean, rel=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    kind=st.sampled_from(["gpt2", "llama"]),
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 4),
+    length=st.integers(2, 9),
+    key=st.sampled_from(["start", "indices"]),
+)
+def test_bias_term_plus_rest_is_the_attention_output_on_random_models(kind, seed, n, length, key):
+    model = tiny_model(kind, n_layers=2, seed=seed % 7)
+    tokens = torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(seed))
+    positions = "start" if key == "start" else [0, length // 2]
+    split = ml.implicit_bias(model, tokens, positions, progress=False)
+    assert float(split.z_error.max()) < 1e-4 and float(split.out_error.max()) < 1e-3
+
+
+def _context(width: int, batch: int = 2):
+    from massact_lens.interventions.context import RunContext
+
+    return RunContext(positions=torch.arange(width)[None], tokens=torch.zeros(batch, width, dtype=torch.long),
+                      attention_mask=torch.ones(batch, width, dtype=torch.long))
+
+
+@SETTINGS
+@given(
+    a=st.lists(st.integers(0, 7), min_size=1, max_size=4),
+    b=st.lists(st.integers(0, 7), min_size=1, max_size=4),
+)
+def test_position_rules_form_a_boolean_algebra(a, b):
+    from massact_lens.interventions import at_positions, start_token
+
+    x = torch.zeros(2, 8, 3)
+    ctx = _context(8)
+
+    def mask(rule):
+        out = rule.select(x, None, ctx)
+        return (out.any(-1) if out.ndim == 3 else out).expand(2, 8)
+
+    ra, rb, rs = at_positions(*a), at_positions(*b), start_token()
+    assert torch.equal(mask(ra | rb), mask(ra) | mask(rb))
+    assert torch.equal(mask(ra & rb), mask(ra) & mask(rb))
+    assert torch.equal(mask(~ra), ~mask(ra))
+    assert torch.equal(mask(~(ra | rs)), mask(~ra) & mask(~rs))  # De Morgan
+    assert mask(ra)[:, sorted(set(a))].all() and int(mask(ra)[0].sum()) == len(set(a))
+
+
+@settings(max_examples=12, deadline=None)
+@given(raise_at=st.integers(0, 3), where=st.sampled_from(["scan", "profile", "ablated", "attention"]))
+def test_no_hook_is_left_attached_when_a_hook_raises_anywhere(raise_at, where):
+    from conftest import hook_counts
+
+    model = plant_massive_activation(tiny_model("gpt2", n_layers=4), layer=1, dim=5, value=1000.0)
+    before = hook_counts(model)
+    tokens = torch.randint(1, 64, (3, 6), generator=torch.Generator().manual_seed(raise_at))
+    tokens[:, 0] = 0
+
+    class Boom(Exception):
+        pass
+
+    def boom(x, hook):
+        raise Boom
+
+    point = f"blocks.{raise_at}.hook_resid_post"
+    with pytest.raises(Boom), model.hooks(fwd_hooks=[(point, boom)]):
+        if where == "scan":
+            ml.scan(model, tokens, progress=False)
+        elif where == "profile":
+            ml.profile(model, tokens, min_value=10, min_ratio=10, progress=False)
+        elif where == "attention":
+            ml.attention_concentration(model, tokens, "start", progress=False)
+        else:
+            with ml.ablated(model, None, "zero", dims=[5], layers=[raise_at]):
+                model(tokens)
+    assert hook_counts(model) == before
