@@ -79,13 +79,18 @@ class KeptInputs:
     def tensors(self, empty: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Each tensor over the kept inputs, padded to the longest, then cut to the longest real length.
 
-        ``empty``: what to return for each name when no input was kept.
+        Call it once, outside inference mode (the tensors are then normal ones): it
+        lets go of the pieces. ``empty``: what to return for each name when no input
+        was kept.
         """
         if self.n == 0:
             return dict(empty or {})
         dims = {"attention_mask": 1, **self.pos_dims}
-        out = {name: pad_cat(parts, dims[name]) if dims[name] is not None else torch.cat(parts)
-               for name, parts in self.parts.items()}
+        out = {}
+        for name in list(self.parts):  # each name's pieces are let go once joined: one copy at a time
+            parts = self.parts.pop(name)
+            out[name] = pad_cat(parts, dims[name]) if dims[name] is not None else torch.cat(parts)
+            del parts
         positional = {name: t for name, t in out.items() if dims[name] is not None}
         return {**out, **_trim(positional, {n: int(dims[n]) for n in positional}, out["attention_mask"])}  # type: ignore[arg-type]
 
