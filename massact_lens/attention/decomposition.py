@@ -105,7 +105,7 @@ class ImplicitBias:
     #: Attention probability on C per query, of the kept inputs.
     c_mass: Float[torch.Tensor, "layer n_kept query_pos head"]
     #: C of each kept input.
-    key_mask: Bool[torch.Tensor, "n_kept query_pos"]
+    key_mask: Bool[torch.Tensor, "n_kept key_pos"]
     #: 1 for real query positions of the kept inputs.
     attention_mask: Int[torch.Tensor, "n_kept query_pos"]
     #: The token ids of the kept inputs.
@@ -178,7 +178,8 @@ class ImplicitBias:
                                              ("resid", ("resid", "total"), [*self.heads, -1])):
                     for scope, label in SCOPES.items():
                         parts = [spread(self.sums, scope, s, i, mode, t, g) for s in spaces]
-                        cos, rel, norm = (torch.cat([p[k] for p in parts]) for k in range(3))
+                        cos, rel, norm = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                          torch.cat([p[2] for p in parts]))
                         rows += [{"layer": layer, "head": head, "term": term, "space": space, "scope": label,
                                   "cos_to_mean": float(cos[j]), "rel_variation": float(rel[j]),
                                   "mean_norm": float(norm[j]), "n": parts[0][4]} for j, head in enumerate(heads)]
@@ -200,7 +201,8 @@ class ImplicitBias:
             stats = {}
             for t, term in enumerate(TERMS):
                 parts = [spread(self.sums, "all", s, i, mode, t, g) for s in ("resid", "total")]
-                stats[term] = [torch.cat([p[k] for p in parts]) for k in (3, 0, 1)]  # mean norm, cos, rel
+                stats[term] = [torch.cat([p[3] for p in parts]), torch.cat([p[0] for p in parts]),
+                               torch.cat([p[1] for p in parts])]  # mean norm, cos, rel
             for j, head in enumerate([*self.heads, -1]):
                 rows.append(
                     {
