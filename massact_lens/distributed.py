@@ -1,9 +1,9 @@
-"""Data-parallel scans and profiles on ``torch.distributed``: shard by rank, merge exactly.
+"""Data-parallel scans, profiles and attention measurements on ``torch.distributed``: shard by rank, merge exactly.
 
 Every rank loads the same model and calls the same function with the whole corpus;
 each scans the contiguous slice :func:`shard` gives it, and the parts are gathered to
 ``dst`` and merged in rank order (:meth:`ScanResult.merge`,
-:meth:`MassiveProfile.merge`): the result is the one a single process gives. Before any
+:meth:`MassiveProfile.merge`, and the ``merge`` of the attention results): the result is the one a single process gives. Before any
 forward pass the ranks compare what they are about to do (model provenance, a
 fingerprint of the weights, hooks, corpus size, settings) and all fail together if they
 disagree. Works with gloo (CPU) and NCCL (GPU) process groups; launch with ``torchrun``::
@@ -25,12 +25,30 @@ import torch.distributed as dist
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import Provenance
+from massact_lens.attention import (
+    AttentionConcentration,
+    ImplicitBias,
+    TokenFeatures,
+    attention_concentration,
+    implicit_bias,
+    token_features,
+)
+from massact_lens.attention._streaming import Keep
+from massact_lens.attention.keys import Positions, as_rule
 from massact_lens.hook_names import resolve_hook_names
-from massact_lens.massive import DELIMITERS
+from massact_lens.massive import DELIMITERS, MassiveActivations
 from massact_lens.profiles import MassiveProfile, profile
 from massact_lens.scan import ScanResult, scan
 
-__all__ = ["distributed_profile", "distributed_scan", "shard", "weights_fingerprint"]
+__all__ = [
+    "distributed_attention_concentration",
+    "distributed_implicit_bias",
+    "distributed_profile",
+    "distributed_scan",
+    "distributed_token_features",
+    "shard",
+    "weights_fingerprint",
+]
 
 
 def shard(n_inputs: int, rank: int, world_size: int) -> range:
@@ -192,3 +210,83 @@ def distributed_profile(
     if not found:
         raise ValueError("No rank had an input: pass at least one.")
     return MassiveProfile.merge(found)
+
+
+# --- attention results ------------------------------------------------------------------
+
+
+def _distributed_attention(function: Any, merge: Any, model: TransformerLensModel, inputs: Sequence[str] | torch.Tensor,
+                           positions: Positions, dst: int, settings: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    """Shard, run ``function`` on this rank's slice, gather to ``dst`` and ``merge`` there."""
+    rank, world = _check_group()
+    if isinstance(positions, MassiveActivations) or (isinstance(positions, torch.Tensor) and positions.ndim == 2):
+        raise TypeError(
+            "A distributed attention measurement cannot shard a key set tied to input indices (an "
+            "[n_inputs, key_pos] mask, find_massive records): pass a rule, a profile or a [key_pos] mask."
+        )
+    description = as_rule(model, positions, None).describe()
+    _agree(_plan(model, inputs, {"positions": description, **settings}))
+    part = shard(len(inputs), rank, world)
+    local = function(model, _inputs_slice(inputs, part), positions, **kwargs) if len(part) else None
+    parts = _gather(local, dst)
+    if parts is None:
+        return None
+    return merge([p for p in parts if p is not None])
+
+
+def distributed_implicit_bias(
+    model: TransformerLensModel,
+    inputs: Sequence[str] | torch.Tensor,
+    positions: Positions = "start",
+    *,
+    dst: int = 0,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    keep: Keep = 8,
+    batch_size: int = 16,
+    prepend_bos: bool | None = None,
+    progress: bool = False,
+) -> ImplicitBias | None:
+    """:func:`massact_lens.implicit_bias` split across ranks; rank ``dst`` gets the merged
+    :class:`~massact_lens.attention.ImplicitBias` (:meth:`~massact_lens.attention.ImplicitBias.merge`),
+    the others ``None``. Key sets tied to input indices are refused (TypeError)."""
+    settings = {"layers": layers, "heads": heads, "keep": keep, "prepend_bos": prepend_bos}
+    return _distributed_attention(implicit_bias, ImplicitBias.merge, model, inputs, positions, dst, settings,
+                                  {**settings, "batch_size": batch_size, "progress": progress})
+
+
+def distributed_attention_concentration(
+    model: TransformerLensModel,
+    inputs: Sequence[str] | torch.Tensor,
+    positions: Positions = "start",
+    *,
+    dst: int = 0,
+    layers: Sequence[int] | None = None,
+    keep: Keep = 1000,
+    batch_size: int = 16,
+    prepend_bos: bool | None = None,
+    progress: bool = False,
+) -> AttentionConcentration | None:
+    """:func:`massact_lens.attention_concentration` split across ranks; rank ``dst`` gets the
+    merged :class:`~massact_lens.attention.AttentionConcentration`, the others ``None``."""
+    settings = {"layers": layers, "keep": keep, "prepend_bos": prepend_bos}
+    return _distributed_attention(attention_concentration, AttentionConcentration.merge, model, inputs, positions, dst,
+                                  settings, {**settings, "batch_size": batch_size, "progress": progress})
+
+
+def distributed_token_features(
+    model: TransformerLensModel,
+    inputs: Sequence[str] | torch.Tensor,
+    positions: Positions = "start",
+    *,
+    dst: int = 0,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    prepend_bos: bool | None = None,
+    progress: bool = False,
+) -> TokenFeatures | None:
+    """:func:`massact_lens.attention.token_features` split across ranks; rank ``dst`` gets the
+    merged :class:`~massact_lens.attention.TokenFeatures`, the others ``None``."""
+    settings = {"layers": layers, "prepend_bos": prepend_bos}
+    return _distributed_attention(token_features, TokenFeatures.merge, model, inputs, positions, dst, settings,
+                                  {**settings, "batch_size": batch_size, "progress": progress})

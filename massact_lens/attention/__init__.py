@@ -6,6 +6,12 @@ Each function measures attention against a key set C (``positions=``, see
 ``bias + rest`` split of each head's output), :func:`token_features` (keys, values
 and attention inputs of C vs the other tokens). The science: ``docs/concepts.md``.
 
+Memory does not grow with the corpus: each result holds float64 running sums over
+every input (what its tables read) and the per-input tensors of only the first
+``keep`` inputs; ``ImplicitBias.merge``, ``AttentionConcentration.merge`` and
+``TokenFeatures.merge`` combine results of consecutive slices of a corpus exactly
+(:mod:`massact_lens.distributed` does it across ranks).
+
 >>> import torch
 >>> from massact_lens.examples import tiny_model
 >>> model = tiny_model("llama")                 # rotary, grouped-query attention

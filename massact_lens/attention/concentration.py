@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -28,6 +28,15 @@ from massact_lens.attention._passes import (
     run_passes,
     warn_empty,
 )
+from massact_lens.attention._streaming import (
+    Keep,
+    KeptInputs,
+    add_sums,
+    check_keep,
+    check_parts,
+    keep_limit,
+    merge_kept,
+)
 from massact_lens.attention.keys import Positions, as_rule, fit_width
 from massact_lens.batching import Batch, plan_batches
 from massact_lens.hook_names import attention_hook
@@ -35,9 +44,19 @@ from massact_lens.hook_names import attention_hook
 __all__ = ["AttentionConcentration", "attention_concentration"]
 
 
+#: Per-input tensors of an :class:`AttentionConcentration` and their position axes (none).
+_KEPT: dict[str, int | None] = {"mass": None, "uniform_mass": None, "logit_gap": None, "n_positions": None, "lengths": None}
+
+
 @dataclass(frozen=True)
 class AttentionConcentration:
-    """Attention mass on the key positions C, per input, layer and head."""
+    """Attention mass on the key positions C per layer and head: over every input, and per input.
+
+    Running sums over **every** input (``sums``; what :meth:`sink_scores`,
+    :meth:`layer_mass`, :attr:`mean_mass` read and :meth:`merge` adds) and the
+    per-input rows (``mass``, ``uniform_mass``, ``logit_gap``, ``n_positions``,
+    ``lengths``) of the **first** ``n_kept`` inputs (``keep``).
+    """
 
     #: The model as it was when it ran.
     provenance: Provenance
@@ -54,17 +73,25 @@ class AttentionConcentration:
     #: pre-softmax scores) or ``"log(hook_pattern)"`` (equal up to a per-query
     #: constant, which the logit gap does not depend on).
     logit_source: tuple[str, ...]
-    #: Per input, the mean over its real queries of the attention probability on C.
-    mass: Float[torch.Tensor, "n_inputs layer head_index"]
-    #: What uniform attention over each query's visible keys would put on C.
-    uniform_mass: Float[torch.Tensor, " n_inputs"]
+    #: How many inputs were measured (the sums cover all of them).
+    n_inputs: int
+    #: How many inputs keep their rows: a count (the first ones) or ``"all"``.
+    keep: Keep
+    #: Per kept input, the mean over its real queries of the attention probability on C.
+    mass: Float[torch.Tensor, "n_kept layer head_index"]
+    #: What uniform attention over each query's visible keys would put on C (kept inputs).
+    uniform_mass: Float[torch.Tensor, " n_kept"]
     #: Mean centred logit of (query, C key) pairs minus that of (query, other key)
-    #: pairs; NaN when a group is empty.
-    logit_gap: Float[torch.Tensor, "n_inputs layer head_index"]
-    #: ``|C|`` per input (real key positions only).
-    n_positions: Int[torch.Tensor, " n_inputs"]
-    #: Real tokens per input.
-    lengths: Int[torch.Tensor, " n_inputs"]
+    #: pairs, per kept input; NaN when a group is empty.
+    logit_gap: Float[torch.Tensor, "n_kept layer head_index"]
+    #: ``|C|`` per kept input (real key positions only).
+    n_positions: Int[torch.Tensor, " n_kept"]
+    #: Real tokens per kept input.
+    lengths: Int[torch.Tensor, " n_kept"]
+    #: Float64 sums over every input: ``mass``, ``mass_sq``, ``mass_min``, ``gap``,
+    #: ``gap_n`` (inputs with a finite gap) ``[layer, head]``; ``uniform``,
+    #: ``n_positions``, ``lengths`` (scalars).
+    sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     @property
     def model(self) -> Provenance:
@@ -72,55 +99,71 @@ class AttentionConcentration:
         return self.provenance
 
     @property
-    def n_inputs(self) -> int:
+    def n_kept(self) -> int:
+        """How many inputs have their rows here (the first ones)."""
         return int(self.mass.shape[0])
+
+    @property
+    def mean_mass(self) -> Float[torch.Tensor, "layer head_index"]:
+        """The attention on C per layer and head, averaged over every input."""
+        return (self.sums["mass"] / self.n_inputs).float()
+
+    @property
+    def mean_uniform_mass(self) -> float:
+        """What uniform attention would put on C, averaged over every input."""
+        return float(self.sums["uniform"]) / self.n_inputs
 
     def sink_scores(self) -> pd.DataFrame:
         """One row per (layer, head), sorted by ``mass`` (the sink score), largest first.
 
-        Columns: ``mass`` (mean over inputs), ``mass_std`` (over inputs),
+        Over every input: ``mass`` (mean), ``mass_std`` (sample std over inputs),
         ``mass_min``, ``uniform`` (mean uniform baseline), ``lift`` (mass / uniform),
-        ``logit_gap`` (mean over inputs), ``positions``.
+        ``logit_gap`` (mean over inputs with a gap), ``positions``.
         """
+        n = self.n_inputs
+        mean = self.sums["mass"] / n
+        std = ((self.sums["mass_sq"] - n * mean**2).clamp_min(0) / max(n - 1, 1)).sqrt() if n > 1 else torch.zeros_like(mean)
+        gap = self.sums["gap"] / self.sums["gap_n"]
+        uniform = self.mean_uniform_mass
         rows = []
-        uniform = float(self.uniform_mass.mean())
         for i, layer in enumerate(self.layers):
             for head in range(self.n_heads):
-                m = self.mass[:, i, head]
+                m = float(mean[i, head])
                 rows.append(
                     {
                         "layer": layer,
                         "head": head,
-                        "mass": float(m.mean()),
-                        "mass_std": float(m.std()) if self.n_inputs > 1 else 0.0,
-                        "mass_min": float(m.min()),
+                        "mass": m,
+                        "mass_std": float(std[i, head]),
+                        "mass_min": float(self.sums["mass_min"][i, head]),
                         "uniform": uniform,
-                        "lift": float(m.mean()) / uniform if uniform > 0 else math.inf,
-                        "logit_gap": float(self.logit_gap[:, i, head].nanmean()),
+                        "lift": m / uniform if uniform > 0 else math.inf,
+                        "logit_gap": float(gap[i, head]),
                         "positions": self.positions,
                     }
                 )
         return pd.DataFrame(rows).sort_values("mass", ascending=False, ignore_index=True)
 
     def layer_mass(self) -> pd.DataFrame:
-        """Per layer: mass on C averaged over heads and inputs, and the most concentrated head."""
+        """Per layer: mass on C averaged over heads and every input, and the most concentrated head."""
         rows = []
+        mean = self.sums["mass"] / self.n_inputs
         for i, layer in enumerate(self.layers):
-            per_head = self.mass[:, i].mean(0)
+            per_head = mean[i]
             rows.append(
                 {
                     "layer": layer,
                     "mass": float(per_head.mean()),
                     "max_head_mass": float(per_head.max()),
                     "max_head": int(per_head.argmax()),
-                    "uniform": float(self.uniform_mass.mean()),
+                    "uniform": self.mean_uniform_mass,
                     "positions": self.positions,
                 }
             )
         return pd.DataFrame(rows)
 
     def to_dataframe(self) -> pd.DataFrame:
-        """Every (input, layer, head) as a row: mass, uniform baseline, logit gap, |C|, length."""
+        """Every (kept input, layer, head) as a row: mass, uniform baseline, logit gap, |C|, length."""
         n, n_layers, h = self.mass.shape
         i = torch.arange(n).repeat_interleave(n_layers * h)
         j = torch.arange(n_layers).repeat_interleave(h).repeat(n)
@@ -138,6 +181,33 @@ class AttentionConcentration:
             }
         )
 
+    @classmethod
+    def merge(cls, parts: Sequence[AttentionConcentration]) -> AttentionConcentration:
+        """One result from measurements of consecutive slices of a corpus, in order.
+
+        The sums add (minima take the minimum) and the kept rows concatenate up to
+        ``keep``: the result of one run over the concatenated inputs, to float
+        rounding. The parts must come from the same model, layers, key set, hooks,
+        BOS setting and ``keep`` (ValueError otherwise).
+
+        >>> import torch
+        >>> from massact_lens.examples import tiny_model
+        >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
+        >>> parts = [attention_concentration(model, t, progress=False) for t in (tokens[:1], tokens[1:])]
+        >>> merged = AttentionConcentration.merge(parts)
+        >>> merged.n_inputs, merged.mass.shape
+        (4, torch.Size([4, 2, 4]))
+        """
+        parts = check_parts(parts, cls, ("layers", "n_heads", "positions", "prepend_bos", "hook_names",
+                                         "logit_source", "keep"))
+        first = parts[0]
+        rows = [(p.n_inputs, {name: getattr(p, name) for name in _KEPT} | {"attention_mask": p.lengths[:, None]})
+                for p in parts]
+        kept = merge_kept(rows, keep_limit(first.keep), _KEPT)
+        kept.pop("attention_mask")
+        return replace(first, n_inputs=sum(p.n_inputs for p in parts), **kept,
+                       sums=add_sums([p.sums for p in parts], minimum=("mass_min",)))
+
 
 def attention_concentration(
     model: TransformerLensModel,
@@ -145,6 +215,7 @@ def attention_concentration(
     positions: Positions = "start",
     *,
     layers: Sequence[int] | None = None,
+    keep: Keep = 1000,
     batch_size: int = 16,
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -159,7 +230,8 @@ def attention_concentration(
     Cost: one forward pass per batch. Per layer it reads ``hook_pattern`` and
     ``hook_attn_scores`` and reduces them at once to ``[batch, head, key_pos]``
     sums; no cache. A :class:`MassiveTokens` rule also reads the residual stream
-    (reduced to one bool per position).
+    (reduced to one bool per position). It keeps running sums over every input and
+    the per-input rows (``2 x layers x heads`` floats each) of the first ``keep``.
 
     Args:
         model: a TransformerBridge (eager attention, so ``hook_pattern`` fires).
@@ -167,6 +239,9 @@ def attention_concentration(
             (see :mod:`massact_lens.batching`).
         positions: the key positions C (anything :func:`~massact_lens.attention.keys.as_rule` accepts).
         layers: layers to measure (default all).
+        keep: how many inputs (the first ones) keep their per-input rows
+            (``mass``, ``logit_gap``, ...; :meth:`AttentionConcentration.to_dataframe`);
+            ``"all"`` for every input. The summaries cover every input either way.
         batch_size, prepend_bos, attention_mask, progress: as in :func:`massact_lens.scan`.
 
     Raises:
@@ -179,6 +254,7 @@ def attention_concentration(
     >>> sinks.layer_mass()["mass"].round(1).tolist()
     [0.4, 0.7, 0.7, 0.6, 0.8, 0.6]
     """
+    keep = check_keep(keep)
     chosen = check_layers(model, layers, ("pattern",))
     plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos)
     rule = as_rule(model, positions, plan)
@@ -187,7 +263,12 @@ def attention_concentration(
     pending: dict[int, dict[str, Any]] = {}
     reduced: dict[int, dict[str, torch.Tensor]] = {}
     sources: dict[int, str] = {}
-    out: dict[str, list[torch.Tensor]] = {"mass": [], "uniform": [], "gap": [], "n": [], "len": []}
+    n_layers, n_heads = len(chosen), int(model.cfg.n_heads)
+    sums = {name: torch.zeros(n_layers, n_heads, dtype=torch.float64) for name in ("mass", "mass_sq", "gap", "gap_n")}
+    sums["mass_min"] = torch.full((n_layers, n_heads), math.inf, dtype=torch.float64)
+    sums |= {name: torch.zeros((), dtype=torch.float64) for name in ("uniform", "n_positions", "lengths")}
+    kept = KeptInputs(keep_limit(keep), _KEPT)
+    seen = [0]
 
     def reduce(layer: int, real: torch.Tensor) -> None:
         slot = pending.pop(layer)
@@ -253,28 +334,37 @@ def attention_concentration(
                 uniform = (r["uniform"] * in_c.float()).sum(-1)
                 n_positions = in_c.sum(-1)
         assert uniform is not None and n_positions is not None
-        out["mass"].append(torch.stack(masses, 1).cpu())
-        out["gap"].append(torch.stack(gaps, 1).cpu())
-        out["uniform"].append(uniform.cpu())
-        out["n"].append(n_positions.cpu())
-        out["len"].append(batch.lengths.cpu())
+        mass, gap = torch.stack(masses, 1).cpu(), torch.stack(gaps, 1).cpu()
+        m64, g64 = mass.double(), gap.double()
+        finite = ~torch.isnan(g64)
+        sums["mass"] += m64.sum(0)
+        sums["mass_sq"] += (m64**2).sum(0)
+        sums["mass_min"] = torch.minimum(sums["mass_min"], m64.amin(0))
+        sums["gap"] += g64.masked_fill(~finite, 0.0).sum(0)
+        sums["gap_n"] += finite.sum(0)
+        sums["uniform"] += uniform.double().sum().cpu()
+        sums["n_positions"] += n_positions.sum().cpu()
+        sums["lengths"] += batch.lengths.sum().cpu()
+        seen[0] += int(real.shape[0])
+        kept.add(batch.lengths[:, None].cpu(), mass=mass, uniform_mass=uniform.cpu(), logit_gap=gap,
+                 n_positions=n_positions.cpu().long(), lengths=batch.lengths.cpu().long())
 
     run_passes(model, plan, rule, layer_hooks, finish, progress=progress, desc="attention")
-    n_positions = torch.cat(out["n"]).long()
-    warn_empty(n_positions, rule.describe())
+    warn_empty(sums["n_positions"][None], rule.describe())
     names = tuple(attention_hook(k, layer) for layer in chosen for k in (("pattern", "scores") if has_scores else ("pattern",)))
+    empty = {"mass": torch.zeros(0, n_layers, n_heads), "uniform_mass": torch.zeros(0), "logit_gap": torch.zeros(0, n_layers, n_heads),
+             "n_positions": torch.zeros(0, dtype=torch.long), "lengths": torch.zeros(0, dtype=torch.long)}
+    rows = kept.tensors({**empty, "attention_mask": torch.zeros(0, 1, dtype=torch.long)})
     return AttentionConcentration(
         provenance=Provenance.of(model),
         layers=chosen,
-        n_heads=int(model.cfg.n_heads),
+        n_heads=n_heads,
         positions=rule.describe(),
         prepend_bos=plan.prepend_bos,
         hook_names=names,
         logit_source=tuple(sources.get(layer, "") for layer in chosen),
-        mass=detached(torch.cat(out["mass"])),
-        uniform_mass=detached(torch.cat(out["uniform"])),
-        logit_gap=detached(torch.cat(out["gap"])),
-        n_positions=detached(n_positions),
-        lengths=detached(torch.cat(out["len"]).long()),
+        n_inputs=seen[0],
+        keep=keep,
+        **{name: detached(rows[name]) for name in _KEPT},
+        sums={name: detached(t) for name, t in sums.items()},
     )
-

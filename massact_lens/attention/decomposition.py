@@ -13,7 +13,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import pandas as pd
@@ -22,17 +22,34 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import HookList, Inputs, Provenance, model_device
+from massact_lens.attention._bias_stats import (
+    MODES,
+    SCOPES,
+    TERMS,
+    add_batch,
+    gram,
+    new_sums,
+    spread,
+)
 from massact_lens.attention._passes import (
     check_heads,
     check_layers,
     detached,
     output_hook,
-    pad_cat,
     real_keys,
     repeat_kv,
     run_passes,
     w_o,
     warn_empty,
+)
+from massact_lens.attention._streaming import (
+    Keep,
+    KeptInputs,
+    add_sums,
+    check_keep,
+    check_parts,
+    keep_limit,
+    merge_kept,
 )
 from massact_lens.attention.keys import Positions, as_rule, fit_width
 from massact_lens.batching import Batch, plan_batches
@@ -42,6 +59,11 @@ from massact_lens.models import warn_if_processed
 __all__ = ["ImplicitBias", "implicit_bias"]
 
 
+#: Per-input tensors of an :class:`ImplicitBias`, input-first, and their position axes.
+_KEPT = {"bias_z": 2, "rest_z": 2, "c_mass": 2, "key_mask": 1, "tokens": 1}
+_LAYER_FIRST = ("bias_z", "rest_z", "c_mass")
+
+
 @dataclass(frozen=True)
 class ImplicitBias:
     """The decomposition ``attn(q) = bias(q) + rest(q)`` per layer and head.
@@ -49,7 +71,13 @@ class ImplicitBias:
     Both terms are in head space (``hook_z``); their images in the residual stream
     are, per head, ``z_h @ W_O[h]`` (:meth:`written`). The output bias ``b_O``
     belongs to neither: ``sum_h (written(bias) + written(rest)) + b_O`` is the
-    attention output. Padding queries hold zeros.
+    attention output.
+
+    Two kinds of content: running sums over **every** input (``sums``: what
+    :meth:`constancy` and :meth:`to_dataframe` read and :meth:`merge` adds), and
+    the full per-input tensors (``bias_z``, ``rest_z``, ``c_mass``, ``key_mask``,
+    ``attention_mask``, ``tokens``) of only the **first** ``n_kept`` inputs
+    (``keep``), cut to their longest real length; padding queries hold zeros.
     """
 
     #: The model as it was when it ran.
@@ -66,53 +94,62 @@ class ImplicitBias:
     hook_names: tuple[str, ...]
     #: Per layer, where the attention output was read for ``out_error``.
     out_hooks: tuple[str, ...]
-    #: ``sum_{i in C} p_qi v_i``.
-    bias_z: Float[torch.Tensor, "layer n_inputs query_pos head d_head"]
-    #: ``sum_{i not in C} p_qi v_i``.
-    rest_z: Float[torch.Tensor, "layer n_inputs query_pos head d_head"]
-    #: Attention probability on C per query.
-    c_mass: Float[torch.Tensor, "layer n_inputs query_pos head"]
-    #: C of each input.
-    key_mask: Bool[torch.Tensor, "n_inputs key_pos"]
-    #: 1 for real query positions.
-    attention_mask: Int[torch.Tensor, "n_inputs query_pos"]
-    #: The token ids.
-    tokens: Int[torch.Tensor, "n_inputs query_pos"]
+    #: How many inputs were decomposed (the sums cover all of them).
+    n_inputs: int
+    #: How many inputs keep their full tensors: a count (the first ones) or ``"all"``.
+    keep: Keep
+    #: ``sum_{i in C} p_qi v_i`` of the kept inputs.
+    bias_z: Float[torch.Tensor, "layer n_kept query_pos head d_head"]
+    #: ``sum_{i not in C} p_qi v_i`` of the kept inputs.
+    rest_z: Float[torch.Tensor, "layer n_kept query_pos head d_head"]
+    #: Attention probability on C per query, of the kept inputs.
+    c_mass: Float[torch.Tensor, "layer n_kept query_pos head"]
+    #: C of each kept input.
+    key_mask: Bool[torch.Tensor, "n_kept key_pos"]
+    #: 1 for real query positions of the kept inputs.
+    attention_mask: Int[torch.Tensor, "n_kept query_pos"]
+    #: The token ids of the kept inputs.
+    tokens: Int[torch.Tensor, "n_kept query_pos"]
     #: ``W_O`` of the chosen heads.
     W_O: Float[torch.Tensor, "layer head d_head d_model"] = field(repr=False)
     #: ``b_O`` per layer.
     b_O: Float[torch.Tensor, "layer d_model"] = field(repr=False)
-    #: Per layer, max ``|bias + rest - hook_z|`` over real queries and chosen heads.
+    #: Per layer, max ``|bias + rest - hook_z|`` over real queries and chosen heads (every input).
     z_error: Float[torch.Tensor, " layer"]
     #: Per layer, max ``|sum_h hook_z_h @ W_O[h] + b_O - attention output|`` over
-    #: real queries (all heads).
+    #: real queries (all heads, every input).
     out_error: Float[torch.Tensor, " layer"]
+    #: Float64 running sums over every input, ``[layer, query set, term, head, ...]``
+    #: (see :mod:`massact_lens.attention._bias_stats`).
+    sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     @property
     def model(self) -> Provenance:
         """The provenance (the name of this field before 0.2; reads like the dict it was)."""
         return self.provenance
 
+    @property
+    def n_kept(self) -> int:
+        """How many inputs have their full tensors here (the first ones)."""
+        return int(self.bias_z.shape[1])
+
     def _layer_index(self, layer: int) -> int:
         if layer not in self.layers:
             raise ValueError(f"Layer {layer} was not decomposed; this result has layers {list(self.layers)}.")
         return self.layers.index(layer)
 
-    def written(self, layer: int, term: Literal["bias", "rest"] = "bias") -> Float[torch.Tensor, "n_inputs query_pos head d_model"]:
-        """The term's image in the residual stream, per head: ``z_h @ W_O[h]`` (no ``b_O``)."""
+    def written(self, layer: int, term: Literal["bias", "rest"] = "bias") -> Float[torch.Tensor, "n_kept query_pos head d_model"]:
+        """The term's image in the residual stream, per head: ``z_h @ W_O[h]`` (no ``b_O``), kept inputs."""
         if term not in ("bias", "rest"):
             raise ValueError(f"term must be 'bias' or 'rest', not {term!r}.")
         i = self._layer_index(layer)
         z = (self.bias_z if term == "bias" else self.rest_z)[i]
         return torch.einsum("nqhd,hdm->nqhm", z, self.W_O[i])
 
-    def _queries(self, queries: str) -> torch.Tensor:
-        mask = self.attention_mask.bool()
-        if queries == "outside":
-            mask = mask & ~fit_width(self.key_mask, mask.shape[1])
-        elif queries != "all":
+    def _mode(self, queries: str) -> int:
+        if queries not in MODES:
             raise ValueError(f"queries must be 'all' or 'outside' (drop queries that are themselves in C), not {queries!r}.")
-        return mask
+        return MODES.index(queries)
 
     def constancy(self, queries: Literal["all", "outside"] = "all") -> pd.DataFrame:
         """How constant the bias term is, next to the rest term: the paper's contrast as numbers.
@@ -129,53 +166,43 @@ class ImplicitBias:
         the queries of one input, averaged over inputs), ``across_inputs`` (the
         per-input means across inputs). ``queries="outside"`` drops queries that are
         themselves in C (in a causal model the first token's query sees only itself).
+        Every input counts, also those not kept. Zero vectors (a query that gives C
+        no attention) have no direction: they are left out of the cosine means.
         """
-        qmask = self._queries(queries)
+        mode = self._mode(queries)
         rows = []
         for i, layer in enumerate(self.layers):
-            for term in ("bias", "rest"):
-                z = (self.bias_z if term == "bias" else self.rest_z)[i]
-                for space in ("head", "resid"):
-                    if space == "head":
-                        x, heads = z, list(self.heads)
-                    else:
-                        resid = torch.einsum("nqhd,hdm->nqhm", z, self.W_O[i])
-                        x, heads = torch.cat([resid, resid.sum(2, keepdim=True)], 2), [*self.heads, -1]
-                    for scope, (cos, rel, norm, n) in _constancy(x, qmask).items():
-                        for j, head in enumerate(heads):
-                            rows.append(
-                                {
-                                    "layer": layer,
-                                    "head": head,
-                                    "term": term,
-                                    "space": space,
-                                    "scope": scope,
-                                    "cos_to_mean": float(cos[j]),
-                                    "rel_variation": float(rel[j]),
-                                    "mean_norm": float(norm[j]),
-                                    "n": n,
-                                }
-                            )
+            g = gram(self.W_O[i])
+            for t, term in enumerate(TERMS):
+                for space, spaces, heads in (("head", ("head",), list(self.heads)),
+                                             ("resid", ("resid", "total"), [*self.heads, -1])):
+                    for scope, label in SCOPES.items():
+                        parts = [spread(self.sums, scope, s, i, mode, t, g) for s in spaces]
+                        cos, rel, norm = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                          torch.cat([p[2] for p in parts]))
+                        rows += [{"layer": layer, "head": head, "term": term, "space": space, "scope": label,
+                                  "cos_to_mean": float(cos[j]), "rel_variation": float(rel[j]),
+                                  "mean_norm": float(norm[j]), "n": parts[0][4]} for j, head in enumerate(heads)]
         return pd.DataFrame(rows)
 
     def to_dataframe(self, queries: Literal["all", "outside"] = "all") -> pd.DataFrame:
         """One row per (layer, head; ``-1`` = sum over heads): the bias-vs-rest contrast.
 
-        Residual space (through ``W_O``), scope ``all``: ``c_mass`` (mean attention on
-        C), ``bias_norm`` / ``rest_norm`` (mean vector norms), ``bias_cos`` /
+        Residual space (through ``W_O``), scope ``all``, every input: ``c_mass`` (mean
+        attention on C), ``bias_norm`` / ``rest_norm`` (mean vector norms), ``bias_cos`` /
         ``rest_cos`` (cosine to the mean), ``bias_rel_variation`` / ``rest_rel_variation``.
         """
-        qmask = self._queries(queries)
+        mode = self._mode(queries)
         rows = []
         for i, layer in enumerate(self.layers):
-            mass = self.c_mass[i]  # [n, q, head]
-            masses = torch.cat([mass[qmask].mean(0), mass.mean(-1)[qmask].mean()[None]])
+            g = gram(self.W_O[i])
+            mass = self.sums["mass"][i, mode] / self.sums["all.n"][i, mode]
+            masses = torch.cat([mass, mass.mean()[None]])
             stats = {}
-            for term in ("bias", "rest"):
-                w = self.written(layer, term)  # type: ignore[arg-type]
-                w = torch.cat([w, w.sum(2, keepdim=True)], 2)[qmask].double()  # [N, head + 1, d_model]
-                cos, rel, _ = _spread(w)
-                stats[term] = (w.norm(dim=-1).mean(0), cos, rel)
+            for t, term in enumerate(TERMS):
+                parts = [spread(self.sums, "all", s, i, mode, t, g) for s in ("resid", "total")]
+                stats[term] = [torch.cat([p[3] for p in parts]), torch.cat([p[0] for p in parts]),
+                               torch.cat([p[1] for p in parts])]  # mean norm, cos, rel
             for j, head in enumerate([*self.heads, -1]):
                 rows.append(
                     {
@@ -193,46 +220,43 @@ class ImplicitBias:
                 )
         return pd.DataFrame(rows)
 
+    def _kept(self) -> dict[str, torch.Tensor]:
+        """The per-input tensors, input-first (as :class:`KeptInputs` holds them)."""
+        return {name: getattr(self, name).transpose(0, 1) if name in _LAYER_FIRST else getattr(self, name)
+                for name in (*_KEPT, "attention_mask")}
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity over the last dim; NaN where a vector is exactly zero."""
-    denominator = a.norm(dim=-1) * b.norm(dim=-1)
-    return (a * b).sum(-1) / denominator.masked_fill(denominator == 0, float("nan"))
+    @classmethod
+    def merge(cls, parts: Sequence[ImplicitBias]) -> ImplicitBias:
+        """One result from decompositions of consecutive slices of a corpus, in order.
 
+        The sums add and the kept inputs concatenate (up to ``keep``), so the result
+        is the one a single run over the concatenated inputs gives, to float rounding
+        (a forward pass over other batches can differ in float32's last bits). The
+        parts must come from the same model (provenance and ``W_O``), layers, heads,
+        key set, BOS setting and ``keep`` (ValueError otherwise). Key sets tied to
+        input indices (an ``[n_inputs, key_pos]`` mask, ``find_massive`` records)
+        describe their own slice and do not merge: use a rule or a profile.
 
-def _constancy(x: torch.Tensor, qmask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-    """Cosine-to-mean, relative variation and mean norm per head, for the three scopes.
-
-    ``x``: ``[n_inputs, query_pos, head, m]``; ``qmask``: ``[n_inputs, query_pos]``.
-    Zero vectors (a query that gives C no attention at all) have no direction: they
-    are left out of the cosine means, not out of the variation.
-    """
-    x = x.double()
-    out = {}
-    pooled = x[qmask]  # [N, head, m]
-    out["all"] = (*_spread(pooled), int(pooled.shape[0]))
-    w = qmask[:, :, None].double()  # [n, q, 1]
-    counts = qmask.sum(1)
-    keep = counts > 0
-    means = (x * w[..., None]).sum(1) / counts.clamp_min(1)[:, None, None]  # [n, head, m]
-    cos = _cosine(x, means[:, None]).masked_fill(~qmask[:, :, None], float("nan"))  # [n, q, head]
-    var = (((x - means[:, None]) ** 2).sum(-1) * w).sum(1) / counts.clamp_min(1)[:, None]
-    norm = means.norm(dim=-1)
-    within = (cos.nanmean(1)[keep].nanmean(0), (var.sqrt() / norm)[keep].nanmean(0), norm[keep].mean(0))
-    out["within_input"] = (*within, int(keep.sum()))
-    out["across_inputs"] = (*_spread(means[keep]), int(keep.sum()))
-    return out
-
-
-def _spread(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x [N, head, m]`` -> mean cosine to the mean, relative variation, mean norm, per head."""
-    if x.shape[0] == 0:
-        nan = torch.full(x.shape[1:2], float("nan"), dtype=x.dtype)
-        return nan, nan, nan
-    mean = x.mean(0)
-    norm = mean.norm(dim=-1)
-    rel = ((x - mean[None]) ** 2).sum(-1).mean(0).sqrt() / norm
-    return _cosine(x, mean[None]).nanmean(0), rel, norm
+        >>> import torch
+        >>> from massact_lens.examples import tiny_model
+        >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
+        >>> parts = [implicit_bias(model, tokens[:2], progress=False), implicit_bias(model, tokens[2:], progress=False)]
+        >>> merged, whole = ImplicitBias.merge(parts), implicit_bias(model, tokens, progress=False)
+        >>> merged.n_inputs, torch.allclose(merged.bias_z, whole.bias_z, rtol=1e-5, atol=1e-7)
+        (4, True)
+        """
+        parts = check_parts(parts, cls, ("layers", "heads", "positions", "prepend_bos", "hook_names",
+                                         "out_hooks", "keep", "W_O", "b_O"))
+        first = parts[0]
+        kept = merge_kept([(p.n_inputs, p._kept()) for p in parts], keep_limit(first.keep), _KEPT)
+        return replace(
+            first,
+            n_inputs=sum(p.n_inputs for p in parts),
+            **{name: t.transpose(0, 1) if name in _LAYER_FIRST else t for name, t in kept.items()},
+            z_error=torch.stack([p.z_error for p in parts]).amax(0),
+            out_error=torch.stack([p.out_error for p in parts]).amax(0),
+            sums=add_sums([p.sums for p in parts]),
+        )
 
 
 def implicit_bias(
@@ -242,6 +266,7 @@ def implicit_bias(
     *,
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
+    keep: Keep = 8,
     batch_size: int = 16,
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -260,15 +285,19 @@ def implicit_bias(
     Cost: one forward pass per batch. Per chosen layer it holds ``hook_pattern``,
     ``hook_v`` and ``hook_z`` of the current batch until the pass ends (C may come
     from the residual stream of the same pass) and reads the attention output once
-    for the check. It keeps ``2 x layers x inputs x pos x heads x d_head`` floats
-    (head space); residual-space images are computed on demand (:meth:`ImplicitBias.written`).
-    Meant for a batch of inputs (tens to hundreds), not a corpus.
+    for the check. What it keeps does not grow with the corpus: float64 running sums
+    of ``~(12 x heads x d_head + d_model)`` numbers per layer and term, and the full
+    ``2 x layers x pos x heads x d_head`` head-space floats of the first ``keep``
+    inputs only; residual-space images are computed on demand (:meth:`ImplicitBias.written`).
 
     Args:
         positions: the key positions C (anything :func:`~massact_lens.attention.keys.as_rule` accepts); they must be
             token positions (``hook_v`` has no entry for extra key slots).
-        layers, heads: what to decompose (default all). Other arguments as in
-            :func:`attention_concentration`.
+        layers, heads: what to decompose (default all).
+        keep: how many inputs (the first ones) keep their full per-input tensors
+            (``bias_z``, ``rest_z``, ``c_mass``, ...); ``"all"`` for every input, 0 for
+            none. The statistics cover every input either way.
+        batch_size, prepend_bos, attention_mask, progress: as in :func:`attention_concentration`.
 
     Raises:
         ValueError / TypeError: a layer or head that does not exist, an empty or
@@ -276,12 +305,13 @@ def implicit_bias(
 
     >>> from massact_lens.examples import minilm
     >>> split = implicit_bias(minilm(), ["The cat sat on the mat.", "A dog ran home."],
-    ...                       "start", layers=[2], progress=False)
-    >>> split.bias_z.shape        # layer, input, query, head, d_head
-    torch.Size([1, 2, 9, 12, 32])
+    ...                       "start", layers=[2], keep=1, progress=False)
+    >>> split.n_inputs, split.bias_z.shape        # layer, kept input, query, head, d_head
+    (2, torch.Size([1, 1, 9, 12, 32]))
     >>> bool(split.z_error.max() < 1e-4 and split.out_error.max() < 1e-3)
     True
     """
+    keep = check_keep(keep)
     chosen = check_layers(model, layers, ("pattern", "v", "z"))
     head_list = check_heads(model, heads)
     plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos)
@@ -292,10 +322,15 @@ def implicit_bias(
     weights = {layer: tuple(t.to(device) for t in w_o(model, layer)) for layer in chosen}
     out_names = {layer: output_hook(model, layer) for layer in chosen}
     head_index = torch.tensor(head_list, device=device)
+    chosen_w = {layer: weights[layer][0][head_index] for layer in chosen}
+    grams = {layer: gram(chosen_w[layer]) for layer in chosen}
     state: dict[int, dict[str, torch.Tensor]] = {}
     z_error = {layer: 0.0 for layer in chosen}
     out_error = {layer: 0.0 for layer in chosen}
-    parts: dict[str, list[torch.Tensor]] = {"bias": [], "rest": [], "mass": [], "keys": [], "mask": [], "tokens": []}
+    d_head, d_model = int(model.cfg.d_head), int(model.cfg.d_model)
+    sums = new_sums(len(chosen), len(head_list), d_head, d_model, device)
+    kept = KeptInputs(keep_limit(keep), _KEPT)
+    seen = {"inputs": 0, "c": 0}
 
     def layer_hooks(batch: Batch) -> HookList:
         real = batch.attention_mask.bool()
@@ -327,9 +362,10 @@ def implicit_bias(
 
     def finish(batch: Batch, c_mask: torch.Tensor) -> None:
         real = batch.attention_mask.bool()
+        room = kept.room(int(real.shape[0]))
         bias_l, rest_l, mass_l = [], [], []
         key_mask = None
-        for layer in chosen:
+        for i, layer in enumerate(chosen):
             slot = state.pop(layer, {})
             if not {"pattern", "v", "z"} <= set(slot):
                 raise RuntimeError(
@@ -346,28 +382,36 @@ def implicit_bias(
                 )
             in_c = fit_width(c_mask, key_len) & real_keys(real, key_len)
             c = in_c[:, None, None, :].float()
-            bias = torch.einsum("bhqk,bkhd->bqhd", pattern * c, v)
-            rest = torch.einsum("bhqk,bkhd->bqhd", pattern * (1.0 - c), v)
+            q_real = real[:, :, None, None]
+            bias = torch.einsum("bhqk,bkhd->bqhd", pattern * c, v).where(q_real, 0.0)
+            rest = torch.einsum("bhqk,bkhd->bqhd", pattern * (1.0 - c), v).where(q_real, 0.0)
             z = slot["z"].float()[:, :, head_index]
             err = (bias + rest - z).abs()[real]
             z_error[layer] = max(z_error[layer], float(err.max()) if err.numel() else 0.0)
-            q_real = real[:, :, None, None].float()
-            bias_l.append((bias * q_real).cpu())
-            rest_l.append((rest * q_real).cpu())
-            mass_l.append(((pattern * c).sum(-1).transpose(1, 2) * real[:, :, None]).cpu())
+            mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
+            totals = tuple(torch.einsum("bqhd,hdm->bqm", t, chosen_w[layer]) for t in (bias, rest))
+            outside = real & ~fit_width(in_c, int(real.shape[1]))
+            add_batch(sums, i, (bias, rest), totals, mass, (real, outside), grams[layer])  # type: ignore[arg-type]
+            if room:
+                bias_l.append(bias[:room].cpu())
+                rest_l.append(rest[:room].cpu())
+                mass_l.append(mass[:room].cpu())
             key_mask = in_c
         assert key_mask is not None
-        parts["bias"].append(torch.stack(bias_l, 1))
-        parts["rest"].append(torch.stack(rest_l, 1))
-        parts["mass"].append(torch.stack(mass_l, 1))
-        parts["keys"].append(key_mask.cpu())
-        parts["mask"].append(batch.attention_mask.cpu())
-        parts["tokens"].append(batch.tokens.cpu())
+        seen["inputs"] += int(real.shape[0])
+        seen["c"] += int(key_mask.sum())
+        if room:
+            kept.add(batch.attention_mask, bias_z=torch.stack(bias_l, 1), rest_z=torch.stack(rest_l, 1),
+                     c_mass=torch.stack(mass_l, 1), key_mask=key_mask, tokens=batch.tokens)
 
     run_passes(model, plan, rule, layer_hooks, finish, progress=progress, desc="implicit bias")
-    key_mask = pad_cat(parts["keys"], 1)
-    warn_empty(key_mask.sum(1), rule.describe())
+    warn_empty(torch.tensor([seen["c"]]), rule.describe())
     names = tuple(attention_hook(k, layer) for layer in chosen for k in ("pattern", "v", "z"))
+    n_layers, n_chosen = len(chosen), len(head_list)
+    empty = {"bias_z": torch.zeros(0, n_layers, 0, n_chosen, d_head), "rest_z": torch.zeros(0, n_layers, 0, n_chosen, d_head),
+             "c_mass": torch.zeros(0, n_layers, 0, n_chosen), "key_mask": torch.zeros(0, 0, dtype=torch.bool),
+             "attention_mask": torch.zeros(0, 0, dtype=torch.long), "tokens": torch.zeros(0, 0, dtype=torch.long)}
+    full = kept.tensors(empty)
     return ImplicitBias(
         provenance=Provenance.of(model),
         layers=chosen,
@@ -376,14 +420,17 @@ def implicit_bias(
         prepend_bos=plan.prepend_bos,
         hook_names=names,
         out_hooks=tuple(out_names[layer] for layer in chosen),
-        bias_z=detached(pad_cat(parts["bias"], 2).transpose(0, 1)),
-        rest_z=detached(pad_cat(parts["rest"], 2).transpose(0, 1)),
-        c_mass=detached(pad_cat(parts["mass"], 2).transpose(0, 1)),
-        key_mask=detached(key_mask),
-        attention_mask=detached(pad_cat(parts["mask"], 1).long()),
-        tokens=detached(pad_cat(parts["tokens"], 1).long()),
-        W_O=detached(torch.stack([weights[layer][0][head_index] for layer in chosen])),
+        n_inputs=seen["inputs"],
+        keep=keep,
+        bias_z=full["bias_z"].transpose(0, 1),  # normal tensors already: no copy
+        rest_z=full["rest_z"].transpose(0, 1),
+        c_mass=full["c_mass"].transpose(0, 1),
+        key_mask=full["key_mask"].bool(),
+        attention_mask=full["attention_mask"].long(),
+        tokens=full["tokens"].long(),
+        W_O=detached(torch.stack([chosen_w[layer] for layer in chosen])),
         b_O=detached(torch.stack([weights[layer][1] for layer in chosen])),
         z_error=torch.tensor([z_error[layer] for layer in chosen]),
         out_error=torch.tensor([out_error[layer] for layer in chosen]),
+        sums={name: detached(t) for name, t in sums.items()},
     )

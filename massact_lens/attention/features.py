@@ -26,6 +26,7 @@ from massact_lens.attention._passes import (
     w_o,
     warn_empty,
 )
+from massact_lens.attention._streaming import add_sums, check_parts
 from massact_lens.attention.keys import Positions, as_rule, fit_width
 from massact_lens.batching import Batch, plan_batches
 from massact_lens.hook_names import attention_hook, resolve_hook_names
@@ -74,6 +75,13 @@ class TokenFeatures:
     feature_rel_variation: Float[torch.Tensor, "layer group"]
     #: The group's mean attention input.
     feature_mean: Float[torch.Tensor, "layer group d_model"] = field(repr=False)
+    #: How many inputs were measured.
+    n_inputs: int = 0
+    #: The float64 running sums everything above comes from (what :meth:`merge`
+    #: adds): ``count`` ``[layer, group]``; ``value``, ``key``, ``out``
+    #: ``[layer, group, head]``; ``norm``, ``sq`` ``[layer, group]``; ``vec``,
+    #: ``unit`` ``[layer, group, d_model]``.
+    sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     @property
     def model(self) -> Provenance:
@@ -87,6 +95,26 @@ class TokenFeatures:
         mean = self.feature_mean[self.layers.index(layer), GROUPS.index(group)]
         top = mean.abs().topk(min(k, mean.shape[0])).indices
         return [(int(d), float(mean[d])) for d in top]
+
+    @classmethod
+    def merge(cls, parts: Sequence[TokenFeatures]) -> TokenFeatures:
+        """One result from measurements of consecutive slices of a corpus: the sums add.
+
+        Equal to one run over the concatenated inputs, to float rounding. The parts
+        must come from the same model, layers, key set, feature hooks and BOS
+        setting (ValueError otherwise).
+
+        >>> import torch
+        >>> from massact_lens.examples import tiny_model
+        >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
+        >>> parts = [token_features(model, t, progress=False) for t in (tokens[:1], tokens[1:])]
+        >>> TokenFeatures.merge(parts).counts.tolist(), TokenFeatures.merge(parts).n_inputs
+        ([4, 20], 4)
+        """
+        parts = check_parts(parts, cls, ("layers", "n_heads", "positions", "prepend_bos", "feature_hooks"))
+        first = parts[0]
+        return _summarise(first.provenance, first.layers, first.n_heads, first.positions, first.prepend_bos,
+                          first.feature_hooks, sum(p.n_inputs for p in parts), add_sums([p.sums for p in parts]))
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (layer, head): key / value / W_O-image norms for C and other tokens."""
@@ -174,6 +202,7 @@ def token_features(
         "unit": torch.zeros(n_layers, 2, d_model, dtype=torch.float64),
     }
     counts = torch.zeros(n_layers, 2, dtype=torch.float64)
+    seen = [0]
 
     def layer_hooks(batch: Batch) -> HookList:  # noqa: ARG001
         hooks: HookList = []
@@ -201,6 +230,7 @@ def token_features(
         real = batch.attention_mask.bool()
         in_c = fit_width(c_mask, real.shape[1]) & real
         groups = (in_c, ~in_c & real)
+        seen[0] += int(real.shape[0])
         for i, layer in enumerate(chosen):
             slot = state.pop(layer, {})
             missing = {"value", "key", "feature"} - set(slot)
@@ -220,6 +250,22 @@ def token_features(
 
     run_passes(model, plan, rule, layer_hooks, finish, progress=progress, desc="token features")
     warn_empty(counts[:1, 0], rule.describe())
+    return _summarise(Provenance.of(model), chosen, n_heads, rule.describe(), plan.prepend_bos, feature_names,
+                      seen[0], {"count": counts, **sums})
+
+
+def _summarise(
+    provenance: Provenance,
+    layers: tuple[int, ...],
+    n_heads: int,
+    positions: str,
+    prepend_bos: bool | None,
+    feature_hooks: tuple[str, ...],
+    n_inputs: int,
+    sums: dict[str, torch.Tensor],
+) -> TokenFeatures:
+    """The result from its running sums (one run, or the sum of several)."""
+    counts = sums["count"]
     n = counts.clamp_min(1)
     mean_vec = sums["vec"] / n[..., None]
     mean_norm = mean_vec.norm(dim=-1)
@@ -228,12 +274,12 @@ def token_features(
     empty = counts == 0
     nan = float("nan")
     return TokenFeatures(
-        provenance=Provenance.of(model),
-        layers=chosen,
+        provenance=provenance,
+        layers=layers,
         n_heads=n_heads,
-        positions=rule.describe(),
-        prepend_bos=plan.prepend_bos,
-        feature_hooks=feature_names,
+        positions=positions,
+        prepend_bos=prepend_bos,
+        feature_hooks=feature_hooks,
         counts=counts[0].long(),
         value_norm=(sums["value"] / n[..., None]).masked_fill(empty[..., None], nan).float(),
         key_norm=(sums["key"] / n[..., None]).masked_fill(empty[..., None], nan).float(),
@@ -242,4 +288,6 @@ def token_features(
         feature_cos_to_mean=cos.masked_fill(empty, nan).float(),
         feature_rel_variation=(variance.sqrt() / mean_norm).masked_fill(empty, nan).float(),
         feature_mean=mean_vec.masked_fill(empty[..., None], nan).float(),
+        n_inputs=n_inputs,
+        sums={name: t.detach().clone() for name, t in sums.items()},
     )

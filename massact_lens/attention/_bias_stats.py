@@ -1,0 +1,151 @@
+"""Running sums behind :class:`~massact_lens.attention.ImplicitBias`: constancy without the tensors.
+
+For each layer, query set (``all`` queries / ``outside`` C), term (``bias`` /
+``rest``) and space, float64 sums from which the mean vector and the spread around
+it come out exactly (sums of vectors, of squared norms, of norms, of unit vectors):
+
+* space ``head``: the head-space vector ``z_h`` per head;
+* space ``resid``: its image ``z_h @ W_O[h]`` per head, kept in head coordinates
+  (``||z_h W_O[h]||^2 = z_h^T G_h z_h`` with ``G_h = W_O[h] W_O[h]^T``, and means
+  map linearly), so nothing of size ``d_model`` is stored per head;
+* space ``total``: the sum over the chosen heads in the residual stream,
+  ``sum_h z_h @ W_O[h]``, in ``d_model`` coordinates.
+
+Scopes: ``all`` (every query), ``across`` (the per-input mean vectors, one per
+input with a query) and ``within`` (each input's cosine and relative variation
+around its own mean, computed exactly from the batch, summed over inputs).
+
+>>> sums = new_sums(n_layers=1, n_heads=2, d_head=3, d_model=4)
+>>> tuple(sums["all.resid.vec"].shape), tuple(sums["all.total.vec"].shape)
+((1, 2, 2, 2, 3), (1, 2, 2, 1, 4))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from jaxtyping import Bool, Float
+
+__all__ = ["MODES", "SCOPES", "SPACES", "TERMS", "add_batch", "gram", "new_sums", "spread"]
+
+#: The query sets: every real query, and the real queries outside C.
+MODES: tuple[str, ...] = ("all", "outside")
+TERMS: tuple[str, ...] = ("bias", "rest")
+SPACES: tuple[str, ...] = ("head", "resid", "total")
+#: Scope names as :meth:`ImplicitBias.constancy` writes them.
+SCOPES: dict[str, str] = {"all": "all", "within": "within_input", "across": "across_inputs"}
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def new_sums(n_layers: int, n_heads: int, d_head: int, d_model: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Zeroed sums: ``[layer, mode, term, k, ...]`` with ``k`` the heads (one for ``total``)."""
+    lead = (n_layers, len(MODES), len(TERMS))
+    out: dict[str, torch.Tensor] = {
+        "all.n": torch.zeros(n_layers, len(MODES)),
+        "across.n": torch.zeros(n_layers, len(MODES)),
+        "mass": torch.zeros(n_layers, len(MODES), n_heads),
+    }
+    for space in SPACES:
+        k, width = (1, d_model) if space == "total" else (n_heads, d_head)
+        for scope in ("all", "across"):
+            out[f"{scope}.{space}.vec"] = torch.zeros(*lead, k, width)
+            out[f"{scope}.{space}.unit"] = torch.zeros(*lead, k, width)
+            for stat in ("sq", "norm", "nonzero"):
+                out[f"{scope}.{space}.{stat}"] = torch.zeros(*lead, k)
+        for stat in ("cos", "cos_n", "rel", "rel_n"):
+            out[f"within.{space}.{stat}"] = torch.zeros(*lead, k)
+    return {name: t.to(device=device, dtype=torch.float64) for name, t in out.items()}
+
+
+def gram(w_o: Float[torch.Tensor, "head d_head d_model"]) -> Float[torch.Tensor, "head d_head d_head"]:
+    """``G_h = W_O[h] W_O[h]^T`` in float64: the residual-space inner product in head coordinates."""
+    w = w_o.double()
+    return torch.einsum("hdm,hem->hde", w, w)
+
+
+def _inner(space: str, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The inner product of a space over the last dim (``resid``: through ``G``)."""
+    if space == "resid":
+        return (torch.einsum("...hd,hde->...he", a, g) * b).sum(-1)
+    return (a * b).sum(-1)
+
+
+def _norm(space: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return _inner(space, a, a, g).clamp_min(0).sqrt()
+
+
+def _add_scope(sums: dict[str, torch.Tensor], key: tuple[str, int, int, int], x: torch.Tensor,
+               norm: torch.Tensor, weight: torch.Tensor) -> None:
+    """Add vectors ``x [n, k, m]`` with norms ``[n, k]`` and 0/1 weights ``[n]`` to one scope's sums."""
+    name, i, mode, term = key
+    w = weight[:, None]
+    nonzero = (norm > 0) & (w > 0)
+    at = (i, mode, term)
+    sums[f"{name}.vec"][at] += (x * w[..., None]).sum(0)
+    sums[f"{name}.sq"][at] += (norm**2 * w).sum(0)
+    sums[f"{name}.norm"][at] += (norm * w).sum(0)
+    sums[f"{name}.unit"][at] += (x / norm.clamp_min(_TINY)[..., None] * nonzero[..., None]).sum(0)
+    sums[f"{name}.nonzero"][at] += nonzero.sum(0)
+
+
+def add_batch(
+    sums: dict[str, torch.Tensor],
+    layer_index: int,
+    terms: tuple[Float[torch.Tensor, "batch query_pos head d_head"], Float[torch.Tensor, "batch query_pos head d_head"]],
+    totals: tuple[Float[torch.Tensor, "batch query_pos d_model"], Float[torch.Tensor, "batch query_pos d_model"]],
+    mass: Float[torch.Tensor, "batch query_pos head"],
+    masks: tuple[Bool[torch.Tensor, "batch query_pos"], Bool[torch.Tensor, "batch query_pos"]],
+    g: Float[torch.Tensor, "head d_head d_head"],
+) -> None:
+    """Add one batch of one layer: both terms in head space and summed over heads, both query sets."""
+    nan = float("nan")
+    weights = [mask.double() for mask in masks]
+    counts = [w.sum(1) for w in weights]
+    for mode, w in enumerate(weights):
+        sums["all.n"][layer_index, mode] += w.sum()
+        sums["across.n"][layer_index, mode] += (counts[mode] > 0).sum()
+        sums["mass"][layer_index, mode] += (mass.double() * w[..., None]).sum((0, 1))
+    for term in range(len(TERMS)):
+        for space in SPACES:
+            x = (totals[term][:, :, None] if space == "total" else terms[term]).double()  # [b, q, k, m]
+            norm = _norm(space, x, g)  # [b, q, k]
+            for mode, (mask, w, count) in enumerate(zip(masks, weights, counts, strict=True)):
+                at = (layer_index, mode, term)
+                _add_scope(sums, (f"all.{space}", *at), x.flatten(0, 1), norm.flatten(0, 1), w.flatten())
+                has = count > 0
+                mean = (x * w[..., None, None]).sum(1) / count.clamp_min(1)[:, None, None]  # [b, k, m]
+                mean_norm = _norm(space, mean, g)
+                _add_scope(sums, (f"across.{space}", *at), mean, mean_norm, has.double())
+                # Within each input, exactly (two passes over the batch).
+                diff = x - mean[:, None]
+                var = (_inner(space, diff, diff, g).clamp_min(0) * w[..., None]).sum(1) / count.clamp_min(1)[:, None]
+                rel = (var.sqrt() / mean_norm).masked_fill(~has[:, None], nan)
+                denominator = norm * mean_norm[:, None]
+                cos = _inner(space, x, mean[:, None].expand_as(x), g) / denominator.masked_fill(denominator == 0, nan)
+                cos = cos.masked_fill(~mask[..., None], nan).nanmean(1).masked_fill(~has[:, None], nan)  # [b, k]
+                for stat, value in (("cos", cos), ("rel", rel)):
+                    ok = ~torch.isnan(value)
+                    sums[f"within.{space}.{stat}"][at] += value.masked_fill(~ok, 0.0).sum(0)
+                    sums[f"within.{space}.{stat}_n"][at] += ok.sum(0)
+
+
+def spread(sums: Mapping[str, torch.Tensor], scope: str, space: str, layer_index: int, mode: int, term: int,
+           g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Per ``k``: mean cosine to the mean, relative variation, norm of the mean, mean norm; and ``n``.
+
+    ``within``: the per-input cosine and relative variation averaged over inputs,
+    and the mean norm of the per-input means. Empty scopes give NaN.
+    """
+    at = (layer_index, mode, term)
+    if scope == "within":
+        n = sums["across.n"][layer_index, mode]
+        per = {s: sums[f"within.{space}.{s}"][at] for s in ("cos", "cos_n", "rel", "rel_n")}
+        norm = sums[f"across.{space}.norm"][at] / n
+        return per["cos"] / per["cos_n"], per["rel"] / per["rel_n"], norm, norm, int(n)
+    n = sums[f"{scope}.n"][layer_index, mode]
+    mean = sums[f"{scope}.{space}.vec"][at] / n
+    mean_norm = _norm(space, mean, g)
+    variance = (sums[f"{scope}.{space}.sq"][at] / n - mean_norm**2).clamp_min(0)
+    cos = _inner(space, sums[f"{scope}.{space}.unit"][at], mean, g) / (mean_norm * sums[f"{scope}.{space}.nonzero"][at])
+    return cos, variance.sqrt() / mean_norm, mean_norm, sums[f"{scope}.{space}.norm"][at] / n, int(n)

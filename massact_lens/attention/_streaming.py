@@ -1,0 +1,160 @@
+"""What the attention results share to stream and to merge: running sums, kept inputs, checks.
+
+A result holds running sums over every input (memory independent of the corpus)
+and the full per-input tensors of only its first ``keep`` inputs. Two results of
+consecutive slices of a corpus merge exactly: the sums add, the kept inputs
+concatenate up to ``keep``.
+
+>>> kept = KeptInputs(2, {"tokens": 1})
+>>> kept.add(torch.tensor([[1, 2, 0]]), tokens=torch.tensor([[5, 6, 0]]))
+>>> kept.add(torch.tensor([[1, 1, 1], [1, 0, 0]]), tokens=torch.tensor([[7, 8, 9], [4, 0, 0]]))
+>>> kept.n, kept.tensors()["tokens"].tolist()
+(2, [[5, 6, 0], [7, 8, 9]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from massact_lens.attention._passes import pad_cat
+
+__all__ = ["Keep", "KeptInputs", "add_sums", "check_keep", "check_parts", "keep_limit", "merge_kept"]
+
+#: How many inputs a result keeps in full: a count, or ``"all"``.
+Keep = int | Literal["all"]
+
+
+def check_keep(keep: Any) -> Keep:
+    """``keep`` as given, or ValueError / TypeError before any pass."""
+    if keep == "all" and isinstance(keep, str):
+        return "all"
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise TypeError(f"keep must be a number of inputs or 'all', not {keep!r}.")
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0 (0: keep no input in full), not {keep}.")
+    return keep
+
+
+def keep_limit(keep: Keep) -> int | None:
+    """The number of inputs to keep; None for all."""
+    return None if keep == "all" else int(keep)
+
+
+def _trim(tensors: dict[str, torch.Tensor], pos_dims: Mapping[str, int], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cut the position axes to the kept inputs' longest real length (padding is on the right)."""
+    real = mask.bool().any(0).nonzero()
+    width = int(real.max()) + 1 if real.numel() else 0
+    return {name: t.narrow(pos_dims[name], 0, min(width, int(t.shape[pos_dims[name]]))) for name, t in tensors.items()}
+
+
+class KeptInputs:
+    """The first ``limit`` inputs' per-input tensors, gathered batch by batch.
+
+    ``pos_dims`` names each tensor and gives its position axis (``None``: no position
+    axis); the input axis is 0. :meth:`add` takes the attention mask of the batch
+    (which fixes the kept width) and the batch's tensors.
+    """
+
+    def __init__(self, limit: int | None, pos_dims: Mapping[str, int | None]) -> None:
+        self.limit = limit
+        self.pos_dims = dict(pos_dims)
+        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in ["attention_mask", *pos_dims]}
+        self.n = 0
+
+    def room(self, n: int) -> int:
+        """How many of the next ``n`` inputs are kept."""
+        return n if self.limit is None else max(0, min(n, self.limit - self.n))
+
+    def add(self, attention_mask: torch.Tensor, **tensors: torch.Tensor) -> None:
+        take = self.room(int(attention_mask.shape[0]))
+        if take == 0:
+            return
+        for name, t in {"attention_mask": attention_mask, **tensors}.items():
+            self.parts[name].append(t[:take].detach().cpu())
+        self.n += take
+
+    def tensors(self, empty: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each tensor over the kept inputs, padded to the longest, then cut to the longest real length.
+
+        Call it once, outside inference mode (the tensors are then normal ones): it
+        lets go of the pieces. ``empty``: what to return for each name when no input
+        was kept.
+        """
+        if self.n == 0:
+            return dict(empty or {})
+        dims = {"attention_mask": 1, **self.pos_dims}
+        out = {}
+        for name in list(self.parts):  # each name's pieces are let go once joined: one copy at a time
+            parts = self.parts.pop(name)
+            out[name] = pad_cat(parts, dims[name]) if dims[name] is not None else torch.cat(parts)
+            del parts
+        positional = {name: t for name, t in out.items() if dims[name] is not None}
+        return {**out, **_trim(positional, {n: int(dims[n]) for n in positional}, out["attention_mask"])}  # type: ignore[arg-type]
+
+
+def merge_kept(
+    parts: Sequence[tuple[int, dict[str, torch.Tensor]]], limit: int | None, pos_dims: Mapping[str, int | None]
+) -> dict[str, torch.Tensor]:
+    """The kept inputs of a merge: ``parts`` are ``(n_inputs, kept tensors)`` in corpus order.
+
+    Tensors are input-first, as :class:`KeptInputs` holds them, with an
+    ``attention_mask``. A part that kept fewer inputs than it had ends the run of
+    consecutive inputs, so later parts add nothing; the result is cut to ``limit``:
+    the inputs one run over the whole corpus keeps.
+    """
+    chosen: list[dict[str, torch.Tensor]] = []
+    for n_inputs, kept in parts:
+        chosen.append(kept)
+        if int(kept["attention_mask"].shape[0]) < n_inputs:
+            break
+    dims = {"attention_mask": 1, **pos_dims}
+    out = {}
+    for name in chosen[0]:
+        pieces = [p[name] for p in chosen]
+        pos = dims[name]
+        joined = torch.cat(pieces) if pos is None else pad_cat(pieces, pos)
+        out[name] = joined if limit is None else joined[:limit]
+    positional = {name: t for name, t in out.items() if dims[name] is not None}
+    return {**out, **_trim(positional, {n: int(dims[n]) for n in positional}, out["attention_mask"])}  # type: ignore[arg-type]
+
+
+def add_sums(parts: Sequence[Mapping[str, torch.Tensor]], minimum: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Running sums of several parts added (names in ``minimum``: the elementwise minimum)."""
+    out = {name: t.clone() for name, t in parts[0].items()}
+    for part in parts[1:]:
+        if set(part) != set(out):
+            raise ValueError(f"The parts hold different running sums ({sorted(set(part) ^ set(out))}).")
+        for name, t in part.items():
+            out[name] = torch.minimum(out[name], t) if name in minimum else out[name] + t
+    return out
+
+
+def check_parts(parts: Sequence[Any], cls: type, fields: Sequence[str]) -> list[Any]:
+    """``parts`` as a list, refused (ValueError / TypeError) unless they can merge.
+
+    They must all be ``cls``, from the same model (provenance), and equal in ``fields``.
+    """
+    parts = list(parts)
+    name = cls.__name__
+    if not parts:
+        raise ValueError(f"{name}.merge needs at least one result.")
+    first = parts[0]
+    for i, part in enumerate(parts):
+        if not isinstance(part, cls):
+            raise TypeError(f"Part {i} is a {type(part).__name__}, not a {name}.")
+        if i == 0:
+            continue
+        first.provenance.check_same(part.provenance, f"{name} parts 0 and {i}")
+        for field in fields:
+            a, b = getattr(first, field), getattr(part, field)
+            same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+            if not same:
+                shown = (f"{a!r} != {b!r}") if not isinstance(a, torch.Tensor) else "the tensors differ"
+                raise ValueError(
+                    f"{name} parts 0 and {i} differ in {field} ({shown}): measure every slice of the "
+                    "corpus with the same model, settings and key set."
+                )
+    return parts

@@ -1,0 +1,260 @@
+"""Streaming attention results: statistics over every input from running sums, exact merges.
+
+The summaries of :func:`implicit_bias` are checked against the two-pass computation
+on the full tensors (the method before streaming, kept here as the reference); merges
+of slices against one run over the whole corpus: bit for bit where both see the same
+batches, to float32 rounding where the batches differ (another padding changes the
+forward pass in the last bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from massact_lens.attention import (
+    AttentionConcentration,
+    ImplicitBias,
+    TokenFeatures,
+    attention_concentration,
+    implicit_bias,
+    token_features,
+)
+from massact_lens.examples import tiny_model
+
+
+def _tokens(n: int = 7, width: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, 64, (n, width), generator=torch.Generator().manual_seed(n))
+    mask = torch.ones_like(tokens)
+    mask[1, 6:] = 0
+    mask[3, 4:] = 0
+    return tokens, mask
+
+
+# --- the reference: the two-pass statistics on the full tensors ---------------------------
+
+
+def _cosine(a, b):
+    denominator = a.norm(dim=-1) * b.norm(dim=-1)
+    return (a * b).sum(-1) / denominator.masked_fill(denominator == 0, float("nan"))
+
+
+def _spread(x):
+    if x.shape[0] == 0:
+        nan = torch.full(x.shape[1:2], float("nan"), dtype=x.dtype)
+        return nan, nan, nan
+    mean = x.mean(0)
+    norm = mean.norm(dim=-1)
+    rel = ((x - mean[None]) ** 2).sum(-1).mean(0).sqrt() / norm
+    return _cosine(x, mean[None]).nanmean(0), rel, norm
+
+
+def _scopes(x, qmask):
+    x = x.double()
+    out = {"all": (*_spread(x[qmask]), int(qmask.sum()))}
+    w = qmask[:, :, None].double()
+    counts = qmask.sum(1)
+    keep = counts > 0
+    means = (x * w[..., None]).sum(1) / counts.clamp_min(1)[:, None, None]
+    cos = _cosine(x, means[:, None]).masked_fill(~qmask[:, :, None], float("nan"))
+    var = (((x - means[:, None]) ** 2).sum(-1) * w).sum(1) / counts.clamp_min(1)[:, None]
+    norm = means.norm(dim=-1)
+    out["within_input"] = (cos.nanmean(1)[keep].nanmean(0), (var.sqrt() / norm)[keep].nanmean(0), norm[keep].mean(0), int(keep.sum()))
+    out["across_inputs"] = (*_spread(means[keep]), int(keep.sum()))
+    return out
+
+
+def _reference_constancy(result: ImplicitBias, queries: str) -> pd.DataFrame:
+    qmask = result.attention_mask.bool()
+    if queries == "outside":
+        qmask = qmask & ~result.key_mask[:, : qmask.shape[1]]
+    rows = []
+    for i, layer in enumerate(result.layers):
+        for term in ("bias", "rest"):
+            z = (result.bias_z if term == "bias" else result.rest_z)[i].double()
+            for space in ("head", "resid"):
+                if space == "head":
+                    x, heads = z, list(result.heads)
+                else:
+                    resid = torch.einsum("nqhd,hdm->nqhm", z, result.W_O[i].double())
+                    x, heads = torch.cat([resid, resid.sum(2, keepdim=True)], 2), [*result.heads, -1]
+                for scope, (cos, rel, norm, n) in _scopes(x, qmask).items():
+                    rows += [{"layer": layer, "head": h, "term": term, "space": space, "scope": scope,
+                              "cos_to_mean": float(cos[j]), "rel_variation": float(rel[j]),
+                              "mean_norm": float(norm[j]), "n": n} for j, h in enumerate(heads)]
+    return pd.DataFrame(rows)
+
+
+def _same_table(a: pd.DataFrame, b: pd.DataFrame, rtol: float) -> None:
+    assert list(a.columns) == list(b.columns)
+    assert a.select_dtypes(exclude="number").equals(b.select_dtypes(exclude="number"))
+    np.testing.assert_allclose(a.select_dtypes("number").to_numpy(float), b.select_dtypes("number").to_numpy(float),
+                               rtol=rtol, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_summary_equals_the_two_pass_statistics_of_the_full_tensors(kind):
+    model = tiny_model(kind, n_layers=2)
+    tokens, mask = _tokens()
+    result = implicit_bias(model, tokens, [0, 2], attention_mask=mask, keep="all", batch_size=3, progress=False)
+    assert result.n_kept == result.n_inputs == 7
+    for queries in ("all", "outside"):
+        _same_table(result.constancy(queries), _reference_constancy(result, queries), rtol=1e-5)
+    table = result.to_dataframe().set_index(["layer", "head"])
+    for i, layer in enumerate(result.layers):
+        real = result.attention_mask.bool()
+        written = result.written(layer, "bias")
+        written = torch.cat([written, written.sum(2, keepdim=True)], 2)[real].double()
+        np.testing.assert_allclose(table.loc[layer, "bias_norm"].to_numpy(), written.norm(dim=-1).mean(0).numpy(), rtol=1e-5)
+        mass = result.c_mass[i][real].double().mean(0)
+        np.testing.assert_allclose(table.loc[layer, "c_mass"].to_numpy()[:-1], mass.numpy(), rtol=1e-5)
+
+
+def test_minilm_summary_equals_the_full_tensors(minilm_model, sentences):
+    result = implicit_bias(minilm_model, sentences[:6], "start", layers=[1, 3], heads=[0, 5, 7], keep="all",
+                           batch_size=4, progress=False)
+    for queries in ("all", "outside"):
+        _same_table(result.constancy(queries), _reference_constancy(result, queries), rtol=1e-5)
+
+
+def test_keep_bounds_the_tensors_not_the_statistics():
+    model = tiny_model("llama", n_layers=2)
+    tokens, mask = _tokens()
+    full = implicit_bias(model, tokens, "start", attention_mask=mask, keep="all", batch_size=3, progress=False)
+    two = implicit_bias(model, tokens, "start", attention_mask=mask, keep=2, batch_size=3, progress=False)
+    none = implicit_bias(model, tokens, "start", attention_mask=mask, keep=0, batch_size=3, progress=False)
+    assert (two.n_inputs, two.n_kept, none.n_kept) == (7, 2, 0)
+    assert none.bias_z.shape == (2, 0, 0, 4, 8) and none.tokens.shape == (0, 0)
+    for name in ("bias_z", "rest_z", "c_mass"):
+        assert torch.equal(getattr(two, name), getattr(full, name)[:, :2])
+    for name in ("key_mask", "attention_mask", "tokens"):
+        assert torch.equal(getattr(two, name), getattr(full, name)[:2])
+    for other in (two, none):
+        assert other.sums.keys() == full.sums.keys()
+        assert all(torch.equal(other.sums[k], full.sums[k]) for k in full.sums)
+        pd.testing.assert_frame_equal(other.constancy(), full.constancy())
+    assert torch.equal(two.z_error, full.z_error) and torch.equal(two.out_error, full.out_error)
+    # The sums do not grow with the corpus.
+    more = implicit_bias(model, torch.cat([tokens, tokens, tokens]), "start", keep=2, progress=False)
+    assert {k: v.shape for k, v in more.sums.items()} == {k: v.shape for k, v in two.sums.items()}
+    more.sums["all.n"].add_(0.0)  # normal tensors, not inference-mode ones
+    for bad, error in ((-1, ValueError), ("some", TypeError), (True, TypeError), (1.5, TypeError)):
+        with pytest.raises(error, match="keep"):
+            implicit_bias(model, tokens, keep=bad, progress=False)
+
+
+# --- merges -------------------------------------------------------------------------------
+
+
+def _assert_same_sums(a: dict, b: dict, rtol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if rtol == 0.0:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            scale = float(b[name].abs().max()) if b[name].numel() else 0.0
+            torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=rtol * scale + 1e-12, msg=name)
+
+
+@pytest.mark.parametrize("keep", [3, 5, "all"])
+def test_implicit_bias_merge_is_one_run_bit_for_bit(keep):
+    model = tiny_model("llama", n_layers=2)
+    tokens, mask = _tokens()
+    kwargs = dict(attention_mask=None, keep=keep, batch_size=2, progress=False)
+    whole = implicit_bias(model, tokens, [0, 2], **{**kwargs, "attention_mask": mask})
+    parts = [implicit_bias(model, tokens[s], [0, 2], **{**kwargs, "attention_mask": mask[s]})
+             for s in (slice(0, 4), slice(4, 6), slice(6, 7))]  # batch boundaries as in the whole run
+    merged = ImplicitBias.merge(parts)
+    assert merged.n_inputs == 7 and merged.n_kept == whole.n_kept == (7 if keep == "all" else keep)
+    _assert_same_sums(merged.sums, whole.sums)
+    for name in ("bias_z", "rest_z", "c_mass", "key_mask", "attention_mask", "tokens", "z_error", "out_error"):
+        assert torch.equal(getattr(merged, name), getattr(whole, name)), name
+    pd.testing.assert_frame_equal(merged.constancy("outside"), whole.constancy("outside"))
+
+
+def test_minilm_merges_equal_one_run_to_float_rounding(minilm_model, sentences):
+    """Other batches pad to other lengths: float32's last bits differ, nothing else."""
+    kw = dict(batch_size=5, progress=False)
+    whole = implicit_bias(minilm_model, sentences, "start", layers=[0, 2], keep=6, **kw)
+    parts = [implicit_bias(minilm_model, sentences[s], "start", layers=[0, 2], keep=6, batch_size=3, progress=False)
+             for s in (slice(0, 4), slice(4, 12))]
+    merged = ImplicitBias.merge(parts)
+    _assert_same_sums(merged.sums, whole.sums, rtol=1e-5)
+    width = whole.bias_z.shape[2]
+    assert merged.bias_z.shape == whole.bias_z.shape and torch.equal(merged.tokens, whole.tokens)
+    torch.testing.assert_close(merged.bias_z[:, :, :width], whole.bias_z, rtol=1e-5, atol=1e-5)
+    _same_table(merged.constancy(), whole.constancy(), rtol=1e-4)
+    _same_table(merged.to_dataframe(), whole.to_dataframe(), rtol=1e-4)
+
+    conc = attention_concentration(minilm_model, sentences, "start", keep=10, **kw)
+    conc_parts = [attention_concentration(minilm_model, sentences[s], "start", keep=10, batch_size=3, progress=False)
+                  for s in (slice(0, 7), slice(7, 12))]
+    conc_merged = AttentionConcentration.merge(conc_parts)
+    assert (conc_merged.n_inputs, conc_merged.n_kept) == (12, 10)
+    torch.testing.assert_close(conc_merged.mass, conc.mass, rtol=1e-5, atol=1e-6)
+    _assert_same_sums(conc_merged.sums, conc.sums, rtol=1e-5)
+    _same_table(conc_merged.sink_scores(), conc.sink_scores(), rtol=1e-4)
+
+    feats = token_features(minilm_model, sentences, "start", layers=[1, 2], **kw)
+    feats_merged = TokenFeatures.merge([token_features(minilm_model, sentences[s], "start", layers=[1, 2], batch_size=3,
+                                                       progress=False) for s in (slice(0, 5), slice(5, 12))])
+    assert feats_merged.n_inputs == 12 and torch.equal(feats_merged.counts, feats.counts)
+    _assert_same_sums(feats_merged.sums, feats.sums, rtol=1e-5)
+    for name in ("value_norm", "key_norm", "out_norm", "feature_norm", "feature_cos_to_mean", "feature_rel_variation", "feature_mean"):
+        torch.testing.assert_close(getattr(feats_merged, name), getattr(feats, name), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_concentration_summaries_cover_every_input():
+    model = tiny_model("gpt2", n_layers=2)
+    tokens, mask = _tokens()
+    every = attention_concentration(model, tokens, [0, 5], attention_mask=mask, keep="all", batch_size=2, progress=False)
+    few = attention_concentration(model, tokens, [0, 5], attention_mask=mask, keep=3, batch_size=2, progress=False)
+    assert (few.n_inputs, few.n_kept, len(few.to_dataframe())) == (7, 3, 3 * 2 * 4)
+    torch.testing.assert_close(every.mean_mass, every.mass.mean(0))
+    assert every.mean_uniform_mass == pytest.approx(float(every.uniform_mass.double().mean()))
+    scores = few.sink_scores().set_index(["layer", "head"]).sort_index()
+    mass = every.mass.double()
+    np.testing.assert_allclose(scores["mass"].to_numpy(), mass.mean(0).flatten().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(scores["mass_std"].to_numpy(), mass.std(0).flatten().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(scores["mass_min"].to_numpy(), mass.amin(0).flatten().numpy())
+    np.testing.assert_allclose(scores["logit_gap"].to_numpy(), every.logit_gap.double().nanmean(0).flatten().numpy(), rtol=1e-5)
+    pd.testing.assert_frame_equal(few.layer_mass(), every.layer_mass())
+    parts = [attention_concentration(model, tokens[s], [0, 5], attention_mask=mask[s], keep=3, batch_size=2, progress=False)
+             for s in (slice(0, 2), slice(2, 7))]
+    merged = AttentionConcentration.merge(parts)
+    _assert_same_sums(merged.sums, few.sums)
+    for name in ("mass", "uniform_mass", "logit_gap", "n_positions", "lengths"):
+        assert torch.equal(getattr(merged, name), getattr(few, name)), name
+
+
+def test_mismatched_parts_are_refused():
+    model = tiny_model("llama", n_layers=2)
+    tokens, _ = _tokens(4)
+    base = implicit_bias(model, tokens, "start", progress=False)
+    others = {
+        "layers": implicit_bias(model, tokens, "start", layers=[1], progress=False),
+        "heads": implicit_bias(model, tokens, "start", heads=[0, 1], progress=False),
+        "positions": implicit_bias(model, tokens, [0, 1], progress=False),
+        "keep": implicit_bias(model, tokens, "start", keep=1, progress=False),
+        "W_O": implicit_bias(tiny_model("llama", n_layers=2, seed=1), tokens, "start", progress=False),
+        "different models": implicit_bias(tiny_model("gpt2", n_layers=2), tokens, "start", progress=False),
+    }
+    for what, other in others.items():
+        with pytest.raises(ValueError, match=what):
+            ImplicitBias.merge([base, other])
+    with pytest.raises(ValueError, match="at least one"):
+        ImplicitBias.merge([])
+    with pytest.raises(TypeError, match="not a ImplicitBias"):
+        ImplicitBias.merge([base, attention_concentration(model, tokens, progress=False)])
+    conc = attention_concentration(model, tokens, "start", progress=False)
+    with pytest.raises(ValueError, match="positions"):
+        AttentionConcentration.merge([conc, attention_concentration(model, tokens, [0, 3], progress=False)])
+    with pytest.raises(ValueError, match="layers"):
+        AttentionConcentration.merge([conc, attention_concentration(model, tokens, "start", layers=[0], progress=False)])
+    feats = token_features(model, tokens, "start", progress=False)
+    with pytest.raises(ValueError, match="different models"):
+        TokenFeatures.merge([feats, token_features(tiny_model("gpt2", n_layers=2), tokens, "start", progress=False)])
+    with pytest.raises(ValueError, match="positions"):
+        TokenFeatures.merge([feats, token_features(model, tokens, [1], progress=False)])
