@@ -299,8 +299,8 @@ def attention_sink_figure(concentration: AttentionConcentration, *, title: str |
     >>> len(fig.data[0].z), len(fig.data[0].z[0])       # layers x heads
     (6, 12)
     """
-    mass = concentration.mass.mean(dim=0)  # [layer, head]
-    uniform = float(concentration.uniform_mass.mean())
+    mass = concentration.mean_mass  # [layer, head], over every input (not only the kept ones)
+    uniform = float(concentration.mean_uniform_mass)
     fig = go.Figure(
         go.Heatmap(
             z=mass.tolist(),
