@@ -105,10 +105,12 @@ class ScanResult:
 
         >>> import torch
         >>> from massact_lens.examples import tiny_model
-        >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
+        >>> model = tiny_model()
+        >>> tokens = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(0))
         >>> parts = [scan(model, tokens[:1], progress=False), scan(model, tokens[1:], progress=False)]
-        >>> torch.equal(ScanResult.merge(parts).values, scan(model, tokens, progress=False).values)
-        True
+        >>> merged, whole = ScanResult.merge(parts), scan(model, tokens, progress=False)
+        >>> merged.n_inputs, torch.allclose(merged.values, whole.values, atol=1e-6)  # batch shapes round apart
+        (4, True)
         """
         parts = list(parts)
         if not parts:
