@@ -79,3 +79,24 @@ def test_save_leaves_no_temporary_file_when_serialisation_fails(minilm_model, tm
     with pytest.raises(TypeError):
         broken.save(tmp_path / "p.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_profile_from_raw_weights_is_refused_on_a_processed_model(minilm_model):
+    import warnings
+
+    from massact_lens.examples import minilm
+    from massact_lens.interventions import ablation_hooks
+
+    raw = ml.profile(minilm_model, ["A short sentence."], min_value=50, min_ratio=200, progress=False)
+    processed = minilm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        processed.enable_compatibility_mode()
+    with pytest.raises(ValueError, match="processed"):
+        ablation_hooks(processed, raw, "mean")
+
+
+def test_attention_refuses_a_profile_of_another_model(minilm_model):
+    p = ml.profile(minilm_model, ["A short sentence."], min_value=50, min_ratio=200, progress=False)
+    with pytest.raises(ValueError, match="6 layers"):
+        ml.attention_concentration(tiny_model(), torch.zeros(1, 4, dtype=torch.long), p, progress=False)

@@ -25,6 +25,7 @@ from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens.batching import Batch, BatchPlan
+from massact_lens.interventions.lists import check_profile_matches
 from massact_lens.interventions.positions import (
     PositionRule,
     RunContext,
@@ -319,6 +320,7 @@ def as_rule(model: TransformerLensModel, positions: Any, plan: BatchPlan | None)
     (start, indices[0, 3])
     """
     if isinstance(positions, MassiveProfile):
+        check_profile_matches(model, positions)  # its dims and thresholds are this model's
         positions = MassiveTokens.from_profile(positions)
     if isinstance(positions, str):
         positions = [positions]

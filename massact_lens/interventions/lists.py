@@ -154,8 +154,8 @@ def _field(provenance: Any, key: str) -> Any:
 def check_profile_matches(model: TransformerLensModel, profile: MassiveProfile) -> None:
     """Raise ValueError when ``profile`` was measured on a model of another shape.
 
-    Compares layer count and d_model, and that the profile's hook points exist;
-    warns when only the model name differs.
+    Compares layer count and d_model, raw vs processed weights, and that the
+    profile's hook points exist; warns when only the model name differs.
 
     >>> from massact_lens import profile
     >>> from massact_lens.examples import minilm, tiny_model
@@ -175,6 +175,14 @@ def check_profile_matches(model: TransformerLensModel, profile: MassiveProfile) 
             f"The profile was measured on a model with {shape[0]} layers and d_model {shape[1]} "
             f"({_field(theirs, 'model_name')}), but this model has {mine.n_layers} layers and d_model "
             f"{mine.d_model}. Measure a profile on this model: massact_lens.profile(model, inputs, ...)."
+        )
+    processed = _field(theirs, "weights_processed")
+    if processed is not None and bool(processed) != mine.weights_processed:
+        state = {True: "processed (folded / centred)", False: "raw"}
+        raise ValueError(
+            f"The profile was measured with {state[bool(processed)]} weights, but this model's weights are "
+            f"{state[mine.weights_processed]}: weight processing shifts every massive value and median, so its "
+            "means do not apply. Profile this model as it is (massact_lens.profile(model, inputs, ...))."
         )
     missing = [n for n in profile.hook_names if n not in model.hook_dict]  # type: ignore[attr-defined]
     if missing:
