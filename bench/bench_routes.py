@@ -495,6 +495,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import massact_lens
     from massact_lens import examples
+    from massact_lens.hook_names import residual_hook_names
 
     torch.set_num_threads(args.threads)
     print(f"massact_lens from {Path(massact_lens.__file__).parent}", file=sys.stderr)
@@ -509,7 +510,7 @@ def main() -> None:
             batches = corpus(model, length, size, args.batch_size, args.long_tokens)
             n_tokens = sum(int(m.sum()) for _, m in batches)
             configs.append({"length": length, "size": size, "batches": batches, "n_tokens": n_tokens})
-    n_hooks = len(massact_lens.residual_hook_names(model))
+    n_hooks = len(residual_hook_names(model))
     del model
     gc.collect()
 
