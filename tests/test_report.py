@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import re
-import shutil
-import socket
-import subprocess
-import threading
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from _browser import Chromium
 
 from massact_lens.cli import main
 from massact_lens.planting import plant_massive_activation
@@ -91,13 +88,13 @@ def test_the_report_has_every_section_and_the_settings(report):
                         "what-does-attention-do-with-them", "what-does-ablating-them-do", "settings"]
     body = " ".join(page.text)
     assert "all-MiniLM-L6-v2 (bundled)" in body and "|x| > 50 and >= 200 x median" in body
-    assert "massact report --prompts" in body  # the command line that made it
+    assert "massact report --model minilm --prompts" in body  # the command line that made it
     assert "Set to zero" in body and "Set to mean" in body  # the Table-3 rows
     assert "failed" not in body
     assert re.search(r"Dim 99 is massive in layers 0-\d, on start tokens \(\[CLS\]\)", body)  # "In short"
     assert "an implicit attention bias" in body
     plots = [a["id"] for tag, a in page.elements if tag == "div" and a.get("class") == "plot"]
-    widgets = [a["id"] for tag, a in page.elements if tag == "div" and a.get("class") == "circuitsvis"]
+    widgets = [a["id"] for tag, a in page.elements if tag == "div" and "circuitsvis" in a.get("class", "").split()]
     assert len(plots) == 6 and len(widgets) == 2
     scripts = [a.get("id") for tag, a in page.elements if tag == "script"]
     # each library once, then one small script per figure or widget: no script came from a prompt
@@ -182,73 +179,49 @@ def test_a_decoder_report_masks_causally_and_ablates_by_perplexity(tmp_path):
 
 # ----------------------------------------------------------------------------- in a browser
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome"))
-                 if p), None)
+
+@pytest.fixture(scope="module")
+def browser():
+    if Chromium.find() is None:
+        pytest.skip("Chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
+    with Chromium(width=1000, height=1200) as chromium:
+        yield chromium
 
 
-class _Proxy:
-    """Every HTTP(S) request the browser makes arrives here; we record its host and drop it."""
-
-    def __init__(self) -> None:
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(64)
-        self.port = self.server.getsockname()[1]
-        self.hosts: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            conn.settimeout(2)
-            try:
-                line = conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1")
-                target = line.split(" ")[1] if " " in line else line
-                self.hosts.append(re.sub(r"^[a-z]+://", "", target).split("/")[0].split(":")[0])
-            except OSError:
-                pass
-            finally:
-                conn.close()
-
-    def close(self) -> None:
-        self.server.close()
+def _asked(visit) -> list[str]:
+    """What the page itself asked for: requests to anything but itself or inline data, and blocked attempts."""
+    return visit.network_requests() + visit.csp_violations
 
 
-def _chromium(url: str, profile: Path, proxy: _Proxy, *extra: str) -> str:
-    command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-        f"--user-data-dir={profile}", f"--proxy-server=http://127.0.0.1:{proxy.port}", "--proxy-bypass-list=<-loopback>",
-        "--virtual-time-budget=20000", *extra, url,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # type: ignore[list-item]
-    return done.stdout
+def test_the_browser_check_flags_a_page_that_asks_the_network(browser, tmp_path):
+    """The check below can fail: a page's own request is seen even when its policy blocks it."""
+    image = tmp_path / "image.html"
+    image.write_text('<p>probe</p><img src="http://example.invalid/x.png">', encoding="utf-8")
+    visit, _ = browser.visit(image.as_uri())
+    assert "http://example.invalid/x.png" in _asked(visit)
+    blocked = tmp_path / "blocked.html"
+    blocked.write_text("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; script-src 'unsafe-inline'\">"
+                       '<script>fetch("https://example.invalid/data.json").catch(() => 0)</script>', encoding="utf-8")
+    visit, _ = browser.visit(blocked.as_uri(), quiet=1.5)
+    assert any("example.invalid" in url for url in _asked(visit))
+    clean = tmp_path / "clean.html"
+    clean.write_text('<p>clean</p><img src="data:image/gif;base64,R0lGODlhAQABAAAAACw=">', encoding="utf-8")
+    visit, _ = browser.visit(clean.as_uri())
+    assert _asked(visit) == []
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
-def test_the_report_draws_offline_in_headless_chromium(report, tmp_path):
+READY = ("Array.from(document.querySelectorAll('div.plot')).every(d => d.querySelector('.main-svg')) && "
+         "Array.from(document.querySelectorAll('div.circuitsvis')).every(d => d.children.length > 0)")
+
+
+def test_the_report_draws_offline_in_headless_chromium(report, browser):
     path, text = report
-    proxy = _Proxy()
-    try:
-        # The proxy sees what a page asks for: a probe page's image request arrives, and so do the
-        # browser's own background calls, which are the same for any page.
-        probe = tmp_path / "probe.html"
-        probe.write_text('<p>probe</p><img src="http://massact-probe.invalid/x.png">', encoding="utf-8")
-        _chromium(probe.as_uri(), tmp_path / "profile-probe", proxy)
-        assert "massact-probe.invalid" in proxy.hosts, "the proxy did not see the page's request"
-        browser_own = set(proxy.hosts) - {"massact-probe.invalid"}
-        proxy.hosts.clear()
-        dom = _chromium(path.as_uri(), tmp_path / "profile", proxy, "--dump-dom")
-    finally:
-        proxy.close()
-    assert set(proxy.hosts) <= browser_own, f"the report asked the network for {set(proxy.hosts) - browser_own}"
-
-    source, drawn = _parse(text), _parse(dom)
+    visit, _ = browser.visit(path.as_uri(), wait_for=READY, timeout=120, quiet=2)
+    assert _asked(visit) == [], f"the report asked the network for {_asked(visit)}"
+    assert visit.console_errors == []
+    source, drawn = _parse(text), _parse(visit.dom)
     plots = [a["id"] for tag, a in source.elements if tag == "div" and a.get("class") == "plot"]
-    widgets = [a["id"] for tag, a in source.elements if tag == "div" and a.get("class") == "circuitsvis"]
+    widgets = [a["id"] for tag, a in source.elements if tag == "div" and "circuitsvis" in a.get("class", "").split()]
     for plot in plots:  # plotly drew each figure: its SVG layers, and WebGL canvas for the 3D surface
         assert drawn.inside[plot].count("svg") >= 2, plot
     assert sum("canvas" in drawn.inside[p] for p in plots) == 1  # the 3D surface
