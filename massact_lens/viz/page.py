@@ -21,7 +21,6 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from circuitsvis.utils.render import RenderedHTML
 
-from massact_lens.viz.widgets import Widget, circuitsvis_bundle, script_json, script_safe_js
+from massact_lens.viz.scripts import circuitsvis_bundle, plotly_bundle, script_json
+from massact_lens.viz.widgets import Widget
 
 __all__ = [
     "Item",
@@ -65,13 +65,6 @@ ol.prompts li { font-family: ui-monospace, monospace; font-size: 0.86em; white-s
 """
 
 _PLOTLY_CONFIG = {"responsive": True, "displaylogo": False}
-
-
-@lru_cache(maxsize=1)
-def _plotly_bundle() -> str:
-    from plotly.offline import get_plotlyjs
-
-    return script_safe_js(get_plotlyjs())
 
 
 def package_version(package: str) -> str:
@@ -173,7 +166,7 @@ def html_document(title: str, body: Sequence[str], items: Sequence[Item]) -> str
     ]
     if any(isinstance(i, go.Figure) for i in items):
         out.append("<script>window.PlotlyConfig = {MathJaxConfig: 'local'};</script>")
-        out.append(f'<script id="plotly-js">{_plotly_bundle()}</script>')
+        out.append(f'<script id="plotly-js">{plotly_bundle()}</script>')
     if any(isinstance(i, Widget) for i in items):
         out.append(f'<script id="circuitsvis-js">{circuitsvis_bundle()}</script>')
     out.append("</head><body>")
