@@ -9,6 +9,8 @@ are described in docs and in each section's introduction on the page.
 >>> from massact_lens.examples import minilm
 >>> report = build_report(minilm(), ["The cat sat on the mat."], min_value=50, min_ratio=200,
 ...                       ablation=False, progress=False)
+>>> report.title
+'Massive activations in all-MiniLM-L6-v2 (bundled)'
 >>> [s.title for s in report.sections]
 ['Where are the massive activations?', 'Are they the same for every input?', 'What does attention do with them?']
 >>> report.settings["massive dims found"]
@@ -19,25 +21,25 @@ are described in docs and in each section's introduction on the page.
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import math
-import os
 import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import Provenance, is_causal
 from massact_lens.attention import attention_concentration, attention_logits, implicit_bias
-from massact_lens.massive import Criterion, find_massive
-from massact_lens.profiles import profile
-from massact_lens.scan import scan
+from massact_lens.massive import DELIMITERS, Criterion, MassiveActivations, find_massive
+from massact_lens.profiles import MassiveProfile, profile
+from massact_lens.scan import ScanResult, scan
+from massact_lens.viz import labels
+from massact_lens.viz.document import Report, Section
 from massact_lens.viz.figures import (
     ablation_figure,
     attention_logits_figure,
@@ -47,148 +49,30 @@ from massact_lens.viz.figures import (
     layer_stats_figure,
 )
 from massact_lens.viz.hidden import hidden_states
-from massact_lens.viz.page import (
-    Item,
-    anchor,
-    format_value,
-    html_document,
-    item_html,
-    package_version,
-    write_atomic,
+from massact_lens.viz.labels import hook_ranges, model_short_name
+from massact_lens.viz.page import Collapsed, Glossary, format_value, package_version
+from massact_lens.viz.tables import (
+    constancy_summary,
+    constancy_table,
+    glossary,
+    layer_table,
+    massive_dims_table,
 )
-from massact_lens.viz.widgets import attention_heads_widget, tokens_by_activation_widget
+from massact_lens.viz.widgets import (
+    SCALE_QUANTILE,
+    attention_heads_widget,
+    tokens_by_activation_widget,
+)
 
 __all__ = ["Report", "Section", "build_report"]
 
-
-@dataclass
-class Section:
-    """One part of a report: a title, an introduction, and items in order.
-
-    Items are plotly figures, circuitsvis views, DataFrames (drawn as tables) and
-    strings (paragraphs, escaped); ``captions[i]`` is shown under item ``i``.
-
-    >>> Section("Where?").add("A paragraph.", caption="under it").anchor
-    'where'
-    """
-
-    title: str
-    intro: str = ""
-    items: list[Item] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, item: Item, caption: str = "") -> Section:
-        self.items.append(item)
-        self.captions.append(caption)
-        return self
-
-    @property
-    def anchor(self) -> str:
-        return anchor(self.title)
-
-
-@dataclass
-class Report:
-    """A page of sections and the settings of the run that produced it.
-
-    ``to_html()`` gives the self-contained document; ``save(path)`` writes it
-    atomically; in a notebook the report shows itself (in an iframe). Build one
-    with :func:`build_report`, or add your own sections.
-
-    >>> report = Report("Mine")
-    >>> _ = report.section("Notes").add("Dim 99 is massive.")
-    >>> "Dim 99 is massive." in report.to_html(), report._repr_html_().startswith("<iframe")
-    (True, True)
-    """
-
-    title: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    sections: list[Section] = field(default_factory=list)
-    prompts: tuple[str, ...] = ()
-    summary: str = ""
-    findings: list[str] = field(default_factory=list)
-    #: The layer-wise table of the scan (top-1/2/3, median, ratio, massive entries per hidden state).
-    layer_stats: pd.DataFrame | None = None
-
-    def section(self, title: str, intro: str = "") -> Section:
-        """Append a new section and return it."""
-        part = Section(title, intro)
-        self.sections.append(part)
-        return part
-
-    def items(self) -> list[Item]:
-        return [item for s in self.sections for item in s.items]
-
-    def to_html(self) -> str:
-        """The whole document: one string, every script inline, nothing loaded from a network."""
-        out = [f"<h1>{html.escape(self.title)}</h1>"]
-        if self.summary:
-            out.append(f'<p class="lead">{html.escape(self.summary)}</p>')
-        if self.findings:
-            out.append('<div class="findings"><h3>In short</h3><ul>')
-            out.extend(f"<li>{html.escape(f)}</li>" for f in self.findings)
-            out.append("</ul></div>")
-        if len(self.sections) > 1:
-            links = " ".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in self.sections)
-            out.append(f"<nav>{links}</nav>")
-        counter = 0
-        for section in self.sections:
-            out.append(f'<h2 id="{section.anchor}">{html.escape(section.title)}</h2>')
-            if section.intro:
-                out.append(f"<p>{html.escape(section.intro)}</p>")
-            for note in section.notes:
-                out.append(f'<p class="note">{html.escape(note)}</p>')
-            for item, caption in zip(section.items, section.captions, strict=True):
-                counter += 1
-                out.append(item_html(item, f"item-{counter}"))
-                if caption:
-                    out.append(f'<p class="caption">{html.escape(caption)}</p>')
-        if self.settings:
-            out.append('<h2 id="settings">Settings of this run</h2>')
-            rows = "".join(
-                f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(format_value(v))}</td></tr>"
-                for k, v in self.settings.items()
-            )
-            out.append(f'<table class="data settings">{rows}</table>')
-        if self.prompts:
-            out.append(f"<details><summary>The {len(self.prompts)} prompts</summary><ol class=\"prompts\" start=\"0\">")
-            out.extend(f"<li>{html.escape(p)}</li>" for p in self.prompts)
-            out.append("</ol></details>")
-        return html_document(self.title, out, self.items())
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_html` to ``path`` (temp name, then rename); returns the path."""
-        return write_atomic(path, self.to_html())
-
-    def _repr_html_(self) -> str:
-        """The page in an iframe, so its styles and scripts stay apart from the notebook's."""
-        return (
-            f'<iframe srcdoc="{html.escape(self.to_html(), quote=True)}" title="{html.escape(self.title)}" '
-            'style="width: 100%; height: 820px; border: 1px solid #ddd;"></iframe>'
-        )
+#: Tokens per sequence, and at most this many sequences, when a decoder is measured without BOS.
+NO_BOS_SEQ_LEN = 32
+NO_BOS_ROWS = 8
 
 
 def _metric(value: float) -> str:
     return f"{value:.3f}" if math.isfinite(value) and abs(value) < 1000 else format_value(float(value))
-
-
-def _dims_table(found: Any) -> pd.DataFrame:
-    rows = []
-    for d in found.dim_summaries():
-        rows.append(
-            {
-                "dim": d.dim,
-                "layers": f"{d.first_layer}-{d.last_layer}" if d.first_layer != d.last_layer else str(d.first_layer),
-                "hook points": ", ".join(d.hook_names),
-                "token kinds": ", ".join(f"{k} x{n}" for k, n in d.kinds.items()),
-                "tokens": ", ".join(f"{t!r} x{n}" for t, n in list(d.tokens.items())[:4]),
-                "% of prompts": 100.0 * d.input_fraction,
-                "max |x|": d.max_abs_value,
-                "max ratio": d.max_ratio,
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def _guarded(section: Section, what: str, errors: list[str]) -> Any:
@@ -208,6 +92,34 @@ def _guarded(section: Section, what: str, errors: list[str]) -> Any:
             return True
 
     return _Guard()
+
+
+@dataclass
+class _Run:
+    """What the sections share: the model, the inputs, the criterion, and the results so far."""
+
+    model: TransformerLensModel
+    prompts: list[str]
+    example: int
+    attention_inputs: list[str]
+    criterion: Criterion
+    prepend_bos: bool | None
+    batch_size: int
+    top_k: int
+    progress: bool
+    label: str
+    causal: bool
+    pairs: list[tuple[str, str]] | None
+    errors: list[str] = field(default_factory=list)
+    result: ScanResult | None = None
+    found: MassiveActivations | None = None
+    massive_profile: MassiveProfile | None = None
+    no_bos: tuple[torch.Tensor, MassiveProfile] | None = None  # a decoder's sequences without BOS, profiled
+    marks: dict[int, tuple[int, ...]] | None = None
+
+    @property
+    def figure_name(self) -> str:
+        return model_short_name(self.label)
 
 
 def build_report(
@@ -235,14 +147,20 @@ def build_report(
         prompts: the inputs (strings). All are scanned, profiled and (for the
             ablation) evaluated; the attention analyses use the first
             ``attention_prompts``; the single-input views use ``prompts[example]``.
-        model_label: how the model is named in the report (default its cfg name).
+        model_label: how the model is named in the report (default:
+            :func:`massact_lens.viz.labels.model_label`: a bundled model by its label,
+            a folder by its name, never the install path).
         min_value, min_ratio: the criterion (:func:`massact_lens.find_massive`).
             The paper's 100 / 1000 suit 4,096-dim LLMs; MiniLM needs 50 / 200.
         prepend_bos: put BOS / [CLS] first (None: the model's default).
         batch_size, top_k: as in :func:`massact_lens.scan`.
         pairs: paraphrase pairs for an encoder's ablation (``"builtin"``: the 20 of
-            :data:`massact_lens.data.PARAPHRASE_PAIRS`; None: none). Decoders are
-            measured by perplexity on the prompts.
+            :data:`massact_lens.data.PARAPHRASE_PAIRS`; None: none). A decoder is
+            measured by perplexity on the prompts; when BOS is prepended and its
+            massive activations sit only on BOS (whose state is the same for every
+            input), it is also profiled and ablated as the paper did for LLaMA2:
+            without BOS, on the prompts' text cut into sequences of
+            :data:`NO_BOS_SEQ_LEN` tokens.
         ablation: run the zero / mean comparison.
         settings: extra rows for the settings table (e.g. the command line).
         progress: show progress bars.
@@ -257,12 +175,11 @@ def build_report(
         raise ValueError(f"example must index a prompt (0..{len(prompts) - 1}), not {example!r}.")
     if isinstance(attention_prompts, bool) or attention_prompts < 1:
         raise ValueError(f"attention_prompts must be a positive integer, not {attention_prompts!r}.")
-    Criterion(min_value, min_ratio)  # the threshold check, before any forward pass
-    causal = is_causal(model)
+    criterion = Criterion(min_value, min_ratio)  # the threshold check, before any forward pass
     provenance = Provenance.of(model)
-    label = model_label or provenance.model_name
-    text = prompts[example]
-    attention_inputs = prompts[:attention_prompts]
+    label = model_label or labels.model_label(provenance)
+    run = _Run(model, prompts, example, prompts[:attention_prompts], criterion, prepend_bos, batch_size, top_k,
+               progress, label, is_causal(model), _chosen_pairs(pairs))
     report = Report(
         title=f"Massive activations in {label}",
         summary=(
@@ -272,30 +189,65 @@ def build_report(
         ),
         prompts=tuple(prompts),
     )
-    errors: list[str] = []
-    steps = tqdm(total=6, desc="report", disable=not progress, leave=False)
+    steps = tqdm(total=4 + int(ablation), desc="report", disable=not progress, leave=False)
+    for part in (_where, _constant, _attention, *((_ablation,) if ablation else ())):
+        steps.set_description(f"report: {part.__name__.strip('_')}")
+        part(run, report)
+        steps.update()
+    steps.close()
 
-    # 1. Where ------------------------------------------------------------------------
+    assert run.result is not None
+    dims = "" if run.massive_profile is None else ", ".join(str(d) for d in run.massive_profile.massive_dims) or "none"
+    report.settings = {
+        "model": label,
+        **{k: v for k, v in provenance.to_dict().items() if k != "model_name"},
+        "attention": "causal" if run.causal else "bidirectional",
+        "prompts": len(prompts),
+        "example prompt": f"{example}: {prompts[example]}",
+        "attention prompts": len(run.attention_inputs),
+        "criterion": f"|x| > {min_value:g} and >= {min_ratio:g} x median",
+        "massive dims found": dims,
+        "BOS prepended": run.result.prepend_bos,
+        "top_k": top_k,
+        "batch size": batch_size,
+        "hook points": f"{hook_ranges(run.result.hook_names)} ({len(run.result.hook_names)})",
+        "versions": {p: package_version(p) for p in ("massact_lens", "transformer-lens", "torch", "circuitsvis", "plotly")},
+        "written": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **(settings or {}),
+    }
+    if run.errors:
+        report.settings["analyses that failed"] = len(run.errors)
+    return report
+
+
+# ----------------------------------------------------------------------------- 1. where
+
+
+def _where(run: _Run, report: Report) -> None:
+    c = run.criterion
     where = report.section(
         "Where are the massive activations?",
         f"Per hidden state, the largest |activation| next to the median |activation|, averaged over the "
-        f"{len(prompts)} prompts. Criterion: |x| > {min_value:g} and |x| >= {min_ratio:g} x the median of its "
-        "hidden state.",
+        f"{len(run.prompts)} prompts. Criterion: |x| > {c.min_value:g} and |x| >= {c.min_ratio:g} x the median of "
+        "its hidden state.",
     )
-    steps.set_description("report: scan")
-    result = scan(model, prompts, top_k=top_k, batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
+    result = scan(run.model, run.prompts, top_k=run.top_k, batch_size=run.batch_size, prepend_bos=run.prepend_bos,
+                  progress=run.progress)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*all top_k", category=UserWarning)  # a note says it instead
-        found = find_massive(result, min_value, min_ratio)
+        found = find_massive(result, c.min_value, c.min_ratio)
+    run.result, run.found = result, found
     stats = result.layer_stats()
     counts: dict[str, int] = found.to_dataframe()["hook_name"].value_counts().to_dict()
     stats["massive entries"] = [int(counts.get(name, 0)) for name in stats["hook_name"]]
-    where.add(layer_stats_figure(result, title=f"Largest |activation| vs median per hidden state ({label})"),
+    report.layer_stats = layer_table(stats)
+    where.add(layer_stats_figure(result, title=f"Largest |activation| vs median per hidden state ({run.figure_name})"),
               "Log scale. Error bars: std of the top-1 value across prompts.")
-    where.add(stats.drop(columns=["n_inputs"]))
-    report.layer_stats = stats.drop(columns=["n_inputs"])
+    where.add_table(report.layer_stats, "per hidden state, the numbers of the figure")
+    where.add(Glossary(glossary("top1, top2, top3", "median", "ratio", "top1_std", "massive entries")))
     if len(found):
-        where.add(_dims_table(found), "The massive dims: where they appear, on which tokens, in how many prompts.")
+        where.add(massive_dims_table(found), "The massive dims: where they appear, on which tokens, and in how many "
+                                             "prompts (counts are prompts, not hidden states).")
         summaries = sorted(found.dim_summaries(), key=lambda d: (-d.input_fraction, -d.max_ratio))
         for d in summaries[:3]:
             layers = f"layers {d.first_layer}-{d.last_layer}" if d.first_layer != d.last_layer else f"layer {d.first_layer}"
@@ -307,9 +259,9 @@ def build_report(
         if len(summaries) > 3:
             report.findings.append(f"... and {len(summaries) - 3} more dims pass the criterion (see the table).")
         per_state = found.to_dataframe().groupby(["input_index", "hook_name"]).size().tolist()
-        if per_state and max(per_state) >= top_k:
+        if per_state and max(per_state) >= run.top_k:
             where.notes.append(
-                f"In some hidden states all top_k={top_k} kept entries pass the criterion: there may be more. "
+                f"In some hidden states all top_k={run.top_k} kept entries pass the criterion: there may be more. "
                 "Raise top_k (--top-k) to see them all."
             )
     else:
@@ -321,70 +273,133 @@ def build_report(
             f"No massive activation under this criterion: the largest top-1 / median ratio is "
             f"{stats['ratio'].max():.0f}x, at {stats.loc[stats['ratio'].idxmax(), 'hook_name']}."
         )
-    steps.update()
-    marks: dict[int, tuple[int, ...]] | None = None
-    with _guarded(where, "Reading one prompt's hidden states", errors):
-        states = hidden_states(model, text, prepend_bos=prepend_bos)
+    with _guarded(where, "Reading one prompt's hidden states", run.errors):
+        states = hidden_states(run.model, run.prompts[run.example], prepend_bos=run.prepend_bos)
         peak_hook = str(stats.loc[stats["top1"].idxmax(), "hook_name"])
-        marks = states.massive(min_value, min_ratio)
+        run.marks = states.massive(c.min_value, c.min_ratio)
         where.add(
-            hidden_state_figure(states, peak_hook, min_ratio=min(float(min_ratio), 100.0)),
-            f"Prompt {example}, at {peak_hook} (the hidden state with the largest mean top-1): |x| per token and "
-            "dim. Labelled dims: those whose peak is at least 100x (or the criterion's ratio, if lower) the median. "
-            "Drag to rotate.",
+            hidden_state_figure(states, peak_hook, min_ratio=c.min_ratio),
+            f"Prompt {run.example}, at {peak_hook} (the hidden state with the largest mean top-1): |x| per token and "
+            f"dim. Labelled: the dims whose peak is at least {c.min_ratio:g}x the median. Drag to rotate.",
         )
+        view = tokens_by_activation_widget(states, min_value=c.min_value, min_ratio=c.min_ratio)
         where.add(
-            tokens_by_activation_widget(states),
-            f"Prompt {example}: each token coloured by its largest |activation|; pick a hidden state above the "
-            "tokens, hover a token for its values.",
+            view,
+            f"Prompt {run.example}: each token coloured by its largest |activation|, on one colour scale for every "
+            f"hidden state; it opens on {view.meta['opens_on']}"
+            + (", the first where an entry is massive" if states.massive_hooks(c.min_value, c.min_ratio) else "")
+            + ". Click another hidden state above the tokens; hover a token for its values.",
         )
-    steps.update()
 
-    # 2. Constant ---------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------- 2. constant
+
+
+def _profile_from_scan(run: _Run, inputs: Any, result: ScanResult, found: MassiveActivations,
+                       prepend_bos: bool | None) -> MassiveProfile:
+    """:func:`massact_lens.profile` without its own scan: the value pass over the scan the report already ran."""
+    from massact_lens.profiles import (
+        _value_stats,  # one pass fewer; profile() takes no scan result yet
+    )
+
+    stats = _value_stats(run.model, inputs, result, found, run.batch_size, prepend_bos, run.progress)
+    return MassiveProfile(
+        provenance=result.provenance, hook_names=result.hook_names, prepend_bos=result.prepend_bos,
+        min_value=float(run.criterion.min_value), min_ratio=float(run.criterion.min_ratio), n_inputs=result.n_inputs,
+        dims=found.dim_summaries(), stats=stats, delimiters=tuple(sorted(DELIMITERS)),
+    )
+
+
+def _no_bos_sequences(run: _Run) -> torch.Tensor | None:
+    """The prompts' text as one token stream without BOS, cut into (at most :data:`NO_BOS_ROWS`) rows of
+    :data:`NO_BOS_SEQ_LEN` tokens; None when the text gives fewer than two."""
+    text = "\n\n".join(run.prompts)
+    ids = run.model.to_tokens(text, prepend_bos=False)[0].cpu()  # type: ignore[operator]
+    seq_len = min(NO_BOS_SEQ_LEN, int(run.model.cfg.n_ctx))
+    n_rows = min(len(ids) // seq_len, NO_BOS_ROWS)
+    return ids[: n_rows * seq_len].reshape(n_rows, seq_len) if n_rows >= 2 else None
+
+
+def _constant(run: _Run, report: Report) -> None:
     constant = report.section(
         "Are they the same for every input?",
-        "Per hidden state, massive dim and token kind: the mean, std and coefficient of variation (std/|mean|) of "
-        "the signed value across prompts. A small cv means the value acts as a fixed bias.",
+        "Per hidden state, massive dim and token kind: the mean, std and coefficient of variation (cv = 100 x "
+        "std / |mean|, in %) of the signed value across prompts. A small cv means the value acts as a fixed bias.",
     )
-    steps.set_description("report: profile")
-    massive_profile = None
-    with _guarded(constant, "Profiling", errors), warnings.catch_warnings():
+    assert run.result is not None and run.found is not None
+    with _guarded(constant, "Profiling", run.errors), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*all top_k", category=UserWarning)
-        massive_profile = profile(
-            model, prompts, min_value=min_value, min_ratio=min_ratio, top_k=top_k, batch_size=batch_size,
-            prepend_bos=prepend_bos, progress=progress,
-        )
-        table = massive_profile.to_dataframe()
-        if len(table):
-            constant.add(table)
-            top = max(massive_profile.stats, key=lambda st: (st.count, abs(st.mean)))
-            if top.count >= 2:
-                verdict = "nearly the same for every input" if top.cv < 0.1 else "not constant across inputs"
-                report.findings.append(
-                    f"They are {verdict}: {top.mean:.4g} ± {top.std:.2g} (cv {top.cv:.2%}) at dim {top.dim} on the "
-                    f"{top.kind} token, {top.hook_name}, over {top.count} prompts."
-                )
-        else:
+        run.massive_profile = _profile_from_scan(run, run.prompts, run.result, run.found, run.prepend_bos)
+        if not len(run.massive_profile.stats):
             constant.notes.append("No massive activations under this criterion, so nothing to profile.")
-    steps.update()
+            return
+        table = constancy_table(run.massive_profile, run.found)
+        _constancy_tables(constant, table, "")
+        bos_only = run.causal and bool(run.result.prepend_bos) and set(run.found.to_dataframe()["kind"]) == {"start"}
+        if bos_only:
+            constant.notes.append(
+                "In a causal model the BOS token's hidden states are the same for every input (it sees only itself), "
+                "so a cv of 0% at BOS says nothing. Below: the same without BOS, as the paper ran LLaMA2."
+            )
+            rows = _no_bos_sequences(run)
+            if rows is not None:
+                run.no_bos = (rows, profile(run.model, rows, min_value=run.criterion.min_value,
+                                            min_ratio=run.criterion.min_ratio, top_k=run.top_k,
+                                            batch_size=run.batch_size, progress=run.progress))
+                if run.no_bos[1].stats:
+                    table = constancy_table(run.no_bos[1])
+                    constant.add(f"Without BOS, the first token of each of {rows.shape[0]} sequences of {rows.shape[1]} "
+                                 "tokens cut from the prompts' text (a different token each time):")
+                    _constancy_tables(constant, table, f" without BOS ({rows.shape[0]} sequences of {rows.shape[1]} "
+                                                       "tokens of the prompts' text)")
+        constant.add(Glossary(glossary("cv (%)", "cv (%) median, max", "mean, std", "massive here")))
+        massive_rows = table[table["massive here"] == "yes"]
+        if len(massive_rows):
+            top = massive_rows.sort_values(by=["prompts", "mean"], key=lambda s: s.abs(), ascending=False).iloc[0]
+            cv = float(top["cv (%)"])
+            verdict = "nearly the same for every input" if cv < 10 else "not constant across inputs"
+            where = " without BOS" if bos_only and run.no_bos is not None and run.no_bos[1].stats else ""
+            report.findings.append(
+                f"They are {verdict}{where}: {top['mean']:.4g} ± {top['std']:.2g} (cv {cv:.2f}%) at dim {top['dim']} "
+                f"on the {top['kind']} token, {top['hook_name']}, over {top['prompts']} "
+                f"{'sequences' if where else 'prompts'}."
+            )
 
-    # 3. Attention ----------------------------------------------------------------------------
-    has_dims = massive_profile is not None and bool(massive_profile.massive_dims)
-    positions: Any = massive_profile if has_dims else "start"
+
+def _constancy_tables(section: Section, table: pd.DataFrame, where: str) -> None:
+    """A line per (dim, token kind), then every row (folded): where it is massive, and where not."""
+    here, elsewhere = table[table["massive here"] == "yes"], table[table["massive here"] == "no"]
+    section.add(constancy_summary(table), f"Per massive dim and token kind{where}, over the hidden states where it is "
+                                          "massive.")
+    section.add(Collapsed(here.drop(columns=["massive here"]),
+                          f"Show the {len(here)} rows where the dim is massive{where}, one per hidden state"))
+    if len(elsewhere):
+        section.add(Collapsed(elsewhere.drop(columns=["massive here"]),
+                              f"Show the {len(elsewhere)} rows where the dim is not massive{where} (the same token "
+                              "and dim in other hidden states)"))
+
+
+# ----------------------------------------------------------------------------- 3. attention
+
+
+def _attention(run: _Run, report: Report) -> None:
+    mp = run.massive_profile
+    has_dims = mp is not None and bool(mp.massive_dims)
+    positions: Any = mp if has_dims else "start"
     c_name = "the massive tokens" if has_dims else "the first token (no massive tokens found)"
     attention = report.section(
         "What does attention do with them?",
         f"C = {c_name}. From the layer where massive activations appear, attention concentrates on them (an "
-        f"attention sink). Measured on the first {len(attention_inputs)} prompts.",
+        f"attention sink). Measured on the first {len(run.attention_inputs)} prompts.",
     )
-    steps.set_description("report: attention")
-    with _guarded(attention, "Attention concentration", errors):
-        sinks = attention_concentration(
-            model, attention_inputs, positions, batch_size=batch_size, prepend_bos=prepend_bos, progress=progress
-        )
+    text = run.prompts[run.example]
+    with _guarded(attention, "Attention concentration", run.errors):
+        sinks = attention_concentration(run.model, run.attention_inputs, positions, batch_size=run.batch_size,
+                                        prepend_bos=run.prepend_bos, progress=run.progress)
         attention.add(attention_sink_figure(sinks), "Mean attention probability on C, per layer and head.")
         layer_mass = sinks.layer_mass()
-        attention.add(layer_mass.drop(columns=["positions"]))
+        attention.add_table(layer_mass.drop(columns=["positions"]), "attention on C per layer")
+        attention.add(Glossary(glossary("mass", "max_head_mass, max_head", "uniform")))
         sink_layer = int(layer_mass.loc[layer_mass["mass"].idxmax(), "layer"])
         report.findings.append(
             f"Attention concentrates on them: {layer_mass['mass'].max():.2f} of each query's attention on average in "
@@ -392,23 +407,21 @@ def build_report(
             f"{float(layer_mass.loc[layer_mass['mass'].idxmax(), 'max_head_mass']):.2f}), where uniform attention "
             f"would give {layer_mass['uniform'].iloc[0]:.2f}."
         )
-        heat = attention_logits(model, text, layers=[sink_layer], prepend_bos=prepend_bos)
+        heat = attention_logits(run.model, text, layers=[sink_layer], prepend_bos=run.prepend_bos)
         attention.add(
-            attention_heads_widget(heat, sink_layer, massive=marks, exclude_bos=True, causal=causal),
-            f"Prompt {example}, layer {sink_layer} (the most concentrated): every head's attention pattern, query "
-            "rows x key columns. Massive tokens are marked ★ with their dims. The colour scale leaves the sink "
-            "keys out, so they saturate and the rest stays visible. Click a head to enlarge it.",
+            attention_heads_widget(heat, sink_layer, massive=run.marks, exclude_bos=True, causal=run.causal),
+            f"Prompt {run.example}, layer {sink_layer} (the most concentrated): every head's attention pattern, query "
+            "rows x key columns. Massive tokens are marked ★ with their dims. The colour scale's maximum is the "
+            f"{SCALE_QUANTILE:.0%} quantile of the attention on the other keys (all heads), so the sink columns "
+            "saturate and the rest stays visible. Click a head to enlarge it.",
         )
         attention.add(
             attention_logits_figure(heat, sink_layer),
             "Pre-softmax attention logits, mean over heads: a sink key gets a high logit from every query.",
         )
-    steps.update()
-    steps.set_description("report: implicit bias")
-    with _guarded(attention, "The implicit-bias decomposition", errors):
-        split = implicit_bias(
-            model, attention_inputs, positions, batch_size=batch_size, prepend_bos=prepend_bos, progress=progress
-        )
+    with _guarded(attention, "The implicit-bias decomposition", run.errors):
+        split = implicit_bias(run.model, run.attention_inputs, positions, batch_size=run.batch_size,
+                              prepend_bos=run.prepend_bos, progress=run.progress)
         attention.add(
             implicit_bias_figure(split),
             "Attention output = sum over C of p·v (the bias term) + the rest. The bias term varies much less "
@@ -416,7 +429,9 @@ def build_report(
         )
         frame = split.to_dataframe()
         total = pd.DataFrame(frame[frame["head"] == -1])
-        attention.add(total.drop(columns=["head", "positions"]))
+        attention.add_table(total.drop(columns=["head", "positions"]), "the decomposition per layer (all heads)")
+        attention.add(Glossary(glossary("c_mass", "bias_norm, rest_norm", "bias_cos, rest_cos",
+                                        "bias_rel_variation, rest_rel_variation")))
         if len(total):
             b = statistics.median(total["bias_rel_variation"].tolist())
             r = statistics.median(total["rest_rel_variation"].tolist())
@@ -424,62 +439,67 @@ def build_report(
                 f"The part of the attention output that comes from them varies {b:.2f} (std / mean norm, median over "
                 f"layers) against {r:.2f} for the rest: {'an implicit attention bias' if b < r else 'no clear bias'}."
             )
-    steps.update()
 
-    # 4. Ablation -------------------------------------------------------------------------------
-    if ablation:
-        metric = "perplexity on the prompts" if causal else "the cosine of each embedding to the original"
-        ablate = report.section(
-            "What does ablating them do?",
-            f"The paper's Table 3: massive activations set to zero vs set to their mean over the prompts, judged "
-            f"by {metric}" + ("" if causal or pairs is None else " and the cosine of paraphrase pairs") + ".",
-        )
-        steps.set_description("report: ablation")
-        if not has_dims:
-            ablate.notes.append("No massive activations under this criterion: nothing to ablate.")
+
+# ----------------------------------------------------------------------------- 4. ablation
+
+
+def _ablation(run: _Run, report: Report) -> None:
+    from massact_lens.evaluate import ablation_table
+
+    no_bos = run.no_bos if run.no_bos is not None and run.no_bos[1].massive_dims else None
+    if not run.causal:
+        judged = "the cosine of each embedding to the original" + ("" if run.pairs is None else
+                                                                    " and the cosine of paraphrase pairs")
+    elif no_bos is not None:
+        rows = no_bos[0]
+        judged = (f"perplexity, as the paper did for LLaMA2: without BOS, on the prompts' text cut into {rows.shape[0]} "
+                  f"sequences of {rows.shape[1]} tokens, so the first token (where they sit) differs between sequences "
+                  "and 'set to mean' is a real test")
+    else:
+        judged = "perplexity on the prompts"
+    ablate = report.section(
+        "What does ablating them do?",
+        f"The paper's Table 3: massive activations set to zero vs set to their mean over the inputs, judged by {judged}.",
+    )
+    mp = no_bos[1] if no_bos is not None else run.massive_profile
+    if mp is None or not mp.massive_dims:
+        ablate.notes.append("No massive activations under this criterion: nothing to ablate.")
+        return
+    with _guarded(ablate, "The ablation", run.errors):
+        if not run.causal:
+            table = ablation_table(run.model, mp, sentences=run.prompts, pairs=run.pairs, batch_size=run.batch_size,
+                                   progress=run.progress)
         else:
-            with _guarded(ablate, "The ablation", errors):
-                table = _ablation(model, massive_profile, prompts, causal, pairs, batch_size, progress)
-                ablate.add(ablation_figure(table, title=f"Massive activations set to zero vs set to their mean ({label})"))
-                first = table.metrics[0]
-                values = {k: v[first] for k, v in table.values.items()}
-                report.findings.append(
-                    f"Ablating them ({first}): original {_metric(values['Original'])}, set to zero "
-                    f"{_metric(values['Set to zero'])}, set to their mean {_metric(values['Set to mean'])}."
-                )
-                ablate.add(table.to_dataframe().reset_index())
-                edited = sorted({n for names in table.hook_names.values() for n in names})
-                ablate.add(f"Hook points edited: {', '.join(edited)}.")
-                if causal and bool(model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos):
-                    ablate.notes.append(
-                        "In a causal model the BOS state is the same for every input, so 'set to mean' at BOS "
-                        "is the identity (the paper ran LLaMA2 without BOS)."
-                    )
-    steps.update()
-    steps.close()
+            corpus: Any = no_bos[0] if no_bos is not None else run.prompts
+            table = ablation_table(run.model, mp, corpus=corpus, batch_size=run.batch_size, progress=run.progress)
+        ablate.add(ablation_figure(table, title=f"Massive activations set to zero vs set to their mean ({run.figure_name})"))
+        first = table.metrics[0]
+        values = {k: v[first] for k, v in table.values.items()}
+        report.findings.append(
+            f"Ablating them ({first}{', no BOS' if no_bos is not None else ''}): original {_metric(values['Original'])}, "
+            f"set to zero {_metric(values['Set to zero'])}, set to their mean {_metric(values['Set to mean'])}."
+        )
+        ablate.add(table.to_dataframe().reset_index())
+        edited = sorted({n for names in table.hook_names.values() for n in names})
+        dims = mp.massive_dims
+        ablate.add(f"Dim{'s' if len(dims) > 1 else ''} {', '.join(str(d) for d in dims)} edited at {hook_ranges(edited)}.")
+        if run.causal and no_bos is None and run.result is not None and run.result.prepend_bos:
+            ablate.notes.append(
+                "In a causal model the BOS state is the same for every input, so 'set to mean' at BOS is the identity "
+                "(the paper ran LLaMA2 without BOS; here nothing is massive without BOS)."
+            )
 
-    n_c = "" if massive_profile is None else ", ".join(str(d) for d in massive_profile.massive_dims) or "none"
-    report.settings = {
-        "model": label,
-        **{k: v for k, v in provenance.to_dict().items() if k != "model_name"},
-        "model name (cfg)": provenance.model_name,
-        "attention": "causal" if causal else "bidirectional",
-        "prompts": len(prompts),
-        "example prompt": f"{example}: {text}",
-        "attention prompts": len(attention_inputs),
-        "criterion": f"|x| > {min_value:g} and >= {min_ratio:g} x median",
-        "massive dims found": n_c,
-        "BOS prepended": result.prepend_bos,
-        "top_k": top_k,
-        "batch size": batch_size,
-        "hook points": f"{result.hook_names[0]} ... {result.hook_names[-1]} ({len(result.hook_names)})",
-        "versions": {p: package_version(p) for p in ("massact_lens", "transformer-lens", "torch", "circuitsvis", "plotly")},
-        "written": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        **(settings or {}),
-    }
-    if errors:
-        report.settings["analyses that failed"] = len(errors)
-    return report
+
+def _chosen_pairs(pairs: Sequence[tuple[str, str]] | str | None) -> list[tuple[str, str]] | None:
+    """``"builtin"``: :data:`massact_lens.data.PARAPHRASE_PAIRS`; None: none; else the pairs as strings."""
+    from massact_lens.data import PARAPHRASE_PAIRS
+
+    if pairs == "builtin":
+        return list(PARAPHRASE_PAIRS)
+    if pairs is None or isinstance(pairs, str):
+        return None
+    return [(str(a), str(b)) for a, b in pairs]
 
 
 def _check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -492,25 +512,3 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     if bad:
         raise ValueError(f"Prompts {bad[:5]} are not non-empty strings.")
     return out
-
-
-def _ablation(
-    model: TransformerLensModel,
-    massive_profile: Any,
-    prompts: list[str],
-    causal: bool,
-    pairs: Sequence[tuple[str, str]] | str | None,
-    batch_size: int,
-    progress: bool,
-) -> Any:
-    from massact_lens.data import PARAPHRASE_PAIRS
-    from massact_lens.evaluate import ablation_table
-
-    if causal:
-        return ablation_table(model, massive_profile, corpus=prompts, batch_size=batch_size, progress=progress)
-    chosen: list[tuple[str, str]] | None = None
-    if pairs == "builtin":
-        chosen = list(PARAPHRASE_PAIRS)
-    elif pairs is not None and not isinstance(pairs, str):
-        chosen = [(str(a), str(b)) for a, b in pairs]
-    return ablation_table(model, massive_profile, sentences=prompts, pairs=chosen, batch_size=batch_size, progress=progress)

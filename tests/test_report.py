@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import re
-import shutil
-import socket
-import subprocess
-import threading
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from _browser import Chromium
 
 from massact_lens.cli import main
 from massact_lens.planting import plant_massive_activation
@@ -21,6 +18,8 @@ PROMPTS = [
     "<script>alert(1)</script> is a prompt, not markup.",
     "<img src=x onerror=\"document.body.dataset.pwned='yes'\"> & more.",
     "She forgot her umbrella, so she got soaked.",
+    "Pneumonoultramicroscopicsilicovolcanoconiosis" * 6 + " is one long word.",
+    "القطة نامت على حافة النافذة الدافئة طوال الظهيرة.",
 ]
 RAW_MARKUP = ("<script>alert(1)</script>", "<img src=x onerror")
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -91,18 +90,58 @@ def test_the_report_has_every_section_and_the_settings(report):
                         "what-does-attention-do-with-them", "what-does-ablating-them-do", "settings"]
     body = " ".join(page.text)
     assert "all-MiniLM-L6-v2 (bundled)" in body and "|x| > 50 and >= 200 x median" in body
+    assert "site-packages" not in text and "/model" not in body  # the model's label, never its install path
     assert "massact report --model minilm --prompts" in body  # the command line that made it
     assert "Set to zero" in body and "Set to mean" in body  # the Table-3 rows
     assert "failed" not in body
     assert re.search(r"Dim 99 is massive in layers 0-\d, on start tokens \(\[CLS\]\)", body)  # "In short"
     assert "an implicit attention bias" in body
     plots = [a["id"] for tag, a in page.elements if tag == "div" and a.get("class") == "plot"]
-    widgets = [a["id"] for tag, a in page.elements if tag == "div" and a.get("class") == "circuitsvis"]
+    widgets = [a["id"] for tag, a in page.elements if tag == "div" and "circuitsvis" in a.get("class", "").split()]
     assert len(plots) == 6 and len(widgets) == 2
     scripts = [a.get("id") for tag, a in page.elements if tag == "script"]
     # each library once, then one small script per figure or widget: no script came from a prompt
     assert scripts.count("plotly-js") == 1 and scripts.count("circuitsvis-js") == 1
     assert len(scripts) == len(plots) + len(widgets) + 3
+
+
+def _sections(text: str) -> dict[str, str]:
+    parts = re.split(r'<h2 id="([^"]+)">', text)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _headers(html_part: str) -> list[list[str]]:
+    return [re.findall(r"<th>(.*?)</th>", table) for table in re.findall(r"<thead>(.*?)</thead>", html_part, re.S)]
+
+
+def test_every_table_says_what_it_counts_and_explains_its_short_names(report):
+    import html as html_module
+
+    _, text = report
+    sections = _sections(text)
+    where, constant = sections["where-are-the-massive-activations"], sections["are-they-the-same-for-every-input"]
+    n_prompts = len(PROMPTS)
+    assert f"'[CLS]' ({n_prompts})" in html_module.unescape(where) and "tokens (prompts)" in where
+    assert not re.search(r"\bx\d+\b", re.sub(r"<script.*?</script>", "", where, flags=re.S))  # no bare "x159"
+    for name, part in sections.items():  # a column with a code-like name is explained in its section
+        explained = {t.strip() for dt in re.findall(r"<dt>(.*?)</dt>", part) for t in dt.split(",")}
+        for header in _headers(part):
+            for column in header:
+                if "_" in column and column not in ("hook_name",):
+                    assert column in explained, f"{name}: column {column!r} is not explained"
+    # cv: one unit everywhere, and the rows where a dim is not massive are apart and say so
+    assert all("cv" not in h or h in ("cv (%)", "cv (%) median", "cv (%) max") for t in _headers(constant) for h in t)
+    finding = re.search(r"\(cv ([0-9.]+)%\)", text)
+    assert finding is not None
+    assert "where the dim is not massive" in constant
+    summary = _headers(constant)[0]
+    assert summary[:3] == ["dim", "token kind", "layers"]
+
+
+def test_prompts_and_tokens_take_their_direction_from_their_text(report):
+    _, text = report
+    assert text.count('<li dir="auto">القطة') == 1  # right to left in the prompts list
+    assert '<td dir="auto">' in text
 
 
 def test_the_report_names_no_network_address(report):
@@ -182,73 +221,49 @@ def test_a_decoder_report_masks_causally_and_ablates_by_perplexity(tmp_path):
 
 # ----------------------------------------------------------------------------- in a browser
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome"))
-                 if p), None)
+
+@pytest.fixture(scope="module")
+def browser():
+    if Chromium.find() is None:
+        pytest.skip("Chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
+    with Chromium(width=1000, height=1200) as chromium:
+        yield chromium
 
 
-class _Proxy:
-    """Every HTTP(S) request the browser makes arrives here; we record its host and drop it."""
-
-    def __init__(self) -> None:
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(64)
-        self.port = self.server.getsockname()[1]
-        self.hosts: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            conn.settimeout(2)
-            try:
-                line = conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1")
-                target = line.split(" ")[1] if " " in line else line
-                self.hosts.append(re.sub(r"^[a-z]+://", "", target).split("/")[0].split(":")[0])
-            except OSError:
-                pass
-            finally:
-                conn.close()
-
-    def close(self) -> None:
-        self.server.close()
+def _asked(visit) -> list[str]:
+    """What the page itself asked for: requests to anything but itself or inline data, and blocked attempts."""
+    return visit.network_requests() + visit.csp_violations
 
 
-def _chromium(url: str, profile: Path, proxy: _Proxy, *extra: str) -> str:
-    command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-        f"--user-data-dir={profile}", f"--proxy-server=http://127.0.0.1:{proxy.port}", "--proxy-bypass-list=<-loopback>",
-        "--virtual-time-budget=20000", *extra, url,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # type: ignore[list-item]
-    return done.stdout
+def test_the_browser_check_flags_a_page_that_asks_the_network(browser, tmp_path):
+    """The check below can fail: a page's own request is seen even when its policy blocks it."""
+    image = tmp_path / "image.html"
+    image.write_text('<p>probe</p><img src="http://example.invalid/x.png">', encoding="utf-8")
+    visit, _ = browser.visit(image.as_uri())
+    assert "http://example.invalid/x.png" in _asked(visit)
+    blocked = tmp_path / "blocked.html"
+    blocked.write_text("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; script-src 'unsafe-inline'\">"
+                       '<script>fetch("https://example.invalid/data.json").catch(() => 0)</script>', encoding="utf-8")
+    visit, _ = browser.visit(blocked.as_uri(), quiet=1.5)
+    assert any("example.invalid" in url for url in _asked(visit))
+    clean = tmp_path / "clean.html"
+    clean.write_text('<p>clean</p><img src="data:image/gif;base64,R0lGODlhAQABAAAAACw=">', encoding="utf-8")
+    visit, _ = browser.visit(clean.as_uri())
+    assert _asked(visit) == []
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/test.sh installs it: apt-get install chromium)")
-def test_the_report_draws_offline_in_headless_chromium(report, tmp_path):
+READY = ("Array.from(document.querySelectorAll('div.plot')).every(d => d.querySelector('.main-svg')) && "
+         "Array.from(document.querySelectorAll('div.circuitsvis')).every(d => d.children.length > 0)")
+
+
+def test_the_report_draws_offline_in_headless_chromium(report, browser):
     path, text = report
-    proxy = _Proxy()
-    try:
-        # The proxy sees what a page asks for: a probe page's image request arrives, and so do the
-        # browser's own background calls, which are the same for any page.
-        probe = tmp_path / "probe.html"
-        probe.write_text('<p>probe</p><img src="http://massact-probe.invalid/x.png">', encoding="utf-8")
-        _chromium(probe.as_uri(), tmp_path / "profile-probe", proxy)
-        assert "massact-probe.invalid" in proxy.hosts, "the proxy did not see the page's request"
-        browser_own = set(proxy.hosts) - {"massact-probe.invalid"}
-        proxy.hosts.clear()
-        dom = _chromium(path.as_uri(), tmp_path / "profile", proxy, "--dump-dom")
-    finally:
-        proxy.close()
-    assert set(proxy.hosts) <= browser_own, f"the report asked the network for {set(proxy.hosts) - browser_own}"
-
-    source, drawn = _parse(text), _parse(dom)
+    visit, _ = browser.visit(path.as_uri(), wait_for=READY, timeout=120, quiet=2)
+    assert _asked(visit) == [], f"the report asked the network for {_asked(visit)}"
+    assert visit.console_errors == []
+    source, drawn = _parse(text), _parse(visit.dom)
     plots = [a["id"] for tag, a in source.elements if tag == "div" and a.get("class") == "plot"]
-    widgets = [a["id"] for tag, a in source.elements if tag == "div" and a.get("class") == "circuitsvis"]
+    widgets = [a["id"] for tag, a in source.elements if tag == "div" and "circuitsvis" in a.get("class", "").split()]
     for plot in plots:  # plotly drew each figure: its SVG layers, and WebGL canvas for the 3D surface
         assert drawn.inside[plot].count("svg") >= 2, plot
     assert sum("canvas" in drawn.inside[p] for p in plots) == 1  # the 3D surface
@@ -262,6 +277,39 @@ def test_the_report_draws_offline_in_headless_chromium(report, tmp_path):
     assert re.search(r"L\dH0", shown)  # head names drawn by the attention widget
 
 
+_BOXES = """Array.from(document.querySelectorAll('div.plot')).map(plot => {
+  const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  return {id: plot.id, width: plot.getBoundingClientRect().width,
+          legend: Array.from(plot.querySelectorAll('.legend')).map(box),
+          labels: Array.from(plot.querySelectorAll('.xtick text, .ytick text, .g-xtitle text, .g-ytitle text, '
+                                                   + '.g-x2title text, .g-x3title text, .annotation-text')).map(box),
+          title: Array.from(plot.querySelectorAll('.gtitle')).map(box)};
+})"""
+
+
+def _overlap(a: list[float], b: list[float]) -> bool:
+    return a[0] < b[2] - 1 and b[0] < a[2] - 1 and a[1] < b[3] - 1 and b[1] < a[3] - 1
+
+
+@pytest.mark.parametrize("width", [1000, 1600])
+def test_the_report_reads_at_1000_and_1600_pixels(report, browser, width):
+    """No legend on a tick label or axis title, no title cut off, nothing wider than the window."""
+    path, _ = report
+    _, session = browser.visit(path.as_uri(), wait_for=READY, timeout=120, quiet=1.5, width=width)
+    for plot in browser.evaluate(session, _BOXES):
+        for legend in plot["legend"]:
+            hits = [label for label in plot["labels"] if _overlap(legend, label)]
+            assert not hits, f"{plot['id']}: the legend covers {len(hits)} labels at {width} px"
+        for title in plot["title"]:
+            assert title[2] <= plot["width"] + 40, f"{plot['id']}: the title runs out of the figure at {width} px"
+    browser.evaluate(session, "document.querySelectorAll('details').forEach(d => { d.open = true; }) || true")
+    sizes = browser.evaluate(session, "[document.documentElement.scrollWidth, window.innerWidth]")
+    assert sizes[0] <= sizes[1], f"the page is {sizes[0]} px wide in a {sizes[1]} px window (a long word?)"
+    opened = browser.evaluate(session, "Array.from(document.querySelectorAll('.circuitsvis-ColoredTokensMulti > div > div "
+                                       "> div')).filter(d => d.style.backgroundColor === 'black').map(d => d.innerText)")
+    assert opened == ["L0 ln2.hook_in"]  # the tokens view opens where [CLS] is massive
+
+
 def test_a_report_shows_itself_in_a_notebook():
     import html
 
@@ -273,3 +321,41 @@ def test_a_report_shows_itself_in_a_notebook():
     assert shown.startswith("<iframe ") and shown.endswith("</iframe>")
     srcdoc = re.search(r'srcdoc="([^"]*)"', shown)
     assert srcdoc is not None and html.unescape(srcdoc.group(1)) == report.to_html()
+
+
+@pytest.mark.slow
+def test_a_smollm2_report_ablates_without_bos_as_the_paper_did(smollm2_model):
+    """SmolLM2's dim 507 sits on BOS, whose state is the same for every input: the report measures without BOS too."""
+    from massact_lens.data import SENTENCES
+
+    report = build_report(smollm2_model, list(SENTENCES[:12]), attention_prompts=3, progress=False)
+    assert report.title == ("Massive activations in SmolLM2-135M-Instruct (bundled; weights dequantised from Q4_1, "
+                            "not the original bf16)")
+    assert report.settings["massive dims found"].split(", ").count("507") == 1
+    constant = next(s for s in report.sections if s.title.startswith("Are they"))
+    assert any("says nothing" in note for note in constant.notes)  # cv 0% at BOS is by construction
+    assert any("without BOS" in f and "dim 507" in f for f in report.findings)
+    ablate = next(s for s in report.sections if s.title.startswith("What does ablating"))
+    assert "without BOS" in ablate.intro and not ablate.notes
+    table = next(item for item in ablate.items if hasattr(item, "columns") and "perplexity" in item.columns)
+    ppl = dict(zip(table["setting"], table["perplexity"], strict=True))
+    assert ppl["Set to zero"] > 100 * ppl["Original"]  # zero breaks the model
+    assert ppl["Set to mean"] == pytest.approx(ppl["Original"], rel=0.05)  # the mean of varying first tokens does not
+    ours = re.sub(r"<script.*?</script>", "", report.to_html(), flags=re.S)
+    assert "site-packages" not in ours and "/.cache/" not in ours  # the label, not the install path
+
+
+def test_the_reports_profile_from_its_scan_is_the_librarys_profile(minilm_model, sentences):
+    """The report reuses its scan for the profile (one pass fewer); it must give what profile() gives."""
+    from massact_lens import find_massive, profile, scan
+    from massact_lens.massive import Criterion
+    from massact_lens.report import _profile_from_scan, _Run
+
+    prompts = sentences[:4]
+    run = _Run(minilm_model, prompts, 0, prompts, Criterion(50, 200), None, 16, 10, False, "m", False, None)
+    result = scan(minilm_model, prompts, progress=False)
+    mine = _profile_from_scan(run, prompts, result, find_massive(result, 50, 200), None)
+    theirs = profile(minilm_model, prompts, min_value=50, min_ratio=200, progress=False)
+    assert mine.to_dataframe().equals(theirs.to_dataframe()) and mine.dims == theirs.dims
+    assert (mine.hook_names, mine.prepend_bos, mine.n_inputs, mine.delimiters) == (
+        theirs.hook_names, theirs.prepend_bos, theirs.n_inputs, theirs.delimiters)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -25,9 +25,10 @@ from plotly.subplots import make_subplots
 
 from massact_lens.attention import AttentionConcentration, AttentionLogits, ImplicitBias
 from massact_lens.evaluate import AblationTable
-from massact_lens.hook_names import layer_of
 from massact_lens.scan import ScanResult
 from massact_lens.viz.hidden import HiddenStates
+from massact_lens.viz.labels import display_token, layer_labels, model_short_name, short_hook_name
+from massact_lens.viz.notebook import NotebookFigure
 
 __all__ = [
     "ablation_figure",
@@ -41,29 +42,9 @@ __all__ = [
 ]
 
 _TEMPLATE = "plotly_white"
+#: A horizontal legend above the plot area, right-aligned: it never covers tick labels or axis titles.
+_LEGEND_ON_TOP = {"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1.0}
 _COLOURS = {"top 1": "#d62728", "top 2": "#ff7f0e", "top 3": "#bcbd22", "median": "#1f77b4", "bias": "#d62728", "rest": "#1f77b4"}
-
-
-def display_token(token: str) -> str:
-    """A token as plotly should show it: whitespace made visible, HTML escaped.
-
-    >>> display_token("<b>\\n")
-    '&lt;b&gt;\\\\n'
-    """
-    shown = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    if shown.strip() == "":
-        shown = shown.replace(" ", "␣") or "∅"
-    return html.escape(shown, quote=False)
-
-
-def short_hook_name(hook_name: str) -> str:
-    """A hook name short enough for an axis: ``"L3 ln2.hook_in"``.
-
-    >>> short_hook_name("blocks.3.ln2.hook_in"), short_hook_name("blocks.10.hook_resid_post")
-    ('L3 ln2.hook_in', 'L10 hook_resid_post')
-    """
-    layer = layer_of(hook_name)
-    return f"L{layer} {hook_name.split('.', 2)[2]}"
 
 
 def _short_positions(description: str) -> str:
@@ -77,34 +58,25 @@ def _finite(values: list[float]) -> list[float | None]:
     return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
-def _model_name(provenance: Any) -> str:
-    """A short model name from a result's provenance (a Provenance, or a dict as older results hold)."""
-    try:
-        name = str(provenance["model_name"])
-    except (KeyError, TypeError):
-        name = "model"
-    parts = [p for p in name.replace("\\", "/").split("/") if p]
-    return "/".join(parts[-2:]) if name.startswith(("/", ".", "~")) and parts else name
-
-
 def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Figure:
     """The layer-wise top-1/2/3 ``|x|`` and median curves, log scale.
 
     One trace each named ``"top 1"``, ``"top 2"``, ``"top 3"``, ``"median"``: x the
-    hook points in forward order (``customdata`` their full names), y the mean over
-    inputs (:meth:`~massact_lens.ScanResult.layer_stats`); ``"top 1"`` has the
-    spread across inputs as error bars.
+    hook points in forward order (``"L3"`` when there is one per layer, else
+    ``"L3 ln2.hook_in"``; ``customdata`` their full names), y the mean over inputs
+    (:meth:`~massact_lens.ScanResult.layer_stats`); ``"top 1"`` has the spread
+    across inputs as error bars. The legend sits above the plot, clear of the ticks.
 
     >>> import torch
     >>> from massact_lens import scan
     >>> from massact_lens.examples import tiny_model
     >>> fig = layer_stats_figure(scan(tiny_model(), torch.randint(0, 64, (2, 6)), progress=False))
-    >>> len(fig.data[0].y)    # one point per hook point
-    2
+    >>> len(fig.data[0].y), list(fig.data[0].x), fig.layout.xaxis.title.text   # one point per hook point
+    (2, ['L0', 'L1'], 'layer (hook_resid_post)')
     """
     stats = result.layer_stats()
-    labels = [short_hook_name(n) for n in stats["hook_name"]]
-    fig = go.Figure()
+    labels, x_title = layer_labels(list(stats["hook_name"]))
+    fig = NotebookFigure()
     for column, name in (("top1", "top 1"), ("top2", "top 2"), ("top3", "top 3"), ("median", "median")):
         fig.add_trace(
             go.Scatter(
@@ -118,14 +90,14 @@ def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Fi
                 error_y={"type": "data", "array": stats["top1_std"].tolist(), "visible": True} if name == "top 1" else None,
             )
         )
-    model = _model_name(result.model)
+    model = model_short_name(result.model)
     fig.update_layout(
         template=_TEMPLATE,
         title=title or f"Largest |activation| vs median per hidden state ({html.escape(model)}, {result.n_inputs} inputs)",
-        xaxis_title="hidden state (forward order)",
+        xaxis={"title": x_title, "tickangle": -45 if len(labels) > 16 else None},
         yaxis={"title": "|activation| (mean over inputs)", "type": "log", "dtick": 1},
-        legend={"orientation": "h", "y": -0.25},
-        margin={"t": 60},
+        legend=_LEGEND_ON_TOP,
+        margin={"t": 100},
     )
     return fig
 
@@ -140,6 +112,9 @@ def hidden_state_figure(
     title: str | None = None,
 ) -> go.Figure:
     """One hidden state of one input, ``|x|`` over tokens x dims, its standout dims labelled.
+
+    Token labels are escaped for the heat map's SVG axis and left as they are on the
+    3D axes and markers, which plotly draws as plain text (``<s>``, not ``&lt;s&gt;``).
 
     The paper's 3D plot (``kind="surface"``) or a heat map. The dims whose largest
     ``|x|`` is at least ``min_ratio x`` the median ``|x|`` (at most ``max_labels``,
@@ -158,8 +133,8 @@ def hidden_state_figure(
     >>> fig = hidden_state_figure(states, 0)
     >>> fig.layout.meta["hook_name"], fig.layout.meta["labelled_dims"]
     ('blocks.0.ln2.hook_in', [99])
-    >>> list(fig.layout.scene.xaxis.ticktext)
-    ['dim 99']
+    >>> list(fig.layout.scene.xaxis.ticktext), list(fig.layout.scene.yaxis.ticktext)[:2]
+    (['dim 99'], ['[CLS]', 'the'])
     """
     if kind not in ("surface", "heatmap"):
         raise ValueError(f"kind must be 'surface' or 'heatmap', not {kind!r}.")
@@ -169,18 +144,19 @@ def hidden_state_figure(
     dims = list(states.massive_dims(name, min_ratio=min_ratio, max_dims=max_labels))
     median = float(states.medians()[index])
     peak = float(magnitude.max())
-    tokens = [display_token(t) for t in states.tokens]
+    tokens = [display_token(t) for t in states.tokens]  # for SVG text: escaped
+    plain_tokens = [display_token(t, escape=False) for t in states.tokens]  # for WebGL text: as it is
     positions = list(range(len(tokens)))
     dim_ticks = sorted(dims)
     dim_text = [f"dim {d}" for d in dim_ticks]
     hover = "token %{y}<br>dim %{x}<br>|x| %{z:.4g}<extra></extra>"
     meta = {"hook_name": name, "labelled_dims": dims, "median": median, "peak": peak, "kind": kind}
     heading = title or (
-        f"{html.escape(name)}: |x| over tokens x dims (peak {peak:.4g}, median {median:.3g}, "
-        f"{peak / median if median > 0 else math.inf:.0f}x)"
+        f"{html.escape(short_hook_name(name))}: |x| per token and dim, peak {peak:.4g} = "
+        f"{peak / median if median > 0 else math.inf:.0f}x the median ({median:.3g})"
     )
     if kind == "heatmap":
-        fig = go.Figure(
+        fig = NotebookFigure(
             go.Heatmap(z=magnitude.tolist(), x=list(range(magnitude.shape[1])), y=positions, colorscale="Viridis",
                        colorbar={"title": "|x|"}, hovertemplate=hover, name=name)
         )
@@ -192,7 +168,7 @@ def hidden_state_figure(
             meta=meta,
         )
         return fig
-    fig = go.Figure(
+    fig = NotebookFigure(
         go.Surface(z=magnitude.tolist(), x=list(range(magnitude.shape[1])), y=positions, colorscale="Viridis",
                    colorbar={"title": "|x|"}, hovertemplate=hover, name=name)
     )
@@ -204,11 +180,12 @@ def hidden_state_figure(
                 y=peak_pos,
                 z=[float(magnitude[p, d]) for p, d in zip(peak_pos, dims, strict=True)],
                 mode="markers+text",
-                text=[f"dim {d} on {tokens[p]}" for p, d in zip(peak_pos, dims, strict=True)],
+                text=[f"dim {d} on {plain_tokens[p]}" for p, d in zip(peak_pos, dims, strict=True)],
+                customdata=[f"dim {d} on {tokens[p]}" for p, d in zip(peak_pos, dims, strict=True)],
                 textposition="top center",
                 marker={"size": 4, "color": "#d62728"},
                 name="massive dims",
-                hovertemplate="%{text}: %{z:.4g}<extra></extra>",
+                hovertemplate="%{customdata}: %{z:.4g}<extra></extra>",
             )
         )
     fig.update_layout(
@@ -216,7 +193,7 @@ def hidden_state_figure(
         title=heading,
         scene={
             "xaxis": {"title": "feature dim", "tickvals": dim_ticks, "ticktext": dim_text} if dims else {"title": "feature dim"},
-            "yaxis": {"title": "token", "tickvals": positions, "ticktext": tokens},
+            "yaxis": {"title": "token", "tickvals": positions, "ticktext": plain_tokens},
             "zaxis": {"title": "|x|"},
             "camera": {"eye": {"x": 1.6, "y": -1.6, "z": 0.9}},
         },
@@ -263,7 +240,7 @@ def attention_logits_figure(
     what = "attention logits" if values == "logits" else "attention probabilities"
     which = f"head {head}" if head is not None else "mean over heads"
     source = logits.source[i]
-    fig = go.Figure(
+    fig = NotebookFigure(
         go.Heatmap(
             z=z,
             x=list(range(n_keys)),
@@ -301,7 +278,7 @@ def attention_sink_figure(concentration: AttentionConcentration, *, title: str |
     """
     mass = concentration.mean_mass  # [layer, head], over every input (not only the kept ones)
     uniform = float(concentration.mean_uniform_mass)
-    fig = go.Figure(
+    fig = NotebookFigure(
         go.Heatmap(
             z=mass.tolist(),
             x=[f"H{h}" for h in range(concentration.n_heads)],
@@ -322,7 +299,7 @@ def attention_sink_figure(concentration: AttentionConcentration, *, title: str |
         ),
         xaxis_title="head",
         yaxis={"title": "layer", "autorange": "reversed"},
-        height=max(300, 40 * len(concentration.layers) + 140),
+        height=max(300, (40 if len(concentration.layers) <= 12 else 22) * len(concentration.layers) + 140),
         meta={"positions": concentration.positions, "uniform": uniform},
     )
     return fig
@@ -342,7 +319,7 @@ def implicit_bias_figure(
     varies across queries and inputs (std norm / mean norm). The bias term is
     nearly constant where the rest is not. Traces are named
     ``"attention on C"``, ``"bias norm"``, ``"bias variation"``, ``"rest norm"``,
-    ``"rest variation"``.
+    ``"rest variation"``; every panel has axis titles, the legend sits above.
 
     >>> import torch
     >>> from massact_lens.attention import implicit_bias
@@ -354,12 +331,12 @@ def implicit_bias_figure(
     table = decomposition.to_dataframe(queries)
     total = pd.DataFrame(table[table["head"] == -1]).sort_values(by="layer")
     layers = [int(x) for x in total["layer"]]
-    fig = make_subplots(
+    fig = NotebookFigure(make_subplots(
         rows=1,
         cols=3,
-        subplot_titles=("attention on C (mean)", "norm written to the residual", "variation (std / mean norm)"),
-        horizontal_spacing=0.08,
-    )
+        subplot_titles=("attention on C", "norm written to the residual", "variation across queries"),
+        horizontal_spacing=0.09,
+    ))
     fig.add_trace(go.Bar(x=layers, y=_finite(total["c_mass"].tolist()), name="attention on C", marker_color="#7f7f7f"), row=1, col=1)
     for term in ("bias", "rest"):
         colour = _COLOURS[term]
@@ -373,16 +350,19 @@ def implicit_bias_figure(
                        mode="lines+markers", line={"color": colour, "dash": "dot"}),
             row=1, col=3,
         )
-    fig.update_yaxes(range=[0, 1], row=1, col=1)
-    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_yaxes(range=[0, 1], title_text="mean attention probability", row=1, col=1)
+    fig.update_yaxes(title_text="mean norm of the term", row=1, col=2)
+    fig.update_yaxes(title_text="std / mean norm", row=1, col=3)
+    fig.update_xaxes(title_text="layer", dtick=1 if len(layers) <= 12 else None)
     fig.update_layout(
         template=_TEMPLATE,
         title=title or (
             "Implicit attention bias: attention output = term from C "
             f"({html.escape(_short_positions(decomposition.positions))}) + rest"
         ),
-        legend={"orientation": "h", "y": -0.2},
-        height=400,
+        legend={**_LEGEND_ON_TOP, "y": 1.16},  # above the panels' titles too
+        height=450,
+        margin={"t": 130},
         meta={"positions": decomposition.positions, "queries": queries, "layers": layers},
     )
     return fig
@@ -393,7 +373,9 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
 
     Each panel's trace is named after its metric; ``x`` holds the settings
     (Original, Set to zero, Set to mean, ...), ``y`` the values. An infinite or
-    NaN value has no bar and is written as text (``"inf"``), as the paper does.
+    NaN value has no bar and is written as text (``"inf"``), as the paper does. A
+    panel whose positive values span more than 100x (a perplexity that explodes)
+    has a log y axis, so the small bars stay visible.
 
     >>> from massact_lens.evaluate import AblationTable
     >>> llama2 = AblationTable(model={"model_name": "LLaMA2-7B"}, profile_dims=(1415, 2533),
@@ -402,12 +384,14 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
     >>> fig = ablation_figure(llama2)                       # the paper's Table 3 numbers
     >>> list(fig.data[0].x), list(fig.data[0].y), list(fig.data[0].text)
     (['Original', 'Set to zero', 'Set to mean'], [5.47, None, 5.47], ['5.47', 'inf', '5.47'])
+    >>> fig.layout.yaxis.title.text, fig.layout.yaxis.type
+    ('WikiText ppl', 'linear')
     """
     settings = list(table.values)
     metrics = list(table.metrics)
     if not metrics:
         raise ValueError("The ablation table has no metrics to draw.")
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[html.escape(m) for m in metrics])
+    fig = NotebookFigure(make_subplots(rows=1, cols=len(metrics), subplot_titles=[html.escape(m) for m in metrics]))
     palette = ["#7f7f7f", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
     for j, metric in enumerate(metrics, start=1):
         raw = [float(table.values[s][metric]) for s in settings]
@@ -427,9 +411,14 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
             col=j,
         )
         finite = [v for v in raw if math.isfinite(v)]
-        if finite and max(finite) > 0:
-            fig.update_yaxes(range=[0, max(finite) * 1.18], row=1, col=j)
-    model = _model_name(table.model)
+        fig.update_yaxes(title_text=html.escape(metric), row=1, col=j)
+        if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
+            top, bottom = math.log10(max(finite)), math.log10(min(finite))
+            fig.update_yaxes(type="log", range=[bottom - 1.0, top + 0.6], row=1, col=j)  # small bars a decade tall
+        elif finite and max(finite) > 0:
+            fig.update_yaxes(type="linear", range=[0, max(finite) * 1.18], row=1, col=j)
+    model = model_short_name(table.model)
+    fig.update_xaxes(title_text="setting")
     fig.update_layout(
         template=_TEMPLATE,
         title=title or f"Massive activations set to zero vs set to their mean ({html.escape(model)})",

@@ -32,7 +32,25 @@ from massact_lens.hook_names import layer_of, resolve_hook_names
 from massact_lens.massive import Criterion
 from massact_lens.models import warn_if_processed
 
-__all__ = ["HiddenStates", "hidden_states"]
+__all__ = ["VIEW_CRITERIA", "HiddenStates", "given_criterion", "hidden_states"]
+
+#: The (min_value, min_ratio) pairs a view tries when given no thresholds: the paper's, then the
+#: lower pair small models need (``massact_lens.massive.Criterion`` names both).
+VIEW_CRITERIA: tuple[tuple[float, float], ...] = ((100.0, 1000.0), (50.0, 200.0))
+
+
+def given_criterion(min_value: float | int | None, min_ratio: float | int | None) -> tuple[float, float] | None:
+    """The thresholds given (a missing one is the paper's), checked; None when neither is given.
+
+    >>> given_criterion(50, None), given_criterion(None, None)
+    ((50.0, 1000.0), None)
+    """
+    if min_value is None and min_ratio is None:
+        return None
+    paper_value, paper_ratio = VIEW_CRITERIA[0]
+    chosen = (float(paper_value if min_value is None else min_value), float(paper_ratio if min_ratio is None else min_ratio))
+    Criterion(*chosen)
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,8 @@ class HiddenStates:
         prepend_bos: BOS / [CLS] prepended (None: a token tensor used as given).
         tokens: the token strings; ``token_ids`` the ids.
         values: ``[n_hooks, pos, d_model]``, float32.
+        subword_prefix: the prefix that marks a word's continuation pieces in this
+            tokenizer (``"##"`` for WordPiece), or None (BPE tokens carry their spaces).
     """
 
     provenance: Provenance
@@ -54,6 +74,7 @@ class HiddenStates:
     tokens: tuple[str, ...]
     token_ids: Int[torch.Tensor, " pos"]
     values: Float[torch.Tensor, "n_hooks pos d_model"]
+    subword_prefix: str | None = None
 
     @property
     def model(self) -> Provenance:
@@ -101,6 +122,35 @@ class HiddenStates:
         for _, position, dim in passes.nonzero().tolist():
             out.setdefault(position, set()).add(dim)
         return {p: tuple(sorted(d)) for p, d in sorted(out.items())}
+
+    def massive_hooks(self, min_value: float | int = 100.0, min_ratio: float | int = 1000.0) -> tuple[str, ...]:
+        """The hook points (forward order) with at least one entry that passes the criterion.
+
+        >>> from massact_lens.examples import minilm
+        >>> hidden_states(minilm(), "Hi.", layers=[0, 1]).massive_hooks(50, 200)
+        ('blocks.0.ln2.hook_in', 'blocks.1.ln2.hook_in')
+        """
+        criterion = Criterion(min_value, min_ratio)
+        passes = criterion.entries(self.values, torch.ones(self.values.shape[:2], dtype=torch.bool))
+        return tuple(name for name, hit in zip(self.hook_names, passes.flatten(1).any(1).tolist(), strict=True) if hit)
+
+    def criterion(self, min_value: float | int | None = None, min_ratio: float | int | None = None) -> tuple[float, float]:
+        """The thresholds a view of this input uses: those given, else the first of :data:`VIEW_CRITERIA` that finds something.
+
+        The paper's 100 / 1000 when some entry passes them, else 50 / 200 (what
+        small models such as MiniLM need); a threshold given replaces its default.
+
+        >>> from massact_lens.examples import minilm
+        >>> hidden_states(minilm(), "Hi.", layers=[0]).criterion()
+        (50.0, 200.0)
+        """
+        given = given_criterion(min_value, min_ratio)
+        if given is not None:
+            return given
+        for pair in VIEW_CRITERIA:
+            if self.massive(*pair):
+                return pair
+        return VIEW_CRITERIA[0]
 
     def massive_dims(self, hook: str | int, min_ratio: float | int = 100.0, max_dims: int = 6) -> tuple[int, ...]:
         """The dims of one hidden state whose largest ``|x|`` is at least ``min_ratio x`` its median.
@@ -215,4 +265,14 @@ def hidden_states(
         tokens=tuple(strings[int(i)] for i in ids.tolist()),
         token_ids=ids.clone(),
         values=torch.stack([read[n] for n in names]).clone(),
+        subword_prefix=_subword_prefix(model),
     )
+
+
+def _subword_prefix(model: TransformerLensModel) -> str | None:
+    """``"##"`` for a WordPiece tokenizer (its continuation prefix), else None."""
+    backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
+    piece_model = getattr(backend, "model", None)
+    if type(piece_model).__name__ != "WordPiece":
+        return None
+    return str(getattr(piece_model, "continuing_subword_prefix", "##") or "##")

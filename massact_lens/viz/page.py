@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from functools import lru_cache
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,12 @@ import pandas as pd
 import plotly.graph_objects as go
 from circuitsvis.utils.render import RenderedHTML
 
-from massact_lens.viz.widgets import Widget, circuitsvis_bundle, script_json, script_safe_js
+from massact_lens.viz.scripts import circuitsvis_bundle, plotly_bundle, script_json
+from massact_lens.viz.widgets import Widget
 
 __all__ = [
+    "Collapsed",
+    "Glossary",
     "Item",
     "anchor",
     "format_value",
@@ -44,8 +47,32 @@ __all__ = [
     "write_atomic",
 ]
 
-#: What a page shows: plotly figures, circuitsvis views, DataFrames (as tables), strings (as paragraphs).
-Item = go.Figure | RenderedHTML | pd.DataFrame | str
+@dataclass(frozen=True)
+class Collapsed:
+    """An item shown folded: a ``<details>`` element whose ``summary`` line opens it (a long table).
+
+    >>> item_html(Collapsed(pd.DataFrame({"layer": [0]}), "the 1 row"), "x").startswith("<details>")
+    True
+    """
+
+    item: Any
+    summary: str
+
+
+@dataclass(frozen=True)
+class Glossary:
+    """Terms and what they mean, shown as a definition list (what a table's columns mean).
+
+    >>> item_html(Glossary({"c_mass": "attention on C"}), "x")
+    '<dl class="glossary"><dt>c_mass</dt><dd>attention on C</dd></dl>'
+    """
+
+    terms: dict[str, str]
+
+
+#: What a page shows: plotly figures, circuitsvis views, DataFrames (as tables), strings (as
+#: paragraphs), glossaries, and any of them :class:`Collapsed`.
+Item = go.Figure | RenderedHTML | pd.DataFrame | str | Glossary | Collapsed
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
@@ -58,20 +85,21 @@ table.data { border-collapse: collapse; font-size: 0.86em; margin: 6px 0 16px; }
 table.data th, table.data td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 table.data th { background: #f4f4f4; } table.data td:first-child, table.data th:first-child { text-align: left; }
 table.settings td:first-child { font-weight: 600; white-space: nowrap; } table.settings td { text-align: left; }
+table.data td { overflow-wrap: break-word; } .table-wrap { max-width: 100%; overflow-x: auto; }
+table.settings { width: 100%; table-layout: fixed; } table.settings td:first-child { width: 12em; }
+p, li, h1, h2, summary { overflow-wrap: anywhere; }
 nav a { margin-right: 14px; } .plot { width: 100%; min-height: 320px; }
-.circuitsvis { margin: 10px 0 16px; } details { margin: 10px 0; } code { background: #f4f4f4; padding: 0 3px; }
+.circuitsvis { margin: 10px 0 16px; max-width: 100%; }
+.circuitsvis .colored-tokens span { max-width: 100%; overflow-wrap: anywhere; }
+/* ColoredTokensMulti pads 20 px per hidden state for its tooltip, which floats anyway */
+.circuitsvis-ColoredTokensMulti > div { padding-bottom: 24px !important; }
+details { margin: 10px 0; } summary { cursor: pointer; color: #1a4f8b; } code { background: #f4f4f4; padding: 0 3px; }
 .findings { background: #f6f8fb; border: 1px solid #dde3ea; padding: 4px 18px 8px; margin: 14px 0; }
 ol.prompts li { font-family: ui-monospace, monospace; font-size: 0.86em; white-space: pre-wrap; }
+dl.glossary dt { font-family: ui-monospace, monospace; font-weight: 600; } dl.glossary dd { margin: 0 0 6px 1.5em; }
 """
 
 _PLOTLY_CONFIG = {"responsive": True, "displaylogo": False}
-
-
-@lru_cache(maxsize=1)
-def _plotly_bundle() -> str:
-    from plotly.offline import get_plotlyjs
-
-    return script_safe_js(get_plotlyjs())
 
 
 def package_version(package: str) -> str:
@@ -95,7 +123,7 @@ def item_html(item: Item, item_id: str) -> str:
     """The HTML of one item; ``TypeError`` for anything a page cannot show.
 
     >>> item_html("a < b", "x")
-    '<p>a &lt; b</p>'
+    '<p dir="auto">a &lt; b</p>'
     """
     if isinstance(item, go.Figure):
         figure = json.loads(str(item.to_json(validate=False)))  # plotly's encoder: numpy, dates, NaN -> plain JSON
@@ -111,8 +139,17 @@ def item_html(item: Item, item_id: str) -> str:
     if isinstance(item, pd.DataFrame):
         return table_html(item)
     if isinstance(item, str):
-        return f"<p>{html.escape(item)}</p>"
-    raise TypeError(f"A page item must be a plotly Figure, a circuitsvis view, a DataFrame or a string, not {type(item).__name__}.")
+        return f'<p dir="auto">{html.escape(item)}</p>'
+    if isinstance(item, Glossary):
+        terms = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in item.terms.items())
+        return f'<dl class="glossary">{terms}</dl>'
+    if isinstance(item, Collapsed):
+        inner = item_html(item.item, item_id)
+        return f"<details><summary>{html.escape(item.summary)}</summary>\n{inner}\n</details>"
+    raise TypeError(
+        "A page item must be a plotly Figure, a circuitsvis view, a DataFrame, a string, a Glossary or a "
+        f"Collapsed item, not {type(item).__name__}."
+    )
 
 
 def format_value(value: Any) -> str:
@@ -141,13 +178,17 @@ def format_value(value: Any) -> str:
 def table_html(frame: pd.DataFrame, *, classes: str = "data") -> str:
     """A DataFrame as an escaped HTML table, cells by :func:`format_value`.
 
+    Each cell takes its text direction from its text (``dir="auto"``: a right-to-left
+    token reads right to left); a wide table scrolls inside its box, not the page.
+
     >>> table_html(pd.DataFrame({"t": ["<s>"]})).count("&lt;s&gt;")
     1
     """
     shown = frame.copy()
     for column in shown.columns:
         shown[column] = [format_value(v) for v in shown[column].tolist()]
-    return shown.to_html(index=False, escape=True, border=0, classes=classes)
+    table = shown.to_html(index=False, escape=True, border=0, classes=classes).replace("<td>", '<td dir="auto">')
+    return f'<div class="table-wrap">{table}</div>'
 
 
 def html_document(title: str, body: Sequence[str], items: Sequence[Item]) -> str:
@@ -171,9 +212,10 @@ def html_document(title: str, body: Sequence[str], items: Sequence[Item]) -> str
         f"<title>{html.escape(title)}</title>",
         f"<style>{_STYLE}</style>",
     ]
+    items = [i.item if isinstance(i, Collapsed) else i for i in items]
     if any(isinstance(i, go.Figure) for i in items):
         out.append("<script>window.PlotlyConfig = {MathJaxConfig: 'local'};</script>")
-        out.append(f'<script id="plotly-js">{_plotly_bundle()}</script>')
+        out.append(f'<script id="plotly-js">{plotly_bundle()}</script>')
     if any(isinstance(i, Widget) for i in items):
         out.append(f'<script id="circuitsvis-js">{circuitsvis_bundle()}</script>')
     out.append("</head><body>")

@@ -15,30 +15,34 @@ are escaped so that no token text can close the ``<script>`` they sit in.
 
 from __future__ import annotations
 
-import json
-import re
+import html
 import uuid
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import circuitsvis
-import numpy as np
 import torch
 from circuitsvis.utils.render import RenderedHTML
+from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import is_causal
 from massact_lens.attention import AttentionLogits, attention_logits
 from massact_lens.profiles import MassiveProfile
-from massact_lens.viz.hidden import HiddenStates, hidden_states
+from massact_lens.viz.hidden import HiddenStates, given_criterion, hidden_states
+from massact_lens.viz.labels import layer_labels
+from massact_lens.viz.notebook import widget_output
+from massact_lens.viz.scripts import circuitsvis_bundle, inert_markup, plain, script_json
 
 __all__ = [
+    "INNER_HTML_TOKENS",
     "MASSIVE_MARK",
+    "SCALE_QUANTILE",
     "Widget",
     "attention_heads",
     "attention_heads_widget",
+    "readable_tokens",
+    "robust_scale",
     "script_json",
     "tokens_by_activation",
     "tokens_by_activation_widget",
@@ -46,77 +50,67 @@ __all__ = [
 
 #: Appended to the label of a massive token, with its dims: ``"[CLS] ★d99"``.
 MASSIVE_MARK = "★"
-
-_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def script_json(value: Any) -> str:
-    """JSON that is safe inside an HTML ``<script>`` element.
-
-    ``<``, ``>`` and ``&`` (and the two JavaScript line separators) are written as
-    ``\\uXXXX`` escapes: the parsed value is unchanged, but no string in it can
-    close the element or open a comment. Tensors and arrays become lists.
-
-    >>> script_json({"tokens": ["</script>", "a&b"]})
-    '{"tokens": ["\\\\u003c/script\\\\u003e", "a\\\\u0026b"]}'
-    """
-    text = json.dumps(_plain(value))
-    return re.sub("[<>&\u2028\u2029]", lambda m: _SCRIPT_ESCAPES[m.group(0)], text)
-
-
-def script_safe_js(source: str) -> str:
-    """JavaScript source made safe to inline in a ``<script>`` element.
-
-    ``</script`` becomes ``<\\/script`` (the same string in JavaScript) and
-    ``<!--`` becomes ``<\\!--``; a trailing ``sourceMappingURL`` comment is dropped.
-    """
-    source = re.sub(r"</(script)", r"<\\/\1", source, flags=re.IGNORECASE)
-    source = source.replace("<!--", "<\\!--")
-    return re.sub(r"\n//# sourceMappingURL=\S*\s*$", "\n", source)
-
-
-@lru_cache(maxsize=1)
-def circuitsvis_bundle() -> str:
-    """circuitsvis's browser bundle (the ``iife`` build that defines ``CircuitsVis``), script-safe."""
-    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
-    return script_safe_js(path.read_text(encoding="utf-8"))
-
+#: circuitsvis views that set each token as ``innerHTML``: their tokens are made inert (:func:`inert_markup`).
+INNER_HTML_TOKENS = frozenset({"ColoredTokens", "ColoredTokensMulti", "TokenLogProbs"})
 
 class Widget(RenderedHTML):
     """A circuitsvis view that draws offline.
 
-    A ``circuitsvis.utils.render.RenderedHTML`` (so it displays inline in
-    Jupyter and VS Code), except that its notebook display and ``str()`` are
-    ``local_src``, the inlined bundle; ``cdn_src`` (and ``show_code()``) keep
-    circuitsvis's CDN form.
+    A ``circuitsvis.utils.render.RenderedHTML`` (so it displays inline in Jupyter
+    and VS Code). Token text never becomes markup: the props sit in a script as
+    escaped JSON, and views that show tokens through ``innerHTML`` get them inert
+    (:func:`~massact_lens.viz.scripts.inert_markup`). ``str()`` is ``local_src``, the view with circuitsvis's bundle
+    inlined (1.3 MB). In a notebook the bundle is inlined only by the first view of
+    the session, later views reuse it, and each output shows a static summary where
+    no JavaScript runs (:mod:`massact_lens.viz.notebook`). ``cdn_src`` (and
+    ``show_code()``) keep circuitsvis's CDN form.
 
     Attributes:
         element: the circuitsvis React component (``"AttentionHeads"``, ...).
         props: its props, as plain JSON-ready values.
         meta: what the view shows, for tests and reports (layer, massive
             positions, colour scale, ...).
+        select: the label (index) the view opens on, where circuitsvis has no prop
+            for it (``ColoredTokensMulti``); None: circuitsvis's first.
+
+    >>> view = Widget("ColoredTokens", {"tokens": ["a", " b"], "values": [1.0, 2.0]})
+    >>> '<p dir="auto">a b</p>' in view.static_html(), view.local_src.count("var CircuitsVis")
+    (True, 1)
     """
 
-    def __init__(self, element: str, props: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+    def __init__(self, element: str, props: dict[str, Any], meta: dict[str, Any] | None = None,
+                 select: int | None = None) -> None:
         self.element = element
-        self.props = {k: _plain(v) for k, v in props.items() if v is not None}
+        self.props = {k: plain(v) for k, v in props.items() if v is not None}
+        if element in INNER_HTML_TOKENS and isinstance(self.props.get("tokens"), list):
+            self.props["tokens"] = [inert_markup(str(t)) for t in self.props["tokens"]]
         self.meta = dict(meta or {})
+        self.select = select
         self.div_id = "circuits-vis-" + uuid.uuid4().hex[:13]
 
     def _call(self, namespace: str = "CircuitsVis") -> str:
-        return f'{namespace}.render("{self.div_id}", {namespace}.{self.element}, {script_json(self.props)});'
+        call = f'{namespace}.render("{self.div_id}", {namespace}.{self.element}, {script_json(self.props)});'
+        if self.select is None:
+            return call
+        # circuitsvis's labels are clickable divs: click the chosen one once React has drawn them
+        return call + (
+            f'(function pick(n) {{ var row = document.querySelector("#{self.div_id} > div > div");'
+            f" if (row && row.children.length > {self.select}) {{ row.children[{self.select}].click(); }}"
+            " else if (n < 200) { setTimeout(function () { pick(n + 1); }, 25); } })(0);"
+        )
+
+    def static_html(self) -> str:
+        """What the view shows, as plain HTML (no script): its kind and its tokens (as running text where it shows text)."""
+        raw = [str(t).replace("\u2060", "") for t in self.props.get("tokens", [])]
+        if self.element in INNER_HTML_TOKENS:
+            tokens = f'<p dir="auto">{html.escape("".join(raw))}</p>'
+        else:
+            cells = "".join(f"<td>{html.escape(t)}</td>" for t in raw[:60]) + ("<td>...</td>" if len(raw) > 60 else "")
+            tokens = f'<table style="border-collapse: collapse;"><tr>{cells}</tr></table>'
+        what = ", ".join(f"{k} {html.escape(str(v))}" for k, v in self.meta.items()
+                         if k in ("layer", "heads", "opens_on", "dim") and v is not None)
+        return (f"<b>circuitsvis {html.escape(self.element)}</b> (interactive; this summary is shown where "
+                f"JavaScript does not run){': ' + what if what else ''}{tokens}")
 
     @property
     def local_src(self) -> str:  # type: ignore[override]
@@ -139,10 +133,12 @@ class Widget(RenderedHTML):
     def mount_html(self) -> str:
         """The div and a classic script that draws into it, for a page that already ran
         :func:`circuitsvis_bundle` (what :func:`massact_lens.viz.save_html` writes)."""
-        return f'<div id="{self.div_id}" class="circuitsvis"></div>\n<script>{self._call()}</script>'
+        return (f'<div id="{self.div_id}" class="circuitsvis circuitsvis-{self.element}"></div>\n'
+                f"<script>{self._call()}</script>")
 
     def _repr_html_(self) -> str:
-        return self.local_src
+        """The notebook output: the bundle only in the session's first view, and a static summary."""
+        return widget_output(self.div_id, self._call(), self.static_html())
 
     def __str__(self) -> str:
         return self.local_src
@@ -188,6 +184,41 @@ def _chosen_heads(heads: Sequence[int] | None, n_heads: int, max_value: float | 
     return chosen
 
 
+#: The quantile of the non-sink attention that sets the colour scale's maximum (``exclude_bos``).
+SCALE_QUANTILE = 0.95
+
+
+def robust_scale(
+    pattern: Float[torch.Tensor, "head_index query_pos key_pos"],
+    *,
+    sinks: Sequence[int] = (0,),
+    causal: bool = False,
+    quantile: float = SCALE_QUANTILE,
+) -> float | None:
+    """A colour maximum for attention patterns: the ``quantile`` of the attention on non-sink keys.
+
+    Keys in ``sinks`` and (``causal``) the masked upper triangle are left out; the
+    quantile is taken over the rest of every head. None when nothing is left or it is 0.
+
+    >>> p = torch.full((2, 4, 4), 0.05)
+    >>> p[:, :, 0] = 0.9                  # the sink column
+    >>> p[1, 3, 2] = 0.99                 # one stray cell in one head
+    >>> round(robust_scale(p), 4)
+    0.05
+    """
+    n_keys = int(pattern.shape[-1])
+    visible = torch.ones(pattern.shape[-2:], dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    visible[:, [s for s in sinks if 0 <= s < n_keys]] = False
+    values = pattern[:, visible].flatten().float()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return None
+    scale = float(torch.quantile(values, quantile, interpolation="lower"))
+    return scale if scale > 0 else None
+
+
 def attention_heads_widget(
     logits: AttentionLogits,
     layer: int,
@@ -211,8 +242,10 @@ def attention_heads_widget(
         massive: which tokens to mark: a ``{position: dims}`` map (as
             :meth:`~massact_lens.viz.HiddenStates.massive` gives) or a list of positions.
         exclude_bos: leave the sink keys (position 0 and the massive tokens) out of
-            the colour scale: the scale's maximum is the largest attention on any
-            other key; the sink columns saturate.
+            the colour scale, robustly: the scale's maximum is the 95th percentile
+            (:data:`SCALE_QUANTILE`) of the attention on every other visible key,
+            over all drawn heads, so neither the sink columns nor a few strong
+            cells set it; they saturate.
         max_value: the colour scale's maximum, by hand (overrides ``exclude_bos``).
         causal: mask the upper triangle. None: as the logits say (a causal model's
             logits are NaN above the diagonal); an encoder's upper triangle is real
@@ -246,12 +279,7 @@ def attention_heads_widget(
         causal = bool(torch.isnan(logits.logits[index][:, above]).all())
     scale = None if max_value is None else float(max_value)
     if scale is None and exclude_bos:
-        sinks = sorted({0, *marks})
-        keep = torch.ones(pattern.shape[-1], dtype=torch.bool)
-        keep[[s for s in sinks if s < len(keep)]] = False
-        if bool(keep.any()):
-            scale = float(pattern[..., keep].max())
-            scale = scale if scale > 0 else None
+        scale = robust_scale(pattern, sinks=[0, *marks], causal=causal)
     return Widget(
         "AttentionHeads",
         {
@@ -281,8 +309,8 @@ def attention_heads(
     *,
     heads: Sequence[int] | None = None,
     massive: Marks | MassiveProfile | None = None,
-    min_value: float | int = 100.0,
-    min_ratio: float | int = 1000.0,
+    min_value: float | int | None = None,
+    min_ratio: float | int | None = None,
     exclude_bos: bool = False,
     max_value: float | int | None = None,
     prepend_bos: bool | None = None,
@@ -294,8 +322,11 @@ def attention_heads(
         text: one string, or one input's token ids.
         massive: which tokens to mark: as :func:`attention_heads_widget` takes, a
             :class:`~massact_lens.MassiveProfile` (its dims at its hooks, with its
-            thresholds), or None to apply the criterion (``min_value``,
-            ``min_ratio``) to this input's residual stream.
+            thresholds), or None to apply a criterion to this input's residual stream.
+        min_value, min_ratio: that criterion. None: the paper's 100 / 1000 when an
+            entry passes them, else 50 / 200 (:meth:`~massact_lens.viz.HiddenStates.criterion`),
+            so that a small model's massive tokens are marked too. ``meta["criterion"]``
+            says which marked.
         prepend_bos: for a string, put BOS / [CLS] first (None: the model's default).
         layer, heads, exclude_bos, max_value: as :func:`attention_heads_widget` takes.
 
@@ -303,51 +334,128 @@ def attention_heads(
         ValueError: a layer or head that does not exist, a bad threshold.
 
     >>> from massact_lens.examples import minilm
-    >>> view = attention_heads(minilm(), "Rain fell.", layer=3, heads=[0, 1],
-    ...                        massive=[0], exclude_bos=True)
-    >>> view.props["attentionHeadNames"], view.meta["massive"]
-    (['L3H0', 'L3H1'], {0: ()})
-    >>> 0 < view.props["maxValue"] < 1
-    True
+    >>> view = attention_heads(minilm(), "Rain fell.", layer=3)      # the defaults mark [CLS]
+    >>> view.props["tokens"][0], view.meta["criterion"]
+    ('[CLS] ★d99', (50.0, 200.0))
+    >>> view = attention_heads(minilm(), "Rain fell.", layer=3, heads=[0, 1], massive=[0], exclude_bos=True)
+    >>> view.props["attentionHeadNames"], view.meta["massive"], 0 < view.props["maxValue"] < 1
+    (['L3H0', 'L3H1'], {0: ()}, True)
     """
     _chosen_heads(heads, int(model.cfg.n_heads), max_value)  # before any forward pass
+    given_criterion(min_value, min_ratio)  # checked before any forward pass
+    criterion: tuple[float, float] | None = None
     if isinstance(massive, MassiveProfile):
         states = hidden_states(model, text, hooks=list(massive.hook_names), prepend_bos=prepend_bos)
-        found = states.massive(massive.min_value, massive.min_ratio)
+        criterion = (massive.min_value, massive.min_ratio)
+        found = states.massive(*criterion)
         dims = set(massive.massive_dims)
         massive = {p: tuple(d for d in ds if d in dims) for p, ds in found.items() if dims.intersection(ds)}
     elif massive is None:
-        massive = hidden_states(model, text, prepend_bos=prepend_bos).massive(min_value, min_ratio)
+        states = hidden_states(model, text, prepend_bos=prepend_bos)
+        criterion = states.criterion(min_value, min_ratio)
+        massive = states.massive(*criterion)
     logits = attention_logits(model, text, layers=[layer], prepend_bos=prepend_bos)
-    return attention_heads_widget(
+    view = attention_heads_widget(
         logits, layer, heads=heads, massive=massive, exclude_bos=exclude_bos, max_value=max_value,
         causal=is_causal(model),
     )
+    view.meta["criterion"] = criterion
+    return view
 
 
-def tokens_by_activation_widget(states: HiddenStates, *, dim: int | None = None) -> Widget:
+def readable_tokens(tokens: Sequence[str], subword_prefix: str | None = None) -> list[str]:
+    """Tokens as running text: WordPiece pieces joined to their word, the other words spaced.
+
+    With a ``subword_prefix`` (``"##"``) every token but the first that does not
+    start with it gets a leading space and the prefix is dropped; without one the
+    tokens are kept (BPE tokens carry their own spaces).
+
+    >>> readable_tokens(["[CLS]", "windows", "##ill", "all", "[SEP]"], "##")
+    ['[CLS]', ' windows', 'ill', ' all', ' [SEP]']
+    >>> readable_tokens(["<s>", " windows", "ill"])
+    ['<s>', ' windows', 'ill']
+    """
+    if not subword_prefix:
+        return list(tokens)
+    out = []
+    for i, token in enumerate(tokens):
+        if token.startswith(subword_prefix) and len(token) > len(subword_prefix):
+            out.append(token[len(subword_prefix):])
+        else:
+            out.append(token if i == 0 else " " + token)
+    return out
+
+
+def tokens_by_activation_widget(
+    states: HiddenStates,
+    *,
+    dim: int | None = None,
+    open_on: str | int | None = None,
+    min_value: float | int | None = None,
+    min_ratio: float | int | None = None,
+) -> Widget:
     """One input's tokens coloured by their largest ``|activation|``, one colouring per hidden state.
 
     Draws circuitsvis's ``ColoredTokensMulti`` with ``values`` of shape
     ``[pos, n_hooks]``: per token and hook point, ``max_d |x[pos, d]|``, or with
-    ``dim`` the signed ``x[pos, dim]``. Hover a token for all its values; pick a
-    hook point to colour by it. Massive tokens stand out at once.
+    ``dim`` the signed ``x[pos, dim]``. One colour scale for every hidden state (the
+    largest value of all), so a massive token is dark and the rest pale wherever it
+    appears. Hover a token for all its values; click a hidden state to colour by it.
+    Labels are short (``"L3"``, or ``"L3 ln2.hook_in"`` with several hook points per
+    layer; ``meta["hook_names"]`` has the full names); WordPiece pieces are joined
+    to their word.
+
+    Args:
+        states: from :func:`massact_lens.viz.hidden_states`.
+        dim: colour by this feature dim (signed) instead of the largest ``|x|``.
+        open_on: the hidden state shown first (a hook name, or an index into
+            ``states.hook_names``). None: the first where an entry passes the
+            criterion (``min_value``, ``min_ratio``; None: as
+            :meth:`~massact_lens.viz.HiddenStates.criterion` chooses), else the one
+            with the largest top-1 / median ratio.
 
     >>> from massact_lens.examples import minilm
     >>> from massact_lens.viz import hidden_states
     >>> view = tokens_by_activation_widget(hidden_states(minilm(), "Rain fell.", layers=[0]), dim=99)
     >>> view.props["labels"], round(view.props["values"][0][1])     # [CLS], blocks.0.ln2.hook_in
-    (['blocks.0.ln1.hook_in', 'blocks.0.ln2.hook_in'], 220)
+    (['L0 ln1.hook_in', 'L0 ln2.hook_in'], 220)
+    >>> view.meta["opens_on"]                                       # where [CLS] is massive
+    'blocks.0.ln2.hook_in'
     """
     d_model = int(states.values.shape[-1])
     if dim is not None and (isinstance(dim, bool) or not 0 <= dim < d_model):
         raise ValueError(f"dim {dim!r} does not exist: d_model is {d_model}.")
+    criterion = states.criterion(min_value, min_ratio)
+    if open_on is None:
+        passing = states.massive_hooks(*criterion)
+        if passing:
+            index = states.hook_names.index(passing[0])
+        else:
+            ratio = states.values.abs().flatten(1).amax(1) / states.medians().clamp_min(1e-12)
+            index = int(ratio.argmax())
+    elif isinstance(open_on, int) and not isinstance(open_on, bool):
+        if not 0 <= open_on < len(states.hook_names):
+            raise ValueError(f"open_on {open_on} is not an index into the {len(states.hook_names)} hidden states.")
+        index = open_on
+    else:
+        index = states.hook_index(str(open_on))
     # [hooks, pos]: the largest |x| of each token, or one dim's signed value
     values = states.values.abs().amax(dim=-1) if dim is None else states.values[:, :, dim]
+    n_hooks = len(states.hook_names)
+    top = max(float(values.abs().max()), 1e-7)
     return Widget(
         "ColoredTokensMulti",
-        {"tokens": list(states.tokens), "values": values.T.contiguous(), "labels": list(states.hook_names)},
-        meta={"dim": dim, "hook_names": states.hook_names, "tokens": states.tokens, "provenance": states.provenance},
+        {
+            "tokens": readable_tokens(states.tokens, states.subword_prefix),
+            "values": values.T.contiguous(),
+            "labels": layer_labels(states.hook_names)[0],
+            # one scale for all: circuitsvis keeps the first label's bound when another is clicked
+            "positiveBounds": [top] * n_hooks,
+            "negativeBounds": [0.0 if dim is None else -top] * n_hooks,
+        },
+        meta={"dim": dim, "hook_names": states.hook_names, "tokens": states.tokens, "provenance": states.provenance,
+              "opens_on": states.hook_names[index], "criterion": criterion, "max_value": top},
+        select=index,
     )
 
 
@@ -359,6 +467,9 @@ def tokens_by_activation(
     hooks: str | Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
     prepend_bos: bool | None = None,
+    open_on: str | int | None = None,
+    min_value: float | int | None = None,
+    min_ratio: float | int | None = None,
 ) -> Widget:
     """Read one input's hidden states and colour its tokens (:func:`tokens_by_activation_widget`).
 
@@ -369,11 +480,13 @@ def tokens_by_activation(
         hooks, layers: the hidden states (default: the residual stream, all layers;
             see :func:`massact_lens.viz.hidden_states`).
         prepend_bos: for a string, put BOS / [CLS] first (None: the model's default).
+        open_on, min_value, min_ratio: as :func:`tokens_by_activation_widget` takes.
 
     >>> from massact_lens.examples import minilm
     >>> view = tokens_by_activation(minilm(), "Rain fell.", dim=99, layers=[0])
     >>> round(view.props["values"][0][1])     # [CLS] at blocks.0.ln2.hook_in
     220
     """
+    given_criterion(min_value, min_ratio)  # checked before any forward pass
     states = hidden_states(model, text, hooks=hooks, layers=layers, prepend_bos=prepend_bos)
-    return tokens_by_activation_widget(states, dim=dim)
+    return tokens_by_activation_widget(states, dim=dim, open_on=open_on, min_value=min_value, min_ratio=min_ratio)
