@@ -93,6 +93,7 @@ class Chromium:
         self._buffer = b""
         self._next_id = 0
         self._events: list[dict[str, Any]] = []
+        self._targets: list[str] = []
 
     @staticmethod
     def find() -> str | None:
@@ -150,7 +151,11 @@ class Chromium:
         runs none shows). Returns the visit and the page's session id (for
         :meth:`screenshot` / :meth:`evaluate`).
         """
+        for old in self._targets:  # one page open at a time: the previous visit's page closes now
+            with contextlib.suppress(RuntimeError, TimeoutError):
+                self.send("Target.closeTarget", {"targetId": old}, timeout=10)
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self._targets = [target]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         self._events.clear()
         for method, params in (

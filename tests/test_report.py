@@ -359,3 +359,10 @@ def test_the_reports_profile_from_its_scan_is_the_librarys_profile(minilm_model,
     assert mine.to_dataframe().equals(theirs.to_dataframe()) and mine.dims == theirs.dims
     assert (mine.hook_names, mine.prepend_bos, mine.n_inputs, mine.delimiters) == (
         theirs.hook_names, theirs.prepend_bos, theirs.n_inputs, theirs.delimiters)
+
+
+def test_the_report_names_the_bundled_models_as_the_command_does():
+    from massact_lens.cli import BUNDLED
+    from massact_lens.viz.labels import BUNDLED_LABELS
+
+    assert set(BUNDLED_LABELS.values()) <= set(BUNDLED.values())  # one wording; the labels live in two places
