@@ -100,3 +100,14 @@ def test_attention_refuses_a_profile_of_another_model(minilm_model):
     p = ml.profile(minilm_model, ["A short sentence."], min_value=50, min_ratio=200, progress=False)
     with pytest.raises(ValueError, match="6 layers"):
         ml.attention_concentration(tiny_model(), torch.zeros(1, 4, dtype=torch.long), p, progress=False)
+
+
+def test_attention_heads_refuses_marks_outside_the_input_before_running(minilm_model):
+    from conftest import hook_counts
+
+    from massact_lens import viz
+
+    before = hook_counts(minilm_model)
+    with pytest.raises(ValueError, match=r"massive positions \[100\] are not in this input"):
+        viz.attention_heads(minilm_model, "Hi there", 1, massive=[100])
+    assert hook_counts(minilm_model) == before

@@ -162,6 +162,12 @@ def _marks(massive: Marks | None) -> dict[int, tuple[int, ...]]:
     return {int(p): () for p in massive}
 
 
+def _check_marks(marks: Mapping[int, Sequence[int]], n_tokens: int) -> None:
+    bad = sorted(p for p in marks if not 0 <= p < n_tokens)
+    if bad:
+        raise ValueError(f"massive positions {bad} are not in this input: it has {n_tokens} tokens (0..{n_tokens - 1}).")
+
+
 def _marked(tokens: Sequence[str], massive: Mapping[int, Sequence[int]]) -> list[str]:
     out = []
     for position, token in enumerate(tokens):
@@ -269,6 +275,7 @@ def attention_heads_widget(
     marks = _marks(massive)
     pattern = logits.pattern[index][chosen]  # [head, query, key]
     tokens = list(logits.tokens)
+    _check_marks(marks, len(tokens))
     if pattern.shape[-1] != len(tokens) or pattern.shape[-2] != len(tokens):
         raise ValueError(
             f"Layer {layer}'s pattern is {tuple(pattern.shape[-2:])} for {len(tokens)} tokens: "
@@ -343,6 +350,9 @@ def attention_heads(
     """
     _chosen_heads(heads, int(model.cfg.n_heads), max_value)  # before any forward pass
     given_criterion(min_value, min_ratio)  # checked before any forward pass
+    if massive is not None and not isinstance(massive, MassiveProfile) and getattr(model, "tokenizer", None) is not None:
+        n_tokens = int(model.to_tokens(text, prepend_bos=prepend_bos).shape[-1])  # type: ignore[operator]
+        _check_marks(_marks(massive), n_tokens)  # before any forward pass
     criterion: tuple[float, float] | None = None
     if isinstance(massive, MassiveProfile):
         states = hidden_states(model, text, hooks=list(massive.hook_names), prepend_bos=prepend_bos)
