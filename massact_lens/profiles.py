@@ -328,8 +328,12 @@ def profile(
     prepend_bos: bool | None = None,
     delimiters: frozenset[str] = DELIMITERS,
     progress: bool = True,
+    scan_result: ScanResult | None = None,
 ) -> MassiveProfile:
     """Which dims carry massive activations, where, on which tokens, and how constant.
+
+    ``scan_result``: a scan of these same inputs already made (the first pass is then
+    skipped; its hooks, top_k and BOS setting are used).
 
     Two streaming passes over ``inputs`` (which must be a list or a tensor, not a
     one-shot iterator): :func:`scan` + :func:`find_massive`, then a pass that reads,
@@ -345,7 +349,13 @@ def profile(
     _check_thresholds(min_value, min_ratio)
     if isinstance(inputs, Iterator):
         raise TypeError("profile reads the inputs twice: pass a list of strings or a token tensor, not an iterator.")
-    result = scan(model, inputs, hooks=hooks, layers=layers, top_k=top_k, batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
+    if scan_result is None:
+        result = scan(model, inputs, hooks=hooks, layers=layers, top_k=top_k, batch_size=batch_size,
+                      prepend_bos=prepend_bos, progress=progress)
+    elif not isinstance(scan_result, ScanResult):
+        raise TypeError(f"scan_result must be a ScanResult, not {type(scan_result).__name__}.")
+    else:
+        result = scan_result
     found = find_massive(result, min_value, min_ratio, delimiters=delimiters)
     stats = _value_stats(model, inputs, result, found, batch_size, prepend_bos, progress)
     return MassiveProfile(

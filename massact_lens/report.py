@@ -35,7 +35,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import Provenance, is_causal
 from massact_lens.attention import attention_concentration, attention_logits, implicit_bias
-from massact_lens.massive import DELIMITERS, Criterion, MassiveActivations, find_massive
+from massact_lens.massive import Criterion, MassiveActivations, find_massive
 from massact_lens.profiles import MassiveProfile, profile
 from massact_lens.scan import ScanResult, scan
 from massact_lens.viz import labels
@@ -295,19 +295,10 @@ def _where(run: _Run, report: Report) -> None:
 # ----------------------------------------------------------------------------- 2. constant
 
 
-def _profile_from_scan(run: _Run, inputs: Any, result: ScanResult, found: MassiveActivations,
-                       prepend_bos: bool | None) -> MassiveProfile:
-    """:func:`massact_lens.profile` without its own scan: the value pass over the scan the report already ran."""
-    from massact_lens.profiles import (
-        _value_stats,  # one pass fewer; profile() takes no scan result yet
-    )
-
-    stats = _value_stats(run.model, inputs, result, found, run.batch_size, prepend_bos, run.progress)
-    return MassiveProfile(
-        provenance=result.provenance, hook_names=result.hook_names, prepend_bos=result.prepend_bos,
-        min_value=float(run.criterion.min_value), min_ratio=float(run.criterion.min_ratio), n_inputs=result.n_inputs,
-        dims=found.dim_summaries(), stats=stats, delimiters=tuple(sorted(DELIMITERS)),
-    )
+def _profile_from_scan(run: _Run, inputs: Any, result: ScanResult, prepend_bos: bool | None) -> MassiveProfile:
+    """:func:`massact_lens.profile` over the scan the report already ran (one pass fewer)."""
+    return profile(run.model, inputs, min_value=run.criterion.min_value, min_ratio=run.criterion.min_ratio,
+                   batch_size=run.batch_size, prepend_bos=prepend_bos, progress=run.progress, scan_result=result)
 
 
 def _no_bos_sequences(run: _Run) -> torch.Tensor | None:
@@ -329,7 +320,7 @@ def _constant(run: _Run, report: Report) -> None:
     assert run.result is not None and run.found is not None
     with _guarded(constant, "Profiling", run.errors), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*all top_k", category=UserWarning)
-        run.massive_profile = _profile_from_scan(run, run.prompts, run.result, run.found, run.prepend_bos)
+        run.massive_profile = _profile_from_scan(run, run.prompts, run.result, run.prepend_bos)
         if not len(run.massive_profile.stats):
             constant.notes.append("No massive activations under this criterion, so nothing to profile.")
             return

@@ -347,14 +347,14 @@ def test_a_smollm2_report_ablates_without_bos_as_the_paper_did(smollm2_model):
 
 def test_the_reports_profile_from_its_scan_is_the_librarys_profile(minilm_model, sentences):
     """The report reuses its scan for the profile (one pass fewer); it must give what profile() gives."""
-    from massact_lens import find_massive, profile, scan
+    from massact_lens import profile, scan
     from massact_lens.massive import Criterion
     from massact_lens.report import _profile_from_scan, _Run
 
     prompts = sentences[:4]
     run = _Run(minilm_model, prompts, 0, prompts, Criterion(50, 200), None, 16, 10, False, "m", False, None)
     result = scan(minilm_model, prompts, progress=False)
-    mine = _profile_from_scan(run, prompts, result, find_massive(result, 50, 200), None)
+    mine = _profile_from_scan(run, prompts, result, None)
     theirs = profile(minilm_model, prompts, min_value=50, min_ratio=200, progress=False)
     assert mine.to_dataframe().equals(theirs.to_dataframe()) and mine.dims == theirs.dims
     assert (mine.hook_names, mine.prepend_bos, mine.n_inputs, mine.delimiters) == (

@@ -30,6 +30,7 @@ from massact_lens.interventions.positions import (
     PositionRule,
     RunContext,
     WhereMassive,
+    WrappedRule,
     at_positions,
     delimiter_positions,
     start_token,
@@ -102,23 +103,12 @@ def _batch_of(ctx: RunContext, rule: PositionRule) -> Batch:
     return ctx.batch
 
 
-class _Labelled(PositionRule):
+class _Labelled(WrappedRule):
     """A rule under another name (the named key sets: "start", "delimiters", ...)."""
 
     def __init__(self, rule: PositionRule, label: str) -> None:
-        self.rule = rule
+        super().__init__(rule)
         self.label = label
-        self.needs_tokens = rule.needs_tokens
-        self.reads_activation = rule.reads_activation
-
-    def check(self, model: TransformerLensModel) -> None:
-        self.rule.check(model)
-
-    def leaves(self) -> tuple[PositionRule, ...]:
-        return self.rule.leaves()
-
-    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:
-        return self.rule.select(activation, dims, ctx)
 
     def describe(self) -> str:
         return self.label

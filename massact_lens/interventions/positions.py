@@ -36,6 +36,7 @@ __all__ = [
     "TokenTracker",
     "TrackerHook",
     "WhereMassive",
+    "WrappedRule",
     "all_positions",
     "as_position_rule",
     "at_positions",
@@ -277,7 +278,9 @@ class _Combined(PositionRule):
         return "(" + f" {self.op} ".join(r.describe() for r in self.rules) + ")"
 
 
-class _Not(PositionRule):
+class WrappedRule(PositionRule):
+    """A rule around one other rule: its needs, checks and leaves are the inner rule's."""
+
     def __init__(self, rule: PositionRule) -> None:
         self.rule = rule
         self.needs_tokens = rule.needs_tokens
@@ -289,6 +292,11 @@ class _Not(PositionRule):
     def leaves(self) -> tuple[PositionRule, ...]:
         return self.rule.leaves()
 
+    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:
+        return self.rule.select(activation, dims, ctx)
+
+
+class _Not(WrappedRule):
     def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:
         return ~self.rule.select(activation, dims, ctx)
 
