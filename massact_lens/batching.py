@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import HookList, Inputs, model_device
+from massact_lens.fast_paths import lean_components
 from massact_lens.models import fast_attention
 
 __all__ = [
@@ -323,7 +324,7 @@ def run_batches(
     def stop(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
         raise _StopForward
 
-    with torch.inference_mode():
+    with torch.inference_mode(), lean_components(model):  # type: ignore[arg-type]
         for batch in bar:
             tokens = batch.tokens.to(device) if device is not None else batch.tokens
             mask = batch.attention_mask.to(tokens.device)

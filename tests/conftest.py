@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from massact_lens.examples import minilm, tiny_model
+from massact_lens.examples import minilm, minilm_dir, tiny_model
+from massact_lens.models import load_model
 from massact_lens.planting import plant_massive_activation
 
 SENTENCES = [
@@ -40,6 +41,27 @@ def smollm2_model():
     from massact_lens.examples import smollm2
 
     return smollm2()
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory):
+    """The folder of a tiny random HF Llama (rotary, GQA 4 -> 2 KV heads) with MiniLM's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    config = transformers.LlamaConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_llama(hf_llama_dir):
+    """The tiny HF Llama, booted like a hub model."""
+    return load_model(hf_llama_dir)
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

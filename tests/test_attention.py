@@ -22,24 +22,8 @@ from massact_lens.attention import (
     implicit_bias,
     token_features,
 )
-from massact_lens.examples import minilm_dir, tiny_model
+from massact_lens.examples import tiny_model
 from massact_lens.interventions import at_positions, delimiter_positions, start_token, where_massive
-from massact_lens.models import load_model
-
-
-@pytest.fixture(scope="module")
-def hf_llama(tmp_path_factory):
-    """A tiny random HF Llama (rotary, GQA 4 -> 2 KV heads), booted like a hub model."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    config = transformers.LlamaConfig(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
-    return load_model(folder)
 
 
 @pytest.fixture(scope="module")

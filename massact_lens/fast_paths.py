@@ -1,0 +1,167 @@
+"""The bridge's components run by their own HuggingFace module when nothing reads inside.
+
+TransformerBridge wraps every HuggingFace module in a component that fires the
+TransformerLens hook points. Two of them recompute what HuggingFace already computes,
+only so that inner hook points have something to fire on:
+
+* the LLaMA-family attention (``PositionEmbeddingsAttentionBridge``: LLaMA, Mistral,
+  Qwen, Gemma, SmolLM2, ...) reimplements attention step by step, in eager
+  arithmetic, for ``hook_rot_q`` / ``hook_attn_scores`` / ``hook_pattern`` and the
+  q/k/v/o hooks. On SmolLM2 at 500 tokens that costs a third of the forward pass: the
+  [batch, head, query, key] scores are built, masked and soft-maxed whatever
+  ``config._attn_implementation`` says;
+* a normalisation (``NormalizationBridge`` on its native path, which every raw-weight
+  model takes) computes mean, variance and scale for ``hook_scale`` /
+  ``hook_normalized`` and then calls the HuggingFace module anyway.
+
+:func:`lean_components` gives such a component, for the passes this library runs, a
+forward that calls the HuggingFace module directly between the component's own
+``hook_in`` and ``hook_out``, **decided at every call**: whenever any hook point
+inside the component (``hook_pattern``, ``hook_scale``, ``q.hook_out``, ...) carries
+a hook, forward or backward, ours or the user's, the component's own forward runs
+instead, so every hook still sees what it always saw. Hooks on ``hook_in`` /
+``hook_out`` of the component fire on both paths. The normalisation path is
+bit-identical (the bridge returns the HuggingFace module's output there too); the
+attention path runs the model's configured kernel (SDPA inside
+:func:`massact_lens.models.fast_attention`) and agrees with the bridge's eager
+arithmetic to float32 rounding (tests/test_fast_paths.py).
+
+Left alone: models with processed weights (folded LayerNorm and friends change what
+the HuggingFace module would compute), attention with TransformerLens's per-head
+input / result modes switched on, calls that carry a KV cache, subclasses that
+override the component's forward, and everything when ``MASSACT_LENS_EAGER=1``.
+
+>>> from massact_lens.examples import tiny_model
+>>> model = tiny_model()
+>>> with lean_components(model) as n:
+...     n > 0
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+    PositionEmbeddingsAttentionBridge,
+)
+
+__all__ = ["lean_components"]
+
+#: TransformerLens config switches under which attention is computed per head.
+_PER_HEAD_MODES = ("use_split_qkv_input", "use_attn_in", "use_attn_result")
+#: Keyword arguments that carry a KV cache (the bridge keeps its own cache logic).
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+
+_installed: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
+_inner_cache: weakref.WeakKeyDictionary[torch.nn.Module, tuple[HookPoint, ...]] = weakref.WeakKeyDictionary()
+
+
+def _inner_points(component: torch.nn.Module) -> tuple[HookPoint, ...]:
+    """The hook points inside ``component`` other than its own hook_in / hook_out."""
+    points = _inner_cache.get(component)
+    if points is None:
+        own = {id(component._modules.get("hook_in")), id(component._modules.get("hook_out"))}
+        points = tuple(m for m in component.modules() if isinstance(m, HookPoint) and id(m) not in own)
+        _inner_cache[component] = points
+    return points
+
+
+def _read_inside(component: torch.nn.Module) -> bool:
+    """True when some hook point inside the component carries any hook."""
+    return any(
+        p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks
+        for p in _inner_points(component)
+    )
+
+
+def _lean_attention(self: Any, *args: Any, **kwargs: Any) -> Any:
+    config = self.config
+    if (
+        _read_inside(self)
+        or any(bool(getattr(config, mode, False)) for mode in _PER_HEAD_MODES)
+        or any(kwargs.get(name) is not None for name in _CACHE_KWARGS)
+    ):
+        return type(self).forward(self, *args, **kwargs)
+    if "hidden_states" in kwargs:
+        kwargs["hidden_states"] = self.hook_in(kwargs["hidden_states"])
+    elif args and isinstance(args[0], torch.Tensor):
+        args = (self.hook_in(args[0]), *args[1:])
+    else:
+        return type(self).forward(self, *args, **kwargs)
+    output = self.original_component(*args, **kwargs)
+    if isinstance(output, tuple):
+        return (self.hook_out(output[0]), *output[1:])
+    return self.hook_out(output)
+
+
+def _lean_norm(self: Any, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    if _read_inside(self) or not _native_norm(self):
+        return type(self).forward(self, hidden_states, **kwargs)
+    hidden_states = self.hook_in(hidden_states)
+    result = self.original_component(hidden_states)
+    if result.dtype != hidden_states.dtype:
+        result = result.to(hidden_states.dtype)
+    return self.hook_out(result)
+
+
+def _native_norm(component: Any) -> bool:
+    """The bridge's own forward returns the HuggingFace module's output on this path."""
+    config = component.config
+    return bool(component.use_native_layernorm_autograd or getattr(config, "layer_norm_folding", False))
+
+
+def _lean_forward(module: torch.nn.Module) -> Any:
+    """The lean forward for this component's class, or None when it has none."""
+    kind = type(module)
+    if isinstance(module, PositionEmbeddingsAttentionBridge):
+        unchanged = kind.forward is PositionEmbeddingsAttentionBridge.forward and (
+            kind._pre_output_projection is PositionEmbeddingsAttentionBridge._pre_output_projection
+        )
+        return _lean_attention if unchanged else None
+    if isinstance(module, NormalizationBridge) and kind.forward is NormalizationBridge.forward:
+        return _lean_norm
+    return None
+
+
+@contextlib.contextmanager
+def lean_components(model: torch.nn.Module) -> Iterator[int]:
+    """Inside: the bridge's attention and norm components take the HuggingFace path
+    whenever nothing reads inside them (see the module's docstring). Yields how many
+    components were given the lean forward (0 when the model is left alone).
+    Reentrant; restored on exit, also on error.
+    """
+    from massact_lens.models import weights_processed
+
+    if os.environ.get("MASSACT_LENS_EAGER") == "1" or weights_processed(model):  # type: ignore[arg-type]
+        yield 0
+        return
+    touched: list[torch.nn.Module] = []
+    try:
+        for module in model.modules():
+            lean = _lean_forward(module)
+            if lean is None or module._modules.get("_original_component") is None:
+                continue
+            depth = _installed.get(module, 0)
+            if depth == 0:
+                # object.__setattr__: the bridge's own __setattr__ forwards unknown
+                # names to the HuggingFace module.
+                object.__setattr__(module, "forward", lean.__get__(module))
+            _installed[module] = depth + 1
+            touched.append(module)
+        yield len(touched)
+    finally:
+        for module in touched:
+            depth = _installed.get(module, 1) - 1
+            if depth <= 0:
+                _installed.pop(module, None)
+                module.__dict__.pop("forward", None)
+            else:
+                _installed[module] = depth

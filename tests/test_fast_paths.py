@@ -1,0 +1,200 @@
+"""fast_paths.py and overlap.py: the passes' shortcuts give the same numbers and every hook still fires.
+
+* lean attention (HF module, SDPA) agrees with the bridge's own eager reimplementation
+  to float32 rounding, on a tiny HF Llama (GQA) and on the real SmolLM2, and is really
+  taken (the HF attention module is called, which the bridge's own forward never does);
+* lean norms are bit-identical;
+* a hook anywhere inside a component (pattern, q, scale) sends it back to its own
+  forward, and the hook fires;
+* scan with its statistics on the worker thread equals the scan without, to the bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from massact_lens import scan
+from massact_lens.batching import plan_batches, run_batches
+from massact_lens.fast_paths import lean_components
+from massact_lens.hook_names import residual_hook_names
+from massact_lens.models import load_model
+from massact_lens.overlap import Beside, spare_core
+
+
+def _attention_modules(model):
+    return [block.attn for block in model.blocks]
+
+
+def _readings(model, tokens, mask, names):
+    """Every hidden state at ``names`` through run_batches, and how many times the HF
+    attention modules themselves were called."""
+    seen: dict[str, torch.Tensor] = {}
+    calls = []
+    handles = [
+        attn.original_component.register_forward_hook(lambda *_: calls.append(1)) for attn in _attention_modules(model)
+    ]
+
+    def keep(name):
+        def hook(x, hook=None):  # noqa: ARG001
+            seen[name] = x.detach().clone()
+
+        return hook
+
+    try:
+        plan = plan_batches(model, tokens, batch_size=len(tokens), attention_mask=mask)
+        run_batches(model, plan, lambda _batch: [(n, keep(n)) for n in names], progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, len(calls)
+
+
+def _padded(vocab: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(5, vocab, (3, 11), generator=generator)
+    mask = torch.ones_like(tokens)
+    mask[1, 7:] = 0
+    return tokens, mask
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "smollm2_model"])
+def test_lean_attention_agrees_with_the_bridges_own_and_is_taken(name, request, monkeypatch):
+    model = request.getfixturevalue(name)
+    tokens, mask = _padded(min(int(model.cfg.d_vocab), 30000))
+    names = residual_hook_names(model)
+    lean, lean_calls = _readings(model, tokens, mask, names)
+    monkeypatch.setenv("MASSACT_LENS_EAGER", "1")
+    own, own_calls = _readings(model, tokens, mask, names)
+    assert lean_calls == len(model.blocks) and own_calls == 0
+    real = mask.bool()
+    for n in names:
+        scale = own[n][real].abs().max()
+        torch.testing.assert_close(lean[n][real], own[n][real], rtol=1e-4, atol=2e-5 * float(scale))
+
+
+def test_lean_norm_is_bit_identical(minilm_model, smollm2_model):
+    generator = torch.Generator().manual_seed(0)
+    for model in (minilm_model, smollm2_model):
+        x = torch.randn(2, 5, int(model.cfg.d_model), generator=generator) * 50
+        norm = model.blocks[1].ln1
+        with torch.inference_mode():
+            own = norm(x)
+            with lean_components(model) as n:
+                assert n > 0 and "forward" in norm.__dict__
+                lean = norm(x)
+        assert torch.equal(lean, own)
+        assert "forward" not in norm.__dict__
+
+
+@pytest.mark.parametrize(
+    "inside", ["blocks.0.attn.hook_pattern", "blocks.0.attn.q.hook_out", "blocks.0.ln1.hook_scale"]
+)
+def test_a_hook_inside_a_component_fires(hf_llama, inside):
+    tokens, mask = _padded(1000)
+    fired = []
+
+    def record(x, hook=None):  # noqa: ARG001
+        fired.append(tuple(x.shape))
+
+    plan = plan_batches(hf_llama, tokens, batch_size=3, attention_mask=mask)
+    run_batches(hf_llama, plan, lambda _batch: [(inside, record)], progress=False)
+    assert len(fired) == 1 and fired[0][0] == 3
+
+
+def test_user_hooks_inside_fire_too(hf_llama):
+    """A hook the user attached beforehand (not through the pass) is seen at call time."""
+    tokens, mask = _padded(1000)
+    fired = []
+    point = hf_llama.hook_dict["blocks.1.attn.hook_rot_k"]
+    point.add_hook(lambda x, hook: fired.append(1))
+    try:
+        scan(hf_llama, tokens, attention_mask=mask, progress=False)
+    finally:
+        point.remove_hooks("fwd")
+    assert fired == [1]
+
+
+def test_restored_on_error_and_reentrant(hf_llama):
+    attn = hf_llama.blocks[0].attn
+    with pytest.raises(KeyError), lean_components(hf_llama):
+        with lean_components(hf_llama):
+            pass
+        assert "forward" in attn.__dict__  # the outer one still holds
+        raise KeyError("boom")
+    assert not any("forward" in m.__dict__ for m in hf_llama.modules())
+
+
+def test_eager_setting_and_processed_weights_leave_the_model_alone(monkeypatch, hf_llama, hf_llama_dir):
+    processed = load_model(hf_llama_dir)
+    processed.enable_compatibility_mode(disable_warnings=True)
+    with lean_components(processed) as n:
+        assert n == 0
+    monkeypatch.setenv("MASSACT_LENS_EAGER", "1")
+    with lean_components(hf_llama) as n:
+        assert n == 0
+
+
+# --- statistics beside the forward pass ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["minilm_model", "hf_llama"])
+def test_scan_beside_the_forward_equals_scan_inside_the_hooks(name, request, monkeypatch, sentences):
+    model = request.getfixturevalue(name)
+    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "0")
+    inside = scan(model, sentences, batch_size=3, progress=False)
+    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "1")
+    beside = scan(model, sentences, batch_size=3, progress=False)
+    for field in ("values", "positions", "dims", "token_ids", "medians", "lengths", "nonfinite"):
+        assert torch.equal(getattr(inside, field), getattr(beside, field)), field
+
+
+def test_the_worker_reads_a_copy_taken_when_the_hook_fired(monkeypatch):
+    """A layer or hook writing into the hidden state in place after the reader returned
+    changes nothing: the worker is held until the write is done, so without the copy
+    it would always see the written values."""
+    import importlib
+    import threading
+
+    from massact_lens.batching import Batch
+
+    scan_module = importlib.import_module("massact_lens.scan")  # the package binds the function
+
+    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "1")
+    written = threading.Event()
+    stats = scan_module.hidden_state_stats
+
+    def held(*args):
+        written.wait(timeout=60)
+        return stats(*args)
+
+    monkeypatch.setattr(scan_module, "hidden_state_stats", held)
+    collector = scan_module._Collector(1, 2, torch.device("cpu"))
+    try:
+        (read,) = collector.start(Batch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 0), torch.device("cpu"))
+        x = torch.tensor([[[1.0, -9.0], [3.0, 2.0]]])
+        read(x)
+        x.mul_(100.0)
+        written.set()
+        collector.flush()
+    finally:
+        collector.beside.close()
+    assert collector.stacked(0).tolist() == [[[-9.0, 3.0]]]
+
+
+def test_worker_errors_reach_the_caller():
+    beside = Beside(enabled=True)
+    try:
+        result = beside.submit(int, "not a number")
+        with pytest.raises(ValueError):
+            result()
+        assert beside.submit(int, "7")() == 7  # the slot was given back
+    finally:
+        beside.close()
+
+
+def test_spare_core_setting(monkeypatch):
+    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "1")
+    assert spare_core(torch.device("cpu")) and not spare_core(torch.device("meta"))
+    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "0")
+    assert not spare_core(None)
