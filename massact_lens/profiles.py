@@ -15,46 +15,30 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
-import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import Inputs, Provenance
-from massact_lens.batching import Batch, last_block_hook, plan_batches, run_batches
+from massact_lens.hook_names import resolve_hook_names
 from massact_lens.massive import (
     DELIMITERS,
     TOKEN_KINDS,
     Criterion,
     DimSummary,
-    MassiveActivations,
     _by_count,
     _check_thresholds,
     find_massive,
 )
+from massact_lens.profile_values import CandidateValues, ValueStat, pooled, second_pass_values
 from massact_lens.scan import ScanResult, scan
 
 __all__ = ["PROFILE_FORMAT", "MassiveProfile", "ValueStat", "profile"]
-
-
-@dataclass(frozen=True)
-class ValueStat:
-    """The signed value of one massive (position, dim) across inputs, at one hook."""
-
-    layer: int
-    hook_name: str
-    dim: int
-    kind: str
-    count: int
-    mean: float
-    std: float
-    cv: float  # std / |mean|
 
 
 @dataclass(frozen=True)
@@ -175,7 +159,7 @@ class MassiveProfile:
             min_ratio=first.min_ratio,
             n_inputs=n_inputs,
             dims=tuple(merged_dims),
-            stats=tuple(_pooled(stats[k]) for k in keys),
+            stats=tuple(pooled(stats[k]) for k in keys),
             delimiters=first.delimiters,
         )
 
@@ -224,28 +208,6 @@ def _sum_counts(parts: list[dict[str, int]], order: dict[str, int]) -> dict[str,
         for name, count in part.items():
             total[name] += count
     return dict(sorted(total.items(), key=lambda kv: order[kv[0]]))
-
-
-def _value_stat(layer: int, hook_name: str, dim: int, kind: str, count: int, mean: float, m2: float) -> ValueStat:
-    """A ValueStat from count, mean and the sum of squared deviations (sample std)."""
-    std = math.sqrt(max(m2, 0.0) / max(count - 1, 1))
-    return ValueStat(layer, hook_name, dim, kind, count, mean, std, std / abs(mean) if mean != 0 else math.inf)
-
-
-def _pooled(stats: list[ValueStat]) -> ValueStat:
-    """Chan et al.'s pooled count / mean / spread of disjoint samples."""
-    count, mean, m2 = 0, 0.0, 0.0
-    for st in stats:
-        if count == 0:
-            count, mean, m2 = st.count, st.mean, st.std**2 * max(st.count - 1, 0)
-            continue
-        n = count + st.count
-        delta = st.mean - mean
-        m2 += st.std**2 * max(st.count - 1, 0) + delta * delta * count * st.count / n
-        mean += delta * st.count / n
-        count = n
-    first = stats[0]
-    return _value_stat(first.layer, first.hook_name, first.dim, first.kind, count, mean, m2)
 
 
 def _field(data: dict[str, Any], name: str, kinds: tuple[type, ...], source: str, where: str = "") -> Any:
@@ -332,13 +294,14 @@ def profile(
 ) -> MassiveProfile:
     """Which dims carry massive activations, where, on which tokens, and how constant.
 
-    ``scan_result``: a scan of these same inputs already made (the first pass is then
-    skipped; its hooks, top_k and BOS setting are used).
+    One streaming pass over ``inputs``: :func:`scan` + :func:`find_massive`, and, in
+    the same forward passes, the value at every hook of each (input, position, dim)
+    found massive anywhere in that input, summed per (hook, dim, token kind) (see
+    :mod:`massact_lens.profile_values`: a batch where a new massive dim appears is
+    run once more, reading only). ``inputs`` may be a one-shot iterator of batches.
 
-    Two streaming passes over ``inputs`` (which must be a list or a tensor, not a
-    one-shot iterator): :func:`scan` + :func:`find_massive`, then a pass that reads,
-    at every hook, the value of each (input, position, dim) found massive anywhere
-    in that input, and keeps running sums per (hook, dim, token kind).
+    ``scan_result``: a scan of these same inputs already made; the values are then
+    read in one pass of their own (its hooks, top_k and BOS setting are used).
 
     >>> from massact_lens.examples import minilm
     >>> p = profile(minilm(), ["A short sentence.", "Another one here."],
@@ -347,17 +310,19 @@ def profile(
     (99,)
     """
     _check_thresholds(min_value, min_ratio)
-    if isinstance(inputs, Iterator):
-        raise TypeError("profile reads the inputs twice: pass a list of strings or a token tensor, not an iterator.")
     if scan_result is None:
-        result = scan(model, inputs, hooks=hooks, layers=layers, top_k=top_k, batch_size=batch_size,
-                      prepend_bos=prepend_bos, progress=progress)
+        names = resolve_hook_names(model, hooks, layers)
+        follower = CandidateValues(model, names, min_value, min_ratio)
+        result = scan(model, inputs, hooks=names, top_k=top_k, batch_size=batch_size, prepend_bos=prepend_bos,
+                      progress=progress, follower=follower)
+        found = find_massive(result, min_value, min_ratio, delimiters=delimiters)
+        stats = follower.value_stats(result, found)
     elif not isinstance(scan_result, ScanResult):
         raise TypeError(f"scan_result must be a ScanResult, not {type(scan_result).__name__}.")
     else:
         result = scan_result
-    found = find_massive(result, min_value, min_ratio, delimiters=delimiters)
-    stats = _value_stats(model, inputs, result, found, batch_size, prepend_bos, progress)
+        found = find_massive(result, min_value, min_ratio, delimiters=delimiters)
+        stats = second_pass_values(model, inputs, result, found, batch_size, prepend_bos, progress)
     return MassiveProfile(
         provenance=result.provenance,
         hook_names=result.hook_names,
@@ -369,64 +334,3 @@ def profile(
         stats=stats,
         delimiters=tuple(sorted(delimiters)),
     )
-
-
-def _value_stats(
-    model: TransformerLensModel,
-    inputs: Inputs,
-    result: ScanResult,
-    found: MassiveActivations,
-    batch_size: int,
-    prepend_bos: bool | None,
-    progress: bool,
-) -> tuple[ValueStat, ...]:
-    if len(found) == 0:
-        return ()
-    dims = found.dims()
-    dim_index = {d: i for i, d in enumerate(dims)}
-    n_keys = len(dims) * len(TOKEN_KINDS)
-    # (input, position, dim) entries to follow, with their key = dim_index * 3 + kind.
-    follow: dict[tuple[int, int, int], int] = {}
-    for r in found:
-        follow[(r.input_index, r.position, r.dim)] = dim_index[r.dim] * len(TOKEN_KINDS) + TOKEN_KINDS.index(r.kind)
-    per_input: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
-    for (i, p, d), key in follow.items():
-        per_input[i].append((p, d, key))
-    n_hooks = len(result.hook_names)
-    sums = torch.zeros(n_hooks, 3, n_keys, dtype=torch.float64)  # count, sum, sum of squares
-    plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
-
-    def make_hooks(batch: Batch) -> list[tuple[str, Any]]:
-        rows, pos, dim, keys = [], [], [], []
-        for row in range(batch.tokens.shape[0]):
-            for p, d, key in per_input.get(batch.start + row, ()):
-                rows.append(row)
-                pos.append(p)
-                dim.append(d)
-                keys.append(key)
-        index = [torch.tensor(v, dtype=torch.long) for v in (rows, pos, dim, keys)]
-
-        def reader(h: int):  # noqa: ANN202
-            def read(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-                r, p, d, k = (t.to(activation.device) for t in index)
-                v = activation.detach()[r, p, d].double().cpu()
-                sums[h, 0].index_add_(0, index[3], torch.ones_like(v))
-                sums[h, 1].index_add_(0, index[3], v)
-                sums[h, 2].index_add_(0, index[3], v * v)
-
-            return read
-
-        return [(name, reader(h)) for h, name in enumerate(result.hook_names)] if rows else []
-
-    run_batches(model, plan, make_hooks, progress=progress, desc="profile", stop_after=last_block_hook(result.hook_names))
-    out = []
-    for h, name in enumerate(result.hook_names):
-        for key in range(n_keys):
-            count = float(sums[h, 0, key])
-            if count == 0:
-                continue
-            mean = float(sums[h, 1, key]) / count
-            m2 = max(float(sums[h, 2, key]) - count * mean * mean, 0.0)
-            key_dim, kind = dims[key // len(TOKEN_KINDS)], TOKEN_KINDS[key % len(TOKEN_KINDS)]
-            out.append(_value_stat(result.layers[h], name, key_dim, kind, int(count), mean, m2))
-    return tuple(out)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
@@ -49,7 +49,7 @@ from massact_lens.models import warn_if_processed
 from massact_lens.overlap import Beside, spare_core
 from massact_lens.statistics import HiddenStateStats, hidden_state_medians, hidden_state_stats
 
-__all__ = ["ScanResult", "hidden_state_medians", "scan"]  # hidden_state_medians: see statistics
+__all__ = ["BatchFollower", "ScanResult", "hidden_state_medians", "scan"]  # hidden_state_medians: see statistics
 
 
 @dataclass(frozen=True)
@@ -263,9 +263,13 @@ class _Collector:
     top-k and median to a worker thread, beside the forward pass of the next blocks;
     the results are the same to the bit."""
 
-    def __init__(self, n_hooks: int, top_k: int, device: torch.device | None) -> None:
+    def __init__(
+        self, n_hooks: int, top_k: int, device: torch.device | None, follower: BatchFollower | None = None
+    ) -> None:
         self.n_hooks = n_hooks
         self.top_k = top_k
+        self.follower = follower
+        self.batch: Batch | None = None
         self.beside = Beside(enabled=spare_core(device))
         self.pending: list[Callable[[], HiddenStateStats] | None] = []
         self.tokens: torch.Tensor | None = None
@@ -275,6 +279,7 @@ class _Collector:
     def start(self, batch: Batch, device: torch.device) -> list[Any]:
         """Flush the previous batch; return one reader per hook for ``batch``."""
         self.flush()
+        self.batch = batch
         self.pending = [None] * self.n_hooks
         self.tokens = batch.tokens.to(device)
         self.lengths.append(batch.lengths.cpu())
@@ -317,9 +322,25 @@ class _Collector:
             )
         )
         self.pending = []
+        if self.follower is not None and self.batch is not None:
+            self.follower.batch_done(self.batch, self.host[-1])
 
     def stacked(self, field_index: int) -> torch.Tensor:
         return torch.cat([part[field_index] for part in self.host])
+
+
+@runtime_checkable
+class BatchFollower(Protocol):
+    """What :func:`scan` runs for its ``follower`` argument in its own pass, batch by batch."""
+
+    def hooks(self, batch: Batch) -> HookList:
+        """Extra hooks for this batch's forward pass (they fire after the scan's readers)."""
+        ...
+
+    def batch_done(self, batch: Batch, stats: tuple[torch.Tensor, ...]) -> None:
+        """The batch's statistics on the host: values, positions, dims, token_ids
+        ``[batch, hook, k]``, medians and nonfinite ``[batch, hook]``."""
+        ...
 
 
 def scan(
@@ -333,6 +354,7 @@ def scan(
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
     progress: bool = True,
+    follower: BatchFollower | None = None,
 ) -> ScanResult:
     """One streaming pass: the top-k ``|activation|`` entries and median per hidden state.
 
@@ -351,6 +373,9 @@ def scan(
             Recorded in the result.
         attention_mask: with a token tensor, 1 for real tokens, 0 for right padding.
         progress: show a tqdm bar over batches.
+        follower: a :class:`BatchFollower` whose hooks run in the same forward
+            passes and whose ``batch_done`` gets each batch's statistics: one-pass
+            measurements that need the scan's findings (:func:`massact_lens.profile`).
 
     Returns:
         A frozen :class:`ScanResult`.
@@ -371,10 +396,11 @@ def scan(
     plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos)
     warn_if_processed(model)
     device = model_device(model)
-    collector = _Collector(len(names), top_k, device)
+    collector = _Collector(len(names), top_k, device, follower)
 
     def make_hooks(batch: Batch) -> HookList:
-        return list(zip(names, collector.start(batch, device), strict=True))
+        readers = list(zip(names, collector.start(batch, device), strict=True))
+        return readers + list(follower.hooks(batch)) if follower is not None else readers
 
     try:
         run_batches(model, plan, make_hooks, progress=progress, desc="scan", stop_after=last_block_hook(names))

@@ -86,9 +86,11 @@ def test_profile_json_round_trip(planted, bos_tokens, tmp_path):
         ml.MassiveProfile.load(tmp_path / "bad.json")
 
 
-def test_profile_needs_rereadable_inputs(planted, bos_tokens):
-    with pytest.raises(TypeError, match="twice"):
-        ml.profile(planted, iter([bos_tokens]), progress=False)
+def test_profile_reads_a_one_shot_iterator(planted, bos_tokens):
+    """One pass: a stream of batches is enough (0.1 needed the inputs twice)."""
+    streamed = ml.profile(planted, iter([bos_tokens[:3], bos_tokens[3:]]), min_value=50, min_ratio=100, progress=False)
+    listed = ml.profile(planted, bos_tokens, min_value=50, min_ratio=100, progress=False)
+    assert streamed.stats == listed.stats and streamed.dims == listed.dims
 
 
 def test_profile_without_massive_activations_is_empty(bos_tokens):

@@ -1,0 +1,254 @@
+"""The values a profile keeps: every massive (position, dim) followed through every hook.
+
+For each (input, position, dim) found massive anywhere in its input, :func:`profile`
+keeps its signed value at **every** scanned hook (also where it is not massive),
+summed per (hook, dim, token kind) in float64: count, mean and spread, the means
+"set to mean" ablation writes.
+
+Which entries to follow is known only once a batch has gone through all hooks, so
+:class:`CandidateValues` follows them in the scan's own forward pass this way: at
+every hook it copies the hidden state's columns at the dims already known to carry
+massive activations (``[batch, pos, n_dims]``, a few columns); when the batch's
+statistics arrive it keeps those columns' values at the batch's massive entries. A
+batch whose massive entries use a dim not yet followed (the first batch, and any
+batch where a new dim appears) is run once more with that dim added, reading
+nothing else. Massive dims are few and fixed (the paper's finding), so a corpus of
+many batches costs about one scan. :func:`second_pass_values` is the two-pass way,
+for a scan made earlier.
+
+>>> import torch
+>>> from massact_lens.examples import tiny_model
+>>> from massact_lens.planting import plant_massive_activation
+>>> from massact_lens import profile
+>>> model = plant_massive_activation(tiny_model(n_layers=3), layer=1, dim=5, value=1000.0)
+>>> tokens = torch.randint(1, 64, (6, 8), generator=torch.Generator().manual_seed(0)); tokens[:, 0] = 0
+>>> p = profile(model, tokens, min_value=50, min_ratio=100, progress=False)
+>>> [(s.layer, s.dim, s.kind, s.count) for s in p.stats][:3]
+[(0, 5, 'start', 6), (1, 5, 'start', 6), (2, 5, 'start', 6)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens._types import HookList, Inputs
+from massact_lens.batching import Batch, BatchPlan, last_block_hook, plan_batches, run_batches
+from massact_lens.massive import TOKEN_KINDS, MassiveActivations, passes_criterion
+from massact_lens.scan import ScanResult
+
+__all__ = ["CandidateValues", "ValueStat", "second_pass_values"]
+
+
+@dataclass(frozen=True)
+class ValueStat:
+    """The signed value of one massive (position, dim) across inputs, at one hook."""
+
+    layer: int
+    hook_name: str
+    dim: int
+    kind: str
+    count: int
+    mean: float
+    std: float
+    cv: float  # std / |mean|
+
+
+def value_stat(layer: int, hook_name: str, dim: int, kind: str, count: int, mean: float, m2: float) -> ValueStat:
+    """A ValueStat from count, mean and the sum of squared deviations (sample std)."""
+    std = math.sqrt(max(m2, 0.0) / max(count - 1, 1))
+    return ValueStat(layer, hook_name, dim, kind, count, mean, std, std / abs(mean) if mean != 0 else math.inf)
+
+
+def pooled(stats: list[ValueStat]) -> ValueStat:
+    """Chan et al.'s pooled count / mean / spread of disjoint samples."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for st in stats:
+        if count == 0:
+            count, mean, m2 = st.count, st.mean, st.std**2 * max(st.count - 1, 0)
+            continue
+        n = count + st.count
+        delta = st.mean - mean
+        m2 += st.std**2 * max(st.count - 1, 0) + delta * delta * count * st.count / n
+        mean += delta * st.count / n
+        count = n
+    first = stats[0]
+    return value_stat(first.layer, first.hook_name, first.dim, first.kind, count, mean, m2)
+
+
+@dataclass(frozen=True)
+class _Followed:
+    """The entries to follow: per input, (position, dim, key) with key = dim index x 3 + kind."""
+
+    dims: tuple[int, ...]
+    per_input: dict[int, list[tuple[int, int, int]]]
+
+    @classmethod
+    def of(cls, found: MassiveActivations) -> _Followed:
+        dims = found.dims()
+        dim_index = {d: i for i, d in enumerate(dims)}
+        follow: dict[tuple[int, int, int], int] = {}
+        for r in found:
+            follow[(r.input_index, r.position, r.dim)] = dim_index[r.dim] * len(TOKEN_KINDS) + TOKEN_KINDS.index(r.kind)
+        per_input: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+        for (i, p, d), key in follow.items():
+            per_input[i].append((p, d, key))
+        return cls(tuple(dims), dict(per_input))
+
+    @property
+    def n_keys(self) -> int:
+        return len(self.dims) * len(TOKEN_KINDS)
+
+    def stats(self, sums: torch.Tensor, result: ScanResult) -> tuple[ValueStat, ...]:
+        """ValueStats from ``sums`` ``[hook, (count, sum, sum of squares), key]``."""
+        out = []
+        for h, name in enumerate(result.hook_names):
+            for key in range(self.n_keys):
+                count = float(sums[h, 0, key])
+                if count == 0:
+                    continue
+                mean = float(sums[h, 1, key]) / count
+                m2 = max(float(sums[h, 2, key]) - count * mean * mean, 0.0)
+                key_dim, kind = self.dims[key // len(TOKEN_KINDS)], TOKEN_KINDS[key % len(TOKEN_KINDS)]
+                out.append(value_stat(result.layers[h], name, key_dim, kind, int(count), mean, m2))
+        return tuple(out)
+
+
+def _add(sums: torch.Tensor, h: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    sums[h, 0].index_add_(0, keys, torch.ones_like(values))
+    sums[h, 1].index_add_(0, keys, values)
+    sums[h, 2].index_add_(0, keys, values * values)
+
+
+def second_pass_values(
+    model: TransformerLensModel,
+    inputs: Inputs,
+    result: ScanResult,
+    found: MassiveActivations,
+    batch_size: int,
+    prepend_bos: bool | None,
+    progress: bool,
+) -> tuple[ValueStat, ...]:
+    """The value statistics from a forward pass of its own over ``inputs`` (the ones
+    ``result`` scanned), reading each followed entry at every hook."""
+    if len(found) == 0:
+        return ()
+    followed = _Followed.of(found)
+    sums = torch.zeros(len(result.hook_names), 3, followed.n_keys, dtype=torch.float64)
+    plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
+
+    def make_hooks(batch: Batch) -> HookList:
+        rows, pos, dim, keys = [], [], [], []
+        for row in range(batch.tokens.shape[0]):
+            for p, d, key in followed.per_input.get(batch.start + row, ()):
+                rows.append(row)
+                pos.append(p)
+                dim.append(d)
+                keys.append(key)
+        index = [torch.tensor(v, dtype=torch.long) for v in (rows, pos, dim, keys)]
+
+        def reader(h: int):  # noqa: ANN202
+            def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
+                r, p, d, _ = (t.to(activation.device) for t in index)
+                _add(sums, h, index[3], activation.detach()[r, p, d].double().cpu())
+
+            return read
+
+        return [(name, reader(h)) for h, name in enumerate(result.hook_names)] if rows else []
+
+    run_batches(model, plan, make_hooks, progress=progress, desc="profile", stop_after=last_block_hook(result.hook_names))
+    return followed.stats(sums, result)
+
+
+class CandidateValues:
+    """Follows the massive entries in the scan's own pass (a :class:`~massact_lens.scan.BatchFollower`).
+
+    Keeps, for each (input, position, dim) that passes the criterion at some hook, its
+    value at every hook (float32, as read): a few numbers per input, like the scan's
+    own records. ``reruns`` counts the batches run a second time for a new dim.
+    """
+
+    def __init__(self, model: TransformerLensModel, hook_names: tuple[str, ...], min_value: float | int, min_ratio: float | int) -> None:
+        self.model = model
+        self.hook_names = hook_names
+        self.min_value, self.min_ratio = float(min_value), float(min_ratio)
+        self.dims: list[int] = []  # followed so far, in the order they appeared
+        self.reruns = 0
+        self._batch_dims: tuple[int, ...] = ()
+        self._columns: list[torch.Tensor | None] = []
+        self._keys: list[tuple[int, int, int]] = []
+        self._values: list[torch.Tensor] = []  # [n_entries, n_hooks] per batch
+
+    def _capture(self, dims: tuple[int, ...]) -> tuple[HookList, list[torch.Tensor | None]]:
+        columns: list[torch.Tensor | None] = [None] * len(self.hook_names)
+        if not dims:
+            return [], columns
+        index = torch.tensor(dims, dtype=torch.long)
+
+        def reader(h: int):  # noqa: ANN202
+            def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
+                columns[h] = activation.detach()[..., index.to(activation.device)].float()  # a copy
+
+            return read
+
+        return [(name, reader(h)) for h, name in enumerate(self.hook_names)], columns
+
+    def hooks(self, batch: Batch) -> HookList:  # noqa: ARG002
+        self._batch_dims = tuple(self.dims)
+        hooks, self._columns = self._capture(self._batch_dims)
+        return hooks
+
+    def batch_done(self, batch: Batch, stats: tuple[torch.Tensor, ...]) -> None:
+        values, positions, dims, _, medians, _ = stats
+        passes = passes_criterion(values.abs().nan_to_num(nan=0.0), medians[..., None], self.min_value, self.min_ratio)
+        rows, hooks, ranks = passes.nonzero(as_tuple=True)
+        if len(rows) == 0:
+            return
+        entries = torch.unique(
+            torch.stack([rows, positions[rows, hooks, ranks].long(), dims[rows, hooks, ranks].long()], dim=1), dim=0
+        )
+        used, columns = self._batch_dims, self._columns
+        new = sorted(set(entries[:, 2].tolist()) - set(used))
+        if new:  # values at earlier hooks were not copied: run this batch again, reading only
+            self.dims.extend(new)
+            used = tuple(self.dims)
+            hooks, columns = self._capture(used)
+            plan = BatchPlan(batches=[batch], n_inputs=int(batch.tokens.shape[0]), prepend_bos=None)
+            run_batches(self.model, plan, lambda _b: hooks, progress=False, stop_after=last_block_hook(self.hook_names))
+            self.reruns += 1
+        if any(c is None for c in columns):
+            raise RuntimeError("A followed hook did not fire in this forward pass: the model never reached it.")
+        column = torch.tensor([used.index(d) for d in entries[:, 2].tolist()], dtype=torch.long)
+        stacked = torch.stack([c.cpu() for c in columns if c is not None])  # [hook, batch, pos, n_dims]
+        self._values.append(stacked[:, entries[:, 0], entries[:, 1], column].T.contiguous())
+        self._keys += [(batch.start + r, p, d) for r, p, d in entries.tolist()]
+
+    def value_stats(self, result: ScanResult, found: MassiveActivations) -> tuple[ValueStat, ...]:
+        """The profile's value statistics of the entries ``found`` in ``result`` (the scan
+        made in the same pass)."""
+        if len(found) == 0:
+            return ()
+        followed = _Followed.of(found)
+        where = {key: j for j, key in enumerate(self._keys)}
+        rows, keys = [], []
+        for i in sorted(followed.per_input):
+            for p, d, key in followed.per_input[i]:
+                j = where.get((i, p, d))
+                if j is None:
+                    raise RuntimeError(
+                        f"Massive entry (input {i}, position {p}, dim {d}) was not followed in the scan's "
+                        "pass; profile(..., scan_result=scan(...)) measures it in a second pass."
+                    )
+                rows.append(j)
+                keys.append(key)
+        values = torch.cat(self._values)[torch.tensor(rows, dtype=torch.long)].double()  # [entries, hooks]
+        sums = torch.zeros(len(result.hook_names), 3, followed.n_keys, dtype=torch.float64)
+        index = torch.tensor(keys, dtype=torch.long)
+        for h in range(len(result.hook_names)):
+            _add(sums, h, index, values[:, h].contiguous())
+        return followed.stats(sums, result)
