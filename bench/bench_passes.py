@@ -18,7 +18,9 @@ where the bare forward is ``model(tokens, attention_mask=mask)`` per batch on th
 bridge as :func:`massact_lens.load_model` boots it (eager attention, the whole model
 with its head, no hook). Only the public functions are called. A measurement below 1
 is possible: scan and profile run SDPA attention and stop after the last block they
-read.
+read. ``/ scan``: the time against the scan's (profile: one pass that also follows the
+massive entries, plus one rerun of each batch where a new massive dim appears, which
+is the first batch: about 1 + 1/n_batches scans).
 
 On the CPU (models pinned to "cpu"). Method (as bench_routes.py, see bench/_harness.py): tokens made once by the parent
 (short = massact_lens.data.SENTENCES cycled; long = those sentences and the paraphrase
@@ -215,15 +217,17 @@ def main() -> None:
     print(f"\n{header}")
     for i, c in enumerate(configs):
         unit_min, unit_med = summary(times["forward"][i])
+        scan_min = summary(times["scan"][i])[0] if "scan" in times else None
         rows = []
         for method in methods:
             t_min, t_med = summary(times[method][i])
             rows.append([LABELS[method], f"{t_min:.3f}", f"{t_med:.3f}", f"{t_min / unit_min:.2f}", f"{t_med / unit_med:.2f}",
+                         f"{t_min / scan_min:.2f}" if scan_min else "n/a",
                          f"{statistics.median(peaks[method][i]) / 2**20:.1f}"])
         title = (f"### {args.model}, {c['length']}: {c['size']} inputs, {c['n_tokens']:,} tokens "
                  f"({c['n_tokens'] / c['size']:.0f} per input)")
         table = markdown_table(["measurement", "min s", "median s", "forward passes (min)", "forward passes (median)",
-                                "peak MiB above baseline (default malloc)"], rows)
+                                "/ scan (min)", "peak MiB above baseline (default malloc)"], rows)
         print(f"\n{title}\n\n{table}")
         if infos.get("lineage", [None] * len(configs))[i]:
             print(f"\nlineage traced {infos['lineage'][i]} (profile of these inputs).")

@@ -10,10 +10,11 @@ Which entries to follow is known only once a batch has gone through all hooks, s
 every hook it copies the hidden state's columns at the dims already known to carry
 massive activations (``[batch, pos, n_dims]``, a few columns); when the batch's
 statistics arrive it keeps those columns' values at the batch's massive entries. A
-batch whose massive entries use a dim not yet followed (the first batch, and any
-batch where a new dim appears) is run once more with that dim added, reading
-nothing else. Massive dims are few and fixed (the paper's finding), so a corpus of
-many batches costs about one scan. :func:`second_pass_values` is the two-pass way,
+batch whose massive entries use a dim not yet followed is run once more with that
+dim added, reading nothing else. Before the first batch, the first input is scanned
+alone (a probe, its numbers not kept) to learn the dims to follow. Massive dims are
+few and fixed (the paper's finding), so a profile costs about one scan plus one
+input. :func:`second_pass_values` is the two-pass way,
 for a scan made earlier.
 
 >>> import torch
@@ -30,6 +31,7 @@ for a scan made earlier.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -173,12 +175,21 @@ class CandidateValues:
     own records. ``reruns`` counts the batches run a second time for a new dim.
     """
 
-    def __init__(self, model: TransformerLensModel, hook_names: tuple[str, ...], min_value: float | int, min_ratio: float | int) -> None:
+    def __init__(
+        self,
+        model: TransformerLensModel,
+        hook_names: tuple[str, ...],
+        min_value: float | int,
+        min_ratio: float | int,
+        top_k: int = 10,
+    ) -> None:
         self.model = model
         self.hook_names = hook_names
         self.min_value, self.min_ratio = float(min_value), float(min_ratio)
+        self.top_k = top_k
         self.dims: list[int] = []  # followed so far, in the order they appeared
         self.reruns = 0
+        self.probed = False
         self._batch_dims: tuple[int, ...] = ()
         self._columns: list[torch.Tensor | None] = []
         self._keys: list[tuple[int, int, int]] = []
@@ -198,20 +209,40 @@ class CandidateValues:
 
         return [(name, reader(h)) for h, name in enumerate(self.hook_names)], columns
 
-    def hooks(self, batch: Batch) -> HookList:  # noqa: ARG002
+    def hooks(self, batch: Batch) -> HookList:
+        if not self.probed:
+            self._probe(batch)
         self._batch_dims = tuple(self.dims)
         hooks, self._columns = self._capture(self._batch_dims)
         return hooks
 
-    def batch_done(self, batch: Batch, stats: tuple[torch.Tensor, ...]) -> None:
+    def _probe(self, batch: Batch) -> None:
+        """Scan the first input alone and follow its massive dims from the first batch
+        on: the first batch then runs again only for dims that input lacks. The
+        probe's numbers are not kept (the pass itself measures that input)."""
+        from massact_lens.scan import scan
+
+        self.probed = True
+        length = int(batch.attention_mask[0].sum())
+        with warnings.catch_warnings():  # the pass itself warns about what it meets
+            warnings.simplefilter("ignore")
+            probe = scan(self.model, batch.tokens[:1, :length], hooks=list(self.hook_names), top_k=self.top_k,
+                         progress=False)
+        stats = (probe.values, probe.positions, probe.dims, probe.token_ids, probe.medians, probe.nonfinite)
+        self.dims.extend(sorted(set(self._entries(stats)[:, 2].tolist())))
+
+    def _entries(self, stats: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(row, position, dim) of every entry of a batch's statistics that passes the criterion."""
         values, positions, dims, _, medians, _ = stats
         passes = passes_criterion(values.abs().nan_to_num(nan=0.0), medians[..., None], self.min_value, self.min_ratio)
         rows, hooks, ranks = passes.nonzero(as_tuple=True)
-        if len(rows) == 0:
+        found = torch.stack([rows, positions[rows, hooks, ranks].long(), dims[rows, hooks, ranks].long()], dim=1)
+        return torch.unique(found, dim=0)
+
+    def batch_done(self, batch: Batch, stats: tuple[torch.Tensor, ...]) -> None:
+        entries = self._entries(stats)
+        if len(entries) == 0:
             return
-        entries = torch.unique(
-            torch.stack([rows, positions[rows, hooks, ranks].long(), dims[rows, hooks, ranks].long()], dim=1), dim=0
-        )
         used, columns = self._batch_dims, self._columns
         new = sorted(set(entries[:, 2].tolist()) - set(used))
         if new:  # values at earlier hooks were not copied: run this batch again, reading only

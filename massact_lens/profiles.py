@@ -312,7 +312,7 @@ def profile(
     _check_thresholds(min_value, min_ratio)
     if scan_result is None:
         names = resolve_hook_names(model, hooks, layers)
-        follower = CandidateValues(model, names, min_value, min_ratio)
+        follower = CandidateValues(model, names, min_value, min_ratio, top_k)
         result = scan(model, inputs, hooks=names, top_k=top_k, batch_size=batch_size, prepend_bos=prepend_bos,
                       progress=progress, follower=follower)
         found = find_massive(result, min_value, min_ratio, delimiters=delimiters)

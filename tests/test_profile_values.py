@@ -36,19 +36,31 @@ def test_one_pass_profile_equals_two_passes_on_smollm2(smollm2_model, sentences)
     _same_stats(one.stats, two.stats)
 
 
-def test_only_batches_with_a_new_dim_run_again(planted, bos_tokens):
-    """The planted dim appears in the first batch: that batch alone runs twice."""
+def _follow(model, tokens, batch_size):
+    """Scan with a CandidateValues, counting forward passes (embedding hook firings)."""
     forwards = []
-    point = planted.hook_dict["hook_embed"]
-    point.add_hook(lambda x, hook: forwards.append(1))
+    point = model.hook_dict["hook_embed"]
+    point.add_hook(lambda x, hook: forwards.append(int(x.shape[0])))
     try:
-        names = ml.hook_names.residual_hook_names(planted)
-        follower = CandidateValues(planted, names, 50.0, 100.0)
-        ml.scan(planted, bos_tokens, follower=follower, batch_size=2, progress=False)
+        follower = CandidateValues(model, ml.hook_names.residual_hook_names(model), 50.0, 100.0)
+        ml.scan(model, tokens, follower=follower, batch_size=batch_size, progress=False)
     finally:
         point.remove_hooks("fwd")
+    return follower, forwards
+
+
+def test_the_first_input_alone_finds_the_dims_so_nothing_runs_twice(planted, bos_tokens):
+    follower, forwards = _follow(planted, bos_tokens, 2)
+    assert follower.dims == [5] and follower.reruns == 0
+    assert forwards == [1, 2, 2, 2, 2]  # the one-input probe, then 8 inputs in batches of 2
+
+
+def test_a_batch_with_a_dim_not_yet_followed_runs_again(planted, bos_tokens):
+    tokens = bos_tokens.clone()
+    tokens[:4, 0] = 7  # no start token 0 in the first two batches: the probe finds nothing
+    follower, forwards = _follow(planted, tokens, 2)
     assert follower.dims == [5] and follower.reruns == 1
-    assert len(forwards) == 4 + 1  # 8 inputs in batches of 2, and the one rerun
+    assert forwards == [1, 2, 2, 2, 2, 2]  # the probe, 4 batches, and batch 3 again
 
 
 def test_a_dim_appearing_late_is_followed_from_then_on(planted, bos_tokens):
