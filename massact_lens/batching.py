@@ -290,6 +290,20 @@ def last_block_hook(hook_names: Iterable[str]) -> str:
     return RESID_POST.format(layer=max(layer_of(n) for n in hook_names))
 
 
+#: ``run_batches(..., stop_after=LAST_READ)``: stop each pass after the last block its hooks read.
+LAST_READ = "<last block read>"
+
+
+def _last_read(hooks: HookList) -> str | None:
+    names = [name for name, _ in hooks]
+    if not names or not all(isinstance(n, str) for n in names):
+        return None
+    try:
+        return last_block_hook(names)
+    except ValueError:  # a hook outside the blocks (embedding, final norm): run it all
+        return None
+
+
 def run_batches(
     model: TransformerLensModel,
     plan: BatchPlan,
@@ -298,6 +312,7 @@ def run_batches(
     progress: bool = True,
     desc: str = "batches",
     on_batch: Callable[[Batch, Any], None] | None = None,
+    after_batch: Callable[[Batch], None] | None = None,
     stop_after: str | None = None,
 ) -> int:
     """Run every batch of ``plan`` under the hooks ``make_hooks(batch)`` returns.
@@ -314,6 +329,9 @@ def run_batches(
     of the forward pass is skipped: later blocks, the final norm and the unembedding,
     which on a BERT bridge (a 30k-word prediction head) is most of the cost. Only
     for measurements that read nothing later; not with ``on_batch``.
+    ``stop_after=LAST_READ``: each batch stops after the last block its hooks read
+    (the whole pass runs when a hook lies outside the blocks).
+    ``after_batch(batch)`` runs after each pass, also a stopped one.
     """
     if stop_after is not None and on_batch is not None:
         raise ValueError("stop_after skips the model output, so it cannot be combined with on_batch.")
@@ -330,14 +348,17 @@ def run_batches(
             mask = batch.attention_mask.to(tokens.device)
             hooks = make_hooks(batch)
             announce(hooks, batch)
-            if stop_after is not None:
-                hooks = [*hooks, (stop_after, stop)]
+            stop_here = _last_read(hooks) if stop_after == LAST_READ else stop_after
+            if stop_here is not None:
+                hooks = [*hooks, (stop_here, stop)]
             out = None
             attention = fast_attention(model, [name for name, _ in hooks])
             with attention, model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
                 out = model(tokens, attention_mask=mask, return_type="logits" if on_batch else None)  # type: ignore[operator]
             if on_batch is not None:
                 on_batch(batch, out)
+            if after_batch is not None:
+                after_batch(batch)
             seen += int(batch.tokens.shape[0])
     return seen
 

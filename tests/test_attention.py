@@ -366,3 +366,21 @@ def test_key_sets_are_position_rules(models):
     rows = torch.zeros(4, 9, dtype=torch.bool)
     rows[2, 3] = True
     assert key_mask(as_rule(model, rows, plan), batch).nonzero().tolist() == [[2, 3]]
+
+
+@pytest.mark.parametrize("measure", ["implicit_bias", "attention_concentration"])
+def test_attention_passes_stop_after_the_last_block_they_read(minilm_model, sentences, measure):
+    """No MLM head (MiniLM's 30,522-word unembedding): the pass stops after the block
+    it reads last, and the numbers are those of the whole pass (checked above against
+    hook_pattern)."""
+    fired = []
+    point = minilm_model.hook_dict["unembed.hook_in"]
+    point.add_hook(lambda x, hook: fired.append(1))
+    try:
+        fn = implicit_bias if measure == "implicit_bias" else attention_concentration
+        fn(minilm_model, sentences[:3], "start", layers=[1], progress=False)
+        assert fired == []
+        minilm_model(sentences[:1])
+        assert fired == [1]  # the hook itself works
+    finally:
+        point.remove_hooks("fwd")

@@ -20,7 +20,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import HookList, model_device
 from massact_lens.attention.keys import fit_width, key_mask
-from massact_lens.batching import Batch, BatchPlan, run_batches
+from massact_lens.batching import LAST_READ, Batch, BatchPlan, run_batches
 from massact_lens.hook_names import attention_hook, is_post_norm, resolve_hook_names
 from massact_lens.interventions.positions import PositionRule, RunContext, WhereMassive
 
@@ -188,11 +188,12 @@ def run_passes(
             hooks += [(name, read) for name in points[leaf]]
         return hooks + layer_hooks(on_device)
 
-    def on_batch(batch: Batch, logits: Any) -> None:  # noqa: ARG001
+    def after_batch(batch: Batch) -> None:
         on_device = batch.to(device)
         finish(on_device, key_mask(rule, on_device, found).to(device))
 
-    return run_batches(model, plan, make_hooks, progress=progress, desc=desc, on_batch=on_batch)
+    return run_batches(model, plan, make_hooks, progress=progress, desc=desc, after_batch=after_batch,
+                       stop_after=LAST_READ)
 
 
 def warn_empty(n_positions: torch.Tensor, description: str) -> None:
