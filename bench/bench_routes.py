@@ -35,7 +35,9 @@ everywhere unless ``--eager``, for HF routes and for the bridge routes, which ru
     5 nnsight         nnsight trace saving the same points + statistics
     6 paper           Sun et al.'s way: each hidden state copied to the CPU as float64 (hooks
                       on the same points, like their monkey-patched layers), then statistics
-    7 scan            massact_lens.scan
+    7 scan            massact_lens.scan (with one torch thread and a second core free, its
+                      statistics run on a worker thread beside the forward: massact_lens.overlap)
+    7b scan_inline    the same with MASSACT_LENS_STATS_THREAD=0: statistics inside the hooks
     8 run_with_cache  bridge run_with_cache(names_filter=the points) + statistics. It runs the
                       whole model, head included: the bridge's stop_at_layer=n_layers still
                       runs the head, and the last block is read.
@@ -101,7 +103,7 @@ from _harness import (  # noqa: E402
     warn_if_busy,
 )
 
-ROUTES = ("hf", "bridge", "hf_hidden", "hf_hooks", "nnsight", "paper", "scan", "run_with_cache")
+ROUTES = ("hf", "bridge", "hf_hidden", "hf_hooks", "nnsight", "paper", "scan", "scan_inline", "run_with_cache")
 LABELS = {
     "hf": "1 HF forward (floor)",
     "bridge": "2 bridge, stopped after last block",
@@ -110,10 +112,11 @@ LABELS = {
     "nnsight": "5 nnsight trace + stats",
     "paper": "6 paper: float64 CPU copies + stats",
     "scan": "7 massact_lens.scan",
+    "scan_inline": "7b scan, statistics inside the hooks",
     "run_with_cache": "8 run_with_cache + stats",
 }
 HF_ROUTES = {"hf", "hf_hidden", "hf_hooks", "nnsight", "paper"}
-CHECKED = ("hf_hidden", "hf_hooks", "nnsight", "paper", "run_with_cache")
+CHECKED = ("hf_hidden", "hf_hooks", "nnsight", "paper", "scan_inline", "run_with_cache")
 NNSIGHT_VENV = ROOT / "bench" / ".nnsight-venv"
 RTOL = 1e-4
 MODEL_NAMES = {"minilm": "MiniLM (all-MiniLM-L6-v2, 6 layers, d_model 384)",
@@ -300,6 +303,15 @@ def route_scan(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
     return result.values, result.positions, result.dims, result.medians
 
 
+def route_scan_inline(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
+    """The scan without the statistics thread (as on a machine with no spare core)."""
+    os.environ["MASSACT_LENS_STATS_THREAD"] = "0"
+    try:
+        return route_scan(ctx, batches, top_k)
+    finally:
+        del os.environ["MASSACT_LENS_STATS_THREAD"]
+
+
 def route_run_with_cache(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
     import torch
 
@@ -324,6 +336,7 @@ RUN = {
     "nnsight": route_nnsight,
     "paper": route_paper,
     "scan": route_scan,
+    "scan_inline": route_scan_inline,
     "run_with_cache": route_run_with_cache,
 }
 
