@@ -47,7 +47,7 @@ from massact_lens.batching import Batch, last_block_hook, plan_batches, run_batc
 from massact_lens.hook_names import layer_of, resolve_hook_names
 from massact_lens.models import warn_if_processed
 from massact_lens.overlap import Beside, spare_core
-from massact_lens.statistics import HiddenStateStats, hidden_state_medians, hidden_state_stats
+from massact_lens.statistics import HiddenStateStats, RealLayout, hidden_state_medians, hidden_state_stats
 
 __all__ = ["BatchFollower", "ScanResult", "hidden_state_medians", "scan"]  # hidden_state_medians: see statistics
 
@@ -283,16 +283,17 @@ class _Collector:
         self.pending = [None] * self.n_hooks
         self.tokens = batch.tokens.to(device)
         self.lengths.append(batch.lengths.cpu())
+        layout = RealLayout.of(batch.attention_mask.cpu().bool())  # on the host, once per batch
         mask = batch.attention_mask.to(device).bool()
-        return [self._reader(i, mask) for i in range(self.n_hooks)]
+        return [self._reader(i, mask, layout) for i in range(self.n_hooks)]
 
-    def _reader(self, index: int, mask: torch.Tensor) -> Any:
+    def _reader(self, index: int, mask: torch.Tensor, layout: RealLayout) -> Any:
         def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
             x = activation.detach()
             real = mask.to(x.device)
             if self.beside.enabled:  # a copy now (later layers or hooks may write into x)
                 x = x.to(torch.float32, copy=True)
-            self.pending[index] = self.beside.submit(hidden_state_stats, x, real, self.top_k)
+            self.pending[index] = self.beside.submit(hidden_state_stats, x, real, self.top_k, layout)
 
         return read
 

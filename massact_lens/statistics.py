@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
-__all__ = ["HiddenStateStats", "hidden_state_medians", "hidden_state_stats", "lower_medians"]
+__all__ = ["HiddenStateStats", "RealLayout", "hidden_state_medians", "hidden_state_stats", "lower_medians"]
 
 
 def _check(activation: torch.Tensor, real: torch.Tensor) -> None:
@@ -32,8 +32,30 @@ def _check(activation: torch.Tensor, real: torch.Tensor) -> None:
         )
 
 
+class RealLayout(NamedTuple):
+    """Where a batch's real positions are, known on the host once per batch, so that
+    the statistics of every hook make no device-to-host read (no GPU synchronisation).
+
+    >>> RealLayout.of(torch.tensor([[True, True, False], [True, True, True]]))
+    RealLayout(counts=(2, 3), prefix=True)
+    """
+
+    #: Real positions per row.
+    counts: tuple[int, ...]
+    #: True when every row is right-padded (ones, then zeros).
+    prefix: bool
+
+    @classmethod
+    def of(cls, real: Bool[torch.Tensor, "batch pos"]) -> RealLayout:
+        """The layout of a mask (reads it: give the host copy of a batch's mask)."""
+        real = real.bool()
+        return cls(tuple(int(n) for n in real.sum(dim=1).tolist()), _is_prefix(real))
+
+
 def lower_medians(
-    magnitude: Float[torch.Tensor, "batch entries"], n_real: Int[torch.Tensor, " batch"]
+    magnitude: Float[torch.Tensor, "batch entries"],
+    n_real: Int[torch.Tensor, " batch"],
+    counts: tuple[int, ...] | None = None,
 ) -> Float[torch.Tensor, " batch"]:
     """Per row, the lower median of its first ``n_real`` entries (the rest is padding).
 
@@ -41,7 +63,8 @@ def lower_medians(
     smallest real entry. With ``K = max m_r``, ``K - m_r`` of its padding entries are
     set to -1 (below every magnitude) and the others to +inf, so that rank ``K`` of
     every row is its median. ``K - m_r`` never exceeds the padding a row has. Rows with
-    no real entry give NaN. ``magnitude`` is overwritten.
+    no real entry give NaN. ``magnitude`` is overwritten. ``counts``: ``n_real`` as
+    host integers, when known (then nothing is read back from the device).
 
     >>> lower_medians(torch.tensor([[3.0, 1.0, 2.0, 0.0], [5.0, 4.0, 0.0, 0.0]]), torch.tensor([3, 2]))
     tensor([2., 4.])
@@ -49,21 +72,31 @@ def lower_medians(
     n_total = int(magnitude.shape[1])
     n_real = n_real.to(magnitude.device)
     wanted = (n_real + 1) // 2
-    k = int(wanted.max()) if wanted.numel() else 0
+    if counts is None:
+        counts = tuple(int(n) for n in n_real.tolist())
+    k = max((n + 1) // 2 for n in counts) if counts else 0
     if k == 0:
         return torch.full((magnitude.shape[0],), float("nan"), device=magnitude.device)
-    if bool((n_real < n_total).any()):
+    if any(n < n_total for n in counts):
         column = torch.arange(n_total, device=magnitude.device)[None]
         pad_rank = column - n_real[:, None]
         low = (pad_rank >= 0) & (pad_rank < (k - wanted)[:, None])
         high = pad_rank >= (k - wanted)[:, None]
         magnitude.masked_fill_(low, -1.0).masked_fill_(high, float("inf"))
+    return _kth_smallest(magnitude, k).masked_fill(n_real == 0, float("nan"))
+
+
+def _kth_smallest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the k-th smallest entry: numpy's introselect on the CPU (on the tensor's
+    own memory), ``torch.kthvalue`` elsewhere."""
     if magnitude.device.type == "cpu":
         part = np.partition(magnitude.numpy(), k - 1, axis=1)[:, k - 1]
-        out = torch.from_numpy(np.ascontiguousarray(part))
-    else:
-        out = magnitude.kthvalue(k, dim=1).values
-    return out.masked_fill(n_real == 0, float("nan"))
+        return torch.from_numpy(np.ascontiguousarray(part))
+    return _kth_on_device(magnitude, k)
+
+
+def _kth_on_device(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    return magnitude.kthvalue(k, dim=1).values
 
 
 def hidden_state_medians(
@@ -109,13 +142,18 @@ class HiddenStateStats(NamedTuple):
 
 
 def hidden_state_stats(
-    activation: Float[torch.Tensor, "batch pos d_model"], real: Bool[torch.Tensor, "batch pos"], top_k: int
+    activation: Float[torch.Tensor, "batch pos d_model"],
+    real: Bool[torch.Tensor, "batch pos"],
+    top_k: int,
+    layout: RealLayout | None = None,
 ) -> HiddenStateStats:
     """Top-k ``|x|`` entries and the median of each hidden state of a right-padded batch.
 
     Padding never enters a statistic. A hidden state with a NaN or infinite entry is
     flagged in ``nonfinite`` (its median is NaN; its top-k entries are kept as
     found, non-finite ones first): the caller says so, never averages it silently.
+    ``layout``: :meth:`RealLayout.of` the batch's mask, made once on the host (else
+    it is read from ``real`` here).
 
     >>> x = torch.zeros(1, 2, 3); x[0, 1, 2] = -7.0; x[0, 0, 0] = 0.5
     >>> s = hidden_state_stats(x, torch.ones(1, 2, dtype=torch.bool), top_k=2)
@@ -125,7 +163,9 @@ def hidden_state_stats(
     _check(activation, real)
     x = activation.detach()
     batch, pos, d_model = (int(s) for s in x.shape)
-    prefix = _is_prefix(real)
+    if layout is None:
+        layout = RealLayout.of(real)
+    prefix = layout.prefix
     magnitude = x.float().abs()
     if not prefix:  # move the real positions first (stable): the same layout as right padding
         order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
@@ -144,7 +184,8 @@ def hidden_state_stats(
     signed = x.flatten(1).gather(1, index).float()
     missing = top < 0
     nonfinite = ~torch.isfinite(top[:, 0]) if k else torch.zeros(batch, dtype=torch.bool, device=flat.device)
-    medians = lower_medians(flat, n_real).to(flat.device).masked_fill(nonfinite, float("nan"))
+    counts = tuple(n * d_model for n in layout.counts)
+    medians = lower_medians(flat, n_real, counts).to(flat.device).masked_fill(nonfinite, float("nan"))
     positions = torch.div(index, d_model, rounding_mode="floor")
     dims = index % d_model
     if k < top_k:

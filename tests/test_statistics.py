@@ -126,3 +126,41 @@ def test_float16_overflow_and_precision_are_reported():
     assert 0 < frame.relative_difference.max() < 0.01
     with pytest.warns(RuntimeWarning, match="moves by"):
         compare_precision(model, half, tokens, massive=found, tolerance=1e-6)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records every tensor -> Python read (each is a GPU synchronisation on a GPU)."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_statistics_of_a_batch_read_nothing_back_per_hook(monkeypatch):
+    """With the batch's layout made once on the host, a hook's statistics never read a
+    tensor back (on a GPU: no synchronisation per hook). The device selection
+    (kthvalue) runs on the CPU here in place of numpy's, and gives the same numbers."""
+    from massact_lens import statistics
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 9, 6, generator=gen)
+    real = torch.arange(9)[None] < torch.tensor([9, 4, 7, 1, 9])[:, None]
+    layout = statistics.RealLayout.of(real)
+    on_host = hidden_state_stats(x, real, 4, layout)
+    monkeypatch.setattr(statistics, "_kth_smallest", statistics._kth_on_device)
+    with _HostReads() as mode:
+        on_device = hidden_state_stats(x, real, 4, layout)
+    assert mode.reads == []
+    for a, b in zip(on_host, on_device, strict=True):
+        assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True)
+    with _HostReads() as mode:
+        hidden_state_stats(x, real, 4)  # without a layout it reads the mask
+    assert mode.reads
