@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every process")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 round")
+    parser.add_argument("--memory-settings", action="store_true",
+                        help="run every process under the memory settings (MALLOC_MMAP_THRESHOLD_, as "
+                             "bench_routes.py's memory rounds): exact peaks, slower times")
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,7 +204,7 @@ def main() -> None:
         for r in range(args.rounds):
             for method in rotated(methods, r):
                 spec = {"method": method, "model": args.model, "corpus": str(corpus_file), "threads": args.threads}
-                out = run_child(sys.executable, Path(__file__), spec, memory=False, threads=args.threads)
+                out = run_child(sys.executable, Path(__file__), spec, memory=args.memory_settings, threads=args.threads)
                 for i, res in enumerate(out["configs"]):
                     times[method][i].append(res["seconds"])
                     peaks[method][i].append(res["peak_bytes"])
@@ -226,8 +229,9 @@ def main() -> None:
                          f"{statistics.median(peaks[method][i]) / 2**20:.1f}"])
         title = (f"### {args.model}, {c['length']}: {c['size']} inputs, {c['n_tokens']:,} tokens "
                  f"({c['n_tokens'] / c['size']:.0f} per input)")
+        malloc = "memory settings" if args.memory_settings else "default malloc"
         table = markdown_table(["measurement", "min s", "median s", "forward passes (min)", "forward passes (median)",
-                                "/ scan (min)", "peak MiB above baseline (default malloc)"], rows)
+                                "/ scan (min)", f"peak MiB above baseline ({malloc})"], rows)
         print(f"\n{title}\n\n{table}")
         if infos.get("lineage", [None] * len(configs))[i]:
             print(f"\nlineage traced {infos['lineage'][i]} (profile of these inputs).")
