@@ -305,11 +305,15 @@ def route_scan(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
 
 def route_scan_inline(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
     """The scan without the statistics thread (as on a machine with no spare core)."""
+    before = os.environ.get("MASSACT_LENS_STATS_THREAD")
     os.environ["MASSACT_LENS_STATS_THREAD"] = "0"
     try:
         return route_scan(ctx, batches, top_k)
     finally:
-        del os.environ["MASSACT_LENS_STATS_THREAD"]
+        if before is None:
+            del os.environ["MASSACT_LENS_STATS_THREAD"]
+        else:
+            os.environ["MASSACT_LENS_STATS_THREAD"] = before
 
 
 def route_run_with_cache(ctx: BridgeContext, batches: list, top_k: int) -> tuple:

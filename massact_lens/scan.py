@@ -47,7 +47,12 @@ from massact_lens.batching import Batch, last_block_hook, plan_batches, run_batc
 from massact_lens.hook_names import layer_of, resolve_hook_names
 from massact_lens.models import warn_if_processed
 from massact_lens.overlap import Beside, spare_core
-from massact_lens.statistics import HiddenStateStats, RealLayout, hidden_state_medians, hidden_state_stats
+from massact_lens.statistics import (
+    HiddenStateStats,
+    RealLayout,
+    hidden_state_medians,
+    hidden_state_stats,
+)
 
 __all__ = ["BatchFollower", "ScanResult", "hidden_state_medians", "scan"]  # hidden_state_medians: see statistics
 
@@ -282,8 +287,8 @@ class _Collector:
         self.batch = batch
         self.pending = [None] * self.n_hooks
         self.tokens = batch.tokens.to(device)
-        self.lengths.append(batch.lengths.cpu())
         layout = RealLayout.of(batch.attention_mask.cpu().bool())  # on the host, once per batch
+        self.lengths.append(torch.tensor(layout.counts, dtype=torch.long))
         mask = batch.attention_mask.to(device).bool()
         return [self._reader(i, mask, layout) for i in range(self.n_hooks)]
 
