@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
-__all__ = ["HiddenStateStats", "RealLayout", "hidden_state_medians", "hidden_state_stats", "lower_medians"]
+__all__ = [
+    "HiddenStateStats",
+    "RealLayout",
+    "grouped_stats",
+    "hidden_state_medians",
+    "hidden_state_stats",
+    "lower_medians",
+]
 
 
 def _check(activation: torch.Tensor, real: torch.Tensor) -> None:
@@ -69,21 +76,35 @@ def lower_medians(
     >>> lower_medians(torch.tensor([[3.0, 1.0, 2.0, 0.0], [5.0, 4.0, 0.0, 0.0]]), torch.tensor([3, 2]))
     tensor([2., 4.])
     """
-    n_total = int(magnitude.shape[1])
-    n_real = n_real.to(magnitude.device)
-    wanted = (n_real + 1) // 2
     if counts is None:
         counts = tuple(int(n) for n in n_real.tolist())
-    k = max((n + 1) // 2 for n in counts) if counts else 0
+    k = _equalise_ranks(magnitude[None], counts)
     if k == 0:
         return torch.full((magnitude.shape[0],), float("nan"), device=magnitude.device)
-    if any(n < n_total for n in counts):
-        column = torch.arange(n_total, device=magnitude.device)[None]
-        pad_rank = column - n_real[:, None]
-        low = (pad_rank >= 0) & (pad_rank < (k - wanted)[:, None])
-        high = pad_rank >= (k - wanted)[:, None]
-        magnitude.masked_fill_(low, -1.0).masked_fill_(high, float("inf"))
-    return _kth_smallest(magnitude, k).masked_fill(n_real == 0, float("nan"))
+    return _with_empty_rows_nan(_kth_smallest(magnitude, k).to(magnitude.device), counts)
+
+
+def _equalise_ranks(flat: Float[torch.Tensor, "group batch entries"], counts: tuple[int, ...]) -> int:
+    """Fill the padding of every row ``[g, i]`` (after its first ``counts[i]`` entries)
+    so that rank ``K`` of every row is its lower median (see :func:`lower_medians`);
+    return ``K`` (0 when no row has an entry). One slice per padded input, touching
+    only padding: no mask as large as the batch is built."""
+    n_total = int(flat.shape[-1])
+    k = max(((n + 1) // 2 for n in counts), default=0)
+    for i, n in enumerate(counts):
+        if n < n_total:
+            low_end = n + k - (n + 1) // 2
+            flat[:, i, n:low_end].fill_(-1.0)
+            flat[:, i, low_end:].fill_(float("inf"))
+    return k
+
+
+def _with_empty_rows_nan(medians: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    """NaN in the last axis where a row has no real entry."""
+    empty = [i for i, n in enumerate(counts) if n == 0]
+    if empty:
+        medians[..., empty] = float("nan")
+    return medians
 
 
 def _kth_smallest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,31 +182,49 @@ def hidden_state_stats(
     ([[-7.0, 0.5]], [[1, 0]], [[2, 0]], [0.0])
     """
     _check(activation, real)
-    x = activation.detach()
-    batch, pos, d_model = (int(s) for s in x.shape)
+    stats = _stats(activation.detach()[None], real, top_k, layout)
+    return HiddenStateStats(*(field[0] for field in stats))
+
+
+def _stats(
+    x: Float[torch.Tensor, "group batch pos d_model"],
+    real: Bool[torch.Tensor, "batch pos"],
+    top_k: int,
+    layout: RealLayout | None,
+) -> HiddenStateStats:
+    """The statistics of every ``[g, i]`` hidden state; fields ``[group, batch, ...]``."""
+    group, batch, pos, d_model = (int(s) for s in x.shape)
     if layout is None:
         layout = RealLayout.of(real)
-    prefix = layout.prefix
     magnitude = x.float().abs()
-    if not prefix:  # move the real positions first (stable): the same layout as right padding
+    order = None
+    if not layout.prefix:  # move the real positions first (stable): the same layout as right padding
         order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
-        magnitude = magnitude.gather(1, order[:, :, None].expand_as(magnitude))
-    else:
-        order = None
-    flat = magnitude.flatten(1)
-    n_real = real.sum(dim=1) * d_model
-    # Padding sits after n_real in every row; at -1 it is below every real entry.
-    column = torch.arange(pos * d_model, device=flat.device)[None]
-    flat.masked_fill_(column >= n_real[:, None], -1.0)
-    k = min(top_k, pos * d_model)
-    top, index = flat.topk(k, dim=1)
+        magnitude = magnitude.gather(2, order[None, :, :, None].expand_as(magnitude))
+    n_total = pos * d_model
+    flat = magnitude.view(group, batch, n_total)
+    entries = tuple(n * d_model for n in layout.counts)
+    for i, n in enumerate(entries):  # padding at -1: below every real entry
+        if n < n_total:
+            flat[:, i, n:].fill_(-1.0)
+    k = min(top_k, n_total)
+    top, index = flat.topk(k, dim=2)
     if order is not None:  # back to the input's own positions
-        index = order.gather(1, torch.div(index, d_model, rounding_mode="floor")) * d_model + index % d_model
-    signed = x.flatten(1).gather(1, index).float()
+        back = order[None].expand(group, batch, pos).gather(2, torch.div(index, d_model, rounding_mode="floor"))
+        index = back * d_model + index % d_model
+    signed = x.reshape(group, batch, n_total).gather(2, index).float()
     missing = top < 0
-    nonfinite = ~torch.isfinite(top[:, 0]) if k else torch.zeros(batch, dtype=torch.bool, device=flat.device)
-    counts = tuple(n * d_model for n in layout.counts)
-    medians = lower_medians(flat, n_real, counts).to(flat.device).masked_fill(nonfinite, float("nan"))
+    if k:
+        nonfinite = ~torch.isfinite(top[..., 0])
+    else:
+        nonfinite = torch.zeros(group, batch, dtype=torch.bool, device=flat.device)
+    kth = _equalise_ranks(flat, entries)
+    if kth == 0:
+        medians = torch.full((group, batch), float("nan"), device=flat.device)
+    else:
+        medians = _kth_smallest(flat.view(group * batch, n_total), kth).to(flat.device).view(group, batch)
+        medians = _with_empty_rows_nan(medians, entries)
+    medians = medians.masked_fill(nonfinite, float("nan"))
     positions = torch.div(index, d_model, rounding_mode="floor")
     dims = index % d_model
     if k < top_k:
@@ -201,3 +240,27 @@ def hidden_state_stats(
         medians=medians,
         nonfinite=nonfinite,
     )
+
+
+def grouped_stats(
+    states: Float[torch.Tensor, "group batch pos d_model"],
+    real: Bool[torch.Tensor, "batch pos"],
+    top_k: int,
+    layout: RealLayout | None = None,
+) -> HiddenStateStats:
+    """:func:`hidden_state_stats` of several hidden states of one batch (several hooks)
+    in one call: fields ``[group, batch, ...]``, equal to those of one call per state.
+
+    A short batch's statistics are a few dozen small tensor operations whatever its
+    size, so one call per group of hooks in place of one per hook takes most of their
+    cost away.
+
+    >>> x = torch.zeros(2, 1, 2, 3); x[0, 0, 1, 2] = -7.0; x[1, 0, 0, 1] = 5.0
+    >>> s = grouped_stats(x, torch.ones(1, 2, dtype=torch.bool), top_k=1)
+    >>> s.values.tolist(), s.dims.tolist()
+    ([[[-7.0]], [[5.0]]], [[[2]], [[1]]])
+    """
+    if states.ndim != 4:
+        raise ValueError(f"Expected states [group, batch, pos, d_model], got shape {tuple(states.shape)}.")
+    _check(states[0], real)
+    return _stats(states.detach(), real, top_k, layout)

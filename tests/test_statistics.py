@@ -164,3 +164,29 @@ def test_statistics_of_a_batch_read_nothing_back_per_hook(monkeypatch):
     with _HostReads() as mode:
         hidden_state_stats(x, real, 4)  # without a layout it reads the mask
     assert mode.reads
+
+
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_grouped_stats_equal_one_call_per_hidden_state(left_padded):
+    """The statistics of several hooks' states in one call are those of one call each,
+    to the bit: uneven and left padding, a NaN state, an empty row, top_k above the
+    real entries of the shortest row."""
+    from massact_lens.statistics import RealLayout, grouped_stats
+
+    gen = torch.Generator().manual_seed(11)
+    group, batch, pos, d = 4, 5, 6, 3
+    states = torch.randn(group, batch, pos, d, generator=gen) * 5
+    lengths = torch.tensor([6, 1, 4, 0, 3])
+    real = torch.arange(pos)[None] < lengths[:, None]
+    if left_padded:
+        real = real.flip(1)
+    states[2, 0, 1, 1] = float("nan")
+    layout = RealLayout.of(real)
+    together = grouped_stats(states.clone(), real, 5, layout)
+    for g in range(group):
+        alone = hidden_state_stats(states[g].clone(), real, 5)
+        for a, b in zip(alone, (field[g] for field in together), strict=True):
+            assert torch.equal(a.nan_to_num(-7.0) if a.is_floating_point() else a,
+                               b.nan_to_num(-7.0) if b.is_floating_point() else b)
+    assert together.nonfinite[2, 0] and torch.isnan(together.medians[:, 3]).all()
+    assert (together.positions[:, 1, 3:] == -1).all()  # one real position of 3 dims: 3 entries
