@@ -14,8 +14,8 @@ and the statistics stay on the device until one transfer per batch. Set
 ``=1`` to use the worker whenever the activation is on the CPU.
 
 >>> beside = Beside(enabled=True)
->>> result = beside.submit(sum, [1, 2, 3])
->>> result(), beside.close()
+>>> future = beside.submit(sum, [1, 2, 3])
+>>> future.result(), beside.close()
 (6, None)
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
@@ -53,25 +53,25 @@ def spare_core(device: torch.device | None) -> bool:
 
 class Beside:
     """Run calls on one worker thread, at most ``depth`` pending (or inline when not
-    ``enabled``). :meth:`submit` returns a function that gives the call's result,
-    raising what the call raised."""
+    ``enabled``). :meth:`submit` returns a :class:`~concurrent.futures.Future` whose
+    ``result()`` gives the call's result, raising what the call raised."""
 
     def __init__(self, enabled: bool, depth: int = 1) -> None:
         self.enabled = enabled
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="massact-stats") if enabled else None
         self._slots = threading.BoundedSemaphore(depth)
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         if self._pool is None:
-            value = fn(*args)
-            return lambda: value
+            done: Future[T] = Future()
+            done.set_result(fn(*args))  # an error is raised here, inside the caller's hook
+            return done
         self._slots.acquire()
         try:
-            future = self._pool.submit(self._run, fn, args)
+            return self._pool.submit(self._run, fn, args)
         except BaseException:
             self._slots.release()
             raise
-        return future.result
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:

@@ -11,10 +11,13 @@ every hook it copies the hidden state's columns at the dims already known to car
 massive activations (``[batch, pos, n_dims]``, a few columns); when the batch's
 statistics arrive it keeps those columns' values at the batch's massive entries. A
 batch whose massive entries use a dim not yet followed is run once more with that
-dim added, reading nothing else. Before the first batch, the first input is scanned
-alone (a probe, its numbers not kept) to learn the dims to follow. Massive dims are
-few and fixed (the paper's finding), so a profile costs about one scan plus one
-input. :func:`second_pass_values` is the two-pass way,
+dim added, reading nothing else. Before the first batch, the first
+:data:`PROBE_TOKENS` tokens of the first input are scanned alone (a probe, its numbers
+not kept) to learn the dims to follow: the start token carries them (a dim seen only
+later costs a rerun, never a wrong number). Massive dims are few and fixed (the
+paper's finding), so a profile costs about one scan plus one short input. When the
+statistics run beside the forward pass (:mod:`massact_lens.overlap`), a batch's
+findings arrive after the next batch ran: a new dim then reruns both. :func:`second_pass_values` is the two-pass way,
 for a scan made earlier.
 
 >>> import torch
@@ -167,6 +170,10 @@ def second_pass_values(
     return followed.stats(sums, result)
 
 
+#: Tokens of the first input the probe scans (the start token and its neighbours).
+PROBE_TOKENS = 64
+
+
 class CandidateValues:
     """Follows the massive entries in the scan's own pass (a :class:`~massact_lens.scan.BatchFollower`).
 
@@ -190,8 +197,8 @@ class CandidateValues:
         self.dims: list[int] = []  # followed so far, in the order they appeared
         self.reruns = 0
         self.probed = False
-        self._batch_dims: tuple[int, ...] = ()
-        self._columns: list[torch.Tensor | None] = []
+        # Per batch (by its first input) until batch_done: the dims followed, the columns read.
+        self._open: dict[int, tuple[tuple[int, ...], list[torch.Tensor | None]]] = {}
         self._keys: list[tuple[int, int, int]] = []
         self._values: list[torch.Tensor] = []  # [n_entries, n_hooks] per batch
 
@@ -212,18 +219,19 @@ class CandidateValues:
     def hooks(self, batch: Batch) -> HookList:
         if not self.probed:
             self._probe(batch)
-        self._batch_dims = tuple(self.dims)
-        hooks, self._columns = self._capture(self._batch_dims)
+        dims = tuple(self.dims)
+        hooks, columns = self._capture(dims)
+        self._open[batch.start] = (dims, columns)
         return hooks
 
     def _probe(self, batch: Batch) -> None:
-        """Scan the first input alone and follow its massive dims from the first batch
-        on: the first batch then runs again only for dims that input lacks. The
+        """Scan the start of the first input alone and follow its massive dims from the
+        first batch on: the first batch then runs again only for dims that start lacks. The
         probe's numbers are not kept (the pass itself measures that input)."""
         from massact_lens.scan import scan
 
         self.probed = True
-        length = int(batch.attention_mask[0].sum())
+        length = min(int(batch.attention_mask[0].sum()), PROBE_TOKENS)
         with warnings.catch_warnings():  # the pass itself warns about what it meets
             warnings.simplefilter("ignore")
             probe = scan(self.model, batch.tokens[:1, :length], hooks=list(self.hook_names), top_k=self.top_k,
@@ -240,13 +248,13 @@ class CandidateValues:
         return torch.unique(found, dim=0)
 
     def batch_done(self, batch: Batch, stats: tuple[torch.Tensor, ...]) -> None:
+        used, columns = self._open.pop(batch.start)
         entries = self._entries(stats)
         if len(entries) == 0:
             return
-        used, columns = self._batch_dims, self._columns
-        new = sorted(set(entries[:, 2].tolist()) - set(used))
-        if new:  # values at earlier hooks were not copied: run this batch again, reading only
-            self.dims.extend(new)
+        found = set(entries[:, 2].tolist())
+        if found - set(used):  # values at earlier hooks were not copied: run this batch again, reading only
+            self.dims.extend(sorted(found - set(self.dims)))  # (another batch may have added some)
             used = tuple(self.dims)
             hooks, columns = self._capture(used)
             plan = BatchPlan(batches=[batch], n_inputs=int(batch.tokens.shape[0]), prepend_bos=None)

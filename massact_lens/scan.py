@@ -33,7 +33,8 @@ torch.Size([3, 2, 10])
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,8 +51,8 @@ from massact_lens.overlap import Beside, spare_core
 from massact_lens.statistics import (
     HiddenStateStats,
     RealLayout,
+    grouped_stats,
     hidden_state_medians,
-    hidden_state_stats,
 )
 
 __all__ = ["BatchFollower", "ScanResult", "hidden_state_medians", "scan"]  # hidden_state_medians: see statistics
@@ -259,77 +260,144 @@ class ScanResult:
         )
 
 
-class _Collector:
-    """Per-batch statistics of every hook, kept on the model's device until the batch
-    ends, then moved to the host in one transfer per field (no sync per hook).
+#: Hidden states of one batch whose statistics are computed in one call, up to this
+#: many bytes (float32 copies): all the hooks of a short batch, one at a time for long
+#: inputs. Memory: at most two groups beyond the forward pass's own.
+GROUP_BYTES = 8 << 20
 
-    Where a CPU core is spare (:func:`massact_lens.overlap.spare_core`), each hook
-    only copies its hidden state (in float32, as the statistics read it) and leaves
-    top-k and median to a worker thread, beside the forward pass of the next blocks;
-    the results are the same to the bit."""
+
+class _BatchRun:
+    """One batch's readers: each hook copies its hidden state into the current group;
+    a full group goes to :func:`grouped_stats` (on the worker, or at once)."""
+
+    def __init__(self, batch: Batch, n_hooks: int, top_k: int, beside: Beside, device: torch.device | None) -> None:
+        self.batch = batch
+        self.n_hooks, self.top_k, self.beside = n_hooks, top_k, beside
+        self.tokens = batch.tokens.to(device) if device is not None else batch.tokens
+        self.layout = RealLayout.of(batch.attention_mask.cpu().bool())  # on the host, once per batch
+        self.mask = batch.attention_mask.to(self.tokens.device).bool()
+        self.fired: set[int] = set()
+        self.groups: list[tuple[list[int], Future[HiddenStateStats]]] = []
+        self._buffer: torch.Tensor | None = None
+        self._members: list[int] = []
+
+    def reader(self, index: int) -> Any:
+        def read(activation: torch.Tensor, hook: Any = None) -> None:
+            self.add(index, activation.detach(), getattr(hook, "name", None))
+
+        return read
+
+    def add(self, index: int, x: torch.Tensor, name: str | None) -> None:
+        if index in self.fired:
+            raise RuntimeError(
+                f"Hook {name or index} fired twice in one forward pass: scan reads each hidden state "
+                "once. Scan the two calls' hook points under their own names."
+            )
+        self.fired.add(index)
+        if self._buffer is not None and tuple(self._buffer.shape[1:]) != tuple(x.shape):
+            self._submit()
+        if self._buffer is None:
+            left = self.n_hooks - len(self.fired) + 1
+            slots = max(1, min(left, GROUP_BYTES // max(1, x.numel() * 4)))
+            if slots == 1 and not self.beside.enabled:  # computed now: no copy needed
+                self._submit_one(index, x)
+                return
+            self._buffer = torch.empty((slots, *x.shape), dtype=torch.float32, device=x.device)
+        # A copy now: later layers or hooks may write into x before the statistics run.
+        self._buffer[len(self._members)].copy_(x)
+        self._members.append(index)
+        if len(self._members) == self._buffer.shape[0]:
+            self._submit()
+
+    def _submit_one(self, index: int, x: torch.Tensor) -> None:
+        self.groups.append(([index], self.beside.submit(grouped_stats, x[None], self.mask.to(x.device), self.top_k, self.layout)))
+
+    def _submit(self) -> None:
+        if self._buffer is None:
+            return
+        states, members = self._buffer[: len(self._members)], self._members
+        self._buffer, self._members = None, []
+        self.groups.append((members, self.beside.submit(grouped_stats, states, self.mask.to(states.device), self.top_k, self.layout)))
+
+    def finish(self) -> None:
+        """The forward pass is over: every hook must have fired; the last group is sent."""
+        missing = sorted(set(range(self.n_hooks)) - self.fired)
+        if missing:
+            raise RuntimeError(
+                f"Hook(s) {missing} did not fire in this forward pass: the model never reached them. "
+                "Check the hook names against model.hook_dict."
+            )
+        self._submit()
+
+    def collect(self) -> tuple[torch.Tensor, ...]:
+        """The batch's statistics on the host (waits for them): values, positions, dims,
+        token_ids ``[batch, hook, k]``, medians and nonfinite ``[batch, hook]``."""
+        order = [i for members, _ in self.groups for i in members]
+        parts = [future.result() for _, future in self.groups]
+        device = parts[0].values.device
+        where = torch.argsort(torch.tensor(order), stable=True)
+
+        def stacked(field: str) -> torch.Tensor:  # [hook, batch, ...] in hook order -> [batch, hook, ...]
+            joined = torch.cat([getattr(p, field).to(device) for p in parts])
+            return joined[where.to(device)].transpose(0, 1)
+
+        positions = stacked("positions")
+        tokens = self.tokens.to(device)
+        token_ids = tokens.gather(1, positions.clamp(min=0).flatten(1).long()).view_as(positions)
+        token_ids = token_ids.masked_fill(positions < 0, -1).to(torch.int32)
+        fields = (stacked("values"), positions, stacked("dims"), token_ids, stacked("medians"), stacked("nonfinite"))
+        return tuple(f.contiguous().cpu() for f in fields)
+
+
+class _Collector:
+    """Per-batch statistics of every hook, kept on the model's device until the batch's
+    results are gathered, then moved to the host in one transfer per field (no sync
+    per hook).
+
+    Each hook copies its hidden state (float32, as the statistics read it) into a group
+    (:data:`GROUP_BYTES`) whose statistics are computed in one call. Where a CPU core is
+    spare (:func:`massact_lens.overlap.spare_core`) a worker thread computes them beside
+    the forward pass, and a batch's results are gathered when the next batch has run
+    (its last group overlaps that pass); the results are the same to the bit."""
 
     def __init__(
         self, n_hooks: int, top_k: int, device: torch.device | None, follower: BatchFollower | None = None
     ) -> None:
         self.n_hooks = n_hooks
         self.top_k = top_k
+        self.device = device
         self.follower = follower
-        self.batch: Batch | None = None
         self.beside = Beside(enabled=spare_core(device))
-        self.pending: list[Callable[[], HiddenStateStats] | None] = []
-        self.tokens: torch.Tensor | None = None
+        self.current: _BatchRun | None = None
+        self.waiting: list[_BatchRun] = []
         self.host: list[tuple[torch.Tensor, ...]] = []
         self.lengths: list[torch.Tensor] = []
 
-    def start(self, batch: Batch, device: torch.device) -> list[Any]:
-        """Flush the previous batch; return one reader per hook for ``batch``."""
-        self.flush()
-        self.batch = batch
-        self.pending = [None] * self.n_hooks
-        self.tokens = batch.tokens.to(device)
-        layout = RealLayout.of(batch.attention_mask.cpu().bool())  # on the host, once per batch
-        self.lengths.append(torch.tensor(layout.counts, dtype=torch.long))
-        mask = batch.attention_mask.to(device).bool()
-        return [self._reader(i, mask, layout) for i in range(self.n_hooks)]
+    def start(self, batch: Batch, device: torch.device | None) -> list[Any]:
+        """End the previous batch; return one reader per hook for ``batch``."""
+        self._end_current()
+        self._gather(keep=1 if self.beside.enabled else 0)
+        self.current = _BatchRun(batch, self.n_hooks, self.top_k, self.beside, device)
+        self.lengths.append(torch.tensor(self.current.layout.counts, dtype=torch.long))
+        return [self.current.reader(i) for i in range(self.n_hooks)]
 
-    def _reader(self, index: int, mask: torch.Tensor, layout: RealLayout) -> Any:
-        def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
-            x = activation.detach()
-            real = mask.to(x.device)
-            if self.beside.enabled:  # a copy now (later layers or hooks may write into x)
-                x = x.to(torch.float32, copy=True)
-            self.pending[index] = self.beside.submit(hidden_state_stats, x, real, self.top_k, layout)
+    def _end_current(self) -> None:
+        if self.current is not None:
+            run, self.current = self.current, None
+            run.finish()
+            self.waiting.append(run)
 
-        return read
+    def _gather(self, keep: int) -> None:
+        while len(self.waiting) > keep:
+            run = self.waiting.pop(0)
+            self.host.append(run.collect())
+            if self.follower is not None:
+                self.follower.batch_done(run.batch, self.host[-1])
 
     def flush(self) -> None:
-        if not self.pending:
-            return
-        missing = [i for i, s in enumerate(self.pending) if s is None]
-        if missing:
-            raise RuntimeError(
-                f"Hook(s) {missing} did not fire in this forward pass: the model never reached them. "
-                "Check the hook names against model.hook_dict."
-            )
-        stats = [s() for s in self.pending if s is not None]
-        device = stats[0].values.device
-        tokens = self.tokens.to(device)  # type: ignore[union-attr]
-        positions = torch.stack([s.positions.to(device) for s in stats], dim=1)
-        token_ids = tokens.gather(1, positions.clamp(min=0).flatten(1).long()).view_as(positions)
-        token_ids = token_ids.masked_fill(positions < 0, -1).to(torch.int32)
-        self.host.append(
-            (
-                torch.stack([s.values.to(device) for s in stats], dim=1).cpu(),
-                positions.cpu(),
-                torch.stack([s.dims.to(device) for s in stats], dim=1).cpu(),
-                token_ids.cpu(),
-                torch.stack([s.medians.to(device) for s in stats], dim=1).cpu(),
-                torch.stack([s.nonfinite.to(device) for s in stats], dim=1).cpu(),
-            )
-        )
-        self.pending = []
-        if self.follower is not None and self.batch is not None:
-            self.follower.batch_done(self.batch, self.host[-1])
+        """End the last batch and gather every result."""
+        self._end_current()
+        self._gather(keep=0)
 
     def stacked(self, field_index: int) -> torch.Tensor:
         return torch.cat([part[field_index] for part in self.host])
@@ -345,7 +413,9 @@ class BatchFollower(Protocol):
 
     def batch_done(self, batch: Batch, stats: tuple[torch.Tensor, ...]) -> None:
         """The batch's statistics on the host: values, positions, dims, token_ids
-        ``[batch, hook, k]``, medians and nonfinite ``[batch, hook]``."""
+        ``[batch, hook, k]``, medians and nonfinite ``[batch, hook]``. Called in batch
+        order, once per batch, possibly after the next batch's forward pass (while the
+        statistics run beside it), so keep per-batch state keyed by the batch."""
         ...
 
 

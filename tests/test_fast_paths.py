@@ -162,13 +162,13 @@ def test_the_worker_reads_a_copy_taken_when_the_hook_fired(monkeypatch):
 
     monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "1")
     written = threading.Event()
-    stats = scan_module.hidden_state_stats
+    stats = scan_module.grouped_stats
 
     def held(*args):
         written.wait(timeout=60)
         return stats(*args)
 
-    monkeypatch.setattr(scan_module, "hidden_state_stats", held)
+    monkeypatch.setattr(scan_module, "grouped_stats", held)
     collector = scan_module._Collector(1, 2, torch.device("cpu"))
     try:
         (read,) = collector.start(Batch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 0), torch.device("cpu"))
@@ -187,8 +187,8 @@ def test_worker_errors_reach_the_caller():
     try:
         result = beside.submit(int, "not a number")
         with pytest.raises(ValueError):
-            result()
-        assert beside.submit(int, "7")() == 7  # the slot was given back
+            result.result()
+        assert beside.submit(int, "7").result() == 7  # the slot was given back
     finally:
         beside.close()
 
@@ -198,3 +198,35 @@ def test_spare_core_setting(monkeypatch):
     assert spare_core(torch.device("cpu")) and not spare_core(torch.device("meta"))
     monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "0")
     assert not spare_core(None)
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_hooks_of_different_widths_in_one_scan_equal_scans_of_each(setting, monkeypatch, bos_tokens):
+    """A scan groups same-shaped hidden states for its statistics: a hook of another
+    width (the MLP's d_mlp) between them splits the group, and nothing changes."""
+    from massact_lens.examples import tiny_model
+
+    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", setting)
+    model = tiny_model()
+    names = ["blocks.0.hook_resid_post", "blocks.1.mlp.in.hook_out", "blocks.1.hook_resid_post"]
+    together = scan(model, bos_tokens, hooks=names, batch_size=3, progress=False)
+    for h, name in enumerate(names):
+        alone = scan(model, bos_tokens, hooks=[name], batch_size=3, progress=False)
+        for field in ("values", "positions", "dims", "medians"):
+            assert torch.equal(getattr(together, field)[:, h].nan_to_num(-1), getattr(alone, field)[:, 0].nan_to_num(-1))
+
+
+def test_a_hook_firing_twice_in_one_pass_is_an_error():
+    import importlib
+
+    from massact_lens.batching import Batch
+
+    scan_module = importlib.import_module("massact_lens.scan")
+    collector = scan_module._Collector(2, 2, torch.device("cpu"))
+    try:
+        read, _ = collector.start(Batch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 0), None)
+        read(torch.ones(1, 2, 3))
+        with pytest.raises(RuntimeError, match="fired twice"):
+            read(torch.ones(1, 2, 3))
+    finally:
+        collector.beside.close()

@@ -17,8 +17,16 @@ def _same_stats(one, two):
         assert math.isclose(a.std, b.std, rel_tol=1e-9, abs_tol=1e-9)
 
 
+@pytest.fixture(params=["0", "1"], ids=["inside", "beside"])
+def stats_thread(request, monkeypatch):
+    """Statistics inside the hooks, or on the worker thread (whose batch results arrive
+    one batch later: the follower then learns new dims one batch later too)."""
+    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", request.param)
+    return request.param == "1"
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_one_pass_profile_equals_two_passes_on_minilm(minilm_model, sentences, batch_size):
+def test_one_pass_profile_equals_two_passes_on_minilm(minilm_model, sentences, batch_size, stats_thread):
     one = ml.profile(minilm_model, sentences, min_value=50, min_ratio=200, batch_size=batch_size, progress=False)
     earlier = ml.scan(minilm_model, sentences, batch_size=batch_size, progress=False)
     two = ml.profile(minilm_model, sentences, min_value=50, min_ratio=200, batch_size=batch_size,
@@ -27,7 +35,7 @@ def test_one_pass_profile_equals_two_passes_on_minilm(minilm_model, sentences, b
     _same_stats(one.stats, two.stats)
 
 
-def test_one_pass_profile_equals_two_passes_on_smollm2(smollm2_model, sentences):
+def test_one_pass_profile_equals_two_passes_on_smollm2(smollm2_model, sentences, stats_thread):
     one = ml.profile(smollm2_model, sentences[:6], batch_size=2, progress=False)
     earlier = ml.scan(smollm2_model, sentences[:6], batch_size=2, progress=False)
     two = ml.profile(smollm2_model, sentences[:6], batch_size=2, scan_result=earlier, progress=False)
@@ -48,21 +56,39 @@ def _follow(model, tokens, batch_size):
     return follower, forwards
 
 
-def test_the_first_input_alone_finds_the_dims_so_nothing_runs_twice(planted, bos_tokens):
+def test_the_first_input_alone_finds_the_dims_so_nothing_runs_twice(planted, bos_tokens, stats_thread):
     follower, forwards = _follow(planted, bos_tokens, 2)
     assert follower.dims == [5] and follower.reruns == 0
     assert forwards == [1, 2, 2, 2, 2]  # the one-input probe, then 8 inputs in batches of 2
 
 
-def test_a_batch_with_a_dim_not_yet_followed_runs_again(planted, bos_tokens):
+def test_the_probe_reads_only_the_start_of_the_first_input(planted, bos_tokens, monkeypatch):
+    from massact_lens import profile_values
+
+    monkeypatch.setattr(profile_values, "PROBE_TOKENS", 2)
+    shapes = []
+    point = planted.hook_dict["hook_embed"]
+    point.add_hook(lambda x, hook: shapes.append(tuple(x.shape[:2])))
+    try:
+        follower = CandidateValues(planted, ml.hook_names.residual_hook_names(planted), 50.0, 100.0)
+        ml.scan(planted, bos_tokens, follower=follower, batch_size=4, progress=False)
+    finally:
+        point.remove_hooks("fwd")
+    assert shapes[0] == (1, 2) and follower.dims == [5] and follower.reruns == 0
+
+
+def test_a_batch_with_a_dim_not_yet_followed_runs_again(planted, bos_tokens, stats_thread):
     tokens = bos_tokens.clone()
     tokens[:4, 0] = 7  # no start token 0 in the first two batches: the probe finds nothing
     follower, forwards = _follow(planted, tokens, 2)
-    assert follower.dims == [5] and follower.reruns == 1
-    assert forwards == [1, 2, 2, 2, 2, 2]  # the probe, 4 batches, and batch 3 again
+    assert follower.dims == [5]
+    if stats_thread:  # batch 3 learns dim 5 after batch 4 ran: both run again
+        assert follower.reruns == 2 and forwards == [1, 2, 2, 2, 2, 2, 2]
+    else:  # the probe, 4 batches, and batch 3 again
+        assert follower.reruns == 1 and forwards == [1, 2, 2, 2, 2, 2]
 
 
-def test_a_dim_appearing_late_is_followed_from_then_on(planted, bos_tokens):
+def test_a_dim_appearing_late_is_followed_from_then_on(planted, bos_tokens, stats_thread):
     """Inputs without the planted token first: no massive entry, nothing copied or rerun
     until the batch that has one."""
     tokens = bos_tokens.clone()
