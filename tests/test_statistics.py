@@ -166,11 +166,13 @@ def test_statistics_of_a_batch_read_nothing_back_per_hook(monkeypatch):
     assert mode.reads
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("left_padded", [False, True])
-def test_grouped_stats_equal_one_call_per_hidden_state(left_padded):
+def test_grouped_stats_equal_one_call_per_hidden_state(left_padded, overwrite):
     """The statistics of several hooks' states in one call are those of one call each,
     to the bit: uneven and left padding, a NaN state, an empty row, top_k above the
-    real entries of the shortest row."""
+    real entries of the shortest row; also when the call may overwrite the states
+    (it then keeps only their signs: -0.0 and negative values come back as they were)."""
     from massact_lens.statistics import RealLayout, grouped_stats
 
     gen = torch.Generator().manual_seed(11)
@@ -181,12 +183,15 @@ def test_grouped_stats_equal_one_call_per_hidden_state(left_padded):
     if left_padded:
         real = real.flip(1)
     states[2, 0, 1, 1] = float("nan")
+    states[1, 1, -1 if left_padded else 0] = -0.0  # the one real position of input 1
     layout = RealLayout.of(real)
-    together = grouped_stats(states.clone(), real, 5, layout)
+    together = grouped_stats(states.clone(), real, 5, layout, overwrite=overwrite)
     for g in range(group):
         alone = hidden_state_stats(states[g].clone(), real, 5)
         for a, b in zip(alone, (field[g] for field in together), strict=True):
             assert torch.equal(a.nan_to_num(-7.0) if a.is_floating_point() else a,
                                b.nan_to_num(-7.0) if b.is_floating_point() else b)
+            if a.is_floating_point():  # the sign bit too (-0.0)
+                assert torch.equal(torch.signbit(a.nan_to_num(-7.0)), torch.signbit(b.nan_to_num(-7.0)))
     assert together.nonfinite[2, 0] and torch.isnan(together.medians[:, 3]).all()
     assert (together.positions[:, 1, 3:] == -1).all()  # one real position of 3 dims: 3 entries
