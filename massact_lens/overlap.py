@@ -6,7 +6,9 @@ cores this process may use, :class:`Beside` runs them on one worker thread
 instead, while the forward pass goes on to the next block (torch's kernels and
 numpy's selection release the GIL, so the two use separate cores). At most
 ``depth`` calls are pending: a hook waits when the worker is behind, so memory
-stays that of ``depth`` hidden states, whatever the corpus.
+stays that of ``depth`` calls' arguments (for :func:`massact_lens.scan`, a group of
+hidden states of at most ``GROUP_BYTES``), whatever the corpus. Calls run one at a
+time, in the order submitted.
 
 On a GPU nothing is gained by a thread: kernels are queued asynchronously already
 and the statistics stay on the device until one transfer per batch. Set

@@ -17,8 +17,8 @@ not kept) to learn the dims to follow: the start token carries them (a dim seen 
 later costs a rerun, never a wrong number). Massive dims are few and fixed (the
 paper's finding), so a profile costs about one scan plus one short input. When the
 statistics run beside the forward pass (:mod:`massact_lens.overlap`), a batch's
-findings arrive after the next batch ran: a new dim then reruns both. :func:`second_pass_values` is the two-pass way,
-for a scan made earlier.
+findings arrive after the next batch ran: a new dim then reruns both.
+:func:`second_pass_values` is the two-pass way, for a scan made earlier.
 
 >>> import torch
 >>> from massact_lens.examples import tiny_model
