@@ -215,7 +215,7 @@ def _stats(
         order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
         magnitude = magnitude.gather(2, order[None, :, :, None].expand_as(magnitude))
     n_total = pos * d_model
-    flat = magnitude.view(group, batch, n_total)
+    flat = magnitude.reshape(group, batch, n_total)  # a copy only when x was strided (then ours)
     entries = tuple(n * d_model for n in layout.counts)
     for i, n in enumerate(entries):  # padding at -1: below every real entry
         if n < n_total:

@@ -195,3 +195,18 @@ def test_grouped_stats_equal_one_call_per_hidden_state(left_padded, overwrite):
                 assert torch.equal(torch.signbit(a.nan_to_num(-7.0)), torch.signbit(b.nan_to_num(-7.0)))
     assert together.nonfinite[2, 0] and torch.isnan(together.medians[:, 3]).all()
     assert (together.positions[:, 1, 3:] == -1).all()  # one real position of 3 dims: 3 entries
+
+
+def test_a_strided_activation_gives_the_numbers_of_its_contiguous_copy():
+    """A hook point whose tensor is a transposed view (a model working in [pos, batch, d]):
+    the statistics read it as it is (they once failed on .view of a strided tensor)."""
+    from massact_lens.statistics import grouped_stats
+
+    gen = torch.Generator().manual_seed(5)
+    strided = torch.randn(4, 3, 6, generator=gen).transpose(0, 1)  # [batch 3, pos 4, d 6]
+    real = torch.arange(4)[None] < torch.tensor([4, 2, 3])[:, None]
+    for got, want in zip(hidden_state_stats(strided, real, 5), hidden_state_stats(strided.contiguous(), real, 5),
+                         strict=True):
+        assert torch.equal(got, want)
+    grouped = grouped_stats(strided[None], real, 5)
+    assert torch.equal(grouped.values[0], hidden_state_stats(strided.contiguous(), real, 5).values)
