@@ -351,10 +351,8 @@ class _BatchRun:
     def collect(self) -> tuple[torch.Tensor, ...]:
         """The batch's statistics on the host (waits for them): values, positions, dims,
         token_ids ``[batch, hook, k]``, medians and nonfinite ``[batch, hook]``."""
-        if self.assembled is None:  # every group went out before the last hook fired
-            done: Future[tuple[torch.Tensor, ...]] = Future()
-            done.set_result(self._assemble([f.result() for f in self.futures]))
-            self.assembled = done
+        if self.assembled is None:  # finish() raised, or was never called
+            raise RuntimeError("collect() before the batch's last group was sent.")
         return self.assembled.result()
 
     def _assemble(self, parts: list[HiddenStateStats]) -> tuple[torch.Tensor, ...]:
@@ -390,7 +388,6 @@ class _Collector:
     ) -> None:
         self.n_hooks = n_hooks
         self.top_k = top_k
-        self.device = device
         self.follower = follower
         self.beside = Beside(enabled=spare_core(device))
         self.current: _BatchRun | None = None

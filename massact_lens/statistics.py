@@ -86,17 +86,21 @@ def lower_medians(
     return _with_empty_rows_nan(_kth_smallest(magnitude, k).to(magnitude.device), counts)
 
 
-def _equalise_ranks(flat: Float[torch.Tensor, "group batch entries"], counts: tuple[int, ...]) -> int:
+def _equalise_ranks(
+    flat: Float[torch.Tensor, "group batch entries"], counts: tuple[int, ...], low_filled: bool = False
+) -> int:
     """Fill the padding of every row ``[g, i]`` (after its first ``counts[i]`` entries)
     so that rank ``K`` of every row is its lower median (see :func:`lower_medians`);
     return ``K`` (0 when no row has an entry). One slice per padded input, touching
-    only padding: no mask as large as the batch is built."""
+    only padding: no mask as large as the batch is built. ``low_filled``: the padding
+    is at -1 already (only its +inf part is written)."""
     n_total = int(flat.shape[-1])
     k = max(((n + 1) // 2 for n in counts), default=0)
     for i, n in enumerate(counts):
         if n < n_total:
             low_end = n + k - (n + 1) // 2
-            flat[:, i, n:low_end].fill_(-1.0)
+            if not low_filled:
+                flat[:, i, n:low_end].fill_(-1.0)
             flat[:, i, low_end:].fill_(float("inf"))
     return k
 
@@ -234,7 +238,7 @@ def _stats(
         nonfinite = ~torch.isfinite(top[..., 0])
     else:
         nonfinite = torch.zeros(group, batch, dtype=torch.bool, device=flat.device)
-    kth = _equalise_ranks(flat, entries)
+    kth = _equalise_ranks(flat, entries, low_filled=True)  # padding is at -1 since the top-k
     if kth == 0:
         medians = torch.full((group, batch), float("nan"), device=flat.device)
     else:
