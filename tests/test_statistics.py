@@ -147,7 +147,8 @@ class _HostReads(torch.overrides.TorchFunctionMode):
 def test_statistics_of_a_batch_read_nothing_back_per_hook(monkeypatch):
     """With the batch's layout made once on the host, a hook's statistics never read a
     tensor back (on a GPU: no synchronisation per hook). The device selection
-    (kthvalue) runs on the CPU here in place of numpy's, and gives the same numbers."""
+    (kthvalue) runs on the CPU here in place of numpy's, and the device ranking (unique
+    int64 keys) in place of the checked topk; both give the same numbers."""
     from massact_lens import statistics
 
     gen = torch.Generator().manual_seed(3)
@@ -156,6 +157,7 @@ def test_statistics_of_a_batch_read_nothing_back_per_hook(monkeypatch):
     layout = statistics.RealLayout.of(real)
     on_host = hidden_state_stats(x, real, 4, layout)
     monkeypatch.setattr(statistics, "_kth_smallest", statistics._kth_on_device)
+    monkeypatch.setattr(statistics, "_canonical_topk", statistics._canonical_topk_on_device)
     with _HostReads() as mode:
         on_device = hidden_state_stats(x, real, 4, layout)
     assert mode.reads == []
@@ -210,3 +212,70 @@ def test_a_strided_activation_gives_the_numbers_of_its_contiguous_copy():
         assert torch.equal(got, want)
     grouped = grouped_stats(strided[None], real, 5)
     assert torch.equal(grouped.values[0], hidden_state_stats(strided.contiguous(), real, 5).values)
+
+
+def _canonical_reference(x: torch.Tensor, real: torch.Tensor, k: int) -> tuple[list, list]:
+    """Per state: the k first entries as (position, dim) in descending |x|, equal
+    magnitudes by position then dim, NaN as +inf; and their signed values."""
+    where, values = [], []
+    for i in range(x.shape[0]):
+        entries = [
+            (p, j) for p in range(x.shape[1]) if bool(real[i, p]) for j in range(x.shape[2])
+        ]
+
+        def key(e, row=x[i]):
+            m = abs(float(row[e[0], e[1]]))
+            return (-(float("inf") if m != m else m), e[0], e[1])
+
+        first = sorted(entries, key=key)[:k]
+        where.append(first)
+        values.append([float(x[i, p, j]) for p, j in first])
+    return where, values
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_equal_magnitudes_come_in_position_then_dim_order(monkeypatch, left_padded, on_device):
+    """Ties in |x| (common in bfloat16) are recorded in one canonical order, the lower
+    position then the lower dim first, whatever torch.topk would pick: checked against
+    a sort of every entry, with signs, zeros of both signs, an infinity, a NaN, an
+    empty state and k above a short state's entries; the same with the device ranking."""
+    from massact_lens import statistics
+
+    if on_device:
+        monkeypatch.setattr(statistics, "_canonical_topk", statistics._canonical_topk_on_device)
+    gen = torch.Generator().manual_seed(2)
+    batch, pos, d, k = 6, 9, 7, 12
+    levels = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 3.0])
+    x = levels[torch.randint(0, len(levels), (batch, pos, d), generator=gen)]
+    x[1, 2, 3], x[1, 5, 0] = float("inf"), float("-inf")
+    x[4, 3, 6] = float("nan")
+    lengths = torch.tensor([9, 6, 1, 0, 9, 4])
+    real = torch.arange(pos)[None] < lengths[:, None]
+    if left_padded:
+        real = real.flip(1)
+    stats = hidden_state_stats(x, real, k)
+    where, values = _canonical_reference(x, real, k)
+    for i in range(batch):
+        n = len(where[i])
+        assert [(int(p), int(j)) for p, j in zip(stats.positions[i, :n], stats.dims[i, :n], strict=True)] == where[i]
+        got = stats.values[i, :n]
+        want = torch.tensor(values[i])
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert torch.equal(torch.signbit(got), torch.signbit(want))  # -0.0 kept
+        assert (stats.positions[i, n:] == -1).all() and torch.isnan(stats.values[i, n:]).all()
+    assert stats.nonfinite.tolist() == [False, True, False, False, True, False]
+
+
+def test_records_do_not_depend_on_the_batch_they_were_padded_in():
+    """The same state gives the same records alone and in a wider batch (more padding,
+    another batch shape), with ties among its largest entries."""
+    gen = torch.Generator().manual_seed(4)
+    state = torch.randint(-2, 3, (5, 8), generator=gen).float() * 10
+    alone = hidden_state_stats(state[None], torch.ones(1, 5, dtype=torch.bool), 10)
+    wide = torch.randn(3, 11, 8, generator=gen) * 10
+    wide[1, :5] = state
+    real = torch.arange(11)[None] < torch.tensor([11, 5, 7])[:, None]
+    padded = hidden_state_stats(wide, real, 10)
+    for a, b in zip(alone, padded, strict=True):
+        assert torch.equal(a[0], b[1])
