@@ -242,14 +242,17 @@ def _top_entries(
     chosen = _order_keys(ranked, torch.arange(pos, device=device).expand(group, batch, pos), pos).topk(kp, dim=2)
     chosen = chosen.indices.sort(dim=2).values  # in position order: candidate order = flat order
     rows = (torch.arange(group * batch, device=device).view(group, batch, 1) * pos + chosen).flatten()
-    candidates = x.reshape(group * batch * pos, d_model).index_select(0, rows).view(group, batch, kp * d_model)
-    magnitude = candidates.abs()
+    candidates = x.reshape(group * batch * pos, d_model).index_select(0, rows)  # a copy: ours
+    magnitude = candidates.abs_().view(group, batch, kp * d_model)
     if min(layout.counts, default=pos) < kp:  # some state's k positions reach its padding
         padding = per_position.gather(2, chosen) < 0
         magnitude.view(group, batch, kp, d_model).masked_fill_(padding[..., None], -1.0)
     best = _canonical_topk(magnitude, k)
-    index = chosen.gather(2, torch.div(best, d_model, rounding_mode="floor")) * d_model + best % d_model
-    return magnitude.gather(2, best), candidates.gather(2, best), index
+    position = chosen.gather(2, torch.div(best, d_model, rounding_mode="floor"))
+    dim = best % d_model
+    signed = x[torch.arange(group, device=device)[:, None, None], torch.arange(batch, device=device)[None, :, None],
+               position, dim]  # x is intact: the signs of the k entries
+    return magnitude.gather(2, best), signed, position * d_model + dim
 
 
 def _canonical_topk(magnitude: Float[torch.Tensor, "group batch n"], k: int) -> Int[torch.Tensor, "group batch k"]:
