@@ -288,6 +288,8 @@ def _stats(
     ``overwrite``: ``x`` may be used as the work space (a float32 copy the caller owns):
     the median's selection then runs in it, with no second copy."""
     group, batch, pos, d_model = (int(s) for s in x.shape)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, not {top_k!r}.")
     if layout is None:
         layout = RealLayout.of(real)
     n_total = pos * d_model
@@ -298,7 +300,8 @@ def _stats(
     else:
         empty = torch.zeros(group, batch, 0, device=x.device)
         top, signed, index = empty, empty, empty.long()
-    magnitude = values.abs_() if (overwrite or values is not x) else values.abs()
+    own = values is not x or (overwrite and values.is_contiguous())  # may be written
+    magnitude = values.abs_() if own else values.abs()
     if not layout.prefix:  # move the real positions first (stable): the same layout as right padding
         order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
         magnitude = magnitude.gather(2, order[None, :, :, None].expand_as(magnitude))

@@ -279,3 +279,16 @@ def test_records_do_not_depend_on_the_batch_they_were_padded_in():
     padded = hidden_state_stats(wide, real, 10)
     for a, b in zip(alone, padded, strict=True):
         assert torch.equal(a[0], b[1])
+
+
+def test_an_expanded_state_and_top_k_zero():
+    """An expanded (overlapping) state with overwrite=True is not written in place;
+    top_k=0 is refused (it once returned a finite median for a state holding inf)."""
+    from massact_lens.statistics import grouped_stats
+
+    expanded = torch.randn(1, 2, 1, 4, generator=torch.Generator().manual_seed(1)).expand(1, 2, 3, 4)
+    got = grouped_stats(expanded, torch.ones(2, 3, dtype=torch.bool), 3, overwrite=True)
+    want = grouped_stats(expanded.contiguous(), torch.ones(2, 3, dtype=torch.bool), 3)
+    assert torch.equal(got.values, want.values) and torch.equal(got.medians, want.medians)
+    with pytest.raises(ValueError, match="top_k"):
+        hidden_state_stats(torch.tensor([[[1.0, float("inf")], [2.0, 3.0]]]), torch.ones(1, 2, dtype=torch.bool), 0)
