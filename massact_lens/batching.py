@@ -42,7 +42,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._types import HookList, Inputs, model_device
 from massact_lens.fast_paths import lean_components
-from massact_lens.models import fast_attention
+from massact_lens.models import attention_implementation, fast_attention, wants_fast_attention
 
 __all__ = [
     "Batch",
@@ -93,8 +93,9 @@ def announce(fwd_hooks: Iterable[tuple[Any, Any]], batch: Batch) -> None:
     :func:`run_batches` does this for you; a loop of its own calls it before each pass.
     """
     for _, fn in fwd_hooks:
-        if isinstance(fn, BatchAware):
-            fn.before_batch(batch)
+        before = getattr(fn, "before_batch", None)  # isinstance(fn, BatchAware), without the Protocol's cost
+        if callable(before):
+            before(batch)
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,8 @@ def run_batches(
     def stop(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
         raise _StopForward
 
+    patterns: dict[tuple[str, ...], bool] = {}  # fast attention, per set of hook names
+
     with torch.inference_mode(), lean_components(model):  # type: ignore[arg-type]
         for batch in bar:
             tokens = batch.tokens.to(device) if device is not None else batch.tokens
@@ -352,7 +355,7 @@ def run_batches(
             if stop_here is not None:
                 hooks = [*hooks, (stop_here, stop)]
             out = None
-            attention = fast_attention(model, [name for name, _ in hooks])
+            attention = _attention(model, [name for name, _ in hooks], patterns)
             with attention, model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
                 out = model(tokens, attention_mask=mask, return_type="logits" if on_batch else None)  # type: ignore[operator]
             if on_batch is not None:
@@ -361,6 +364,22 @@ def run_batches(
                 after_batch(batch)
             seen += int(batch.tokens.shape[0])
     return seen
+
+
+def _attention(
+    model: TransformerLensModel, names: list[Any], decided: dict[tuple[str, ...], bool]
+) -> contextlib.AbstractContextManager[None]:
+    """:func:`fast_attention` for a batch's hook names, decided once per run for the same
+    names (reading the model's hook dict every batch cost ~0.15 ms); names that are
+    filters are decided every batch. The setting itself is still switched per batch."""
+    if not all(isinstance(n, str) for n in names):
+        return fast_attention(model, names)
+    key = tuple(names)
+    if key not in decided:
+        if len(decided) >= 64:  # hook names that change every batch: keep memory flat
+            decided.clear()
+        decided[key] = wants_fast_attention(model, names)
+    return attention_implementation(model, "sdpa") if decided[key] else contextlib.nullcontext()
 
 
 def _n_batches(plan: BatchPlan) -> int | None:

@@ -26,6 +26,12 @@ attention path runs the model's configured kernel (SDPA inside
 :func:`massact_lens.models.fast_attention`) and agrees with the bridge's eager
 arithmetic to float32 rounding (tests/test_fast_paths.py).
 
+Every bridge component's call also enters accelerate's ``align_module_device`` on its
+HuggingFace module (a generator context manager and an import per call, ~1.5% of a short
+MiniLM forward pass): inside :func:`lean_components` a module with no accelerate hook at
+all skips it (the same no-op; an offloaded module still aligns, see
+:func:`_quick_align`).
+
 Left alone: models with processed weights (folded LayerNorm and friends change what
 the HuggingFace module would compute), attention with TransformerLens's per-head
 input / result modes switched on, calls that carry a KV cache, subclasses that
@@ -42,12 +48,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge.generalized_components import base as _component_base
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
     PositionEmbeddingsAttentionBridge,
@@ -131,6 +139,39 @@ def _lean_forward(module: torch.nn.Module) -> Any:
     return None
 
 
+_NO_OP = contextlib.nullcontext()  # stateless: one instance serves every call
+_align_lock = threading.Lock()
+_align_depth = 0
+_accelerate_align: Any = None
+
+
+def _quick_align(module: torch.nn.Module, execution_device: Any = None) -> Any:
+    """accelerate's ``align_module_device`` for what TransformerBridge components call it
+    on: a module with no ``_hf_hook`` (accelerate sets it as a plain attribute) has
+    nothing to align, so the context is a no-op without the generator; any other module
+    gets accelerate's own."""
+    if execution_device is None and "_hf_hook" not in module.__dict__:
+        return _NO_OP
+    return _accelerate_align(module, execution_device)
+
+
+def _install_quick_align() -> None:
+    global _align_depth, _accelerate_align
+    with _align_lock:
+        if _align_depth == 0:
+            _accelerate_align = _component_base.align_module_device
+            _component_base.align_module_device = _quick_align
+        _align_depth += 1
+
+
+def _remove_quick_align() -> None:
+    global _align_depth
+    with _align_lock:
+        _align_depth -= 1
+        if _align_depth == 0 and _component_base.align_module_device is _quick_align:
+            _component_base.align_module_device = _accelerate_align
+
+
 @contextlib.contextmanager
 def lean_components(model: torch.nn.Module) -> Iterator[int]:
     """Inside: the bridge's attention and norm components take the HuggingFace path
@@ -144,6 +185,7 @@ def lean_components(model: torch.nn.Module) -> Iterator[int]:
         yield 0
         return
     touched: list[torch.nn.Module] = []
+    _install_quick_align()
     try:
         for module in model.modules():
             lean = _lean_forward(module)
@@ -158,6 +200,7 @@ def lean_components(model: torch.nn.Module) -> Iterator[int]:
             touched.append(module)
         yield len(touched)
     finally:
+        _remove_quick_align()
         for module in touched:
             depth = _installed.get(module, 1) - 1
             if depth <= 0:

@@ -285,6 +285,12 @@ def fast_attention(model: TransformerLensModel, hook_names: Iterable[str] = ()) 
     reads a pattern or score (:func:`reads_attention_pattern`): the fast kernel never
     computes them. Set ``MASSACT_LENS_EAGER=1`` to keep eager attention everywhere.
     """
-    if os.environ.get("MASSACT_LENS_EAGER") == "1" or reads_attention_pattern(model, hook_names):
+    if not wants_fast_attention(model, hook_names):
         return contextlib.nullcontext()
     return attention_implementation(model, "sdpa")
+
+
+def wants_fast_attention(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> bool:
+    """What :func:`fast_attention` decides: False when ``MASSACT_LENS_EAGER=1`` or a
+    hook reads an attention pattern (:func:`reads_attention_pattern`)."""
+    return os.environ.get("MASSACT_LENS_EAGER") != "1" and not reads_attention_pattern(model, hook_names)

@@ -116,13 +116,20 @@ def test_user_hooks_inside_fire_too(hf_llama):
 
 
 def test_restored_on_error_and_reentrant(hf_llama):
+    from accelerate.utils import align_module_device
+    from transformer_lens.model_bridge.generalized_components import base
+
+    from massact_lens.fast_paths import _quick_align
+
     attn = hf_llama.blocks[0].attn
     with pytest.raises(KeyError), lean_components(hf_llama):
         with lean_components(hf_llama):
             pass
         assert "forward" in attn.__dict__  # the outer one still holds
+        assert base.align_module_device is _quick_align
         raise KeyError("boom")
     assert not any("forward" in m.__dict__ for m in hf_llama.modules())
+    assert base.align_module_device is align_module_device
 
 
 def test_eager_setting_and_processed_weights_leave_the_model_alone(monkeypatch, hf_llama, hf_llama_dir):
