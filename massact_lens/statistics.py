@@ -8,9 +8,10 @@ entries are filled so that every row's median sits at the same rank (see
 the selection is ``torch.kthvalue``; on the CPU it is numpy's introselect in place
 (``ndarray.partition``, about 10x faster than ``torch.kthvalue`` there, measured by
 ``bench/bench_scan.py``'s microbenchmark). Its top-k entries come in one canonical
-order (descending ``|x|``, equal magnitudes by position, then dim), found by ranking
-only the entries of the k positions with the largest ``max |x|`` (see
-:func:`_top_entries`): no sign mask, no ranking of every entry. :func:`grouped_stats`
+order (descending ``|x|``, equal magnitudes by position, then dim); for a long state
+only the entries of the k positions with the largest ``max |x|`` are ranked (see
+:func:`_top_entries`), for a short one every entry, in one copy of ``|x|`` that the
+median reuses. :func:`grouped_stats`
 does several hidden states of one batch (several hooks) in one call: a short batch's
 statistics are a few dozen small operations whatever their size.
 
@@ -277,6 +278,20 @@ def _canonical_topk_on_device(magnitude: Float[torch.Tensor, "group batch n"], k
     return _order_keys(ranked, torch.arange(n, device=magnitude.device), n).topk(k, dim=2).indices
 
 
+def _fill_padding(
+    magnitude: Float[torch.Tensor, "group batch pos d_model"], real: Bool[torch.Tensor, "batch pos"],
+    layout: RealLayout, value: float,
+) -> None:
+    """Set every padding entry of ``magnitude`` to ``value``: one slice per padded input
+    when the batch is right-padded, a mask otherwise."""
+    if layout.prefix:
+        for i, n in enumerate(layout.counts):
+            if n < magnitude.shape[2]:
+                magnitude[:, i, n:].fill_(value)
+    else:
+        magnitude.masked_fill_(~real.to(magnitude.device)[None, :, :, None], value)
+
+
 def _stats(
     x: Float[torch.Tensor, "group batch pos d_model"],
     real: Bool[torch.Tensor, "batch pos"],
@@ -295,13 +310,23 @@ def _stats(
     n_total = pos * d_model
     k = min(top_k, n_total)
     values = x if x.dtype == torch.float32 else x.float()  # ours when it had to be converted
-    if k:
-        top, signed, index = _top_entries(values, real, k, layout)  # reads the signs: before any abs_
+    if k == 0:  # no entry at all (no position or no dim)
+        magnitude = values.abs()
+        top = signed = torch.zeros(group, batch, 0, device=x.device)
+        index = torch.zeros(group, batch, 0, dtype=torch.long, device=x.device)
+    elif 2 * min(k, pos) >= pos:
+        # Short states: the k strongest positions would be half of them or more, so every
+        # entry is ranked, in one copy of |x| that the median then reuses (x keeps the signs).
+        magnitude = values.abs().contiguous()
+        _fill_padding(magnitude, real, layout, -1.0)
+        best = _canonical_topk(magnitude.view(group, batch, n_total), k)
+        top = magnitude.view(group, batch, n_total).gather(2, best)
+        signed = values.reshape(group, batch, n_total).gather(2, best)
+        index = best
     else:
-        empty = torch.zeros(group, batch, 0, device=x.device)
-        top, signed, index = empty, empty, empty.long()
-    own = values is not x or (overwrite and values.is_contiguous())  # may be written
-    magnitude = values.abs_() if own else values.abs()
+        top, signed, index = _top_entries(values, real, k, layout)  # reads the signs: before any abs_
+        own = values is not x or (overwrite and values.is_contiguous())  # may be written
+        magnitude = values.abs_() if own else values.abs()
     if not layout.prefix:  # move the real positions first (stable): the same layout as right padding
         order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
         magnitude = magnitude.gather(2, order[None, :, :, None].expand_as(magnitude))

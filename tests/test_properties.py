@@ -14,7 +14,10 @@ from massact_lens.examples import tiny_model
 from massact_lens.planting import plant_massive_activation
 from massact_lens.statistics import hidden_state_stats
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples every run (a test that passes or fails by the draw is a flake).
+SETTINGS = settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +50,18 @@ def test_scan_does_not_depend_on_padding_or_batch_size(model, rows, batch_size):
     tokens, mask = _padded(rows)
     batched = ml.scan(model, tokens, attention_mask=mask, batch_size=batch_size, top_k=4, progress=False)
     for i, row in enumerate(rows):
-        alone = ml.scan(model, row[None], top_k=4, progress=False)
-        torch.testing.assert_close(batched.values[i], alone.values[0], rtol=1e-5, atol=1e-5, equal_nan=True)
-        # Where two kept entries tie (the same token twice in a row gives identical
-        # hidden states), float rounding of another batch shape may swap them: compare
-        # the coordinates of entries without a tie.
+        alone = ml.scan(model, row[None], top_k=5, progress=False)  # one more: the first one left out
+        torch.testing.assert_close(batched.values[i], alone.values[0, :, :4], rtol=1e-5, atol=1e-5, equal_nan=True)
+        # Where two entries nearly tie (the same token twice in a row gives hidden states
+        # equal up to float rounding), the rounding of another batch shape may swap them,
+        # also with the first entry left out: compare the coordinates of the kept entries
+        # that are apart from every other of the top 5.
         values = alone.values[0]
         gaps = (values[..., :, None] - values[..., None, :]).abs().nan_to_num(nan=1.0)
         gaps = gaps + torch.eye(values.shape[-1]) * 1e9
-        distinct = gaps.min(dim=-1).values > 1e-4 * values.abs().nan_to_num(nan=0.0) + 1e-5
-        assert torch.equal(batched.positions[i][distinct], alone.positions[0][distinct])
-        assert torch.equal(batched.dims[i][distinct], alone.dims[0][distinct])
+        distinct = (gaps.min(dim=-1).values > 1e-4 * values.abs().nan_to_num(nan=0.0) + 1e-5)[:, :4]
+        assert torch.equal(batched.positions[i][distinct], alone.positions[0, :, :4][distinct])
+        assert torch.equal(batched.dims[i][distinct], alone.dims[0, :, :4][distinct])
         torch.testing.assert_close(batched.medians[i], alone.medians[0], rtol=1e-5, atol=1e-6)
 
 

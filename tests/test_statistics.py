@@ -168,9 +168,10 @@ def test_statistics_of_a_batch_read_nothing_back_per_hook(monkeypatch):
     assert mode.reads
 
 
+@pytest.mark.parametrize("k", [2, 5])  # 2: ranked among the strongest positions; 5: every entry
 @pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("left_padded", [False, True])
-def test_grouped_stats_equal_one_call_per_hidden_state(left_padded, overwrite):
+def test_grouped_stats_equal_one_call_per_hidden_state(left_padded, overwrite, k):
     """The statistics of several hooks' states in one call are those of one call each,
     to the bit: uneven and left padding, a NaN state, an empty row, top_k above the
     real entries of the shortest row; also when the call may overwrite the states
@@ -187,9 +188,9 @@ def test_grouped_stats_equal_one_call_per_hidden_state(left_padded, overwrite):
     states[2, 0, 1, 1] = float("nan")
     states[1, 1, -1 if left_padded else 0] = -0.0  # the one real position of input 1
     layout = RealLayout.of(real)
-    together = grouped_stats(states.clone(), real, 5, layout, overwrite=overwrite)
+    together = grouped_stats(states.clone(), real, k, layout, overwrite=overwrite)
     for g in range(group):
-        alone = hidden_state_stats(states[g].clone(), real, 5)
+        alone = hidden_state_stats(states[g].clone(), real, k)
         for a, b in zip(alone, (field[g] for field in together), strict=True):
             assert torch.equal(a.nan_to_num(-7.0) if a.is_floating_point() else a,
                                b.nan_to_num(-7.0) if b.is_floating_point() else b)
@@ -197,9 +198,11 @@ def test_grouped_stats_equal_one_call_per_hidden_state(left_padded, overwrite):
                 assert torch.equal(torch.signbit(a.nan_to_num(-7.0)), torch.signbit(b.nan_to_num(-7.0)))
     assert together.nonfinite[2, 0] and torch.isnan(together.medians[:, 3]).all()
     assert (together.positions[:, 1, 3:] == -1).all()  # one real position of 3 dims: 3 entries
+    assert (together.positions[:, 1, :1] == (5 if left_padded else 0)).all()
 
 
-def test_a_strided_activation_gives_the_numbers_of_its_contiguous_copy():
+@pytest.mark.parametrize("k", [1, 5])
+def test_a_strided_activation_gives_the_numbers_of_its_contiguous_copy(k):
     """A hook point whose tensor is a transposed view (a model working in [pos, batch, d]):
     the statistics read it as it is (they once failed on .view of a strided tensor)."""
     from massact_lens.statistics import grouped_stats
@@ -207,11 +210,11 @@ def test_a_strided_activation_gives_the_numbers_of_its_contiguous_copy():
     gen = torch.Generator().manual_seed(5)
     strided = torch.randn(4, 3, 6, generator=gen).transpose(0, 1)  # [batch 3, pos 4, d 6]
     real = torch.arange(4)[None] < torch.tensor([4, 2, 3])[:, None]
-    for got, want in zip(hidden_state_stats(strided, real, 5), hidden_state_stats(strided.contiguous(), real, 5),
+    for got, want in zip(hidden_state_stats(strided, real, k), hidden_state_stats(strided.contiguous(), real, k),
                          strict=True):
         assert torch.equal(got, want)
-    grouped = grouped_stats(strided[None], real, 5)
-    assert torch.equal(grouped.values[0], hidden_state_stats(strided.contiguous(), real, 5).values)
+    grouped = grouped_stats(strided[None], real, k)
+    assert torch.equal(grouped.values[0], hidden_state_stats(strided.contiguous(), real, k).values)
 
 
 def _canonical_reference(x: torch.Tensor, real: torch.Tensor, k: int) -> tuple[list, list]:
@@ -233,9 +236,10 @@ def _canonical_reference(x: torch.Tensor, real: torch.Tensor, k: int) -> tuple[l
     return where, values
 
 
+@pytest.mark.parametrize("k", [3, 12])  # 3: ranked among the 3 strongest positions; 12: every entry ranked
 @pytest.mark.parametrize("on_device", [False, True])
 @pytest.mark.parametrize("left_padded", [False, True])
-def test_equal_magnitudes_come_in_position_then_dim_order(monkeypatch, left_padded, on_device):
+def test_equal_magnitudes_come_in_position_then_dim_order(monkeypatch, left_padded, on_device, k):
     """Ties in |x| (common in bfloat16) are recorded in one canonical order, the lower
     position then the lower dim first, whatever torch.topk would pick: checked against
     a sort of every entry, with signs, zeros of both signs, an infinity, a NaN, an
@@ -245,7 +249,7 @@ def test_equal_magnitudes_come_in_position_then_dim_order(monkeypatch, left_padd
     if on_device:
         monkeypatch.setattr(statistics, "_canonical_topk", statistics._canonical_topk_on_device)
     gen = torch.Generator().manual_seed(2)
-    batch, pos, d, k = 6, 9, 7, 12
+    batch, pos, d = 6, 9, 7
     levels = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 3.0])
     x = levels[torch.randint(0, len(levels), (batch, pos, d), generator=gen)]
     x[1, 2, 3], x[1, 5, 0] = float("inf"), float("-inf")
@@ -267,16 +271,17 @@ def test_equal_magnitudes_come_in_position_then_dim_order(monkeypatch, left_padd
     assert stats.nonfinite.tolist() == [False, True, False, False, True, False]
 
 
-def test_records_do_not_depend_on_the_batch_they_were_padded_in():
+@pytest.mark.parametrize("k", [2, 3, 10])  # 3: every entry ranked alone, only 3 positions' in the wide batch
+def test_records_do_not_depend_on_the_batch_they_were_padded_in(k):
     """The same state gives the same records alone and in a wider batch (more padding,
     another batch shape), with ties among its largest entries."""
     gen = torch.Generator().manual_seed(4)
     state = torch.randint(-2, 3, (5, 8), generator=gen).float() * 10
-    alone = hidden_state_stats(state[None], torch.ones(1, 5, dtype=torch.bool), 10)
+    alone = hidden_state_stats(state[None], torch.ones(1, 5, dtype=torch.bool), k)
     wide = torch.randn(3, 11, 8, generator=gen) * 10
     wide[1, :5] = state
     real = torch.arange(11)[None] < torch.tensor([11, 5, 7])[:, None]
-    padded = hidden_state_stats(wide, real, 10)
+    padded = hidden_state_stats(wide, real, k)
     for a, b in zip(alone, padded, strict=True):
         assert torch.equal(a[0], b[1])
 
