@@ -11,9 +11,9 @@ the selection is ``torch.kthvalue``; on the CPU it is numpy's introselect in pla
 order (descending ``|x|``, equal magnitudes by position, then dim); for a long state
 only the entries of the k positions with the largest ``max |x|`` are ranked (see
 :func:`_top_entries`), for a short one every entry, in one copy of ``|x|`` that the
-median reuses. :func:`grouped_stats`
-does several hidden states of one batch (several hooks) in one call: a short batch's
-statistics are a few dozen small operations whatever their size.
+median reuses. :func:`grouped_stats` does several hidden states of one batch (several
+hooks) in one call: a short batch's statistics are a few dozen small operations
+whatever their size.
 
 >>> x = torch.tensor([[[1.0, -4.0], [2.0, 9.0], [100.0, 100.0]]])
 >>> hidden_state_medians(x, torch.tensor([[True, True, False]]))
