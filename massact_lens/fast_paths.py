@@ -27,8 +27,8 @@ attention path runs the model's configured kernel (SDPA inside
 arithmetic to float32 rounding (tests/test_fast_paths.py).
 
 Every bridge component's call also enters accelerate's ``align_module_device`` on its
-HuggingFace module (a generator context manager and an import per call, ~1.5% of a short
-MiniLM forward pass): inside :func:`lean_components` a module with no accelerate hook at
+HuggingFace module (a generator context manager and an import per call, a few hundred
+calls per short MiniLM forward pass): inside :func:`lean_components` a module with no accelerate hook at
 all skips it (the same no-op; an offloaded module still aligns, see
 :func:`_quick_align`).
 

@@ -196,8 +196,7 @@ def hidden_state_stats(
     return HiddenStateStats(*(field[0] for field in stats))
 
 
-#: Flat indices (position x d_model + dim) of one hidden state must fit the low 32 bits
-#: of a :func:`_order_keys` key.
+#: The indices one :func:`_order_keys` call ranks must fit the low 32 bits of a key.
 _MAX_ENTRIES = 1 << 32
 _INF = float("inf")
 
@@ -209,6 +208,11 @@ def _order_keys(
     ``|x|`` first, then the lower flat index. ``magnitude`` is non-negative and not NaN
     (its float32 bits then order as int32 the way the values do) or -1 (padding: a
     negative int, below every real entry). No two keys are equal."""
+    if n_index > _MAX_ENTRIES:
+        raise ValueError(
+            f"A hidden state of {n_index:,} entries has more than the statistics index holds "
+            "(2^32): scan shorter inputs."
+        )
     bits = magnitude.contiguous().view(torch.int32).to(torch.int64)
     return (bits << 32) | (n_index - 1 - index)
 
@@ -229,11 +233,6 @@ def _top_entries(
     ``min(k, pos) x d_model`` entries per state are ranked (at 500 tokens: 2% of them).
     ``x`` is read, never written."""
     group, batch, pos, d_model = (int(s) for s in x.shape)
-    if pos * d_model >= _MAX_ENTRIES:
-        raise ValueError(
-            f"A hidden state of {pos:,} positions x {d_model:,} dims has more entries than the "
-            "statistics index (2^32): scan shorter inputs."
-        )
     device = x.device
     # max |x| per position, exactly: max(max x, -min x).
     per_position = torch.maximum(x.amax(dim=-1), x.amin(dim=-1).neg_()).abs_()
