@@ -54,8 +54,12 @@ the whole corpus, timed. Memory rounds are separate fresh processes under
 live memory; that setting slows allocation, which is why timings come from processes
 without it); the peak RSS above the warmed baseline is read exactly from the kernel's
 high-water mark (VmHWM, reset through /proc/self/clear_refs). Reported: min and median
-wall time over the timing rounds, the median peak over the memory rounds, and the ratios
-``scan / route`` (above 1: the scan costs more than that route). The warm-up batch
+wall time over the timing rounds, the median process (CPU) time of every thread (the
+scan's statistics worker included: what a machine whose cores are all busy would pay),
+the median peak over the memory rounds, and the ratios ``scan / route`` (above 1: the
+scan costs more than that route), on min time and as the median over rounds of the ratio
+within each round (the two ran minutes apart at most, so a drift of the machine's load
+between rounds cancels). The warm-up batch
 doubles as a correctness check: routes 3, 4, 5, 6 and 8 must give the scan's medians and
 top-1 values (relative difference below 1e-4: float32 rounding, which HF and the bridge
 accumulate differently over the layers) and its top-1 positions and dims on the first
@@ -374,13 +378,13 @@ def child(spec: dict[str, Any]) -> None:
         del first
         gc.collect()
         with PeakMeter() as meter:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = fn(ctx, batches, spec["top_k"])
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         n_out = None if out is None else int(out[0].shape[0])
         del out
         gc.collect()
-        results.append({"seconds": seconds, "peak_bytes": meter.peak, "peak_method": meter.method,
+        results.append({"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": meter.peak, "peak_method": meter.method,
                         "n_inputs_out": n_out, "check": check})
     emit({"method": method, "configs": results})
 
@@ -453,6 +457,16 @@ def compare(ref: dict[str, list], got: dict[str, list], hooks: slice) -> tuple[f
 
     where = sum(int((torch.tensor(got[k])[:, hooks] != torch.tensor(ref[k])[:, hooks]).sum()) for k in ("positions", "dims"))
     return rel("medians"), rel("top1"), where
+
+
+def paired_ratio(scan: list[float], route: list[float]) -> float:
+    """Median over rounds of ``scan[r] / route[r]``: both ran in round ``r``, one after the
+    other, so a drift of the machine's load between rounds cancels.
+
+    >>> paired_ratio([1.0, 2.0, 1.1], [1.0, 1.6, 1.0])
+    1.1
+    """
+    return statistics.median(s / r for s, r in zip(scan, route, strict=True))
 
 
 def main() -> None:
@@ -543,6 +557,7 @@ def main() -> None:
     print(f"{len(routes)} routes x ({args.rounds} timing + {args.memory_rounds} memory rounds) = {n_runs} processes, "
           f"{len(configs)} corpora each", file=sys.stderr)
     times: dict[str, list[list[float]]] = {r: [[] for _ in configs] for r in routes}
+    cpu: dict[str, list[list[float]]] = {r: [[] for _ in configs] for r in routes}
     peaks: dict[str, list[list[int]]] = {r: [[] for _ in configs] for r in routes}
     peaks_default: dict[str, list[list[int]]] = {r: [[] for _ in configs] for r in routes}
     checks: dict[str, list[Any]] = {}
@@ -559,6 +574,7 @@ def main() -> None:
                         peak_methods.add(res["peak_method"])
                         if kind == "timing":
                             times[route][i].append(res["seconds"])
+                            cpu[route][i].append(res["cpu_seconds"])
                             peaks_default[route][i].append(res["peak_bytes"])
                         else:
                             peaks[route][i].append(res["peak_bytes"])
@@ -615,15 +631,18 @@ def main() -> None:
                 continue
             t_min, t_med = summary(times[route][i])
             m = statistics.median(peaks[route][i]) if peaks[route][i] else None
-            rows.append([LABELS[route], f"{t_min:.3f}", f"{t_med:.3f}", ratio(scan_t, t_min),
+            rows.append([LABELS[route], f"{t_min:.3f}", f"{t_med:.3f}", f"{statistics.median(cpu[route][i]):.3f}",
+                         ratio(scan_t, t_min), f"{paired_ratio(times['scan'][i], times[route][i]):.2f}",
                          "n/a" if m is None else f"{m / 2**20:.1f}", ratio(scan_m, m, floor=2**20)])
         title = (f"### {args.model}, {c['length']}: {c['size']} inputs, {c['n_tokens']:,} tokens "
                  f"({c['n_tokens'] / c['size']:.0f} per input)")
-        table = markdown_table(["route", "min s", "median s", "scan / route (min time)", "peak MiB above baseline",
-                                "scan / route (peak)"], rows)
+        table = markdown_table(["route", "min s", "median s", "CPU s (median)", "scan / route (min time)",
+                                "scan / route (paired median)", "peak MiB above baseline", "scan / route (peak)"], rows)
         tables.append(f"{title}\n\n{table}")
         print(f"\n{title}\n\n{table}")
-    print("\nratio above 1: the scan costs more than that route; n/a: a peak under 1 MiB.")
+    print("\nratio above 1: the scan costs more than that route; paired median: the median over rounds of the scan's "
+          "time over the route's in the same round (slow drifts of the machine's load cancel); CPU s: process time, "
+          "every thread (the scan's statistics worker included); n/a: a peak under 1 MiB.")
 
     if args.json:
         payload = {
@@ -634,7 +653,7 @@ def main() -> None:
             "check": {"ok": ok, "lines": check_lines},
             "configs": [
                 {"length": c["length"], "size": c["size"], "n_tokens": c["n_tokens"],
-                 "routes": {r: {"seconds": times[r][i], "peak_bytes": peaks[r][i],
+                 "routes": {r: {"seconds": times[r][i], "cpu_seconds": cpu[r][i], "peak_bytes": peaks[r][i],
                                 "peak_bytes_timing_processes": peaks_default[r][i]} for r in routes}}
                 for i, c in enumerate(configs)
             ],
