@@ -30,7 +30,10 @@ Every bridge component's call also enters accelerate's ``align_module_device`` o
 HuggingFace module (a generator context manager and an import per call, a few hundred
 calls per short MiniLM forward pass): inside :func:`lean_components` a module with no accelerate hook at
 all skips it (the same no-op; an offloaded module still aligns, see
-:func:`_quick_align`).
+:func:`_quick_align`). And every block call reads its HuggingFace layer's signature
+(``inspect.signature``, ~100 Python calls) to filter the keyword arguments it passes on:
+inside, the signature's parameter names are read once per forward function
+(:func:`_filter_block_kwargs`: the same filter).
 
 Left alone: models with processed weights (folded LayerNorm and friends change what
 the HuggingFace module would compute), attention with TransformerLens's per-head
@@ -47,6 +50,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import threading
 import weakref
@@ -56,6 +60,7 @@ from typing import Any
 import torch
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components import base as _component_base
+from transformer_lens.model_bridge.generalized_components.block import BlockBridge
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
     PositionEmbeddingsAttentionBridge,
@@ -126,17 +131,50 @@ def _native_norm(component: Any) -> bool:
     return bool(component.use_native_layernorm_autograd or getattr(config, "layer_norm_folding", False))
 
 
-def _lean_forward(module: torch.nn.Module) -> Any:
-    """The lean forward for this component's class, or None when it has none."""
+#: Per HuggingFace forward function: its parameter names, and whether it takes **kwargs.
+_signatures: weakref.WeakKeyDictionary[Any, tuple[tuple[str, ...], bool]] = weakref.WeakKeyDictionary()
+
+
+def _filter_block_kwargs(self: Any, kwargs: dict[str, Any], num_positional_args: int = 0) -> dict[str, Any]:
+    """``BlockBridge._filter_kwargs_for_forward`` (keep the keyword arguments the
+    HuggingFace layer's forward accepts, but not those given positionally), with the
+    signature read once per forward function instead of at every call. A forward set on
+    the instance (accelerate's hooks wrap it so) takes the bridge's own path."""
+    original = self._modules.get("_original_component")
+    if original is None or "forward" in original.__dict__:
+        return _BLOCK_FILTER(self, kwargs, num_positional_args)
+    function = type(original).forward
+    known = _signatures.get(function)
+    if known is None:
+        try:
+            parameters = inspect.signature(original.forward).parameters
+        except (ValueError, TypeError):
+            return _BLOCK_FILTER(self, kwargs, num_positional_args)
+        known = (tuple(parameters), any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()))
+        _signatures[function] = known
+    names, takes_any = known
+    if takes_any:
+        return kwargs
+    given = names[:num_positional_args]
+    return {k: v for k, v in kwargs.items() if k in names and k not in given}
+
+
+_BLOCK_FILTER = BlockBridge._filter_kwargs_for_forward
+
+
+def _lean_methods(module: torch.nn.Module) -> dict[str, Any]:
+    """The lean methods for this component's class (attribute name: function)."""
     kind = type(module)
     if isinstance(module, PositionEmbeddingsAttentionBridge):
         unchanged = kind.forward is PositionEmbeddingsAttentionBridge.forward and (
             kind._pre_output_projection is PositionEmbeddingsAttentionBridge._pre_output_projection
         )
-        return _lean_attention if unchanged else None
+        return {"forward": _lean_attention} if unchanged else {}
     if isinstance(module, NormalizationBridge) and kind.forward is NormalizationBridge.forward:
-        return _lean_norm
-    return None
+        return {"forward": _lean_norm}
+    if isinstance(module, BlockBridge) and kind._filter_kwargs_for_forward is _BLOCK_FILTER:
+        return {"_filter_kwargs_for_forward": _filter_block_kwargs}
+    return {}
 
 
 _NO_OP = contextlib.nullcontext()  # stateless: one instance serves every call
@@ -175,36 +213,39 @@ def _remove_quick_align() -> None:
 @contextlib.contextmanager
 def lean_components(model: torch.nn.Module) -> Iterator[int]:
     """Inside: the bridge's attention and norm components take the HuggingFace path
-    whenever nothing reads inside them (see the module's docstring). Yields how many
-    components were given the lean forward (0 when the model is left alone).
-    Reentrant; restored on exit, also on error.
+    whenever nothing reads inside them, and blocks filter their keyword arguments with
+    a signature read once (see the module's docstring). Yields how many components were
+    given the lean forward (0 when the model is left alone). Reentrant; restored on
+    exit, also on error.
     """
     from massact_lens.models import weights_processed
 
     if os.environ.get("MASSACT_LENS_EAGER") == "1" or weights_processed(model):  # type: ignore[arg-type]
         yield 0
         return
-    touched: list[torch.nn.Module] = []
+    touched: list[tuple[torch.nn.Module, tuple[str, ...]]] = []
     _install_quick_align()
     try:
         for module in model.modules():
-            lean = _lean_forward(module)
-            if lean is None or module._modules.get("_original_component") is None:
+            lean = _lean_methods(module)
+            if not lean or module._modules.get("_original_component") is None:
                 continue
             depth = _installed.get(module, 0)
             if depth == 0:
-                # object.__setattr__: the bridge's own __setattr__ forwards unknown
-                # names to the HuggingFace module.
-                object.__setattr__(module, "forward", lean.__get__(module))
+                for name, function in lean.items():
+                    # object.__setattr__: the bridge's own __setattr__ forwards unknown
+                    # names to the HuggingFace module.
+                    object.__setattr__(module, name, function.__get__(module))
             _installed[module] = depth + 1
-            touched.append(module)
-        yield len(touched)
+            touched.append((module, tuple(lean)))
+        yield sum(1 for _, names in touched if "forward" in names)
     finally:
         _remove_quick_align()
-        for module in touched:
+        for module, names in touched:
             depth = _installed.get(module, 1) - 1
             if depth <= 0:
                 _installed.pop(module, None)
-                module.__dict__.pop("forward", None)
+                for name in names:
+                    module.__dict__.pop(name, None)
             else:
                 _installed[module] = depth

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -130,6 +132,51 @@ def test_restored_on_error_and_reentrant(hf_llama):
         raise KeyError("boom")
     assert not any("forward" in m.__dict__ for m in hf_llama.modules())
     assert base.align_module_device is align_module_device
+
+
+@pytest.mark.parametrize("name", ["minilm_model", "hf_llama"])
+def test_blocks_filter_keyword_arguments_as_the_bridge_does(name, request):
+    """The block's keyword filter with its signature read once keeps exactly what the
+    bridge's own keeps, for every positional count, and is removed on exit."""
+    from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+
+    model = request.getfixturevalue(name)
+    block = model.blocks[0]
+    parameters = list(inspect.signature(block.original_component.forward).parameters)
+    offered = {name: object() for name in [*parameters, "encoder_attention_mask", "not_a_parameter"]}
+    with lean_components(model):
+        assert "_filter_kwargs_for_forward" in block.__dict__
+        for n_positional in range(len(parameters) + 1):
+            lean = block._filter_kwargs_for_forward(dict(offered), n_positional)
+            own = BlockBridge._filter_kwargs_for_forward(block, dict(offered), n_positional)
+            assert lean == own
+        assert lean != offered or any(p.kind == p.VAR_KEYWORD for p in
+                                      inspect.signature(block.original_component.forward).parameters.values())
+    assert not any("_filter_kwargs_for_forward" in m.__dict__ for m in model.modules())
+
+
+def test_the_block_keyword_filter_drops_what_a_layer_without_kwargs_does_not_take():
+    """Both real models' layers take **kwargs (everything passes): a layer that does not
+    has its keywords filtered, as the bridge's own filter does, from the cached signature."""
+    from types import SimpleNamespace
+
+    from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+
+    from massact_lens import fast_paths
+
+    class Layer(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None):  # noqa: ARG002
+            return hidden_states
+
+    layer = Layer()
+    block = SimpleNamespace(original_component=layer, _modules={"_original_component": layer})
+    offered = {"hidden_states": 1, "attention_mask": 2, "encoder_attention_mask": 3, "position_ids": 4}
+    for n_positional in range(4):
+        lean = fast_paths._filter_block_kwargs(block, dict(offered), n_positional)
+        assert lean == BlockBridge._filter_kwargs_for_forward(block, dict(offered), n_positional)
+    assert lean == {}  # all three given positionally
+    assert fast_paths._filter_block_kwargs(block, dict(offered), 1) == {"attention_mask": 2, "position_ids": 4}
+    assert fast_paths._signatures[Layer.forward] == (("hidden_states", "attention_mask", "position_ids"), False)
 
 
 def test_eager_setting_and_processed_weights_leave_the_model_alone(monkeypatch, hf_llama, hf_llama_dir):
