@@ -460,8 +460,8 @@ def compare(ref: dict[str, list], got: dict[str, list], hooks: slice) -> tuple[f
 
 
 def paired_ratio(scan: list[float], route: list[float]) -> float:
-    """Median over rounds of ``scan[r] / route[r]``: both ran in round ``r``, one after the
-    other, so a drift of the machine's load between rounds cancels.
+    """Median over rounds of ``scan[r] / route[r]``: both ran in round ``r`` (at most one
+    round's processes apart), so a drift of the machine's load between rounds cancels.
 
     >>> paired_ratio([1.0, 2.0, 1.1], [1.0, 1.6, 1.0])
     1.1

@@ -31,7 +31,7 @@ HuggingFace module (a generator context manager and an import per call, a few hu
 calls per short MiniLM forward pass): inside :func:`lean_components` a module with no accelerate hook at
 all skips it (the same no-op; an offloaded module still aligns, see
 :func:`_quick_align`). And every block call reads its HuggingFace layer's signature
-(``inspect.signature``, ~100 Python calls) to filter the keyword arguments it passes on:
+(``inspect.signature``, parsed anew at every call) to filter the keyword arguments it passes on:
 inside, the signature's parameter names are read once per forward function
 (:func:`_filter_block_kwargs`: the same filter).
 
@@ -131,6 +131,8 @@ def _native_norm(component: Any) -> bool:
     return bool(component.use_native_layernorm_autograd or getattr(config, "layer_norm_folding", False))
 
 
+#: The bridge's own keyword filter (the lean one falls back to it).
+_BLOCK_FILTER = BlockBridge._filter_kwargs_for_forward
 #: Per HuggingFace forward function: its parameter names, and whether it takes **kwargs.
 _signatures: weakref.WeakKeyDictionary[Any, tuple[tuple[str, ...], bool]] = weakref.WeakKeyDictionary()
 
@@ -157,9 +159,6 @@ def _filter_block_kwargs(self: Any, kwargs: dict[str, Any], num_positional_args:
         return kwargs
     given = names[:num_positional_args]
     return {k: v for k, v in kwargs.items() if k in names and k not in given}
-
-
-_BLOCK_FILTER = BlockBridge._filter_kwargs_for_forward
 
 
 def _lean_methods(module: torch.nn.Module) -> dict[str, Any]:
