@@ -59,19 +59,40 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Batch:
-    """One right-padded batch. ``start`` is the index of its first input in the stream."""
+    """One right-padded batch.
+
+    ``start``: how many inputs the batches before this one hold (its first row's place
+    in the run). ``indices``: the input index of each row, when the plan reordered the
+    inputs (``plan_batches(..., by_length=True)``); None when row ``r`` is input
+    ``start + r``. Read a row's input index with :meth:`input_index`.
+
+    >>> b = Batch(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), 4, (9, 2))
+    >>> b.input_index(1), Batch(b.tokens, b.attention_mask, 4).input_indices
+    (2, [4, 5])
+    """
 
     tokens: Int[torch.Tensor, "batch pos"]
     attention_mask: Int[torch.Tensor, "batch pos"]
     start: int
+    indices: tuple[int, ...] | None = None
 
     @property
     def lengths(self) -> Int[torch.Tensor, " batch"]:
         return self.attention_mask.sum(dim=1)
 
+    def input_index(self, row: int) -> int:
+        """The index, among the inputs given, of row ``row``."""
+        return self.indices[row] if self.indices is not None else self.start + row
+
+    @property
+    def input_indices(self) -> list[int]:
+        """The input index of every row."""
+        n = int(self.tokens.shape[0])
+        return list(self.indices) if self.indices is not None else list(range(self.start, self.start + n))
+
     def to(self, device: Any) -> Batch:
         """The same batch with its tensors on ``device``."""
-        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.start)
+        return Batch(self.tokens.to(device), self.attention_mask.to(device), self.start, self.indices)
 
 
 @runtime_checkable
@@ -133,22 +154,42 @@ def _pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
     return tokens, mask
 
 
-def _check_rows(model: TransformerLensModel, tokens: torch.Tensor, mask: torch.Tensor, first: int) -> None:
+def _check_rows(
+    model: TransformerLensModel, tokens: torch.Tensor, mask: torch.Tensor, first: int,
+    indices: Sequence[int] | None = None,
+) -> None:
     n_ctx = int(model.cfg.n_ctx)
     lengths = mask.sum(dim=1)
+
+    def name(i: int) -> int:
+        return indices[i] if indices is not None else first + i
+
     if tokens.shape[1] > n_ctx and bool((lengths > n_ctx).any()):
         i = int(torch.nonzero(lengths > n_ctx)[0, 0])
         raise ValueError(
-            f"Input {first + i} has {int(lengths[i])} tokens, more than the model's context of "
+            f"Input {name(i)} has {int(lengths[i])} tokens, more than the model's context of "
             f"{n_ctx}. Shorten or split it (for perplexity, chunk the text) before measuring."
         )
     if bool((lengths == 0).any()):
         i = int(torch.nonzero(lengths == 0)[0, 0])
-        raise ValueError(f"Input {first + i} is empty (no tokens): remove it.")
+        raise ValueError(f"Input {name(i)} is empty (no tokens): remove it.")
     d_vocab = int(model.cfg.d_vocab)
     real = tokens[mask.bool()]
     if real.numel() and (int(real.max()) >= d_vocab or int(real.min()) < 0):
         raise ValueError(f"Token ids must lie in [0, {d_vocab}); got {int(real.min())}..{int(real.max())}.")
+
+
+def _longest_first(lengths: Sequence[int], batch_size: int) -> list[int] | None:
+    """The order that runs the longest inputs first (ties in input order), or None when
+    it would change nothing: the inputs already run in that order, or fit one batch.
+
+    >>> _longest_first([3, 9, 5, 9], batch_size=2), _longest_first([3, 9], batch_size=2)
+    ([1, 3, 2, 0], None)
+    """
+    if len(lengths) <= batch_size:
+        return None
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return None if order == list(range(len(lengths))) else order
 
 
 def _tensor_batches(
@@ -157,6 +198,7 @@ def _tensor_batches(
     attention_mask: torch.Tensor | None,
     batch_size: int,
     start: int = 0,
+    by_length: bool = False,
 ) -> list[Batch]:
     if tokens.is_floating_point() or tokens.dtype == torch.bool or tokens.is_complex():
         raise TypeError(
@@ -179,40 +221,58 @@ def _tensor_batches(
         raise ValueError("Padding must be on the right (mask 1...1 0...0 per row); re-pad with padding_side='right'.")
     tokens, mask = tokens.cpu().long(), mask.cpu()
     _check_rows(model, tokens, mask, start)
+    order = _longest_first(mask.sum(1).tolist(), batch_size) if by_length else None
     out = []
     for offset in range(0, tokens.shape[0], batch_size):
-        t, m = tokens[offset : offset + batch_size], mask[offset : offset + batch_size]
+        if order is None:
+            t, m, indices = tokens[offset : offset + batch_size], mask[offset : offset + batch_size], None
+        else:
+            chunk = order[offset : offset + batch_size]
+            t, m, indices = tokens[chunk], mask[chunk], tuple(start + i for i in chunk)
         width = int(m.sum(1).max())
-        out.append(Batch(t[:, :width], m[:, :width], start + offset))
+        out.append(Batch(t[:, :width], m[:, :width], start + offset, indices))
     return out
 
 
 def _string_batches(
-    model: TransformerLensModel, texts: Sequence[str], batch_size: int, prepend_bos: bool, start: int = 0
+    model: TransformerLensModel,
+    texts: Sequence[str],
+    batch_size: int,
+    prepend_bos: bool,
+    start: int = 0,
+    by_length: bool = False,
 ) -> list[Batch]:
     rows = _tokenize(model, texts, prepend_bos)
     pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0  # type: ignore[attr-defined]
+    order = _longest_first([int(r.shape[0]) for r in rows], batch_size) if by_length else None
     out = []
     for offset in range(0, len(rows), batch_size):
-        tokens, mask = _pad(rows[offset : offset + batch_size], pad_id)
-        _check_rows(model, tokens, mask, start + offset)
-        out.append(Batch(tokens, mask, start + offset))
+        if order is None:
+            chunk, indices = rows[offset : offset + batch_size], None
+        else:
+            chunk = [rows[i] for i in order[offset : offset + batch_size]]
+            indices = tuple(start + i for i in order[offset : offset + batch_size])
+        tokens, mask = _pad(chunk, pad_id)
+        _check_rows(model, tokens, mask, start + offset, indices)
+        out.append(Batch(tokens, mask, start + offset, indices))
     return out
 
 
-def _stream(model: TransformerLensModel, items: Iterator[Any], batch_size: int, prepend_bos: bool) -> Iterator[Batch]:
+def _stream(
+    model: TransformerLensModel, items: Iterator[Any], batch_size: int, prepend_bos: bool, by_length: bool = False
+) -> Iterator[Batch]:
     start = 0
     for item in items:
         if isinstance(item, str):
             item = [item]
         if isinstance(item, torch.Tensor):
-            parts = _tensor_batches(model, item, None, batch_size, start)
+            parts = _tensor_batches(model, item, None, batch_size, start, by_length)
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor):
-            parts = _tensor_batches(model, item[0], item[1], batch_size, start)
+            parts = _tensor_batches(model, item[0], item[1], batch_size, start, by_length)
         elif isinstance(item, dict) and "input_ids" in item:
-            parts = _tensor_batches(model, item["input_ids"], item.get("attention_mask"), batch_size, start)
+            parts = _tensor_batches(model, item["input_ids"], item.get("attention_mask"), batch_size, start, by_length)
         elif isinstance(item, Sequence) and len(item) > 0:
-            parts = _string_batches(model, list(item), batch_size, prepend_bos, start)
+            parts = _string_batches(model, list(item), batch_size, prepend_bos, start, by_length)
         else:
             raise TypeError(
                 f"Batch {start} is a {type(item).__name__}: each batch of an iterable must be a list "
@@ -230,6 +290,7 @@ def plan_batches(
     batch_size: int = 16,
     attention_mask: torch.Tensor | None = None,
     prepend_bos: bool | None = None,
+    by_length: bool = False,
 ) -> BatchPlan:
     """Validate ``inputs`` and cut them into right-padded, masked batches.
 
@@ -241,6 +302,18 @@ def plan_batches(
     Args:
         prepend_bos: for strings, whether to put the model's BOS (or [CLS]) first;
             ``None`` uses the model's default. Token tensors are used as given.
+        by_length: batch the inputs longest first, so that each batch holds inputs of
+            similar length and little padding is computed; each :class:`Batch` then
+            says which inputs it holds (:meth:`Batch.input_index`). A list or a tensor
+            is ordered as a whole; an iterable of batches keeps its order, each of its
+            items ordered within itself (memory stays that of one item).
+
+    >>> from massact_lens.examples import tiny_model
+    >>> tokens = torch.ones(3, 4, dtype=torch.long)
+    >>> mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    >>> plan = plan_batches(tiny_model(), tokens, attention_mask=mask, batch_size=2, by_length=True)
+    >>> [b.input_indices for b in plan.batches], [b.tokens.shape[1] for b in plan.batches]
+    ([[1, 0], [2]], [4, 1])
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
@@ -248,7 +321,7 @@ def plan_batches(
     if isinstance(inputs, str):
         inputs = [inputs]
     if isinstance(inputs, torch.Tensor):
-        batches = _tensor_batches(model, inputs, attention_mask, batch_size)
+        batches = _tensor_batches(model, inputs, attention_mask, batch_size, by_length=by_length)
         return BatchPlan(batches, sum(b.tokens.shape[0] for b in batches), None)
     if attention_mask is not None:
         raise ValueError("attention_mask is only meaningful with a token tensor input.")
@@ -257,7 +330,7 @@ def plan_batches(
             raise ValueError("No inputs: pass at least one string (or a non-empty token tensor).")
         strings = [isinstance(x, str) for x in inputs]
         if all(strings):
-            return BatchPlan(_string_batches(model, inputs, batch_size, bos), len(inputs), bos)
+            return BatchPlan(_string_batches(model, inputs, batch_size, bos, by_length=by_length), len(inputs), bos)
         if any(strings):
             bad = [i for i, ok in enumerate(strings) if not ok]
             kinds = sorted({type(inputs[i]).__name__ for i in bad})
@@ -271,7 +344,7 @@ def plan_batches(
     first = next(items, None)
     if first is None:
         raise ValueError("No inputs: the iterable of batches is empty.")
-    stream = _stream(model, itertools.chain([first], items), batch_size, bos)
+    stream = _stream(model, itertools.chain([first], items), batch_size, bos, by_length)
     tensors_only = isinstance(first, torch.Tensor | tuple | dict)
     return BatchPlan(stream, None, None if tensors_only else bos)
 

@@ -161,7 +161,7 @@ def _values_at(
     plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
 
     def make_hooks(batch: Batch) -> list[tuple[str, object]]:
-        rows = {row: wanted.get(batch.start + row, []) for row in range(int(batch.tokens.shape[0]))}
+        rows = {row: wanted.get(batch.input_index(row), []) for row in range(int(batch.tokens.shape[0]))}
 
         def reader(name: str):  # noqa: ANN202
             def read(activation: torch.Tensor, hook: object = None) -> None:  # noqa: ARG001

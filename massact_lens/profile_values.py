@@ -140,17 +140,19 @@ def second_pass_values(
     progress: bool,
 ) -> tuple[ValueStat, ...]:
     """The value statistics from a forward pass of its own over ``inputs`` (the ones
-    ``result`` scanned), reading each followed entry at every hook."""
+    ``result`` scanned), reading each followed entry at every hook. Batched longest first,
+    as :func:`~massact_lens.scan` batches by default, so that each value is read in a batch
+    of the same shape as in the one-pass profile (the same float32 rounding)."""
     if len(found) == 0:
         return ()
     followed = _Followed.of(found)
     sums = torch.zeros(len(result.hook_names), 3, followed.n_keys, dtype=torch.float64)
-    plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
+    plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos, by_length=True)
 
     def make_hooks(batch: Batch) -> HookList:
         rows, pos, dim, keys = [], [], [], []
         for row in range(batch.tokens.shape[0]):
-            for p, d, key in followed.per_input.get(batch.start + row, ()):
+            for p, d, key in followed.per_input.get(batch.input_index(row), ()):
                 rows.append(row)
                 pos.append(p)
                 dim.append(d)
@@ -265,7 +267,7 @@ class CandidateValues:
         column = torch.tensor([used.index(d) for d in entries[:, 2].tolist()], dtype=torch.long)
         stacked = torch.stack([c.cpu() for c in columns if c is not None])  # [hook, batch, pos, n_dims]
         self._values.append(stacked[:, entries[:, 0], entries[:, 1], column].T.contiguous())
-        self._keys += [(batch.start + r, p, d) for r, p, d in entries.tolist()]
+        self._keys += [(batch.input_index(r), p, d) for r, p, d in entries.tolist()]
 
     def value_stats(self, result: ScanResult, found: MassiveActivations) -> tuple[ValueStat, ...]:
         """The profile's value statistics of the entries ``found`` in ``result`` (the scan

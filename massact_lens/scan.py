@@ -394,6 +394,8 @@ class _Collector:
         self.waiting: list[_BatchRun] = []
         self.host: list[tuple[torch.Tensor, ...]] = []
         self.lengths: list[torch.Tensor] = []
+        self.rows: list[int] = []  # the input index of every row so far, in run order
+        self.reordered = False  # some batch held inputs out of order (plan by length)
 
     def start(self, batch: Batch, device: torch.device | None) -> list[Any]:
         """End the previous batch; return one reader per hook for ``batch``."""
@@ -401,6 +403,8 @@ class _Collector:
         self._gather(keep=1 if self.beside.enabled else 0)
         self.current = _BatchRun(batch, self.n_hooks, self.top_k, self.beside, device)
         self.lengths.append(torch.tensor(self.current.layout.counts, dtype=torch.long))
+        self.rows += batch.input_indices
+        self.reordered = self.reordered or batch.indices is not None
         return [self.current.reader(i) for i in range(self.n_hooks)]
 
     def _end_current(self) -> None:
@@ -421,8 +425,23 @@ class _Collector:
         self._end_current()
         self._gather(keep=0)
 
+    def in_input_order(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (one per input, in run order) in the order the inputs were given."""
+        if not self.reordered:
+            return rows
+        order = torch.tensor(self.rows, dtype=torch.long)
+        if not torch.equal(torch.sort(order).values, torch.arange(len(order))):
+            missing = sorted(set(range(len(order))) - set(self.rows))
+            raise RuntimeError(
+                f"The batches did not hold every input exactly once (inputs {missing[:5]} missing): the "
+                "indices of a plan's batches must be a permutation of its inputs."
+            )
+        out = torch.empty_like(rows)
+        out[order] = rows
+        return out
+
     def stacked(self, field_index: int) -> torch.Tensor:
-        return torch.cat([part[field_index] for part in self.host])
+        return self.in_input_order(torch.cat([part[field_index] for part in self.host]))
 
 
 @runtime_checkable
@@ -453,6 +472,7 @@ def scan(
     attention_mask: torch.Tensor | None = None,
     progress: bool = True,
     follower: BatchFollower | None = None,
+    by_length: bool = True,
 ) -> ScanResult:
     """One streaming pass: the top-k ``|activation|`` entries and median per hidden state.
 
@@ -474,6 +494,13 @@ def scan(
         follower: a :class:`BatchFollower` whose hooks run in the same forward
             passes and whose ``batch_done`` gets each batch's statistics: one-pass
             measurements that need the scan's findings (:func:`massact_lens.profile`).
+            Its batches may hold inputs out of order: :meth:`Batch.input_index` names them.
+        by_length: run the inputs longest first, in batches of similar length, so that
+            little padding is computed (a list or a tensor as a whole, an iterable of
+            batches within each of its items: see
+            :func:`massact_lens.batching.plan_batches`). The result is in the order the
+            inputs were given either way, with the same records: padding never enters a
+            statistic, and only float32 rounding may differ with the batch's shape.
 
     Returns:
         A frozen :class:`ScanResult`.
@@ -491,7 +518,9 @@ def scan(
             "the paper's few massive entries need top_k of 10 or so."
         )
     names = resolve_hook_names(model, hooks, layers)
-    plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos)
+    plan = plan_batches(
+        model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos, by_length=by_length
+    )
     warn_if_processed(model)
     device = model_device(model)
     collector = _Collector(len(names), top_k, device, follower)
@@ -520,7 +549,7 @@ def scan(
         dims=collector.stacked(2),
         token_ids=token_ids,
         medians=collector.stacked(4),
-        lengths=torch.cat(collector.lengths),
+        lengths=collector.in_input_order(torch.cat(collector.lengths)),
         tokens=token_strings(model, seen[seen >= 0].tolist()),
         nonfinite=collector.stacked(5),
     )

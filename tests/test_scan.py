@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import massact_lens as ml
+from massact_lens.batching import plan_batches
 from massact_lens.examples import tiny_model
 
 
@@ -220,3 +221,57 @@ def test_shapes_are_checked_at_run_time_in_the_suite():
         hidden_state_medians(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool))  # needs [batch, pos, d_model]
     with pytest.raises(jaxtyping.TypeCheckError):
         hidden_state_medians(torch.ones(2, 3, 4), torch.ones(5, 3, dtype=torch.bool))  # batch sizes differ
+
+
+def _mixed_lengths(sentences: list[str]) -> list[str]:
+    """Inputs whose lengths differ a lot, in an order that no length sort keeps."""
+    long = "A much longer sentence that goes on and on for quite a while, then stops at last."
+    return [sentences[0], "Hi.", long, sentences[1], "Yes.", long + " " + sentences[2], sentences[3], "No."]
+
+
+def test_longest_first_batches_give_the_same_result_in_input_order(minilm_model, sentences):
+    texts = _mixed_lengths(sentences)
+    plan = plan_batches(minilm_model, texts, batch_size=3, by_length=True)
+    order = [i for b in plan.batches for i in b.input_indices]
+    assert sorted(order) == list(range(len(texts))) and order != sorted(order)  # really reordered
+    widths = [b.tokens.shape[1] for b in plan.batches]
+    assert widths == sorted(widths, reverse=True)
+    padded = sum(b.tokens.numel() for b in plan.batches)
+    as_given = sum(b.tokens.numel() for b in plan_batches(minilm_model, texts, batch_size=3).batches)
+    assert padded < as_given
+
+    by_length = ml.scan(minilm_model, texts, batch_size=3, progress=False)
+    as_given = ml.scan(minilm_model, texts, batch_size=3, by_length=False, progress=False)
+    alone = ml.scan(minilm_model, texts, batch_size=1, progress=False)
+    for other in (as_given, alone):
+        assert torch.equal(by_length.lengths, other.lengths)
+        assert torch.equal(by_length.positions, other.positions)
+        assert torch.equal(by_length.dims, other.dims)
+        assert torch.equal(by_length.token_ids, other.token_ids)
+        assert torch.allclose(by_length.values, other.values, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(by_length.medians, other.medians, rtol=1e-4, atol=1e-5)
+
+
+def test_longest_first_works_on_token_tensors_and_within_streamed_items(planted):
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, planted.cfg.d_vocab, (7, 9), generator=gen)
+    tokens[:, 0] = 0
+    lengths = [3, 9, 5, 2, 9, 4, 7]
+    mask = (torch.arange(9)[None] < torch.tensor(lengths)[:, None]).long()
+    whole = ml.scan(planted, tokens, attention_mask=mask, batch_size=2, by_length=False, progress=False)
+    for result in (
+        ml.scan(planted, tokens, attention_mask=mask, batch_size=2, progress=False),
+        ml.scan(planted, iter([(tokens[:4], mask[:4]), (tokens[4:], mask[4:])]), batch_size=2, progress=False),
+    ):
+        assert torch.equal(result.lengths, torch.tensor(lengths))
+        assert torch.equal(result.positions, whole.positions) and torch.equal(result.dims, whole.dims)
+        assert torch.allclose(result.values, whole.values, rtol=1e-5, atol=1e-4)
+    streamed = plan_batches(planted, iter([(tokens[:4], mask[:4]), (tokens[4:], mask[4:])]), batch_size=2, by_length=True)
+    assert [b.input_indices for b in streamed.batches] == [[1, 2], [0, 3], [4, 6], [5]]  # each item on its own
+
+
+def test_longest_first_names_a_bad_input_by_its_own_index(minilm_model, sentences):
+    texts = _mixed_lengths(sentences)
+    texts[6] = " ".join(["word"] * 600)  # longer than MiniLM's 512 tokens, and the longest
+    with pytest.raises(ValueError, match="Input 6 has"):
+        ml.scan(minilm_model, texts, batch_size=3, progress=False)

@@ -121,17 +121,16 @@ class _Mask(PositionRule):
         self.tensor = mask.detach().cpu().bool()
 
     def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
-        n, width = int(activation.shape[0]), int(activation.shape[1])
+        width = int(activation.shape[1])
         if self.tensor.ndim == 1:
             return fit_width(self.tensor[None], width).to(activation.device)
-        start = _batch_of(ctx, self).start
-        rows = self.tensor[start : start + n]
-        if rows.shape[0] != n:
+        inputs = _batch_of(ctx, self).input_indices
+        if max(inputs) >= self.tensor.shape[0]:
             raise ValueError(
                 f"The positions mask has {self.tensor.shape[0]} rows but there are at least "
-                f"{start + n} inputs: give one row per input."
+                f"{max(inputs) + 1} inputs: give one row per input."
             )
-        return fit_width(rows, width).to(activation.device)
+        return fit_width(self.tensor[inputs], width).to(activation.device)
 
     def describe(self) -> str:
         return f"mask{list(self.tensor.shape)}"
@@ -171,13 +170,13 @@ class _Records(PositionRule):
 
     def check_batch(self, batch: Batch) -> None:
         lengths = self.found.scan.lengths
-        n = int(batch.tokens.shape[0])
-        if batch.start + n > lengths.shape[0]:
+        inputs = batch.input_indices
+        if max(inputs) >= lengths.shape[0]:
             raise ValueError(
                 f"positions came from a scan of {lengths.shape[0]} inputs, but there are at least "
-                f"{batch.start + n}: pass the inputs that were scanned."
+                f"{max(inputs) + 1}: pass the inputs that were scanned."
             )
-        if not torch.equal(batch.lengths.cpu(), lengths[batch.start : batch.start + n].cpu()):
+        if not torch.equal(batch.lengths.cpu(), lengths[inputs].cpu()):
             raise ValueError(
                 "positions came from a scan of other inputs (token counts differ): pass the same "
                 "inputs, with the same prepend_bos, as the scan that find_massive read."
@@ -188,7 +187,7 @@ class _Records(PositionRule):
         self.check_batch(batch)
         out = torch.zeros(activation.shape[:2], dtype=torch.bool)
         for row in range(out.shape[0]):
-            for position in self.by_input.get(batch.start + row, ()):
+            for position in self.by_input.get(batch.input_index(row), ()):
                 out[row, position] = True
         return out.to(activation.device)
 

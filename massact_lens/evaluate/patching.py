@@ -121,12 +121,12 @@ class PatchHook:
             return self(activation[None], hook)[0]
         ctx = run_context(self.tracker, self.positions, activation, "patch")
         batch = int(activation.shape[0])
-        first = ctx.batch.start if ctx.batch is not None else 0
+        inputs = ctx.batch.input_indices if ctx.batch is not None else list(range(batch))
         n_source = len(self.source_values)
-        if n_source != 1 and (first + batch > n_source or (ctx.batch is None and n_source != batch)):
+        if n_source != 1 and (max(inputs) + 1 > n_source or (ctx.batch is None and n_source != batch)):
             raise ValueError(
                 f"The source has {n_source} inputs; the targets have {'at least ' if ctx.batch else ''}"
-                f"{first + batch}. Use one source input, or as many as targets."
+                f"{max(inputs) + 1}. Use one source input, or as many as targets."
             )
         index = None if self.dims is None else torch.tensor(self.dims, device=activation.device)
         selected = self.positions.select(activation, index, ctx)
@@ -136,7 +136,7 @@ class PatchHook:
         target = activation.clone() if activation.requires_grad else activation
         columns = index if index is not None else torch.arange(int(activation.shape[-1]), device=activation.device)
         for row in range(batch):
-            source = self.source_values[0 if n_source == 1 else first + row].to(activation.device, activation.dtype)
+            source = self.source_values[0 if n_source == 1 else inputs[row]].to(activation.device, activation.dtype)
             slots = selected[row].nonzero().flatten()[: source.shape[0]]
             if slots.numel() == 0:
                 continue
@@ -144,7 +144,7 @@ class PatchHook:
             target[row, slots[:, None], columns[None]] = source[: slots.numel()]
             if self.recorder is not None:
                 after = source[: slots.numel()].detach().float().cpu()
-                self.recorder(self.hook_name, first + row, slots.tolist(), columns.tolist(), before, after)
+                self.recorder(self.hook_name, inputs[row], slots.tolist(), columns.tolist(), before, after)
         return target
 
 

@@ -40,8 +40,8 @@ class RunContext:
     tokens: Int[torch.Tensor, "batch pos"] | None = None
     #: 1 = real token, when the batch's padding is known.
     attention_mask: Int[torch.Tensor, "batch pos"] | None = None
-    #: The batch announced before this pass (``batch.start`` is the index of its
-    #: first input in the stream); None when the pass was not announced.
+    #: The batch announced before this pass (``batch.input_index(row)`` is the index of
+    #: each row's input); None when the pass was not announced.
     batch: Batch | None = None
     #: Key sets only: what each activation-reading rule found in this pass (the
     #: union over its hook points), ``[batch, pos]`` per rule.
