@@ -423,7 +423,8 @@ def lineage(
         massive: a :class:`~massact_lens.massive.MassiveProfile` or
             :class:`~massact_lens.massive.MassiveActivations`.
         top_channels: hidden channels reported per writing block.
-        batch_size: inputs per forward pass.
+        batch_size: inputs per forward pass. A list or a tensor runs longest first
+            (little padding computed; the sums do not depend on the order).
         prepend_bos: for strings; None uses what the massive set used (else the model's default).
         attention_mask: with a token tensor, 1 for real tokens, 0 for right padding.
         progress: show a progress bar.
@@ -454,7 +455,9 @@ def lineage(
     n_layers = targets.last_layer + 1
     templates = _check_model(model, n_layers)
     bos = targets.prepend_bos if prepend_bos is None else prepend_bos
-    plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=bos)
+    plan = plan_batches(
+        model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=bos, by_length=True
+    )
     warn_if_processed(model)
 
     device = getattr(model.cfg, "device", None) or "cpu"

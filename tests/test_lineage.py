@@ -312,3 +312,26 @@ def test_smollm2_super_weight(smollm2_model, sentences):
         zeroed = perplexity()
     assert zeroed > 5 * original  # 27 -> ~590 measured on this text
     assert perplexity() == original
+
+
+def test_mixed_lengths_run_longest_first_with_the_result_of_one_input_at_a_time(minilm_model, sentences):
+    long = "A much longer sentence that goes on and on for quite a while, then stops at last."
+    texts = [sentences[0], "Hi.", long, sentences[1], "Yes.", long + " " + sentences[2], sentences[3]]
+    prof = ml.profile(minilm_model, texts, min_value=50, min_ratio=200, progress=False)
+    widths = []
+    point = minilm_model.hook_dict["hook_embed"]
+    point.add_hook(lambda x, hook: widths.append(int(x.shape[1])))
+    try:
+        batched = lineage(minilm_model, texts, prof, top_channels=8, batch_size=3, progress=False)
+    finally:
+        point.remove_hooks("fwd")
+    lengths = [len(minilm_model.to_tokens(t)[0]) for t in texts]
+    assert widths == sorted(widths, reverse=True) and widths[0] == max(lengths)  # the longest ran first
+    assert sum(widths) < sum(max(lengths[i : i + 3]) for i in range(0, len(texts), 3))  # less padding than as given
+    alone = lineage(minilm_model, texts, prof, top_channels=8, batch_size=1, progress=False)
+    assert len(batched.blocks) > 0
+    assert [(b.dim, b.kind, b.layer, b.n_positions) for b in batched.blocks] == [
+        (b.dim, b.kind, b.layer, b.n_positions) for b in alone.blocks
+    ]
+    assert batched.writers().mlp.tolist() == pytest.approx(alone.writers().mlp.tolist(), rel=1e-5)
+    assert batched.super_weights().column.tolist() == alone.super_weights().column.tolist()
