@@ -184,6 +184,8 @@ class CandidateValues:
     own records. ``reruns`` counts the batches run a second time for a new dim.
     """
 
+    reads_input_index = True  # its rows are named by Batch.input_index: the scan may batch longest first
+
     def __init__(
         self,
         model: TransformerLensModel,

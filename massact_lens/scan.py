@@ -446,7 +446,13 @@ class _Collector:
 
 @runtime_checkable
 class BatchFollower(Protocol):
-    """What :func:`scan` runs for its ``follower`` argument in its own pass, batch by batch."""
+    """What :func:`scan` runs for its ``follower`` argument in its own pass, batch by batch.
+
+    A batch's row ``r`` is input ``batch.input_index(r)``. A follower that names its rows
+    so sets a class attribute ``reads_input_index = True``: the scan then batches longest
+    first (see :func:`scan`'s ``by_length``); without it the batches come in input order,
+    so that a follower written as ``batch.start + r`` stays right.
+    """
 
     def hooks(self, batch: Batch) -> HookList:
         """Extra hooks for this batch's forward pass (they fire after the scan's readers)."""
@@ -472,7 +478,7 @@ def scan(
     attention_mask: torch.Tensor | None = None,
     progress: bool = True,
     follower: BatchFollower | None = None,
-    by_length: bool = True,
+    by_length: bool | None = None,
 ) -> ScanResult:
     """One streaming pass: the top-k ``|activation|`` entries and median per hidden state.
 
@@ -501,6 +507,8 @@ def scan(
             :func:`massact_lens.batching.plan_batches`). The result is in the order the
             inputs were given either way, with the same records: padding never enters a
             statistic, and only float32 rounding may differ with the batch's shape.
+            ``None`` (default): longest first, unless a ``follower`` does not say it
+            reads :meth:`Batch.input_index` (see :class:`BatchFollower`).
 
     Returns:
         A frozen :class:`ScanResult`.
@@ -518,6 +526,8 @@ def scan(
             "the paper's few massive entries need top_k of 10 or so."
         )
     names = resolve_hook_names(model, hooks, layers)
+    if by_length is None:
+        by_length = follower is None or bool(getattr(follower, "reads_input_index", False))
     plan = plan_batches(
         model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos, by_length=by_length
     )

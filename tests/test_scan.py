@@ -275,3 +275,30 @@ def test_longest_first_names_a_bad_input_by_its_own_index(minilm_model, sentence
     texts[6] = " ".join(["word"] * 600)  # longer than MiniLM's 512 tokens, and the longest
     with pytest.raises(ValueError, match="Input 6 has"):
         ml.scan(minilm_model, texts, batch_size=3, progress=False)
+
+
+class _Recorder:
+    """A follower that notes which inputs each batch held."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+
+    def hooks(self, batch):
+        return []
+
+    def batch_done(self, batch, stats) -> None:
+        self.seen.append(batch.input_indices)
+
+
+class _IndexReader(_Recorder):
+    reads_input_index = True
+
+
+def test_a_follower_sees_inputs_in_order_unless_it_reads_input_index(minilm_model, sentences):
+    texts = _mixed_lengths(sentences)
+    plain, reader = _Recorder(), _IndexReader()
+    ml.scan(minilm_model, texts, batch_size=3, follower=plain, progress=False)
+    ml.scan(minilm_model, texts, batch_size=3, follower=reader, progress=False)
+    assert plain.seen == [[0, 1, 2], [3, 4, 5], [6, 7]]  # batch.start + r stays right for it
+    order = [i for rows in reader.seen for i in rows]
+    assert sorted(order) == list(range(len(texts))) and order != sorted(order)
