@@ -5,6 +5,7 @@ Run from the repository root, on a quiet machine (timings on a shared one are no
     python bench/bench_by_length.py                      # MiniLM, 128 inputs, 8 rounds
     python bench/bench_by_length.py --model smollm2      # SmolLM2-135M
     python bench/bench_by_length.py --quick              # a smoke run: 32 inputs, 1 round
+    python bench/bench_by_length.py --attention          # also implicit_bias, both ways
 
 ``scan`` batches a list of strings (or a token tensor) longest first by default
 (``by_length=True``: each batch holds inputs of similar length, so little padding is
@@ -12,7 +13,9 @@ computed; the result comes back in input order). This measures it against the sa
 scan with ``by_length=False`` (batches in the order given, as before) and against the
 plain HuggingFace forward (``AutoModel`` from the same folder, SDPA attention, no
 hidden states) over the same token batches in both orders: in the order given, the loop
-a researcher writes, and longest first, the floor of a pass that sorts.
+a researcher writes, and longest first, the floor of a pass that sorts. With
+``--attention``, also ``implicit_bias(model, inputs, "start")`` (every layer; eager
+attention, since it reads the patterns) with ``by_length=False`` and by default.
 
 Corpus: ``--inputs`` texts, each 1 to 8 consecutive sentences of
 ``massact_lens.data`` (SENTENCES and the paraphrase pairs), the count drawn from a
@@ -41,11 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import ROOT, environment, markdown_table, quiet_stderr, rotated, warn_if_busy  # noqa: E402
 
 ROUTES = ("hf_given", "hf_sorted", "scan_given", "scan")
+ATTENTION_ROUTES = ("bias_given", "bias")
 LABELS = {
     "hf_given": "HF forward, batches in the order given (floor)",
     "hf_sorted": "HF forward, batches longest first",
     "scan_given": "scan(by_length=False)",
     "scan": "scan (default: by_length=True)",
+    "bias_given": 'implicit_bias(..., "start", by_length=False)',
+    "bias": 'implicit_bias(..., "start") (default: longest first)',
 }
 #: Sentences joined per input, drawn uniformly from this list (a long tail).
 SPANS = (1, 1, 1, 1, 2, 2, 3, 5, 8)
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="32 inputs, one round: a smoke run")
+    parser.add_argument("--attention", action="store_true", help="also time implicit_bias both ways")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     if args.quick:
@@ -122,7 +129,12 @@ def main() -> None:
         "hf_sorted": lambda: hf_pass(longest_first),
         "scan_given": lambda: scan(False),
         "scan": lambda: scan(True),
+        "bias_given": lambda: ml.implicit_bias(model, tokens, "start", attention_mask=mask, batch_size=args.batch_size,
+                                               by_length=False, progress=False),
+        "bias": lambda: ml.implicit_bias(model, tokens, "start", attention_mask=mask, batch_size=args.batch_size,
+                                         progress=False),
     }
+    routes = ROUTES + (ATTENTION_ROUTES if args.attention else ())
     a, b = scan(False), scan(True)
     same = (
         all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("positions", "dims", "token_ids", "lengths"))
@@ -132,11 +144,11 @@ def main() -> None:
     if not same:
         print("MISMATCH: scan(by_length=True) does not give scan(by_length=False)'s records.", file=sys.stderr)
         raise SystemExit(1)
-    for fn in run.values():
-        fn()
-    times: dict[str, list[float]] = {r: [] for r in ROUTES}
+    for route in routes:
+        run[route]()
+    times: dict[str, list[float]] = {r: [] for r in routes}
     for i in range(args.rounds):
-        for route in rotated(list(ROUTES), i):
+        for route in rotated(list(routes), i):
             start = time.perf_counter()
             run[route]()
             times[route].append(time.perf_counter() - start)
@@ -149,12 +161,17 @@ def main() -> None:
           f"computed: {padded['given']:,} in the order given, {padded['sorted']:,} longest first; "
           f"{args.rounds} rounds, {args.threads} thread(s). The two scans give the same records.\n")
     rows = []
-    for route in ROUTES:
+    for route in routes:
         rows.append([LABELS[route], f"{min(times[route]):.3f}", f"{statistics.median(times[route]):.3f}",
                      f"{min(times[route]) / min(times['hf_given']):.2f}", f"{paired(route, 'hf_given'):.2f}",
                      f"{min(times[route]) / min(times['hf_sorted']):.2f}", f"{paired(route, 'hf_sorted'):.2f}"])
     print(markdown_table(["route", "min s", "median s", "/ HF given (min)", "/ HF given (paired)",
                           "/ HF longest first (min)", "/ HF longest first (paired)"], rows))
+    print(f"\nscan / scan(by_length=False): {min(times['scan']) / min(times['scan_given']):.2f} on min time, "
+          f"{paired('scan', 'scan_given'):.2f} paired")
+    if args.attention:
+        print(f"implicit_bias longest first / in the order given: {min(times['bias']) / min(times['bias_given']):.2f} "
+              f"on min time, {paired('bias', 'bias_given'):.2f} paired")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "inputs": args.inputs, "tokens": real,
                                          "padded": padded, "rounds": args.rounds, "threads": args.threads,

@@ -162,7 +162,7 @@ def _assert_same_sums(a: dict, b: dict, rtol: float = 0.0) -> None:
 def test_implicit_bias_merge_is_one_run_bit_for_bit(keep):
     model = tiny_model("llama", n_layers=2)
     tokens, mask = _tokens()
-    kwargs = dict(attention_mask=None, keep=keep, batch_size=2, progress=False)
+    kwargs = dict(attention_mask=None, keep=keep, batch_size=2, by_length=False, progress=False)
     whole = implicit_bias(model, tokens, [0, 2], **{**kwargs, "attention_mask": mask})
     parts = [implicit_bias(model, tokens[s], [0, 2], **{**kwargs, "attention_mask": mask[s]})
              for s in (slice(0, 4), slice(4, 6), slice(6, 7))]  # batch boundaries as in the whole run
@@ -258,3 +258,52 @@ def test_mismatched_parts_are_refused():
         TokenFeatures.merge([feats, token_features(tiny_model("gpt2", n_layers=2), tokens, "start", progress=False)])
     with pytest.raises(ValueError, match="positions"):
         TokenFeatures.merge([feats, token_features(model, tokens, [1], progress=False)])
+
+
+def _mixed(sentences: list[str]) -> list[str]:
+    long = "A much longer sentence that goes on and on for quite a while, then stops at last."
+    return [sentences[0], "Hi.", long, sentences[1], "Yes.", long + " " + sentences[2], sentences[3]]
+
+
+def test_attention_passes_run_longest_first_with_results_in_input_order(minilm_model, sentences):
+    texts = _mixed(sentences)
+    widths: list[int] = []
+    point = minilm_model.hook_dict["hook_embed"]
+    point.add_hook(lambda x, hook: widths.append(int(x.shape[1])))
+    try:
+        bias = implicit_bias(minilm_model, texts, "start", layers=[1], keep=4, batch_size=3, progress=False)
+    finally:
+        point.remove_hooks("fwd")
+    assert widths == sorted(widths, reverse=True)  # the longest inputs ran first
+    given = implicit_bias(minilm_model, texts, "start", layers=[1], keep=4, batch_size=3, by_length=False,
+                          progress=False)
+    assert bias.n_kept == given.n_kept == 4
+    for name in ("key_mask", "attention_mask", "tokens"):  # the first four inputs, in input order
+        assert torch.equal(getattr(bias, name), getattr(given, name)), name
+    for name in ("bias_z", "rest_z", "c_mass"):
+        torch.testing.assert_close(getattr(bias, name), getattr(given, name), rtol=1e-4, atol=1e-5)
+    _assert_same_sums(bias.sums, given.sums, rtol=1e-5)
+
+    sinks = attention_concentration(minilm_model, texts, "start", keep=5, batch_size=3, progress=False)
+    in_order = attention_concentration(minilm_model, texts, "start", keep=5, batch_size=3, by_length=False,
+                                       progress=False)
+    assert torch.equal(sinks.lengths, in_order.lengths)
+    torch.testing.assert_close(sinks.mass, in_order.mass, rtol=1e-4, atol=1e-5)
+    feats = token_features(minilm_model, texts, "start", layers=[1], batch_size=3, progress=False)
+    feats_in_order = token_features(minilm_model, texts, "start", layers=[1], batch_size=3, by_length=False,
+                                    progress=False)
+    torch.testing.assert_close(feats.value_norm, feats_in_order.value_norm, rtol=1e-4, atol=1e-5)
+
+
+def test_a_callable_key_set_gets_the_inputs_in_order(minilm_model, sentences):
+    texts = _mixed(sentences)
+    seen: list[list[int]] = []
+
+    def first_token(batch):
+        seen.append(batch.input_indices)
+        mask = torch.zeros(batch.tokens.shape, dtype=torch.bool)
+        mask[:, 0] = True
+        return mask
+
+    implicit_bias(minilm_model, texts, first_token, layers=[1], batch_size=3, progress=False)
+    assert [i for rows in seen for i in rows] == list(range(len(texts)))

@@ -6,8 +6,10 @@ consecutive slices of a corpus merge exactly: the sums add, the kept inputs
 concatenate up to ``keep``.
 
 >>> kept = KeptInputs(2, {"tokens": 1})
->>> kept.add(torch.tensor([[1, 2, 0]]), tokens=torch.tensor([[5, 6, 0]]))
->>> kept.add(torch.tensor([[1, 1, 1], [1, 0, 0]]), tokens=torch.tensor([[7, 8, 9], [4, 0, 0]]))
+>>> kept.add(torch.tensor([[1, 1, 0]]), [0], tokens=torch.tensor([[5, 6, 0]]))
+>>> kept.choose([1, 2])  # the next batch holds inputs 1 and 2: only its row 0 is kept
+[0]
+>>> kept.add(torch.tensor([[1, 1, 1]]), [1], tokens=torch.tensor([[7, 8, 9]]))
 >>> kept.n, kept.tensors()["tokens"].tolist()
 (2, [[5, 6, 0], [7, 8, 9]])
 """
@@ -54,27 +56,39 @@ class KeptInputs:
     """The first ``limit`` inputs' per-input tensors, gathered batch by batch.
 
     ``pos_dims`` names each tensor and gives its position axis (``None``: no position
-    axis); the input axis is 0. :meth:`add` takes the attention mask of the batch
-    (which fixes the kept width) and the batch's tensors.
+    axis); the input axis is 0. "First" is by input index, whatever the order the
+    batches ran in (a plan made longest first holds them out of order): :meth:`choose`
+    says which rows of a batch to keep, :meth:`add` takes those rows' attention mask,
+    their input indices and their tensors, and :meth:`tensors` returns them in input order.
+
+    >>> kept = KeptInputs(2, {"x": None})
+    >>> rows = kept.choose([5, 1, 0])  # a batch holding inputs 5, 1 and 0
+    >>> kept.add(torch.ones(2, 1), [[5, 1, 0][r] for r in rows], x=torch.tensor([10.0, 20.0, 30.0])[rows])
+    >>> rows, kept.tensors()["x"].tolist()
+    ([1, 2], [30.0, 20.0])
     """
 
     def __init__(self, limit: int | None, pos_dims: Mapping[str, int | None]) -> None:
         self.limit = limit
         self.pos_dims = dict(pos_dims)
         self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in ["attention_mask", *pos_dims]}
+        self.inputs: list[int] = []  # the input index of every kept row, as added
         self.n = 0
 
-    def room(self, n: int) -> int:
-        """How many of the next ``n`` inputs are kept."""
-        return n if self.limit is None else max(0, min(n, self.limit - self.n))
+    def choose(self, inputs: Sequence[int]) -> list[int]:
+        """The rows to keep of a batch whose rows are the inputs ``inputs`` (in row order)."""
+        if self.limit is None:
+            return list(range(len(inputs)))
+        return [row for row, index in enumerate(inputs) if index < self.limit]
 
-    def add(self, attention_mask: torch.Tensor, **tensors: torch.Tensor) -> None:
-        take = self.room(int(attention_mask.shape[0]))
-        if take == 0:
+    def add(self, attention_mask: torch.Tensor, inputs: Sequence[int], **tensors: torch.Tensor) -> None:
+        """The chosen rows: their attention mask, input indices and tensors (input axis first)."""
+        if len(inputs) == 0:
             return
         for name, t in {"attention_mask": attention_mask, **tensors}.items():
-            self.parts[name].append(t[:take].detach().cpu())
-        self.n += take
+            self.parts[name].append(t.detach().cpu())
+        self.inputs += [int(i) for i in inputs]
+        self.n += len(inputs)
 
     def tensors(self, empty: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Each tensor over the kept inputs, padded to the longest, then cut to the longest real length.
@@ -86,10 +100,13 @@ class KeptInputs:
         if self.n == 0:
             return dict(empty or {})
         dims = {"attention_mask": 1, **self.pos_dims}
+        order = None if self.inputs == sorted(self.inputs) else torch.argsort(torch.tensor(self.inputs))
         out = {}
         for name in list(self.parts):  # each name's pieces are let go once joined: one copy at a time
             parts = self.parts.pop(name)
             out[name] = pad_cat(parts, dims[name]) if dims[name] is not None else torch.cat(parts)
+            if order is not None:
+                out[name] = out[name][order]
             del parts
         positional = {name: t for name, t in out.items() if dims[name] is not None}
         return {**out, **_trim(positional, {n: int(dims[n]) for n in positional}, out["attention_mask"])}  # type: ignore[arg-type]

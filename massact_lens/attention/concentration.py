@@ -37,8 +37,8 @@ from massact_lens.attention._streaming import (
     keep_limit,
     merge_kept,
 )
-from massact_lens.attention.keys import Positions, as_rule, fit_width
-from massact_lens.batching import Batch, plan_batches
+from massact_lens.attention.keys import Positions, fit_width, keyed_plan
+from massact_lens.batching import Batch
 from massact_lens.hook_names import attention_hook
 
 __all__ = ["AttentionConcentration", "attention_concentration"]
@@ -220,6 +220,7 @@ def attention_concentration(
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
     progress: bool = True,
+    by_length: bool | None = None,
 ) -> AttentionConcentration:
     """How much attention each head puts on the key positions C (the attention sink).
 
@@ -243,6 +244,11 @@ def attention_concentration(
             (``mass``, ``logit_gap``, ...; :meth:`AttentionConcentration.to_dataframe`);
             ``"all"`` for every input. The summaries cover every input either way.
         batch_size, prepend_bos, attention_mask, progress: as in :func:`massact_lens.scan`.
+        by_length: batch the inputs longest first (little padding computed; results in
+            input order). None (default): whenever the key set allows it (the library's
+            rules; a callable or a rule of your own gets the batches in input order, as
+            ``batch.start + row``); False: in input order (batch boundaries as given, e.g.
+            for a merge equal bit for bit to one run).
 
     Raises:
         ValueError / TypeError: a layer that does not exist, an empty or malformed C,
@@ -256,8 +262,8 @@ def attention_concentration(
     """
     keep = check_keep(keep)
     chosen = check_layers(model, layers, ("pattern",))
-    plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos)
-    rule = as_rule(model, positions, plan)
+    plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
+                            prepend_bos=prepend_bos, by_length=by_length)
     causal = is_causal(model)
     has_scores = all(attention_hook("scores", layer) in model.hook_dict for layer in chosen)  # type: ignore[attr-defined]
     pending: dict[int, dict[str, Any]] = {}
@@ -346,8 +352,13 @@ def attention_concentration(
         sums["n_positions"] += n_positions.sum().cpu()
         sums["lengths"] += batch.lengths.sum().cpu()
         seen[0] += int(real.shape[0])
-        kept.add(batch.lengths[:, None].cpu(), mass=mass, uniform_mass=uniform.cpu(), logit_gap=gap,
-                 n_positions=n_positions.cpu().long(), lengths=batch.lengths.cpu().long())
+        inputs = batch.input_indices
+        rows = kept.choose(inputs)
+        if rows:
+            take = torch.tensor(rows, dtype=torch.long)
+            kept.add(batch.lengths[:, None].cpu()[take], [inputs[r] for r in rows], mass=mass[take],
+                     uniform_mass=uniform.cpu()[take], logit_gap=gap[take], n_positions=n_positions.cpu().long()[take],
+                     lengths=batch.lengths.cpu().long()[take])
 
     run_passes(model, plan, rule, layer_hooks, finish, progress=progress, desc="attention")
     warn_empty(sums["n_positions"][None], rule.describe())

@@ -51,8 +51,8 @@ from massact_lens.attention._streaming import (
     keep_limit,
     merge_kept,
 )
-from massact_lens.attention.keys import Positions, as_rule, fit_width
-from massact_lens.batching import Batch, plan_batches
+from massact_lens.attention.keys import Positions, fit_width, keyed_plan
+from massact_lens.batching import Batch
 from massact_lens.hook_names import attention_hook
 from massact_lens.models import warn_if_processed
 
@@ -271,6 +271,7 @@ def implicit_bias(
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
     progress: bool = True,
+    by_length: bool | None = None,
 ) -> ImplicitBias:
     """Split each head's attention output into the term from C and the rest, exactly.
 
@@ -298,6 +299,11 @@ def implicit_bias(
             (``bias_z``, ``rest_z``, ``c_mass``, ...); ``"all"`` for every input, 0 for
             none. The statistics cover every input either way.
         batch_size, prepend_bos, attention_mask, progress: as in :func:`attention_concentration`.
+        by_length: batch the inputs longest first (little padding computed; results in
+            input order). None (default): whenever the key set allows it (the library's
+            rules; a callable or a rule of your own gets the batches in input order, as
+            ``batch.start + row``); False: in input order (batch boundaries as given, e.g.
+            for a merge equal bit for bit to one run).
 
     Raises:
         ValueError / TypeError: a layer or head that does not exist, an empty or
@@ -314,8 +320,8 @@ def implicit_bias(
     keep = check_keep(keep)
     chosen = check_layers(model, layers, ("pattern", "v", "z"))
     head_list = check_heads(model, heads)
-    plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos)
-    rule = as_rule(model, positions, plan)
+    plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
+                            prepend_bos=prepend_bos, by_length=by_length)
     warn_if_processed(model)
     n_heads = int(model.cfg.n_heads)
     device = model_device(model)
@@ -362,7 +368,9 @@ def implicit_bias(
 
     def finish(batch: Batch, c_mask: torch.Tensor) -> None:
         real = batch.attention_mask.bool()
-        room = kept.room(int(real.shape[0]))
+        inputs = batch.input_indices
+        rows = kept.choose(inputs)
+        chosen_rows = torch.tensor(rows, dtype=torch.long, device=real.device)
         bias_l, rest_l, mass_l = [], [], []
         key_mask = None
         for i, layer in enumerate(chosen):
@@ -392,17 +400,18 @@ def implicit_bias(
             totals = tuple(torch.einsum("bqhd,hdm->bqm", t, chosen_w[layer]) for t in (bias, rest))
             outside = real & ~fit_width(in_c, int(real.shape[1]))
             add_batch(sums, i, (bias, rest), totals, mass, (real, outside), grams[layer])  # type: ignore[arg-type]
-            if room:
-                bias_l.append(bias[:room].cpu())
-                rest_l.append(rest[:room].cpu())
-                mass_l.append(mass[:room].cpu())
+            if rows:
+                bias_l.append(bias[chosen_rows].cpu())
+                rest_l.append(rest[chosen_rows].cpu())
+                mass_l.append(mass[chosen_rows].cpu())
             key_mask = in_c
         assert key_mask is not None
         seen["inputs"] += int(real.shape[0])
         seen["c"] += int(key_mask.sum())
-        if room:
-            kept.add(batch.attention_mask, bias_z=torch.stack(bias_l, 1), rest_z=torch.stack(rest_l, 1),
-                     c_mass=torch.stack(mass_l, 1), key_mask=key_mask, tokens=batch.tokens)
+        if rows:
+            kept.add(batch.attention_mask[chosen_rows], [inputs[r] for r in rows], bias_z=torch.stack(bias_l, 1),
+                     rest_z=torch.stack(rest_l, 1), c_mass=torch.stack(mass_l, 1), key_mask=key_mask[chosen_rows],
+                     tokens=batch.tokens[chosen_rows])
 
     run_passes(model, plan, rule, layer_hooks, finish, progress=progress, desc="implicit bias")
     warn_empty(torch.tensor([seen["c"]]), rule.describe())

@@ -27,8 +27,8 @@ from massact_lens.attention._passes import (
     warn_empty,
 )
 from massact_lens.attention._streaming import add_sums, check_parts
-from massact_lens.attention.keys import Positions, as_rule, fit_width
-from massact_lens.batching import Batch, plan_batches
+from massact_lens.attention.keys import Positions, fit_width, keyed_plan
+from massact_lens.batching import Batch
 from massact_lens.hook_names import attention_hook, resolve_hook_names
 from massact_lens.models import warn_if_processed
 
@@ -161,6 +161,7 @@ def token_features(
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
     progress: bool = True,
+    by_length: bool | None = None,
 ) -> TokenFeatures:
     """Norms of keys, values and value updates, and attention inputs, of C tokens vs others.
 
@@ -170,6 +171,9 @@ def token_features(
     pre-norm models; for post-norm BERT-style models the block input
     ``hook_resid_pre``, which is already normalised) of both groups: norm, mean
     vector and constancy.
+
+    ``by_length``: as in :func:`massact_lens.implicit_bias` (the sums do not depend on
+    the order; only float32 rounding may differ with the batches' shapes).
 
     Cost: one forward pass per batch reading ``hook_k``, ``hook_v`` and the feature
     hook of each chosen layer; norms are reduced at once, the features of the
@@ -184,8 +188,8 @@ def token_features(
     chosen = check_layers(model, layers, ("v", "k"))
     feature_names = tuple(feature_hook(model, layer) for layer in chosen)
     resolve_hook_names(model, list(feature_names))
-    plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos)
-    rule = as_rule(model, positions, plan)
+    plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
+                            prepend_bos=prepend_bos, by_length=by_length)
     warn_if_processed(model)
     n_heads, d_model = int(model.cfg.n_heads), int(model.cfg.d_model)
     device = model_device(model)

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens.batching import Batch, BatchPlan
+from massact_lens.batching import Batch, BatchPlan, plan_batches
 from massact_lens.interventions.lists import check_profile_matches
 from massact_lens.interventions.positions import (
     PositionRule,
@@ -117,6 +117,8 @@ class _Labelled(WrappedRule):
 class _Mask(PositionRule):
     """A bool mask ``[key_pos]`` for every input, or ``[n_inputs, key_pos]``."""
 
+    reads_input_index = True
+
     def __init__(self, mask: torch.Tensor) -> None:
         self.tensor = mask.detach().cpu().bool()
 
@@ -161,6 +163,8 @@ class _Callable(PositionRule):
 
 class _Records(PositionRule):
     """The positions of :func:`~massact_lens.find_massive` records, per scanned input."""
+
+    reads_input_index = True
 
     def __init__(self, found: MassiveActivations) -> None:
         self.found = found
@@ -291,6 +295,38 @@ def _from_list(model: TransformerLensModel, items: list[Any]) -> PositionRule | 
             )
         return at_positions(sorted(set(items)), strict=False)
     return None
+
+
+def in_any_order(rule: PositionRule) -> bool:
+    """Whether ``rule`` gives each input the same key positions in batches of any order
+    (every leaf ``reads_input_index``: the library's rules; not a callable, not a rule of
+    your own), so that a pass may batch its inputs longest first.
+
+    >>> from massact_lens.examples import tiny_model
+    >>> in_any_order(as_rule(tiny_model(), "start", None)), in_any_order(as_rule(tiny_model(), lambda b: b, None))
+    (True, False)
+    """
+    return all(leaf.reads_input_index for leaf in rule.leaves())
+
+
+def keyed_plan(
+    model: TransformerLensModel,
+    inputs: Any,
+    positions: Any,
+    *,
+    batch_size: int,
+    attention_mask: torch.Tensor | None,
+    prepend_bos: bool | None,
+    by_length: bool | None = None,
+) -> tuple[BatchPlan, PositionRule]:
+    """The batches of an attention pass and its checked key set. ``by_length``: longest
+    first (True), in input order (False), or longest first when the key set allows it
+    (None: :func:`in_any_order`; a callable of yours then gets the batches in input order)."""
+    if by_length is None:
+        by_length = in_any_order(as_rule(model, positions, None))
+    plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos,
+                        by_length=by_length)
+    return plan, as_rule(model, positions, plan)
 
 
 def as_rule(model: TransformerLensModel, positions: Any, plan: BatchPlan | None) -> PositionRule:

@@ -64,6 +64,10 @@ class PositionRule:
     needs_tokens: bool = False
     #: The rule reads the activation itself (:func:`where_massive`).
     reads_activation: bool = False
+    #: The rule gives an input the same positions whatever batch it runs in (it names a
+    #: row's input by ``ctx.batch.input_index(row)``, or needs no input at all): the
+    #: attention functions may then batch longest first. False for rules of your own.
+    reads_input_index: bool = False
 
     def select(
         self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext
@@ -109,6 +113,8 @@ def as_position_rule(value: Any) -> PositionRule:
 
 
 class _All(PositionRule):
+    reads_input_index = True
+
     def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
         return torch.ones(1, int(activation.shape[1]), dtype=torch.bool, device=activation.device)
 
@@ -117,6 +123,8 @@ class _All(PositionRule):
 
 
 class _Start(PositionRule):
+    reads_input_index = True
+
     def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
         return ctx.positions.to(activation.device) == 0
 
@@ -126,6 +134,8 @@ class _Start(PositionRule):
 
 class _At(PositionRule):
     """Explicit positions. ``strict``: an index beyond the input raises (else it is absent)."""
+
+    reads_input_index = True
 
     def __init__(self, indices: tuple[int, ...], strict: bool = True) -> None:
         self.indices = indices
@@ -164,6 +174,7 @@ class _At(PositionRule):
 
 class _TokenIds(PositionRule):
     needs_tokens = True
+    reads_input_index = True
 
     def __init__(self, token_ids: frozenset[int], first_only: bool, label: str) -> None:
         self.token_ids = token_ids
@@ -198,6 +209,8 @@ class WhereMassive(PositionRule):
     and a position is in the set when one of its entries (in ``dims``, default any)
     is massive at any of those hooks. Build it with :func:`where_massive`.
     """
+
+    reads_input_index = True  # decided from the activation of each row itself
 
     min_value: float | int = 100.0
     min_ratio: float | int = 1000.0
