@@ -423,8 +423,9 @@ def lineage(
         massive: a :class:`~massact_lens.massive.MassiveProfile` or
             :class:`~massact_lens.massive.MassiveActivations`.
         top_channels: hidden channels reported per writing block.
-        batch_size: inputs per forward pass. A list or a tensor runs longest first
-            (little padding computed; the sums do not depend on the order).
+        batch_size: inputs per forward pass. Inputs run longest first (a list or a
+            tensor as a whole, an iterable of batches within each item): little padding
+            is computed, and the sums depend on the order only in float64 rounding.
         prepend_bos: for strings; None uses what the massive set used (else the model's default).
         attention_mask: with a token tensor, 1 for real tokens, 0 for right padding.
         progress: show a progress bar.

@@ -12,7 +12,8 @@ massive activations (``[batch, pos, n_dims]``, a few columns); when the batch's
 statistics arrive it keeps those columns' values at the batch's massive entries. A
 batch whose massive entries use a dim not yet followed is run once more with that
 dim added, reading nothing else. Before the first batch, the first
-:data:`PROBE_TOKENS` tokens of the first input are scanned alone (a probe, its numbers
+:data:`PROBE_TOKENS` tokens of the first batch's first input (the longest input when the
+scan batches longest first) are scanned alone (a probe, its numbers
 not kept) to learn the dims to follow: the start token carries them (a dim seen only
 later costs a rerun, never a wrong number). Massive dims are few and fixed (the
 paper's finding), so a profile costs about one scan plus one short input. When the
@@ -172,7 +173,7 @@ def second_pass_values(
     return followed.stats(sums, result)
 
 
-#: Tokens of the first input the probe scans (the start token and its neighbours).
+#: Tokens of the first batch's first input the probe scans (the start token and its neighbours).
 PROBE_TOKENS = 64
 
 
@@ -229,7 +230,7 @@ class CandidateValues:
         return hooks
 
     def _probe(self, batch: Batch) -> None:
-        """Scan the start of the first input alone and follow its massive dims from the
+        """Scan the start of the batch's first input alone and follow its massive dims from the
         first batch on: the first batch then runs again only for dims that start lacks. The
         probe's numbers are not kept (the pass itself measures that input)."""
         from massact_lens.scan import scan

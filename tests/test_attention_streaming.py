@@ -209,8 +209,9 @@ def test_minilm_merges_equal_one_run_to_float_rounding(minilm_model, sentences):
 def test_concentration_summaries_cover_every_input():
     model = tiny_model("gpt2", n_layers=2)
     tokens, mask = _tokens()
-    every = attention_concentration(model, tokens, [0, 5], attention_mask=mask, keep="all", batch_size=2, progress=False)
-    few = attention_concentration(model, tokens, [0, 5], attention_mask=mask, keep=3, batch_size=2, progress=False)
+    run = dict(batch_size=2, by_length=False, progress=False)  # the merge below needs the same batch boundaries
+    every = attention_concentration(model, tokens, [0, 5], attention_mask=mask, keep="all", **run)
+    few = attention_concentration(model, tokens, [0, 5], attention_mask=mask, keep=3, **run)
     assert (few.n_inputs, few.n_kept, len(few.to_dataframe())) == (7, 3, 3 * 2 * 4)
     torch.testing.assert_close(every.mean_mass, every.mass.mean(0))
     assert every.mean_uniform_mass == pytest.approx(float(every.uniform_mass.double().mean()))
@@ -221,7 +222,7 @@ def test_concentration_summaries_cover_every_input():
     np.testing.assert_allclose(scores["mass_min"].to_numpy(), mass.amin(0).flatten().numpy())
     np.testing.assert_allclose(scores["logit_gap"].to_numpy(), every.logit_gap.double().nanmean(0).flatten().numpy(), rtol=1e-5)
     pd.testing.assert_frame_equal(few.layer_mass(), every.layer_mass())
-    parts = [attention_concentration(model, tokens[s], [0, 5], attention_mask=mask[s], keep=3, batch_size=2, progress=False)
+    parts = [attention_concentration(model, tokens[s], [0, 5], attention_mask=mask[s], keep=3, **run)
              for s in (slice(0, 2), slice(2, 7))]
     merged = AttentionConcentration.merge(parts)
     _assert_same_sums(merged.sums, few.sums)
@@ -307,3 +308,30 @@ def test_a_callable_key_set_gets_the_inputs_in_order(minilm_model, sentences):
 
     implicit_bias(minilm_model, texts, first_token, layers=[1], batch_size=3, progress=False)
     assert [i for rows in seen for i in rows] == list(range(len(texts)))
+
+
+def test_rules_of_your_own_and_strict_positions_keep_the_input_order():
+    from massact_lens.interventions.positions import (
+        WrappedRule,
+        at_positions,
+        in_any_order,
+        start_token,
+    )
+
+    class FromBatchStart(WrappedRule):  # a rule of yours that reads batch.start
+        def select(self, activation, dims, ctx):
+            return self.rule.select(activation, dims, ctx)
+
+    assert in_any_order(start_token() | at_positions([1], strict=False))
+    assert not in_any_order(FromBatchStart(start_token()))
+    assert not in_any_order(start_token() | FromBatchStart(start_token()))
+    assert not in_any_order(at_positions([7]))  # strict: raises past the padded width, which depends on the batch
+    model = tiny_model("llama", n_layers=2)
+    tokens = torch.randint(1, model.cfg.d_vocab, (4, 10), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(10)[None] < torch.tensor([10, 3, 10, 3])[:, None]).long()
+    # In input order each short input shares a batch 10 wide, so strict position 7 passes, as before this change.
+    strict = implicit_bias(model, tokens, at_positions([7]), attention_mask=mask, batch_size=2, progress=False)
+    assert strict.n_inputs == 4
+    with pytest.raises(ValueError, match="does not exist in this input"):  # longest first: the short two, 3 wide
+        implicit_bias(model, tokens, at_positions([7]), attention_mask=mask, batch_size=2, by_length=True,
+                      progress=False)

@@ -33,6 +33,7 @@ from massact_lens.interventions.positions import (
     WrappedRule,
     at_positions,
     delimiter_positions,
+    in_any_order,
     start_token,
 )
 from massact_lens.massive import MassiveActivations
@@ -56,6 +57,8 @@ class MassiveTokens(WhereMassive):
     >>> MassiveTokens(min_value=50, min_ratio=200).describe()
     'massive(min_value=50.0, min_ratio=200.0, hooks=residual, dims=any)'
     """
+
+    reads_input_index = True  # decided from the activation of each row itself
 
     @classmethod
     def from_profile(cls, massive_profile: MassiveProfile) -> MassiveTokens:
@@ -105,6 +108,8 @@ def _batch_of(ctx: RunContext, rule: PositionRule) -> Batch:
 
 class _Labelled(WrappedRule):
     """A rule under another name (the named key sets: "start", "delimiters", ...)."""
+
+    reads_input_index = True  # when the inner rule does (in_any_order)
 
     def __init__(self, rule: PositionRule, label: str) -> None:
         super().__init__(rule)
@@ -240,26 +245,16 @@ def _named(model: TransformerLensModel, names: tuple[str, ...]) -> PositionRule:
     return _Labelled(combined, "+".join(names))
 
 
-def _from_records(found: MassiveActivations, plan: BatchPlan | None) -> PositionRule:
+def _from_records(found: MassiveActivations) -> PositionRule:
     if len(found) == 0:
         raise ValueError(
             "positions is an empty MassiveActivations: find_massive found nothing, so C would be "
             "empty. Lower min_value / min_ratio, or pass positions='start'."
         )
-    n_scanned = found.scan.n_inputs
-    if plan is not None and plan.n_inputs is not None and plan.n_inputs != n_scanned:
-        raise ValueError(
-            f"positions came from a scan of {n_scanned} inputs, but {plan.n_inputs} inputs were "
-            "given: pass the inputs that were scanned."
-        )
-    rule = _Records(found)
-    if plan is not None and isinstance(plan.batches, list):
-        for batch in plan.batches:
-            rule.check_batch(batch)
-    return rule
+    return _Records(found)
 
 
-def _from_mask(mask: torch.Tensor, plan: BatchPlan | None) -> PositionRule:
+def _from_mask(mask: torch.Tensor) -> PositionRule:
     if mask.is_floating_point() or mask.ndim not in (1, 2):
         raise ValueError(
             f"A positions tensor must be a bool mask [key_pos] or [n_inputs, key_pos]; got "
@@ -267,10 +262,27 @@ def _from_mask(mask: torch.Tensor, plan: BatchPlan | None) -> PositionRule:
         )
     if not bool(mask.bool().any()):
         raise ValueError("The positions mask is all False: C is empty. Mark at least one key position.")
-    n_inputs = None if plan is None else plan.n_inputs
-    if mask.ndim == 2 and n_inputs is not None and mask.shape[0] != n_inputs:
-        raise ValueError(f"The positions mask has {mask.shape[0]} rows for {n_inputs} inputs: give one row per input.")
     return _Mask(mask)
+
+
+def check_plan(rule: PositionRule, plan: BatchPlan) -> None:
+    """The per-input parts of ``rule`` (scan records, a mask with a row per input) against
+    the inputs ``plan`` batches, before any pass (ValueError)."""
+    for leaf in rule.leaves():
+        if isinstance(leaf, _Records):
+            n_scanned = leaf.found.scan.n_inputs
+            if plan.n_inputs is not None and plan.n_inputs != n_scanned:
+                raise ValueError(
+                    f"positions came from a scan of {n_scanned} inputs, but {plan.n_inputs} inputs were "
+                    "given: pass the inputs that were scanned."
+                )
+            if isinstance(plan.batches, list):
+                for batch in plan.batches:
+                    leaf.check_batch(batch)
+        elif isinstance(leaf, _Mask) and leaf.tensor.ndim == 2 and plan.n_inputs not in (None, leaf.tensor.shape[0]):
+            raise ValueError(
+                f"The positions mask has {leaf.tensor.shape[0]} rows for {plan.n_inputs} inputs: give one row per input."
+            )
 
 
 def _from_list(model: TransformerLensModel, items: list[Any]) -> PositionRule | None:
@@ -297,18 +309,6 @@ def _from_list(model: TransformerLensModel, items: list[Any]) -> PositionRule | 
     return None
 
 
-def in_any_order(rule: PositionRule) -> bool:
-    """Whether ``rule`` gives each input the same key positions in batches of any order
-    (every leaf ``reads_input_index``: the library's rules; not a callable, not a rule of
-    your own), so that a pass may batch its inputs longest first.
-
-    >>> from massact_lens.examples import tiny_model
-    >>> in_any_order(as_rule(tiny_model(), "start", None)), in_any_order(as_rule(tiny_model(), lambda b: b, None))
-    (True, False)
-    """
-    return all(leaf.reads_input_index for leaf in rule.leaves())
-
-
 def keyed_plan(
     model: TransformerLensModel,
     inputs: Any,
@@ -321,12 +321,26 @@ def keyed_plan(
 ) -> tuple[BatchPlan, PositionRule]:
     """The batches of an attention pass and its checked key set. ``by_length``: longest
     first (True), in input order (False), or longest first when the key set allows it
-    (None: :func:`in_any_order`; a callable of yours then gets the batches in input order)."""
+    (None: :func:`~massact_lens.interventions.positions.in_any_order`; a callable or a
+    rule of your own then gets the batches in input order).
+
+    >>> from massact_lens.examples import tiny_model
+    >>> tokens, mask = torch.ones(3, 4, dtype=torch.long), torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    >>> plan, rule = keyed_plan(tiny_model(), tokens, "start", batch_size=2, attention_mask=mask, prepend_bos=None)
+    >>> [b.input_indices for b in plan.batches]
+    [[1, 2], [0]]
+    >>> plan, rule = keyed_plan(tiny_model(), tokens, lambda b: b.tokens > 0, batch_size=2, attention_mask=mask,
+    ...                         prepend_bos=None)
+    >>> [b.input_indices for b in plan.batches]
+    [[0, 1], [2]]
+    """
+    rule = as_rule(model, positions, None)
     if by_length is None:
-        by_length = in_any_order(as_rule(model, positions, None))
+        by_length = in_any_order(rule)
     plan = plan_batches(model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=prepend_bos,
                         by_length=by_length)
-    return plan, as_rule(model, positions, plan)
+    check_plan(rule, plan)
+    return plan, rule
 
 
 def as_rule(model: TransformerLensModel, positions: Any, plan: BatchPlan | None) -> PositionRule:
@@ -355,9 +369,9 @@ def as_rule(model: TransformerLensModel, positions: Any, plan: BatchPlan | None)
     if isinstance(positions, PositionRule):
         rule = positions
     elif isinstance(positions, MassiveActivations):
-        rule = _from_records(positions, plan)
+        rule = _from_records(positions)
     elif isinstance(positions, torch.Tensor):
-        rule = _from_mask(positions, plan)
+        rule = _from_mask(positions)
     elif callable(positions):
         rule = _Callable(cast(Callable[[Batch], torch.Tensor], positions))
     elif isinstance(positions, Sequence):
@@ -369,4 +383,6 @@ def as_rule(model: TransformerLensModel, positions: Any, plan: BatchPlan | None)
             "a MassiveProfile / MassiveActivations, or a callable (batch) -> bool mask [batch, key_pos]."
         )
     rule.check(model)
+    if plan is not None:
+        check_plan(rule, plan)
     return rule

@@ -108,7 +108,7 @@ class TokenTracker:
         return out
 
     def before_batch(self, batch: Batch) -> None:
-        """The next pass is ``batch``, a fresh sequence (its padding mask and start index)."""
+        """The next pass is ``batch``, a fresh sequence (its padding mask and its rows' inputs)."""
         self._announced = batch
 
     def on_tokens(self, tokens: torch.Tensor) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "as_position_rule",
     "at_positions",
     "delimiter_positions",
+    "in_any_order",
     "kind_positions",
     "run_context",
     "start_token",
@@ -66,7 +67,9 @@ class PositionRule:
     reads_activation: bool = False
     #: The rule gives an input the same positions whatever batch it runs in (it names a
     #: row's input by ``ctx.batch.input_index(row)``, or needs no input at all): the
-    #: attention functions may then batch longest first. False for rules of your own.
+    #: attention functions may then batch longest first (:func:`in_any_order`). Read
+    #: from the rule's own class (or instance), never inherited: False for rules of your
+    #: own, subclasses of the library's included, unless they set it.
     reads_input_index: bool = False
 
     def select(
@@ -140,6 +143,8 @@ class _At(PositionRule):
     def __init__(self, indices: tuple[int, ...], strict: bool = True) -> None:
         self.indices = indices
         self.strict = strict
+        # Strict raises for an index past the batch's padded width: that depends on the batch.
+        self.reads_input_index = not strict
 
     def check(self, model: TransformerLensModel) -> None:
         n_ctx = int(model.cfg.n_ctx)
@@ -265,6 +270,8 @@ class WhereMassive(PositionRule):
 
 
 class _Combined(PositionRule):
+    reads_input_index = True  # when every part does (in_any_order)
+
     def __init__(self, op: str, rules: tuple[PositionRule, ...]) -> None:
         self.op = op
         self.rules = rules
@@ -310,11 +317,31 @@ class WrappedRule(PositionRule):
 
 
 class _Not(WrappedRule):
+    reads_input_index = True  # when the inner rule does (in_any_order)
+
     def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:
         return ~self.rule.select(activation, dims, ctx)
 
     def describe(self) -> str:
         return f"not {self.rule.describe()}"
+
+
+def in_any_order(rule: PositionRule) -> bool:
+    """Whether ``rule`` gives each input the same positions in batches of any order: it and
+    every rule it is built from declare ``reads_input_index`` in their own class (or
+    instance). A pass may then batch its inputs longest first.
+
+    >>> in_any_order(start_token() | at_positions([2], strict=False)), in_any_order(at_positions([2]))
+    (True, False)
+    """
+    declared = vars(rule).get("reads_input_index", type(rule).__dict__.get("reads_input_index", False))
+    if not declared:
+        return False
+    if isinstance(rule, _Combined):
+        return all(in_any_order(part) for part in rule.rules)
+    if isinstance(rule, WrappedRule):
+        return in_any_order(rule.rule)
+    return True
 
 
 def run_context(tracker: TokenTracker | None, rule: PositionRule, activation: torch.Tensor, owner: str) -> RunContext:
