@@ -104,14 +104,8 @@ def main() -> None:
     given = plan_batches(model, texts, batch_size=args.batch_size).batches
     longest_first = plan_batches(model, texts, batch_size=args.batch_size, by_length=True).batches
     assert isinstance(given, list) and isinstance(longest_first, list)
-    tokens = torch.nn.utils.rnn.pad_sequence(
-        [b.tokens[r, : int(b.attention_mask[r].sum())] for b in given for r in range(b.tokens.shape[0])],
-        batch_first=True,
-    )
-    mask = torch.nn.utils.rnn.pad_sequence(
-        [b.attention_mask[r, : int(b.attention_mask[r].sum())] for b in given for r in range(b.tokens.shape[0])],
-        batch_first=True,
-    )
+    whole = plan_batches(model, texts, batch_size=len(texts)).batches[0]  # every input, right-padded
+    tokens, mask = whole.tokens, whole.attention_mask
     real = int(mask.sum())
     padded = {"given": sum(b.tokens.numel() for b in given), "sorted": sum(b.tokens.numel() for b in longest_first)}
 

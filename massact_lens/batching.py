@@ -192,6 +192,19 @@ def _longest_first(lengths: Sequence[int], batch_size: int) -> list[int] | None:
     return None if order == list(range(len(lengths))) else order
 
 
+def _chunks(
+    n: int, batch_size: int, start: int, order: list[int] | None
+) -> Iterator[tuple[int, slice | list[int], tuple[int, ...] | None]]:
+    """Per batch: its offset in the run, its rows among the ``n`` inputs (a slice, or
+    positions when ``order`` reorders them) and their input indices (None: in order)."""
+    for offset in range(0, n, batch_size):
+        if order is None:
+            yield offset, slice(offset, offset + batch_size), None
+        else:
+            chunk = order[offset : offset + batch_size]
+            yield offset, chunk, tuple(start + i for i in chunk)
+
+
 def _tensor_batches(
     model: TransformerLensModel,
     tokens: torch.Tensor,
@@ -223,12 +236,8 @@ def _tensor_batches(
     _check_rows(model, tokens, mask, start)
     order = _longest_first(mask.sum(1).tolist(), batch_size) if by_length else None
     out = []
-    for offset in range(0, tokens.shape[0], batch_size):
-        if order is None:
-            t, m, indices = tokens[offset : offset + batch_size], mask[offset : offset + batch_size], None
-        else:
-            chunk = order[offset : offset + batch_size]
-            t, m, indices = tokens[chunk], mask[chunk], tuple(start + i for i in chunk)
+    for offset, rows, indices in _chunks(int(tokens.shape[0]), batch_size, start, order):
+        t, m = tokens[rows], mask[rows]
         width = int(m.sum(1).max())
         out.append(Batch(t[:, :width], m[:, :width], start + offset, indices))
     return out
@@ -246,12 +255,8 @@ def _string_batches(
     pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0  # type: ignore[attr-defined]
     order = _longest_first([int(r.shape[0]) for r in rows], batch_size) if by_length else None
     out = []
-    for offset in range(0, len(rows), batch_size):
-        if order is None:
-            chunk, indices = rows[offset : offset + batch_size], None
-        else:
-            chunk = [rows[i] for i in order[offset : offset + batch_size]]
-            indices = tuple(start + i for i in order[offset : offset + batch_size])
+    for offset, chosen, indices in _chunks(len(rows), batch_size, start, order):
+        chunk = rows[chosen] if isinstance(chosen, slice) else [rows[i] for i in chosen]
         tokens, mask = _pad(chunk, pad_id)
         _check_rows(model, tokens, mask, start + offset, indices)
         out.append(Batch(tokens, mask, start + offset, indices))

@@ -395,7 +395,7 @@ class _Collector:
         self.host: list[tuple[torch.Tensor, ...]] = []
         self.lengths: list[torch.Tensor] = []
         self.rows: list[int] = []  # the input index of every row so far, in run order
-        self.reordered = False  # some batch held inputs out of order (plan by length)
+        self.order: torch.Tensor | None = None  # set by flush(): rows' input indices, when out of order
 
     def start(self, batch: Batch, device: torch.device | None) -> list[Any]:
         """End the previous batch; return one reader per hook for ``batch``."""
@@ -404,7 +404,6 @@ class _Collector:
         self.current = _BatchRun(batch, self.n_hooks, self.top_k, self.beside, device)
         self.lengths.append(torch.tensor(self.current.layout.counts, dtype=torch.long))
         self.rows += batch.input_indices
-        self.reordered = self.reordered or batch.indices is not None
         return [self.current.reader(i) for i in range(self.n_hooks)]
 
     def _end_current(self) -> None:
@@ -421,23 +420,24 @@ class _Collector:
                 self.follower.batch_done(run.batch, self.host[-1])
 
     def flush(self) -> None:
-        """End the last batch and gather every result."""
+        """End the last batch and gather every result; note the input order of the rows."""
         self._end_current()
         self._gather(keep=0)
+        if self.rows != list(range(len(self.rows))):
+            if sorted(self.rows) != list(range(len(self.rows))):
+                missing = sorted(set(range(len(self.rows))) - set(self.rows))
+                raise RuntimeError(
+                    f"The batches did not hold every input exactly once (inputs {missing[:5]} missing): the "
+                    "indices of a plan's batches must be a permutation of its inputs."
+                )
+            self.order = torch.tensor(self.rows, dtype=torch.long)
 
     def in_input_order(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` (one per input, in run order) in the order the inputs were given."""
-        if not self.reordered:
+        if self.order is None:
             return rows
-        order = torch.tensor(self.rows, dtype=torch.long)
-        if not torch.equal(torch.sort(order).values, torch.arange(len(order))):
-            missing = sorted(set(range(len(order))) - set(self.rows))
-            raise RuntimeError(
-                f"The batches did not hold every input exactly once (inputs {missing[:5]} missing): the "
-                "indices of a plan's batches must be a permutation of its inputs."
-            )
         out = torch.empty_like(rows)
-        out[order] = rows
+        out[self.order] = rows
         return out
 
     def stacked(self, field_index: int) -> torch.Tensor:
