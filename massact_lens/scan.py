@@ -560,7 +560,7 @@ def scan(
         token_ids=token_ids,
         medians=collector.stacked(4),
         lengths=collector.in_input_order(torch.cat(collector.lengths)),
-        tokens=token_strings(model, seen[seen >= 0].tolist()),
+        tokens=token_strings(model, seen[seen >= 0].unique().tolist()),  # unique first: 30k ids make 4 ms of Python
         nonfinite=collector.stacked(5),
     )
     result.warn_nonfinite(stacklevel=3)
