@@ -217,6 +217,34 @@ def test_a_strided_activation_gives_the_numbers_of_its_contiguous_copy(k):
     assert torch.equal(grouped.values[0], hidden_state_stats(strided.contiguous(), real, k).values)
 
 
+@pytest.mark.parametrize(("pos", "d"), [(13, 384), (12, 576), (1, 384), (40, 576), (500, 64)])
+@pytest.mark.parametrize("left_padded", [False, True])
+@pytest.mark.parametrize("batch", [5, 40])
+def test_top_entries_are_those_of_ranking_every_entry_at_real_widths(pos, d, left_padded, batch):
+    """At MiniLM's and SmolLM2's widths, short and long states, one hook's rows and a
+    group's: the k first entries in the canonical order are those that ranking every
+    entry's unique key gives, with a massive entry, ties in |x| across positions, a dim
+    equal across positions and uneven padding."""
+    from massact_lens import statistics
+
+    gen = torch.Generator().manual_seed(pos * d)
+    k = 10
+    x = torch.randn(batch, pos, d, generator=gen)
+    x[:, 0, 7] = 900.0  # a massive entry on the first token
+    x[1, -1, 3] = x[1, 0, 5] = -4.5  # ties in |x| at two positions
+    x[2, :, 100 % d] = 6.0  # a dim equal across positions
+    lengths = torch.tensor([pos, max(1, pos // 2), pos, 1, max(1, pos - 3)]).repeat(batch // 5)
+    real = torch.arange(pos)[None] < lengths[:, None]
+    if left_padded:
+        real = real.flip(1)
+    got = hidden_state_stats(x, real, k)
+    magnitude = x.abs().masked_fill(~real[..., None], -1.0).reshape(batch, pos * d)
+    index = statistics._order_keys(magnitude, torch.arange(pos * d), pos * d).topk(min(k, pos * d), dim=1).indices
+    assert torch.equal(got.positions.long(), index // d)
+    assert torch.equal(got.dims.long(), index % d)
+    assert torch.equal(got.values, x.reshape(batch, -1).gather(1, index))
+
+
 def _canonical_reference(x: torch.Tensor, real: torch.Tensor, k: int) -> tuple[list, list]:
     """Per state: the k first entries as (position, dim) in descending |x|, equal
     magnitudes by position then dim, NaN as +inf; and their signed values."""
