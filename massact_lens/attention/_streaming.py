@@ -7,8 +7,8 @@ concatenate up to ``keep``.
 
 >>> kept = KeptInputs(2, {"tokens": 1})
 >>> kept.add(torch.tensor([[1, 1, 0]]), [0], tokens=torch.tensor([[5, 6, 0]]))
->>> kept.choose([1, 2])  # the next batch holds inputs 1 and 2: only its row 0 is kept
-[0]
+>>> kept.choose([1, 2])  # the next batch holds inputs 1 and 2: only its row 0 (input 1) is kept
+([0], [1])
 >>> kept.add(torch.tensor([[1, 1, 1]]), [1], tokens=torch.tensor([[7, 8, 9]]))
 >>> kept.n, kept.tensors()["tokens"].tolist()
 (2, [[5, 6, 0], [7, 8, 9]])
@@ -62,8 +62,8 @@ class KeptInputs:
     their input indices and their tensors, and :meth:`tensors` returns them in input order.
 
     >>> kept = KeptInputs(2, {"x": None})
-    >>> rows = kept.choose([5, 1, 0])  # a batch holding inputs 5, 1 and 0
-    >>> kept.add(torch.ones(2, 1), [[5, 1, 0][r] for r in rows], x=torch.tensor([10.0, 20.0, 30.0])[rows])
+    >>> rows, inputs = kept.choose([5, 1, 0])  # a batch holding inputs 5, 1 and 0
+    >>> kept.add(torch.ones(2, 1), inputs, x=torch.tensor([10.0, 20.0, 30.0])[rows])
     >>> rows, kept.tensors()["x"].tolist()
     ([1, 2], [30.0, 20.0])
     """
@@ -75,11 +75,11 @@ class KeptInputs:
         self.inputs: list[int] = []  # the input index of every kept row, as added
         self.n = 0
 
-    def choose(self, inputs: Sequence[int]) -> list[int]:
-        """The rows to keep of a batch whose rows are the inputs ``inputs`` (in row order)."""
-        if self.limit is None:
-            return list(range(len(inputs)))
-        return [row for row, index in enumerate(inputs) if index < self.limit]
+    def choose(self, inputs: Sequence[int]) -> tuple[list[int], list[int]]:
+        """The rows to keep of a batch whose rows are the inputs ``inputs`` (in row order),
+        and those rows' input indices (what :meth:`add` takes)."""
+        rows = [row for row, index in enumerate(inputs) if self.limit is None or index < self.limit]
+        return rows, [int(inputs[row]) for row in rows]
 
     def add(self, attention_mask: torch.Tensor, inputs: Sequence[int], **tensors: torch.Tensor) -> None:
         """The chosen rows: their attention mask, input indices and tensors (input axis first)."""

@@ -352,11 +352,10 @@ def attention_concentration(
         sums["n_positions"] += n_positions.sum().cpu()
         sums["lengths"] += batch.lengths.sum().cpu()
         seen[0] += int(real.shape[0])
-        inputs = batch.input_indices
-        rows = kept.choose(inputs)
+        rows, inputs = kept.choose(batch.input_indices)
         if rows:
             take = torch.tensor(rows, dtype=torch.long)
-            kept.add(batch.lengths[:, None].cpu()[take], [inputs[r] for r in rows], mass=mass[take],
+            kept.add(batch.lengths[:, None].cpu()[take], inputs, mass=mass[take],
                      uniform_mass=uniform.cpu()[take], logit_gap=gap[take], n_positions=n_positions.cpu().long()[take],
                      lengths=batch.lengths.cpu().long()[take])
 

@@ -368,8 +368,7 @@ def implicit_bias(
 
     def finish(batch: Batch, c_mask: torch.Tensor) -> None:
         real = batch.attention_mask.bool()
-        inputs = batch.input_indices
-        rows = kept.choose(inputs)
+        rows, inputs = kept.choose(batch.input_indices)
         chosen_rows = torch.tensor(rows, dtype=torch.long, device=real.device)
         bias_l, rest_l, mass_l = [], [], []
         key_mask = None
@@ -409,7 +408,7 @@ def implicit_bias(
         seen["inputs"] += int(real.shape[0])
         seen["c"] += int(key_mask.sum())
         if rows:
-            kept.add(batch.attention_mask[chosen_rows], [inputs[r] for r in rows], bias_z=torch.stack(bias_l, 1),
+            kept.add(batch.attention_mask[chosen_rows], inputs, bias_z=torch.stack(bias_l, 1),
                      rest_z=torch.stack(rest_l, 1), c_mass=torch.stack(mass_l, 1), key_mask=key_mask[chosen_rows],
                      tokens=batch.tokens[chosen_rows])
 
