@@ -11,8 +11,8 @@
   ``/proc/self/statm`` every millisecond instead (the method of bench_scan.py), and the
   result says which was used.
 * Corpora: real text only, tokenised once by the parent with the library's own
-  tokenisation (:func:`massact_lens.batching.plan_batches`) so that every method reads
-  the same token ids. *Short*: the 40 sentences of :data:`massact_lens.data.SENTENCES`
+  tokenisation (:func:`massact_lens._core.batching.plan_batches`) so that every method reads
+  the same token ids. *Short*: the 40 sentences of :data:`massact_lens.examples.sentences.SENTENCES`
   (10-25 tokens each), cycled to the corpus size. *Long*: every sentence of
   ``SENTENCES`` and ``PARAPHRASE_PAIRS`` (80 sentences, ~1,000 tokens) joined with
   spaces, input ``i`` starting at sentence ``i`` (rotated), cut to ``--long-tokens``
@@ -140,7 +140,7 @@ def rotated(items: Sequence[str], shift: int) -> list[str]:
 
 
 def short_texts(n: int) -> list[str]:
-    from massact_lens.data import SENTENCES
+    from massact_lens.examples.sentences import SENTENCES
 
     return [SENTENCES[i % len(SENTENCES)] for i in range(n)]
 
@@ -149,7 +149,7 @@ def long_rows(model: Any, n: int, n_tokens: int) -> Any:
     """``[n, n_tokens]`` token ids of real text (see the module docstring)."""
     import torch
 
-    from massact_lens.data import PARAPHRASE_PAIRS, SENTENCES
+    from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 
     sentences = list(SENTENCES) + [s for pair in PARAPHRASE_PAIRS for s in pair]
     rows = []
@@ -165,7 +165,7 @@ def long_rows(model: Any, n: int, n_tokens: int) -> Any:
 
 def token_batches(model: Any, inputs: Any, batch_size: int) -> list[tuple[Any, Any]]:
     """(tokens, attention_mask) per batch, as the library batches ``inputs``."""
-    from massact_lens.batching import plan_batches
+    from massact_lens._core.batching import plan_batches
 
     return [(b.tokens, b.attention_mask) for b in plan_batches(model, inputs, batch_size=batch_size).batches]
 

@@ -5,7 +5,7 @@ Target: evaluation under ``ablation_hooks(profile, "zero" | "mean")`` takes at m
 
 The model is a TransformerLens-native LLaMA-like decoder (RMSNorm, rotary, SwiGLU,
 GQA) with a massive activation planted on the start token
-(:func:`massact_lens.planting.plant_massive_activation`), so the profile finds it
+(:func:`massact_lens.models.planting.plant_massive_activation`), so the profile finds it
 in every layer from ``--plant-layer`` on and the hook lists are the real ones.
 Sized so one forward pass of a batch takes tens of milliseconds on a CPU core.
 Settings are interleaved (none, zero, mean, none, ...) and the best of
@@ -25,8 +25,8 @@ import torch
 from massact_lens.evaluate import perplexity
 from massact_lens.examples import tiny_model
 from massact_lens.interventions import ablation_hooks
-from massact_lens.planting import plant_massive_activation
-from massact_lens.profiles import profile
+from massact_lens.models.planting import plant_massive_activation
+from massact_lens.find.profiles import profile
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ a researcher writes, and longest first, the floor of a pass that sorts. With
 attention, since it reads the patterns) with ``by_length=False`` and by default.
 
 Corpus: ``--inputs`` texts, each 1 to 8 consecutive sentences of
-``massact_lens.data`` (SENTENCES and the paraphrase pairs), the count drawn from a
+``massact_lens.examples.sentences`` (SENTENCES and the paraphrase pairs), the count drawn from a
 long-tailed distribution with a fixed seed (most inputs short, a few long, as in real
 corpora), tokenised once by the library (the same tokens for every route). Method:
 all four routes in one process, one warm-up run each, then ``--rounds`` rounds with the
@@ -59,7 +59,7 @@ SPANS = (1, 1, 1, 1, 2, 2, 3, 5, 8)
 
 def mixed_texts(n: int, seed: int = 0) -> list[str]:
     """``n`` texts of 1 to 8 consecutive sentences (see the module docstring)."""
-    from massact_lens.data import PARAPHRASE_PAIRS, SENTENCES
+    from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 
     sentences = list(SENTENCES) + [s for pair in PARAPHRASE_PAIRS for s in pair]
     rng = random.Random(seed)
@@ -93,7 +93,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import massact_lens as ml
     from massact_lens import examples
-    from massact_lens.batching import plan_batches
+    from massact_lens._core.batching import plan_batches
 
     torch.set_num_threads(args.threads)
     with quiet_stderr():

@@ -16,7 +16,7 @@ n)`` (the target: at most 1.2). With ``--keep-all`` (on by default outside
 ``--quick``) the same for ``keep="all"``, which keeps every input's tensors: the
 memory the streaming summary saves.
 
-Inputs: real text (massact_lens.data.SENTENCES and PARAPHRASE_PAIRS joined, input
+Inputs: real text (massact_lens.examples.sentences.SENTENCES and PARAPHRASE_PAIRS joined, input
 ``i`` starting at sentence ``i``) cut to ``--tokens`` tokens each (default 16; seeded
 random ids for the tiny model, which has no tokenizer), so every batch has the same
 shape and the per-batch work is the same at every size. ``B`` (default 10) is at

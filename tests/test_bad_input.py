@@ -9,7 +9,7 @@ import torch
 
 import massact_lens as ml
 from massact_lens.examples import minilm_dir, tiny_model
-from massact_lens.profiles import MassiveProfile
+from massact_lens.find.profiles import MassiveProfile
 
 
 def test_a_bool_token_tensor_is_refused_not_read_as_ids():

@@ -24,7 +24,7 @@ def test_there_are_demos_and_they_are_stored_without_outputs():
 
 def _needs(path: Path) -> None:
     if "bigram_backcopy" in path.name:
-        from massact_lens.checkpoints import CHECKPOINTS, VARIANTS
+        from massact_lens.models.checkpoints import CHECKPOINTS, VARIANTS
 
         missing = [v for v in VARIANTS if not (CHECKPOINTS / v / "model.safetensors").is_file()]
         if missing:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import massact_lens as ml
 from massact_lens import interventions as iv
-from massact_lens.data import PARAPHRASE_PAIRS, SENTENCES
+from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 from massact_lens.evaluate import (
     ablation_table,
     embedding_similarity,
@@ -177,7 +177,7 @@ def test_ablation_table_passes_prepend_bos_to_perplexity():
 
 
 def test_first_layer_means_where_most_inputs_have_it():
-    from massact_lens.massive import DimSummary
+    from massact_lens.find.criterion import DimSummary
 
     summary = DimSummary(dim=5, first_layer=2, last_layer=9, hook_names=("b2", "b5", "b9"), kinds={"start": 12},
                          tokens={"<s>": 12}, input_fraction=1.0, max_abs_value=1e4, max_ratio=1e4,

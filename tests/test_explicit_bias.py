@@ -9,7 +9,7 @@ import torch
 
 from massact_lens import scan
 from massact_lens.examples import tiny_model
-from massact_lens.explicit_bias import (
+from massact_lens.models.explicit_bias import (
     PREFIX_POSITION,
     ExplicitAttentionBias,
     SinkToken,

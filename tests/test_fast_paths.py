@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from massact_lens import scan
-from massact_lens.batching import plan_batches, run_batches
-from massact_lens.fast_paths import lean_components
-from massact_lens.hook_names import residual_hook_names
-from massact_lens.models import load_model
-from massact_lens.overlap import Beside, spare_core
+from massact_lens._core.batching import plan_batches, run_batches
+from massact_lens._core.fast_paths import lean_components
+from massact_lens._core.hook_names import residual_hook_names
+from massact_lens.models.load import load_model
+from massact_lens._core.overlap import Beside, spare_core
 
 
 def _attention_modules(model):
@@ -121,7 +121,7 @@ def test_restored_on_error_and_reentrant(hf_llama):
     from accelerate.utils import align_module_device
     from transformer_lens.model_bridge.generalized_components import base
 
-    from massact_lens.fast_paths import _quick_align
+    from massact_lens._core.fast_paths import _quick_align
 
     attn = hf_llama.blocks[0].attn
     with pytest.raises(KeyError), lean_components(hf_llama):
@@ -141,7 +141,7 @@ def test_blocks_filter_keyword_arguments_as_the_bridge_does(name, request):
     and is removed on exit."""
     from transformer_lens.model_bridge.generalized_components.block import BlockBridge
 
-    from massact_lens import fast_paths
+    from massact_lens._core import fast_paths
 
     model = request.getfixturevalue(name)
     block = model.blocks[0]
@@ -164,7 +164,7 @@ def test_the_block_keyword_filter_drops_what_a_layer_without_kwargs_does_not_tak
 
     from transformer_lens.model_bridge.generalized_components.block import BlockBridge
 
-    from massact_lens import fast_paths
+    from massact_lens._core import fast_paths
 
     class Layer(torch.nn.Module):
         def forward(self, hidden_states, attention_mask=None, position_ids=None):  # noqa: ARG002
@@ -212,7 +212,7 @@ def test_the_worker_reads_a_copy_taken_when_the_hook_fired(monkeypatch):
     import importlib
     import threading
 
-    from massact_lens.batching import Batch
+    from massact_lens._core.batching import Batch
 
     scan_module = importlib.import_module("massact_lens.scan")  # the package binds the function
 
@@ -275,7 +275,7 @@ def test_hooks_of_different_widths_in_one_scan_equal_scans_of_each(setting, monk
 def test_a_hook_firing_twice_in_one_pass_is_an_error():
     import importlib
 
-    from massact_lens.batching import Batch
+    from massact_lens._core.batching import Batch
 
     scan_module = importlib.import_module("massact_lens.scan")
     collector = scan_module._Collector(2, 2, torch.device("cpu"))

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import massact_lens as ml
 from massact_lens import interventions as iv
-from massact_lens.batching import plan_batches, run_batches
-from massact_lens.data import SENTENCES
+from massact_lens._core.batching import plan_batches, run_batches
+from massact_lens.examples.sentences import SENTENCES
 from massact_lens.evaluate import (
     PatchHook,
     PatchRecorder,
@@ -312,16 +312,6 @@ def test_patching_counts_are_checked_before_any_forward_pass(planted):
         handle.remove()
     assert calls == []
 
-
-def test_patching_moved_to_evaluate_and_the_old_names_warn():
-    import massact_lens.evaluate as ev
-
-    for name in ("massive_patching", "patching_hooks", "PatchHook", "PatchingResult"):
-        with pytest.warns(DeprecationWarning, match=f"massact_lens.evaluate.patching.{name}"):
-            moved = getattr(iv, name)
-        assert moved is getattr(ev, name)
-    with pytest.raises(AttributeError):
-        iv.no_such_name  # noqa: B018
 
 # --------------------------------------------------------------------- stateless hooks, the tracker
 

@@ -17,10 +17,10 @@ import torch
 
 import massact_lens as ml
 from massact_lens.examples import minilm_dir, tiny_model
-from massact_lens.lineage import Lineage, lineage
-from massact_lens.models import load_model
-from massact_lens.planting import plant_massive_activation
-from massact_lens.weights import edited_weights, edits_from_rows, projection_weight
+from massact_lens.trace.writers import Lineage, lineage
+from massact_lens.models.load import load_model
+from massact_lens.models.planting import plant_massive_activation
+from massact_lens.interventions.weights import edited_weights, edits_from_rows, projection_weight
 
 LAYER, DIM, NEURON, VALUE = 1, 5, 11, 1000.0
 
@@ -142,7 +142,7 @@ def test_inputs_without_the_activation_warn(planted_model, found):
 
 def test_a_profile_from_another_model_is_refused_before_any_forward(found, bos_tokens):
     other_shape = tiny_model("gpt2", n_layers=3)
-    other_name = tiny_model("llama" if found.scan.model["model_name"] == "tiny-gpt2" else "gpt2", n_layers=4)
+    other_name = tiny_model("llama" if found.scan.provenance.model_name == "tiny-gpt2" else "gpt2", n_layers=4)
     for model, match in ((other_shape, "n_layers"), (other_name, "another model")):
         with ForwardCounter(model) as counter, pytest.raises(ValueError, match=match):
             lineage(model, bos_tokens, found, progress=False)

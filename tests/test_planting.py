@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from massact_lens.examples import tiny_model
-from massact_lens.planting import plant_massive_activation
+from massact_lens.models.planting import plant_massive_activation
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

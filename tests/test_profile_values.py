@@ -7,7 +7,7 @@ import math
 import pytest
 
 import massact_lens as ml
-from massact_lens.profile_values import CandidateValues
+from massact_lens.find.profile_values import CandidateValues
 
 
 def _same_stats(one, two):
@@ -63,7 +63,7 @@ def test_the_first_input_alone_finds_the_dims_so_nothing_runs_twice(planted, bos
 
 
 def test_the_probe_reads_only_the_start_of_the_first_input(planted, bos_tokens, monkeypatch):
-    from massact_lens import profile_values
+    from massact_lens.find import profile_values
 
     monkeypatch.setattr(profile_values, "PROBE_TOKENS", 2)
     shapes = []

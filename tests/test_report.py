@@ -10,8 +10,8 @@ import pytest
 from _browser import Chromium
 
 from massact_lens.cli import main
-from massact_lens.planting import plant_massive_activation
-from massact_lens.report import build_report
+from massact_lens.models.planting import plant_massive_activation
+from massact_lens.cli.report import build_report
 
 PROMPTS = [
     "The cat slept on the warm windowsill all afternoon.",
@@ -313,7 +313,7 @@ def test_the_report_reads_at_1000_and_1600_pixels(report, browser, width):
 def test_a_report_shows_itself_in_a_notebook():
     import html
 
-    from massact_lens.report import Report
+    from massact_lens.cli.report import Report
 
     report = Report("A <b>title</b>")
     report.section("Notes").add("Dim 99 is massive.")
@@ -326,7 +326,7 @@ def test_a_report_shows_itself_in_a_notebook():
 @pytest.mark.slow
 def test_a_smollm2_report_ablates_without_bos_as_the_paper_did(smollm2_model):
     """SmolLM2's dim 507 sits on BOS, whose state is the same for every input: the report measures without BOS too."""
-    from massact_lens.data import SENTENCES
+    from massact_lens.examples.sentences import SENTENCES
 
     report = build_report(smollm2_model, list(SENTENCES[:12]), attention_prompts=3, progress=False)
     assert report.title == ("Massive activations in SmolLM2-135M-Instruct (bundled; weights dequantised from Q4_1, "
@@ -348,8 +348,8 @@ def test_a_smollm2_report_ablates_without_bos_as_the_paper_did(smollm2_model):
 def test_the_reports_profile_from_its_scan_is_the_librarys_profile(minilm_model, sentences):
     """The report reuses its scan for the profile (one pass fewer); it must give what profile() gives."""
     from massact_lens import profile, scan
-    from massact_lens.massive import Criterion
-    from massact_lens.report import _profile_from_scan, _Run
+    from massact_lens.find.criterion import Criterion
+    from massact_lens.cli.report import _profile_from_scan, _Run
 
     prompts = sentences[:4]
     run = _Run(minilm_model, prompts, 0, prompts, Criterion(50, 200), None, 16, 10, False, "m", False, None)

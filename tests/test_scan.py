@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import massact_lens as ml
-from massact_lens.batching import plan_batches
+from massact_lens._core.batching import plan_batches
 from massact_lens.examples import tiny_model
 
 
@@ -101,8 +101,8 @@ def test_result_is_frozen_and_records_provenance(planted, bos_tokens):
     result = ml.scan(planted, bos_tokens, layers=[2, 3], progress=False)
     assert result.hook_names == ("blocks.2.hook_resid_post", "blocks.3.hook_resid_post")
     assert result.layers == (2, 3)
-    assert result.model["n_layers"] == 4 and result.model["weights_processed"] is False
-    assert result.model["dtype"] == "float32"
+    assert result.provenance.n_layers == 4 and result.provenance.weights_processed is False
+    assert result.provenance.dtype == "float32"
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.top_k = 3  # type: ignore[misc]
 
@@ -137,7 +137,7 @@ def test_half_precision_statistics_are_float32(bos_tokens):
     model = tiny_model("gpt2", n_layers=2).to(torch.bfloat16)
     result = ml.scan(model, bos_tokens, progress=False)
     assert result.values.dtype == torch.float32 and result.medians.dtype == torch.float32
-    assert result.model["dtype"] == "bfloat16"
+    assert result.provenance.dtype == "bfloat16"
 
 
 class _ForwardCounter:
@@ -215,7 +215,7 @@ def test_shapes_are_checked_at_run_time_in_the_suite():
     """pyproject's --jaxtyping-packages flag instruments massact_lens: a wrong shape is an error."""
     import jaxtyping
 
-    from massact_lens.scan import hidden_state_medians
+    from massact_lens.find.scanner import hidden_state_medians
 
     with pytest.raises(jaxtyping.TypeCheckError):
         hidden_state_medians(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool))  # needs [batch, pos, d_model]

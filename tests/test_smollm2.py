@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 import massact_lens as ml
-from massact_lens import examples, model_cache
-from massact_lens.data import SENTENCES
+from massact_lens import examples
+from massact_lens.models import cache as model_cache
+from massact_lens.examples.sentences import SENTENCES
 from massact_lens.examples import SMOLLM2_GGUF_SHA256, smollm2_dir, smollm2_gguf
-from massact_lens.model_cache import (
+from massact_lens.models.cache import (
     CACHE_ENV,
     MANIFEST_NAME,
     cache_dir,

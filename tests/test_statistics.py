@@ -7,8 +7,8 @@ import torch
 
 import massact_lens as ml
 from massact_lens.examples import tiny_model
-from massact_lens.models import attention_implementation
-from massact_lens.statistics import hidden_state_medians, hidden_state_stats, lower_medians
+from massact_lens._core.fast_paths import attention_implementation
+from massact_lens._core.statistics import hidden_state_medians, hidden_state_stats, lower_medians
 
 
 def _reference(x: torch.Tensor, lengths: list[int], k: int):
@@ -105,8 +105,8 @@ def test_scan_with_fast_attention_matches_eager(minilm_model, monkeypatch):
 def test_float16_overflow_and_precision_are_reported():
     import warnings
 
-    from massact_lens.planting import plant_massive_activation
-    from massact_lens.precision import check_range, compare_precision
+    from massact_lens.models.planting import plant_massive_activation
+    from massact_lens.find.precision import check_range, compare_precision
 
     model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=20000.0)
     tokens = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -149,7 +149,7 @@ def test_statistics_of_a_batch_read_nothing_back_per_hook(monkeypatch):
     tensor back (on a GPU: no synchronisation per hook). The device selection
     (kthvalue) runs on the CPU here in place of numpy's, and the device ranking (unique
     int64 keys) in place of the checked topk; both give the same numbers."""
-    from massact_lens import statistics
+    from massact_lens._core import statistics
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 9, 6, generator=gen)
@@ -176,7 +176,7 @@ def test_grouped_stats_equal_one_call_per_hidden_state(left_padded, overwrite, k
     to the bit: uneven and left padding, a NaN state, an empty row, top_k above the
     real entries of the shortest row; also when the call may overwrite the states
     (it then keeps only their signs: -0.0 and negative values come back as they were)."""
-    from massact_lens.statistics import RealLayout, grouped_stats
+    from massact_lens._core.statistics import RealLayout, grouped_stats
 
     gen = torch.Generator().manual_seed(11)
     group, batch, pos, d = 4, 5, 6, 3
@@ -205,7 +205,7 @@ def test_grouped_stats_equal_one_call_per_hidden_state(left_padded, overwrite, k
 def test_a_strided_activation_gives_the_numbers_of_its_contiguous_copy(k):
     """A hook point whose tensor is a transposed view (a model working in [pos, batch, d]):
     the statistics read it as it is (they once failed on .view of a strided tensor)."""
-    from massact_lens.statistics import grouped_stats
+    from massact_lens._core.statistics import grouped_stats
 
     gen = torch.Generator().manual_seed(5)
     strided = torch.randn(4, 3, 6, generator=gen).transpose(0, 1)  # [batch 3, pos 4, d 6]
@@ -225,7 +225,7 @@ def test_top_entries_are_those_of_ranking_every_entry_at_real_widths(pos, d, lef
     group's: the k first entries in the canonical order are those that ranking every
     entry's unique key gives, with a massive entry, ties in |x| across positions, a dim
     equal across positions and uneven padding."""
-    from massact_lens import statistics
+    from massact_lens._core import statistics
 
     gen = torch.Generator().manual_seed(pos * d)
     k = 10
@@ -272,7 +272,7 @@ def test_equal_magnitudes_come_in_position_then_dim_order(monkeypatch, left_padd
     position then the lower dim first, whatever torch.topk would pick: checked against
     a sort of every entry, with signs, zeros of both signs, an infinity, a NaN, an
     empty state and k above a short state's entries; the same with the device ranking."""
-    from massact_lens import statistics
+    from massact_lens._core import statistics
 
     if on_device:
         monkeypatch.setattr(statistics, "_canonical_topk", statistics._canonical_topk_on_device)
@@ -317,7 +317,7 @@ def test_records_do_not_depend_on_the_batch_they_were_padded_in(k):
 def test_an_expanded_state_and_top_k_zero():
     """An expanded (overlapping) state with overwrite=True is not written in place;
     top_k=0 is refused (it once returned a finite median for a state holding inf)."""
-    from massact_lens.statistics import grouped_stats
+    from massact_lens._core.statistics import grouped_stats
 
     expanded = torch.randn(1, 2, 1, 4, generator=torch.Generator().manual_seed(1)).expand(1, 2, 3, 4)
     got = grouped_stats(expanded, torch.ones(2, 3, dtype=torch.bool), 3, overwrite=True)

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from massact_lens import examples
-from massact_lens.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
+from massact_lens.models.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
 from massact_lens.cli import main
-from massact_lens.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
+from massact_lens.models.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
 from massact_lens.training import (
     BigramBackcopy,
     TextFile,
@@ -197,22 +197,9 @@ def _python(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_old_names_still_import_with_a_deprecation_warning():
-    import massact_lens.train as old
-
-    with pytest.warns(DeprecationWarning, match="massact_lens.training.task_metrics"):
-        assert old.evaluate is task_metrics
-    with pytest.warns(DeprecationWarning, match="massact_lens.checkpoints.load_checkpoint"):
-        assert old.load_checkpoint is load_checkpoint
-    with pytest.warns(DeprecationWarning):
-        assert old.BigramBackcopy is BigramBackcopy
-    with pytest.raises(AttributeError):
-        _ = old.no_such_name
-
-
 def test_loading_and_analysis_never_import_the_trainer():
     code = (
-        "import sys, massact_lens, massact_lens.examples, massact_lens.viz, massact_lens.report, massact_lens.cli\n"
+        "import sys, massact_lens, massact_lens.examples, massact_lens.viz, massact_lens.cli.report, massact_lens.cli\n"
         "massact_lens.examples.bigram_backcopy()\n"
         "assert not [m for m in sys.modules if m.startswith('massact_lens.training')], sorted(sys.modules)\n"
     )
@@ -220,8 +207,3 @@ def test_loading_and_analysis_never_import_the_trainer():
     assert done.returncode == 0, done.stderr
 
 
-def test_the_old_command_runs_the_train_verb_with_a_warning(short_run):
-    done = _python("-m", "massact_lens.train", "table", short_run.directory, "--n-sequences", "4")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("| checkpoint | variant | layer | loss |")
-    assert "DeprecationWarning" in done.stderr and "massact train" in done.stderr

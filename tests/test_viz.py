@@ -15,7 +15,7 @@ from massact_lens import scan
 from massact_lens.attention import attention_concentration, attention_logits, implicit_bias
 from massact_lens.evaluate import AblationTable
 from massact_lens.examples import tiny_model
-from massact_lens.planting import plant_massive_activation
+from massact_lens.models.planting import plant_massive_activation
 from massact_lens.viz import (
     Widget,
     ablation_figure,
@@ -279,7 +279,7 @@ def test_viz_views_take_no_model_and_the_report_moved_out(recwarn):
     import inspect
     from pathlib import Path
 
-    import massact_lens.report
+    import massact_lens.cli.report
     import massact_lens.viz as viz
 
     views = [name for name in viz.__all__ if name.endswith(("_figure", "_widget"))]
@@ -292,8 +292,3 @@ def test_viz_views_take_no_model_and_the_report_moved_out(recwarn):
                 assert node.module != "massact_lens", path.name
             elif isinstance(node, ast.Import):
                 assert "massact_lens" not in [alias.name for alias in node.names], path.name
-    with pytest.warns(DeprecationWarning, match="massact_lens.report.build_report"):
-        assert viz.build_report is massact_lens.report.build_report
-    with pytest.warns(DeprecationWarning, match="massact_lens.viz.page.write_atomic"):
-        from massact_lens.viz.report import write_atomic as old
-    assert old is write_atomic

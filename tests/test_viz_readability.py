@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from massact_lens import scan
-from massact_lens._types import Provenance
+from massact_lens._core.types import Provenance
 from massact_lens.attention import AttentionLogits, implicit_bias
 from massact_lens.evaluate import AblationTable
 from massact_lens.examples import tiny_model
-from massact_lens.planting import plant_massive_activation
+from massact_lens.models.planting import plant_massive_activation
 from massact_lens.viz import (
     ablation_figure,
     attention_heads,

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, model_device
+from massact_lens._core.types import HookList, model_device
 from massact_lens.attention.keys import fit_width, key_mask
-from massact_lens.batching import LAST_READ, Batch, BatchPlan, run_batches
-from massact_lens.hook_names import attention_hook, is_post_norm, resolve_hook_names
+from massact_lens._core.batching import LAST_READ, Batch, BatchPlan, run_batches
+from massact_lens._core.hook_names import attention_hook, is_post_norm, resolve_hook_names
 from massact_lens.interventions.positions import PositionRule, RunContext, WhereMassive
 
 
@@ -140,17 +140,6 @@ def centred_logits(
     count = ok.sum(-1, keepdim=True).clamp_min(1)
     centred = (logits - logits.sum(-1, keepdim=True) / count).masked_fill(~ok, 0.0)
     return centred, ok, source
-
-
-def pad_cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    """Concatenate along dim 0, right-padding ``dim`` to the widest part with zeros (False)."""
-    width = max(int(p.shape[dim]) for p in parts)
-    out = []
-    for p in parts:
-        pad = [0, 0] * (p.ndim - dim - 1) + [0, width - int(p.shape[dim])]
-        out.append(torch.nn.functional.pad(p, pad) if pad[-1] else p)
-    return torch.cat(out, dim=0)
-
 
 
 def run_passes(

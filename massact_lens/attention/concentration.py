@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Inputs, Provenance, is_causal
+from massact_lens._core.types import HookList, Inputs, Provenance, is_causal
 from massact_lens.attention._passes import (
     allowed_keys,
     centred_logits,
@@ -28,7 +28,7 @@ from massact_lens.attention._passes import (
     run_passes,
     warn_empty,
 )
-from massact_lens.attention._streaming import (
+from massact_lens._core.results import (
     Keep,
     KeptInputs,
     add_sums,
@@ -38,8 +38,8 @@ from massact_lens.attention._streaming import (
     merge_kept,
 )
 from massact_lens.attention.keys import Positions, fit_width, keyed_plan
-from massact_lens.batching import Batch
-from massact_lens.hook_names import attention_hook
+from massact_lens._core.batching import Batch
+from massact_lens._core.hook_names import attention_hook
 
 __all__ = ["AttentionConcentration", "attention_concentration"]
 
@@ -93,10 +93,6 @@ class AttentionConcentration:
     #: ``n_positions``, ``lengths`` (scalars).
     sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
-        return self.provenance
 
     @property
     def n_kept(self) -> int:
@@ -237,7 +233,7 @@ def attention_concentration(
     Args:
         model: a TransformerBridge (eager attention, so ``hook_pattern`` fires).
         inputs: strings, a token tensor, or an iterable of batches
-            (see :mod:`massact_lens.batching`).
+            (see :mod:`massact_lens._core.batching`).
         positions: the key positions C (anything :func:`~massact_lens.attention.keys.as_rule` accepts).
         layers: layers to measure (default all).
         keep: how many inputs (the first ones) keep their per-input rows

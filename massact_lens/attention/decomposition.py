@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Inputs, Provenance, model_device
+from massact_lens._core.types import HookList, Inputs, Provenance, model_device
 from massact_lens.attention._bias_stats import (
     MODES,
     SCOPES,
@@ -42,7 +42,7 @@ from massact_lens.attention._passes import (
     w_o,
     warn_empty,
 )
-from massact_lens.attention._streaming import (
+from massact_lens._core.results import (
     Keep,
     KeptInputs,
     add_sums,
@@ -52,9 +52,9 @@ from massact_lens.attention._streaming import (
     merge_kept,
 )
 from massact_lens.attention.keys import Positions, fit_width, keyed_plan
-from massact_lens.batching import Batch
-from massact_lens.hook_names import attention_hook
-from massact_lens.models import warn_if_processed
+from massact_lens._core.batching import Batch
+from massact_lens._core.hook_names import attention_hook
+from massact_lens._core.types import warn_if_processed
 
 __all__ = ["ImplicitBias", "implicit_bias"]
 
@@ -123,10 +123,6 @@ class ImplicitBias:
     #: (see :mod:`massact_lens.attention._bias_stats`).
     sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
-        return self.provenance
 
     @property
     def n_kept(self) -> int:

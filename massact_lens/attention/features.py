@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Inputs, Provenance, model_device
+from massact_lens._core.types import HookList, Inputs, Provenance, model_device
 from massact_lens.attention._passes import (
     check_layers,
     feature_hook,
@@ -26,11 +26,11 @@ from massact_lens.attention._passes import (
     w_o,
     warn_empty,
 )
-from massact_lens.attention._streaming import add_sums, check_parts
+from massact_lens._core.results import add_sums, check_parts
 from massact_lens.attention.keys import Positions, fit_width, keyed_plan
-from massact_lens.batching import Batch
-from massact_lens.hook_names import attention_hook, resolve_hook_names
-from massact_lens.models import warn_if_processed
+from massact_lens._core.batching import Batch
+from massact_lens._core.hook_names import attention_hook, resolve_hook_names
+from massact_lens._core.types import warn_if_processed
 
 __all__ = ["GROUPS", "TokenFeatures", "token_features"]
 
@@ -83,10 +83,6 @@ class TokenFeatures:
     #: ``unit`` ``[layer, group, d_model]``.
     sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
-        return self.provenance
 
     def top_feature_dims(self, layer: int, k: int = 5, group: Literal["in_c", "other"] = "in_c") -> list[tuple[int, float]]:
         """The ``k`` largest-magnitude dims of a group's mean attention input at a layer."""

@@ -7,7 +7,7 @@ names, key indices, bool masks, callables, a profile, ``find_massive`` records, 
 a batch. Padding keys are never in C.
 
 >>> import torch
->>> from massact_lens.batching import Batch
+>>> from massact_lens._core.batching import Batch
 >>> from massact_lens.examples import tiny_model
 >>> batch = Batch(torch.tensor([[3, 4, 5], [6, 7, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]), 0)
 >>> key_mask(as_rule(tiny_model(), [0, 2], None), batch).tolist()
@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens.batching import Batch, BatchPlan, plan_batches
+from massact_lens._core.batching import Batch, BatchPlan, plan_batches
 from massact_lens.interventions.lists import check_profile_matches
 from massact_lens.interventions.positions import (
     PositionRule,
@@ -36,8 +36,8 @@ from massact_lens.interventions.positions import (
     in_any_order,
     start_token,
 )
-from massact_lens.massive import MassiveActivations
-from massact_lens.profiles import MassiveProfile
+from massact_lens.find.criterion import MassiveActivations
+from massact_lens.find.profiles import MassiveProfile
 
 __all__ = ["TOKEN_RULES", "MassiveTokens", "Positions", "as_rule", "key_mask"]
 
@@ -51,7 +51,7 @@ class MassiveTokens(WhereMassive):
 
     A position is in C for an input when, at any of ``hooks`` (default: the
     residual points of :func:`massact_lens.residual_hook_names`), one of its entries
-    (in ``dims``, default any) passes :class:`massact_lens.massive.Criterion`, read
+    (in ``dims``, default any) passes :class:`massact_lens.find.criterion.Criterion`, read
     in the same forward pass. The same C is used at every layer.
 
     >>> MassiveTokens(min_value=50, min_ratio=200).describe()
@@ -101,7 +101,7 @@ def _batch_of(ctx: RunContext, rule: PositionRule) -> Batch:
     if ctx.batch is None:
         raise RuntimeError(
             f"The key set {rule.describe()} is per input: it needs the batch of this pass. Run it "
-            "through massact_lens.batching.run_batches, or call batching.announce(hooks, batch) first."
+            "through massact_lens._core.batching.run_batches, or call batching.announce(hooks, batch) first."
         )
     return ctx.batch
 
@@ -349,8 +349,8 @@ def as_rule(model: TransformerLensModel, positions: Any, plan: BatchPlan | None)
     Accepts a rule name of :data:`TOKEN_RULES` (or a list of them: their union),
     key indices (an int or a list; an index past an input's length is absent from
     it), a bool mask ``[key_pos]`` or ``[n_inputs, key_pos]``, a callable
-    ``(batch) -> Bool[batch, key_pos]``, a :class:`~massact_lens.massive.MassiveProfile`
-    (its dims, hooks and thresholds), :class:`~massact_lens.massive.MassiveActivations`
+    ``(batch) -> Bool[batch, key_pos]``, a :class:`~massact_lens.find.criterion.MassiveProfile`
+    (its dims, hooks and thresholds), :class:`~massact_lens.find.criterion.MassiveActivations`
     from a scan of the same inputs, or any position rule. ``plan`` (the batches
     to come, when known) lets per-input key sets be checked against the inputs.
 

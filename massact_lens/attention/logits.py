@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Provenance, is_causal
+from massact_lens._core.types import HookList, Provenance, is_causal
 from massact_lens.attention._passes import (
     allowed_keys,
     centred_logits,
@@ -26,8 +26,8 @@ from massact_lens.attention._passes import (
     detached,
     repeat_kv,
 )
-from massact_lens.batching import Batch, plan_batches, run_batches, token_strings
-from massact_lens.hook_names import attention_hook
+from massact_lens._core.batching import Batch, plan_batches, run_batches, token_strings
+from massact_lens._core.hook_names import attention_hook
 
 __all__ = ["AttentionLogits", "attention_logits"]
 
@@ -57,10 +57,6 @@ class AttentionLogits:
     #: The attention probabilities (``hook_pattern``).
     pattern: Float[torch.Tensor, "layer head_index query_pos key_pos"]
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
-        return self.provenance
 
     def to_dataframe(self) -> pd.DataFrame:
         """Every visible (layer, head, query, key) as a row with tokens, logit and probability."""

@@ -1,7 +1,7 @@
 """What a model does under a hook list: perplexity, embedding similarity, Table 3, patching.
 
 Every function takes any ``fwd_hooks`` list (from :mod:`massact_lens.interventions`
-or your own) and runs the library's one forward loop (:mod:`massact_lens.batching`).
+or your own) and runs the library's one forward loop (:mod:`massact_lens._core.batching`).
 
 >>> import torch
 >>> from massact_lens.examples import tiny_model
@@ -21,7 +21,7 @@ from massact_lens.evaluate.patching import (
     massive_patching,
     patching_hooks,
 )
-from massact_lens.evaluate.perplexity import Corpus, PerplexityResult, perplexity
+from massact_lens.evaluate.language_model import Corpus, PerplexityResult, perplexity
 from massact_lens.evaluate.table import (
     COSINE,
     MEAN,

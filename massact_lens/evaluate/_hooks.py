@@ -7,7 +7,7 @@ from typing import Any
 
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList
+from massact_lens._core.types import HookList
 
 
 def check_hook_list(model: TransformerLensModel, fwd_hooks: Sequence[Any]) -> HookList:

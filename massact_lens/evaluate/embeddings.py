@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Provenance
-from massact_lens.batching import Batch, plan_batches, run_batches
+from massact_lens._core.types import HookList, Provenance
+from massact_lens._core.batching import Batch, plan_batches, run_batches
 from massact_lens.evaluate._hooks import check_hook_list
-from massact_lens.hook_names import final_hidden_hook
+from massact_lens._core.hook_names import final_hidden_hook
 from massact_lens.interventions import hook_names_of
 
 __all__ = ["SimilarityResult", "embedding_similarity", "sentence_embeddings"]
@@ -45,7 +45,7 @@ def sentence_embeddings(
 ) -> Float[torch.Tensor, "n_sentences d_model"]:
     """Sentence embeddings as sentence-transformers makes them, under ``fwd_hooks``.
 
-    Mean of the last hidden state (:func:`massact_lens.hook_names.final_hidden_hook`)
+    Mean of the last hidden state (:func:`massact_lens._core.hook_names.final_hidden_hook`)
     over real tokens ([CLS] and [SEP] included, padding not), then L2-normalised.
     Float32, on the CPU.
 
@@ -90,10 +90,6 @@ class SimilarityResult:
     #: Per paraphrase pair: cosine within the pair, without the hooks.
     pair_cosines_original: tuple[float, ...] = ()
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
-        return self.provenance
 
     @property
     def mean_cosine(self) -> float:

@@ -25,10 +25,10 @@ import torch
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookFn, HookList, Inputs, Provenance
-from massact_lens.batching import Batch, plan_batches, run_batches
+from massact_lens._core.types import HookFn, HookList, Inputs, Provenance
+from massact_lens._core.batching import Batch, plan_batches, run_batches
 from massact_lens.evaluate.embeddings import sentence_embeddings
-from massact_lens.hook_names import resolve_hook_names
+from massact_lens._core.hook_names import resolve_hook_names
 from massact_lens.interventions import (
     PositionRule,
     TokenTracker,
@@ -40,7 +40,7 @@ from massact_lens.interventions import (
 from massact_lens.interventions.edits import as_dims
 from massact_lens.interventions.lists import check_dims
 from massact_lens.interventions.positions import as_position_rule, run_context
-from massact_lens.profiles import MassiveProfile
+from massact_lens.find.profiles import MassiveProfile
 
 __all__ = ["PatchHook", "PatchRecorder", "PatchingResult", "massive_patching", "patching_hooks"]
 
@@ -91,7 +91,7 @@ class PatchHook:
     ``source_values[i]`` is ``[n_positions, n_dims]``: the k-th selected source
     position goes to the k-th selected target position of target input ``i`` (or
     of every target when the source is one input). Targets are counted in the
-    stream when the pass was announced (:func:`massact_lens.batching.announce`),
+    stream when the pass was announced (:func:`massact_lens._core.batching.announce`),
     else within the batch.
     """
 
@@ -260,10 +260,6 @@ class PatchingResult:
     #: One row per (hook, target, position, dim) written, with the value before and after.
     entries: pd.DataFrame = field(repr=False)
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
-        return self.provenance
 
     @property
     def mean_output_cosine(self) -> float:

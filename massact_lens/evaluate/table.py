@@ -23,12 +23,12 @@ from typing import Any
 import pandas as pd
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Provenance, is_causal
+from massact_lens._core.types import HookList, Provenance, is_causal
 from massact_lens.evaluate._hooks import check_hook_list
 from massact_lens.evaluate.embeddings import _check_pairs, _clean_embeddings, _similarity
-from massact_lens.evaluate.perplexity import Corpus, perplexity
+from massact_lens.evaluate.language_model import Corpus, perplexity
 from massact_lens.interventions import ablation_hooks, check_profile_matches, hook_names_of
-from massact_lens.profiles import MassiveProfile
+from massact_lens.find.profiles import MassiveProfile
 
 __all__ = ["COSINE", "MEAN", "ORIGINAL", "PAIR_COSINE", "PERPLEXITY", "ZERO", "AblationTable", "ablation_table"]
 
@@ -55,10 +55,6 @@ class AblationTable:
     #: ``details[setting][metric]``: the full result (PerplexityResult, SimilarityResult).
     details: dict[str, dict[str, Any]] = field(repr=False)
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
-        return self.provenance
 
     def to_dataframe(self) -> pd.DataFrame:
         """Rows: settings (Original, Set to zero, Set to mean, ...); columns: metrics."""
@@ -75,33 +71,6 @@ class AblationTable:
             for name in self.values
         ]
         return "\n".join([header, rule, *rows])
-
-
-def _legacy_provenance(description: Mapping[str, Any]) -> Provenance:
-    """A Provenance from an old ``model`` description dict; unknown fields as "unknown" / 0."""
-    get = description.get
-    return Provenance(
-        model_name=str(get("model_name", "unknown")),
-        architecture=str(get("architecture", "unknown")),
-        n_layers=int(get("n_layers", 0)),
-        d_model=int(get("d_model", 0)),
-        n_heads=int(get("n_heads", 0)),
-        dtype=str(get("dtype", "unknown")),
-        weights_processed=bool(get("weights_processed", False)),
-    )
-
-
-_dataclass_init = AblationTable.__init__
-
-
-def _init(self: AblationTable, *args: Any, model: Mapping[str, Any] | Provenance | None = None, **kwargs: Any) -> None:
-    if model is not None:  # the spelling before Provenance, kept for one release
-        warnings.warn("AblationTable(model=...) is deprecated: pass provenance=Provenance(...).", DeprecationWarning, stacklevel=2)
-        kwargs["provenance"] = model if isinstance(model, Provenance) else _legacy_provenance(model)
-    _dataclass_init(self, *args, **kwargs)
-
-
-AblationTable.__init__ = _init  # type: ignore[method-assign]
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -133,7 +102,7 @@ def ablation_table(
     Metrics: perplexity on ``corpus`` (causal models), and for ``sentences`` the
     mean cosine of each embedding to the original one, and for ``pairs`` the mean
     paraphrase-pair cosine. An encoder with neither gets the built-in
-    :data:`massact_lens.data.SENTENCES` and :data:`~massact_lens.data.PARAPHRASE_PAIRS`.
+    :data:`massact_lens.examples.sentences.SENTENCES` and :data:`~massact_lens.examples.sentences.PARAPHRASE_PAIRS`.
     Every hook list is built and checked before the first forward pass.
 
     Args:
@@ -149,7 +118,7 @@ def ablation_table(
             (``layers``, ``dims``, ``kinds``, ``positions``, ``hooks``).
 
     >>> from massact_lens import profile
-    >>> from massact_lens.data import SENTENCES, PARAPHRASE_PAIRS
+    >>> from massact_lens.examples.sentences import SENTENCES, PARAPHRASE_PAIRS
     >>> from massact_lens.examples import minilm
     >>> model = minilm()
     >>> sentences, pairs = list(SENTENCES[:8]), list(PARAPHRASE_PAIRS[:4])
@@ -166,7 +135,7 @@ def ablation_table(
     if sentences is None and corpus is None and pairs is None:
         if causal:
             raise ValueError("Pass corpus=... (a list of strings, a text file, or token ids) to measure perplexity.")
-        from massact_lens.data import PARAPHRASE_PAIRS, SENTENCES  # noqa: PLC0415
+        from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES  # noqa: PLC0415
 
         sentences, pairs = list(SENTENCES), list(PARAPHRASE_PAIRS)
     if corpus is not None and not causal:

@@ -18,11 +18,7 @@ paper's zero / mean ablation). Patching measures outputs, so it lives in
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
-from massact_lens._types import HookFn, HookList
+from massact_lens._core.types import HookFn, HookList
 from massact_lens.interventions.edits import (
     EditHook,
     RuleHook,
@@ -40,6 +36,7 @@ from massact_lens.interventions.lists import (
     hook_names_of,
     intervention_hooks,
 )
+from massact_lens.interventions.weights import edited_weights
 from massact_lens.interventions.positions import (
     PositionRule,
     RunContext,
@@ -72,6 +69,7 @@ __all__ = [
     "delimiter_positions",
     "edit_entries",
     "edit_hooks",
+    "edited_weights",
     "hook_names_of",
     "intervention_hooks",
     "kind_positions",
@@ -82,31 +80,3 @@ __all__ = [
     "where_massive",
     "zero_hook",
 ]
-
-#: Names that moved: patching measures outputs, so it lives in massact_lens.evaluate.
-_MOVED = dict.fromkeys(("PatchHook", "PatchingResult", "massive_patching", "patching_hooks"), "massact_lens.evaluate.patching")
-
-
-def announce_batch(fwd_hooks: Any, attention_mask: Any) -> None:
-    """Deprecated: use :func:`massact_lens.batching.announce` ``(fwd_hooks, batch)``."""
-    from massact_lens.batching import Batch, announce
-
-    warnings.warn(
-        "massact_lens.interventions.announce_batch is deprecated: call "
-        "massact_lens.batching.announce(fwd_hooks, batch) with the Batch of the next pass.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    announce(fwd_hooks, Batch(attention_mask.long() * 0, attention_mask.long(), 0))
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(
-            f"massact_lens.interventions.{name} moved to {_MOVED[name]}.{name} (also "
-            f"massact_lens.evaluate.{name}); the old name will be removed in a future release.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'massact_lens.interventions' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """What a position rule knows about the pass in progress, and the tracker that tells it.
 
 >>> import torch
->>> from massact_lens.batching import Batch
+>>> from massact_lens._core.batching import Batch
 >>> tracker = TokenTracker()
 >>> tracker.before_batch(Batch(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]), 7))
 >>> tracker.on_tokens(torch.tensor([[5, 6, 0]]))
@@ -20,9 +20,9 @@ import torch
 from jaxtyping import Bool, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList
-from massact_lens.batching import Batch
-from massact_lens.hook_names import EMBED_TOKENS
+from massact_lens._core.types import HookList
+from massact_lens._core.batching import Batch
+from massact_lens._core.hook_names import EMBED_TOKENS
 
 __all__ = ["RunContext", "TokenTracker", "TrackerHook", "default_context"]
 
@@ -74,8 +74,8 @@ class TokenTracker:
     :meth:`hooks` gives the hook pairs to put *first* in a hook list (the list
     builders of :mod:`massact_lens.interventions` do it). Fresh sequence or
     KV-cache continuation is decided from explicit state: a pass announced with
-    ``before_batch`` (:func:`massact_lens.batching.announce`, which
-    :func:`~massact_lens.batching.run_batches` calls) is always a fresh sequence;
+    ``before_batch`` (:func:`massact_lens._core.batching.announce`, which
+    :func:`~massact_lens._core.batching.run_batches` calls) is always a fresh sequence;
     a pass *not* announced, of one token and the batch size of the pass before,
     continues that pass (a ``generate()`` decoding step). Where the model has
     position ids (``pos_embed.hook_in``) they are used instead.

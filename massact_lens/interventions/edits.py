@@ -30,7 +30,7 @@ from massact_lens.interventions.positions import (
     run_context,
     start_token,
 )
-from massact_lens.profiles import MassiveProfile
+from massact_lens.find.profiles import MassiveProfile
 
 __all__ = [
     "EditHook",

@@ -20,8 +20,8 @@ from typing import Any
 
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookFn, HookList, Provenance
-from massact_lens.hook_names import layer_of, resolve_hook_names
+from massact_lens._core.types import HookFn, HookList, Provenance
+from massact_lens._core.hook_names import layer_of, resolve_hook_names
 from massact_lens.interventions.edits import EditHook, RuleHook, as_dims, mean_hook
 from massact_lens.interventions.positions import (
     PositionRule,
@@ -31,8 +31,8 @@ from massact_lens.interventions.positions import (
     kind_positions,
     where_massive,
 )
-from massact_lens.massive import TOKEN_KINDS
-from massact_lens.profiles import MassiveProfile
+from massact_lens.find.criterion import TOKEN_KINDS
+from massact_lens.find.profiles import MassiveProfile
 
 __all__ = [
     "ablated",
@@ -128,7 +128,7 @@ def edit_hooks(
         model: the model the hooks are for (names, dims, positions are checked).
         edit: from :func:`zero_hook`, :func:`value_hook`, :func:`scale_hook`, ...
         hooks: hook names or ``{layer}`` templates; default the residual stream
-            (:func:`massact_lens.hook_names.residual_hook_names`).
+            (:func:`massact_lens._core.hook_names.residual_hook_names`).
         layers: restrict to these layers.
 
     >>> from massact_lens.examples import tiny_model
@@ -145,10 +145,9 @@ def edit_hooks(
 
 
 def _field(provenance: Any, key: str) -> Any:
-    try:
-        return provenance[key]
-    except KeyError:
-        return None
+    if isinstance(provenance, dict):
+        return provenance.get(key)
+    return getattr(provenance, key, None)
 
 
 def check_profile_matches(model: TransformerLensModel, profile: MassiveProfile) -> None:

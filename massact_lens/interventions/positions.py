@@ -21,14 +21,14 @@ import torch
 from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens.hook_names import resolve_hook_names
+from massact_lens._core.hook_names import resolve_hook_names
 from massact_lens.interventions.context import (
     RunContext,
     TokenTracker,
     TrackerHook,
     default_context,
 )
-from massact_lens.massive import DELIMITERS, TOKEN_KINDS, Criterion
+from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion
 
 __all__ = [
     "PositionRule",
@@ -206,7 +206,7 @@ class _TokenIds(PositionRule):
 
 @dataclass(frozen=True, repr=False)
 class WhereMassive(PositionRule):
-    """Entries massive in *this* input (:class:`massact_lens.massive.Criterion`), decided at run time.
+    """Entries massive in *this* input (:class:`massact_lens.find.criterion.Criterion`), decided at run time.
 
     In an edit it reads the edited activation. As an attention key set the
     attention functions read the residual stream at ``hooks`` (default the
@@ -233,7 +233,7 @@ class WhereMassive(PositionRule):
 
     @property
     def criterion(self) -> Criterion:
-        """The thresholds as a :class:`~massact_lens.massive.Criterion` (ValueError if not positive)."""
+        """The thresholds as a :class:`~massact_lens.find.criterion.Criterion` (ValueError if not positive)."""
         return Criterion(self.min_value, self.min_ratio)
 
     def check(self, model: TransformerLensModel) -> None:
@@ -416,7 +416,7 @@ def delimiter_positions(
 ) -> PositionRule:
     """Positions holding a delimiter token ("." "," ";" ":" "!" "?" or a newline).
 
-    The same classification as :func:`massact_lens.massive.token_kind` (the start
+    The same classification as :func:`massact_lens.find.criterion.token_kind` (the start
     token is never a delimiter). The delimiter ids are read from the model's
     tokenizer, or given as ``token_ids`` (for models without a tokenizer).
     ``first_only`` keeps only the first delimiter of each input (the paper's LLaMA2
@@ -468,7 +468,7 @@ def where_massive(
 
     An entry passes when ``|x| > min_value`` and ``|x| >= min_ratio x median |x|``
     of its hidden state (one input, real positions when the padding is known, all
-    dims): :class:`massact_lens.massive.Criterion`. In an edit it selects single
+    dims): :class:`massact_lens.find.criterion.Criterion`. In an edit it selects single
     (position, dim) entries of the edited activation, so one hook list serves a
     whole batch; as an attention key set it reads the residual stream at ``hooks``
     (see :class:`WhereMassive`). ``dims`` restricts the entries tested.

@@ -3,7 +3,7 @@
 The recipe, the task and the shipped models' results are in docs/training.md; from
 the shell: ``massact train bigram-backcopy --variant default --out runs/bb``.
 Analysis never imports this subpackage; checkpoints load through
-:mod:`massact_lens.checkpoints`.
+:mod:`massact_lens.models.checkpoints`.
 
 >>> from massact_lens.training import BigramBackcopy, TrainConfig, train
 >>> import tempfile

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from massact_lens.checkpoints import PLACEHOLDERS, SPECIAL_TOKENS
+from massact_lens.models.checkpoints import PLACEHOLDERS, SPECIAL_TOKENS
 from massact_lens.training.tasks import Task
 
 __all__ = ["ModelConfig", "TrainConfig", "bridge_config", "checkpoint_config"]
@@ -98,7 +98,7 @@ def checkpoint_config(
     step: int,
     versions: dict[str, str],
 ) -> dict[str, Any]:
-    """The ``config.json`` of a checkpoint (:func:`massact_lens.checkpoints.save_checkpoint`).
+    """The ``config.json`` of a checkpoint (:func:`massact_lens.models.checkpoints.save_checkpoint`).
 
     >>> from massact_lens.training.tasks import BigramBackcopy
     >>> task = BigramBackcopy(seq_len=4)

@@ -1,6 +1,6 @@
 """Task metrics, BOS residual peaks and attention masses of a trained decoder, and the results table.
 
->>> from massact_lens.checkpoints import CHECKPOINTS, load_checkpoint
+>>> from massact_lens.models.checkpoints import CHECKPOINTS, load_checkpoint
 >>> from massact_lens.training import BigramBackcopy
 >>> result = task_metrics(load_checkpoint(CHECKPOINTS / "default"), BigramBackcopy(), n_sequences=8)
 >>> result.bos_peak_dim[0], result.attn_bos[1] > 0.9
@@ -19,17 +19,17 @@ import pandas as pd
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Provenance
-from massact_lens.batching import Batch, plan_batches, run_batches
-from massact_lens.checkpoints import (
+from massact_lens._core.types import HookList, Provenance
+from massact_lens._core.batching import Batch, plan_batches, run_batches
+from massact_lens.models.checkpoints import (
     CHECKPOINTS,
     SPECIAL_TOKENS,
     VARIANTS,
     load_checkpoint,
     read_config,
 )
-from massact_lens.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
-from massact_lens.hook_names import RESID_POST, attention_hook
+from massact_lens.models.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
+from massact_lens._core.hook_names import RESID_POST, attention_hook
 from massact_lens.training.tasks import EVAL_SEED, Task, sequences, task_from_dict
 
 __all__ = ["Evaluation", "results_table", "task_metrics"]
@@ -59,7 +59,7 @@ class Evaluation:
     trigger queries, on the token before the trigger (the back-copy).
 
     Attributes:
-        provenance: the model measured (``.model`` is the same, for older code).
+        provenance: the model measured.
         loss: mean next-token cross-entropy over the task targets (nats).
         optimal_loss: the Bayes-optimal loss on the same targets.
         copy_accuracy: arg-max accuracy on the targets after a trigger.
@@ -86,10 +86,6 @@ class Evaluation:
     attn_prev_trigger: tuple[float, ...]
     checkpoint: str | None = field(default=None)
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance, under the name results had before :class:`~massact_lens._types.Provenance`."""
-        return self.provenance
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per layer; the task metrics repeat on every row."""
@@ -194,7 +190,7 @@ def task_metrics(
     Named ``evaluate`` before; see :class:`Evaluation` for every definition. The
     variant is read from the model (its attached bias slot or sink token).
 
-    >>> from massact_lens.checkpoints import CHECKPOINTS, load_checkpoint
+    >>> from massact_lens.models.checkpoints import CHECKPOINTS, load_checkpoint
     >>> from massact_lens.training import BigramBackcopy
     >>> result = task_metrics(load_checkpoint(CHECKPOINTS / "default"), BigramBackcopy(), n_sequences=8)
     >>> result.bos_peak_ratio[0] > 25, result.bos_peak_dim[0], result.attn_bos[1] > 0.9
@@ -259,11 +255,11 @@ def results_table(
 
     Args:
         directories: checkpoint folders (default: the three shipped Bigram-Backcopy
-            models, in :data:`~massact_lens.checkpoints.VARIANTS` order).
+            models, in :data:`~massact_lens.models.checkpoints.VARIANTS` order).
         n_sequences: held-out sequences per model.
         peak_threshold: the ratio counted in ``bos_peak_fraction``.
 
-    >>> from massact_lens.checkpoints import CHECKPOINTS
+    >>> from massact_lens.models.checkpoints import CHECKPOINTS
     >>> results_table([CHECKPOINTS / "default"], n_sequences=4)["layer"].tolist()
     [0, 1, 2]
     """

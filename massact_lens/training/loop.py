@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from massact_lens._types import Provenance
-from massact_lens.checkpoints import (
+from massact_lens._core.types import Provenance
+from massact_lens.models.checkpoints import (
     PLACEHOLDERS,
     VARIANTS,
     build_model,
@@ -41,7 +41,7 @@ class TrainResult:
     """What one training run produced.
 
     Attributes:
-        provenance: the trained model (``.model`` is the same, for older code).
+        provenance: the trained model.
         directory: the checkpoint folder (weights, config.json, tokenizer).
         variant, task: what was trained.
         steps: optimisation steps run; tokens: loss targets seen.
@@ -66,10 +66,6 @@ class TrainResult:
     evaluation: Evaluation
     snapshots: tuple[str, ...] = ()
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance, under the name results had before :class:`~massact_lens._types.Provenance`."""
-        return self.provenance
 
 
 def _versions() -> dict[str, str]:
@@ -104,7 +100,7 @@ def train(
 
     Args:
         task: :class:`~massact_lens.training.BigramBackcopy` or :class:`~massact_lens.training.TextFile`.
-        variant: one of :data:`~massact_lens.checkpoints.VARIANTS`.
+        variant: one of :data:`~massact_lens.models.checkpoints.VARIANTS`.
         out_dir: the checkpoint folder (created; files in it are overwritten).
         model_config: the architecture (default: 3 layers, 1 head, d_model 64).
         train_config: the optimisation (default: the shipped models' recipe).
@@ -112,7 +108,7 @@ def train(
 
     Returns:
         A :class:`TrainResult`; the final model is at
-        :func:`massact_lens.checkpoints.load_checkpoint` ``(out_dir)``.
+        :func:`massact_lens.models.checkpoints.load_checkpoint` ``(out_dir)``.
 
     >>> import tempfile
     >>> from massact_lens.training import BigramBackcopy, TrainConfig

@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from massact_lens._types import Provenance
-from massact_lens.checkpoints import load_checkpoint, read_config
-from massact_lens.scan import ScanResult, scan
+from massact_lens._core.types import Provenance
+from massact_lens.models.checkpoints import load_checkpoint, read_config
+from massact_lens.find.scanner import ScanResult, scan
 from massact_lens.training.evaluation import _mode
 from massact_lens.training.tasks import held_out, task_from_dict
 
@@ -32,7 +32,7 @@ class SnapshotScan:
     Attributes:
         provenance: the run's model (the last snapshot; every snapshot has its architecture).
         run_dir: the run folder; steps: the snapshot steps, in order.
-        results: one :class:`~massact_lens.scan.ScanResult` per step (same inputs).
+        results: one :class:`~massact_lens.find.scanner.ScanResult` per step (same inputs).
     """
 
     provenance: Provenance
@@ -40,10 +40,6 @@ class SnapshotScan:
     steps: tuple[int, ...]
     results: tuple[ScanResult, ...]
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance, under the name results had before :class:`~massact_lens._types.Provenance`."""
-        return self.provenance
 
     def to_dataframe(self) -> pd.DataFrame:
         """Per (step, hook): the scan's layer statistics and where top-1 sits most often."""
@@ -75,7 +71,7 @@ def scan_snapshots(
     Raises:
         FileNotFoundError: the run has no ``snapshots/step_*`` folders.
 
-    >>> from massact_lens.checkpoints import CHECKPOINTS
+    >>> from massact_lens.models.checkpoints import CHECKPOINTS
     >>> scan_snapshots(CHECKPOINTS / "default")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...

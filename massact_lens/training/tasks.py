@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from massact_lens.checkpoints import BOS_ID, PLACEHOLDERS, SPECIAL_TOKENS
+from massact_lens.models.checkpoints import BOS_ID, PLACEHOLDERS, SPECIAL_TOKENS
 
 __all__ = ["EVAL_SEED", "BigramBackcopy", "Task", "TextFile", "held_out", "sequences", "task_from_dict"]
 
@@ -62,7 +62,7 @@ class BigramBackcopy:
             raise ValueError(f"seq_len must be at least 2, not {self.seq_len}.")
 
     def token_names(self) -> list[str]:
-        """The task's tokens in vocabulary order (after :data:`~massact_lens.checkpoints.SPECIAL_TOKENS`)."""
+        """The task's tokens in vocabulary order (after :data:`~massact_lens.models.checkpoints.SPECIAL_TOKENS`)."""
         return [f"T{i}" if i < self.n_triggers else f"w{i}" for i in range(self.n_tokens)]
 
     def trigger_ids(self) -> list[int]:

@@ -1,6 +1,6 @@
 """A page of sections: :class:`Report` lays out figures, views, tables and text under headings, with settings.
 
-:func:`massact_lens.report.build_report` fills one with the paper's story; any code
+:func:`massact_lens.cli.report.build_report` fills one with the paper's story; any code
 can build one by hand. ``to_html()`` is one self-contained document
 (:func:`massact_lens.viz.page.html_document`), ``save(path)`` writes it atomically.
 

@@ -25,7 +25,7 @@ from plotly.subplots import make_subplots
 
 from massact_lens.attention import AttentionConcentration, AttentionLogits, ImplicitBias
 from massact_lens.evaluate import AblationTable
-from massact_lens.scan import ScanResult
+from massact_lens.find.scanner import ScanResult
 from massact_lens.viz.hidden import HiddenStates
 from massact_lens.viz.labels import display_token, layer_labels, model_short_name, short_hook_name
 from massact_lens.viz.notebook import NotebookFigure

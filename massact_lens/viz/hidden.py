@@ -26,16 +26,16 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Provenance
-from massact_lens.batching import Batch, plan_batches, run_batches, token_strings
-from massact_lens.hook_names import layer_of, resolve_hook_names
-from massact_lens.massive import Criterion
-from massact_lens.models import warn_if_processed
+from massact_lens._core.types import HookList, Provenance
+from massact_lens._core.batching import Batch, plan_batches, run_batches, token_strings
+from massact_lens._core.hook_names import layer_of, resolve_hook_names
+from massact_lens.find.criterion import Criterion
+from massact_lens._core.types import warn_if_processed
 
 __all__ = ["VIEW_CRITERIA", "HiddenStates", "given_criterion", "hidden_states"]
 
 #: The (min_value, min_ratio) pairs a view tries when given no thresholds: the paper's, then the
-#: lower pair small models need (``massact_lens.massive.Criterion`` names both).
+#: lower pair small models need (``massact_lens.find.criterion.Criterion`` names both).
 VIEW_CRITERIA: tuple[tuple[float, float], ...] = ((100.0, 1000.0), (50.0, 200.0))
 
 
@@ -76,10 +76,6 @@ class HiddenStates:
     values: Float[torch.Tensor, "n_hooks pos d_model"]
     subword_prefix: str | None = None
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance, under the name results had before :class:`~massact_lens._types.Provenance`."""
-        return self.provenance
 
     def hook_index(self, hook: str | int) -> int:
         """Index of a hook point: its name, or a layer (the layer's hook with the largest ``|x|``).
@@ -113,7 +109,7 @@ class HiddenStates:
         """Positions with an entry that passes the criterion at some hook -> those entries' dims.
 
         The criterion of :func:`massact_lens.find_massive`, applied to every entry
-        (:meth:`massact_lens.massive.Criterion.entries`).
+        (:meth:`massact_lens.find.criterion.Criterion.entries`).
         """
         criterion = Criterion(min_value, min_ratio)
         real = torch.ones(self.values.shape[:2], dtype=torch.bool)  # hooks as the batch axis; one input, no padding

@@ -10,7 +10,7 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-from massact_lens.hook_names import layer_of
+from massact_lens._core.hook_names import layer_of
 
 __all__ = [
     "BUNDLED_LABELS",
@@ -111,10 +111,9 @@ def hook_ranges(hook_names: Sequence[str]) -> str:
 def _name_of(provenance: Any) -> str:
     if isinstance(provenance, str):
         return provenance
-    try:
-        return str(provenance["model_name"])
-    except (KeyError, TypeError):
-        return str(getattr(provenance, "model_name", "model"))
+    if isinstance(provenance, dict):
+        return str(provenance.get("model_name", "model"))
+    return str(getattr(provenance, "model_name", "model"))
 
 
 def model_label(provenance: Any) -> str:

@@ -1,6 +1,6 @@
 """Results as tables a reader can take in: the massive dims, their constancy, and what each column means.
 
-The report (:mod:`massact_lens.report`) shows these; each function takes a result
+The report (:mod:`massact_lens.cli.report`) shows these; each function takes a result
 and returns a DataFrame whose column names say their unit, and :data:`GLOSSARY`
 explains the columns that carry a library's short name (``c_mass``, ``bias_cos``, ...).
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from massact_lens.massive import MassiveActivations
-from massact_lens.profiles import MassiveProfile
+from massact_lens.find.criterion import MassiveActivations
+from massact_lens.find.profiles import MassiveProfile
 from massact_lens.viz.labels import hook_ranges, number_ranges
 
 __all__ = ["GLOSSARY", "constancy_summary", "constancy_table", "glossary", "layer_table", "massive_dims_table"]

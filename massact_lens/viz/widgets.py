@@ -26,9 +26,9 @@ from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import is_causal
+from massact_lens._core.types import is_causal
 from massact_lens.attention import AttentionLogits, attention_logits
-from massact_lens.profiles import MassiveProfile
+from massact_lens.find.profiles import MassiveProfile
 from massact_lens.viz.hidden import HiddenStates, given_criterion, hidden_states
 from massact_lens.viz.labels import layer_labels
 from massact_lens.viz.notebook import widget_output

@@ -43,12 +43,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Inputs, Provenance, model_device
-from massact_lens.batching import Batch, last_block_hook, plan_batches, run_batches, token_strings
-from massact_lens.hook_names import layer_of, resolve_hook_names
-from massact_lens.models import warn_if_processed
-from massact_lens.overlap import Beside, spare_core
-from massact_lens.statistics import (
+from massact_lens._core.types import HookList, Inputs, Provenance, model_device
+from massact_lens._core.batching import Batch, last_block_hook, plan_batches, run_batches, token_strings
+from massact_lens._core.hook_names import layer_of, resolve_hook_names
+from massact_lens._core.types import warn_if_processed
+from massact_lens._core.overlap import Beside, spare_core
+from massact_lens._core.statistics import (
     HiddenStateStats,
     RealLayout,
     grouped_stats,
@@ -96,10 +96,6 @@ class ScanResult:
     def n_inputs(self) -> int:
         return int(self.values.shape[0])
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2)."""
-        return self.provenance
 
     @classmethod
     def merge(cls, parts: Sequence[ScanResult]) -> ScanResult:
@@ -379,7 +375,7 @@ class _Collector:
 
     Each hook copies its hidden state (float32, as the statistics read it) into a group
     (:data:`GROUP_BYTES`) whose statistics are computed in one call. Where a CPU core is
-    spare (:func:`massact_lens.overlap.spare_core`) a worker thread computes them beside
+    spare (:func:`massact_lens._core.overlap.spare_core`) a worker thread computes them beside
     the forward pass, and a batch's results are gathered when the next batch has run
     (its last group overlaps that pass); the results are the same to the bit."""
 
@@ -485,9 +481,9 @@ def scan(
     Args:
         model: a TransformerBridge (raw weights: see :func:`massact_lens.load_model`).
         inputs: strings, a token tensor ``[batch, pos]``, or an iterable of batches
-            (see :mod:`massact_lens.batching`).
+            (see :mod:`massact_lens._core.batching`).
         hooks: hook points to read; default the residual stream
-            (:func:`massact_lens.hook_names.residual_hook_names`). ``{layer}``
+            (:func:`massact_lens._core.hook_names.residual_hook_names`). ``{layer}``
             templates are expanded.
         layers: restrict to these layers.
         top_k: entries kept per hidden state. :func:`massact_lens.find_massive`
@@ -504,7 +500,7 @@ def scan(
         by_length: run the inputs longest first, in batches of similar length, so that
             little padding is computed (a list or a tensor as a whole, an iterable of
             batches within each of its items: see
-            :func:`massact_lens.batching.plan_batches`). The result is in the order the
+            :func:`massact_lens._core.batching.plan_batches`). The result is in the order the
             inputs were given either way, with the same records: padding never enters a
             statistic, and only float32 rounding may differ with the batch's shape.
             ``None`` (default): longest first, unless a ``follower`` does not say it
@@ -564,7 +560,7 @@ def scan(
         nonfinite=collector.stacked(5),
     )
     result.warn_nonfinite(stacklevel=3)
-    from massact_lens.precision import check_range  # a leaf module that imports scan
+    from massact_lens.find.precision import check_range  # a leaf module that imports scan
 
     check_range(result, stacklevel=3)
     return result

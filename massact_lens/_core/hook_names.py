@@ -22,7 +22,7 @@ the library never routes on ``hook.name``; it closes over its own labels.
 
 Usage
 -----
->>> from massact_lens.hook_names import layer_of, expand_hook_names
+>>> from massact_lens._core.hook_names import layer_of, expand_hook_names
 >>> layer_of("blocks.3.hook_resid_post")
 3
 >>> expand_hook_names("blocks.{layer}.hook_resid_pre", n_layers=2)

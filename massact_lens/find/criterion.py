@@ -5,7 +5,7 @@ Background
 Sun et al. (2024) call an activation *massive* when its magnitude is above 100 and
 at least about 1,000 times the median magnitude of its hidden state ("loose but
 broad"); their code never applies it and only ranks top-k. :func:`find_massive`
-applies it to a :class:`~massact_lens.scan.ScanResult`, with both thresholds
+applies it to a :class:`~massact_lens.find.scanner.ScanResult`, with both thresholds
 configurable (a 384-dim encoder needs lower ones than a 4,096-dim LLM).
 
 :func:`profile` gives the cross-input picture the paper draws: which feature dims
@@ -42,9 +42,9 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 
-from massact_lens._checks import check_threshold
-from massact_lens.scan import ScanResult
-from massact_lens.statistics import hidden_state_medians
+from massact_lens._core.checks import check_threshold
+from massact_lens.find.scanner import ScanResult
+from massact_lens._core.statistics import hidden_state_medians
 
 __all__ = [
     "DELIMITERS",
@@ -330,20 +330,3 @@ def _dim_summaries(found: MassiveActivations, n_inputs: int) -> tuple[DimSummary
             )
         )
     return tuple(out)
-
-
-_MOVED_TO_PROFILES = ("MassiveProfile", "PROFILE_FORMAT", "ValueStat", "profile")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_PROFILES:
-        import importlib
-        import warnings
-
-        warnings.warn(
-            f"massact_lens.massive.{name} moved to massact_lens.profiles.{name} in 0.2.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module("massact_lens.profiles"), name)
-    raise AttributeError(f"module 'massact_lens.massive' has no attribute {name!r}")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -15,14 +16,14 @@ from typing import Any
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
-__all__ = ["HookFn", "HookList", "Inputs", "Provenance", "is_causal", "model_device"]
+__all__ = ["HookFn", "HookList", "Inputs", "Provenance", "is_causal", "model_device", "warn_if_processed", "weights_processed"]
 
 #: A TransformerLens forward hook: ``fn(activation, *, hook)``.
 HookFn = Callable[..., Any]
 #: What ``fwd_hooks`` takes: (hook name, hook function) pairs.
 HookList = list[tuple[str, HookFn]]
 #: What every measurement reads: strings, a token tensor ``[batch, pos]``, or an
-#: iterable of batches (see :mod:`massact_lens.batching`).
+#: iterable of batches (see :mod:`massact_lens._core.batching`).
 Inputs = str | Sequence[str] | torch.Tensor | Iterable[Any]
 
 
@@ -58,8 +59,6 @@ class Provenance:
     @classmethod
     def of(cls, model: TransformerLensModel) -> Provenance:
         """The provenance of ``model`` as it is now."""
-        from massact_lens.models import weights_processed
-
         cfg = model.cfg
         dtype = getattr(cfg, "dtype", None)
         with contextlib.suppress(AttributeError, StopIteration):
@@ -123,21 +122,6 @@ class Provenance:
         if diff:
             raise ValueError(f"{what} come from different models ({'; '.join(diff)}).")
 
-    # Read-only dict-style access, as results had before Provenance (a plain dict).
-    def __getitem__(self, key: str) -> Any:
-        if key not in {f.name for f in fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default) if key in {f.name for f in fields(self)} else default
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
-
-    def items(self) -> list[tuple[str, Any]]:
-        return list(self.to_dict().items())
-
 
 def is_causal(model: TransformerLensModel) -> bool:
     """True unless the model attends bidirectionally (BERT-like encoders).
@@ -161,3 +145,24 @@ def model_device(model: TransformerLensModel) -> torch.device:
         if device.type != "meta":  # an offloaded embedding runs where accelerate puts it
             return device
     return torch.device(getattr(model.cfg, "device", None) or "cpu")
+
+
+def weights_processed(model: TransformerLensModel) -> bool:
+    """True when the model's weights were folded / centred (compatibility mode)."""
+    return bool(getattr(model, "_weights_processed", False)) or bool(
+        getattr(model.cfg, "layer_norm_folding", False)
+    )
+
+
+def warn_if_processed(model: TransformerLensModel, stacklevel: int = 3) -> None:
+    """Warn that massive-activation values are shifted on a weight-processed model."""
+    if weights_processed(model):
+        warnings.warn(
+            "This model's weights were processed (enable_compatibility_mode / fold_ln / "
+            "centred writing weights): the residual stream has its mean over d_model removed, "
+            "so massive-activation values and medians are shifted. Load with "
+            "massact_lens.load_model(...) and do not call enable_compatibility_mode() to "
+            "measure raw values.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )

@@ -163,7 +163,7 @@ def edits_from_rows(rows: pd.DataFrame, value: float | int = 0.0) -> dict[Weight
     """Edits setting the down-projection entries of ``rows`` to ``value``.
 
     ``rows`` has the columns ``layer, row, column`` (e.g. some rows of
-    :meth:`massact_lens.lineage.Lineage.super_weights`); an entry that appears twice
+    :meth:`massact_lens.trace.writers.Lineage.super_weights`); an entry that appears twice
     is edited once.
 
     >>> import pandas as pd

@@ -12,7 +12,7 @@ commands. Written for this project; no licence restrictions.
 
 Usage
 -----
->>> from massact_lens.data import SENTENCES, PARAPHRASE_PAIRS
+>>> from massact_lens.examples.sentences import SENTENCES, PARAPHRASE_PAIRS
 >>> len(SENTENCES), len(PARAPHRASE_PAIRS)
 (40, 20)
 >>> PARAPHRASE_PAIRS[0]

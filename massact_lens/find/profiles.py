@@ -24,9 +24,9 @@ from typing import Any
 import pandas as pd
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import Inputs, Provenance
-from massact_lens.hook_names import resolve_hook_names
-from massact_lens.massive import (
+from massact_lens._core.types import Inputs, Provenance
+from massact_lens._core.hook_names import resolve_hook_names
+from massact_lens.find.criterion import (
     DELIMITERS,
     TOKEN_KINDS,
     Criterion,
@@ -35,8 +35,8 @@ from massact_lens.massive import (
     _check_thresholds,
     find_massive,
 )
-from massact_lens.profile_values import CandidateValues, ValueStat, pooled, second_pass_values
-from massact_lens.scan import ScanResult, scan
+from massact_lens.find.profile_values import CandidateValues, ValueStat, pooled, second_pass_values
+from massact_lens.find.scanner import ScanResult, scan
 
 __all__ = ["PROFILE_FORMAT", "MassiveProfile", "ValueStat", "profile"]
 
@@ -64,10 +64,6 @@ class MassiveProfile:
     def massive_dims(self) -> tuple[int, ...]:
         return tuple(d.dim for d in self.dims)
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2)."""
-        return self.provenance
 
     @property
     def criterion(self) -> Criterion:
@@ -297,7 +293,7 @@ def profile(
     One streaming pass over ``inputs``: :func:`scan` + :func:`find_massive`, and, in
     the same forward passes, the value at every hook of each (input, position, dim)
     found massive anywhere in that input, summed per (hook, dim, token kind) (see
-    :mod:`massact_lens.profile_values`: a batch where a new massive dim appears is
+    :mod:`massact_lens.find.profile_values`: a batch where a new massive dim appears is
     run once more, reading only). ``inputs`` may be a one-shot iterator of batches.
 
     ``scan_result``: a scan of these same inputs already made; the values are then

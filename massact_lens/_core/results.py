@@ -1,8 +1,12 @@
-"""What the attention results share to stream and to merge: running sums, kept inputs, checks.
+"""What every result shares: how it was obtained, the exact merge, running sums and kept inputs.
 
-A result holds running sums over every input (memory independent of the corpus)
-and the full per-input tensors of only its first ``keep`` inputs. Two results of
-consecutive slices of a corpus merge exactly: the sums add, the kept inputs
+Every result is a frozen dataclass on :class:`Result` (its ``provenance``), and a
+result over a corpus on :class:`CorpusResult` (``layers``, ``n_inputs``). A
+streamed result holds running sums over every input (memory independent of the
+corpus) and the full per-input tensors of only its first ``keep`` inputs
+(:class:`StreamedResult`). Results of consecutive slices of a corpus merge exactly
+(:meth:`Result.merge`): the parts are checked first (all of the class, one model,
+equal in :attr:`Result.merge_same`), then the sums add and the kept inputs
 concatenate up to ``keep``.
 
 >>> kept = KeptInputs(2, {"tokens": 1})
@@ -17,13 +21,28 @@ concatenate up to ``keep``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
-from massact_lens.attention._passes import pad_cat
+from massact_lens._core.types import Provenance
 
-__all__ = ["Keep", "KeptInputs", "add_sums", "check_keep", "check_parts", "keep_limit", "merge_kept"]
+__all__ = [
+    "CorpusResult",
+    "Keep",
+    "KeptInputs",
+    "Result",
+    "StreamedResult",
+    "add_sums",
+    "check_keep",
+    "check_parts",
+    "keep_limit",
+    "merge_kept",
+    "pad_cat",
+]
+
+R = TypeVar("R", bound="Result")
 
 #: How many inputs a result keeps in full: a count, or ``"all"``.
 Keep = int | Literal["all"]
@@ -43,6 +62,16 @@ def check_keep(keep: Any) -> Keep:
 def keep_limit(keep: Keep) -> int | None:
     """The number of inputs to keep; None for all."""
     return None if keep == "all" else int(keep)
+
+
+def pad_cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate along dim 0, right-padding ``dim`` to the widest part with zeros (False)."""
+    width = max(int(p.shape[dim]) for p in parts)
+    out = []
+    for p in parts:
+        pad = [0, 0] * (p.ndim - dim - 1) + [0, width - int(p.shape[dim])]
+        out.append(torch.nn.functional.pad(p, pad) if pad[-1] else p)
+    return torch.cat(out, dim=0)
 
 
 def _trim(tensors: dict[str, torch.Tensor], pos_dims: Mapping[str, int], mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -175,3 +204,43 @@ def check_parts(parts: Sequence[Any], cls: type, fields: Sequence[str]) -> list[
                     "corpus with the same model, settings and key set."
                 )
     return parts
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    """The base of every result: the model as it was measured, and the exact merge.
+
+    A subclass that merges names in :attr:`merge_same` the fields its parts must share
+    and implements :meth:`_merged` (the parts already checked).
+    """
+
+    provenance: Provenance
+
+    #: Fields that must be equal in every part of a merge (besides the provenance).
+    merge_same: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def merge(cls: type[R], parts: Sequence[R]) -> R:
+        """One result from results of consecutive slices of a corpus, in corpus order:
+        exactly what one run over the whole corpus gives. Parts of another class, model
+        or setting are refused (before any is read) with what to do."""
+        return cls._merged(check_parts(parts, cls, cls.merge_same))
+
+    @classmethod
+    def _merged(cls: type[R], parts: list[R]) -> R:
+        raise TypeError(f"{cls.__name__} results do not merge: run the measurement on the whole corpus.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusResult(Result):
+    """A result over a corpus: the layers measured and how many inputs it covers."""
+
+    layers: tuple[int, ...]
+    n_inputs: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamedResult(CorpusResult):
+    """A corpus result that keeps the per-input tensors of its first ``keep`` inputs only."""
+
+    keep: Keep

@@ -23,7 +23,7 @@ instead, so every hook still sees what it always saw. Hooks on ``hook_in`` /
 ``hook_out`` of the component fire on both paths. The normalisation path is
 bit-identical (the bridge returns the HuggingFace module's output there too); the
 attention path runs the model's configured kernel (SDPA inside
-:func:`massact_lens.models.fast_attention`) and agrees with the bridge's eager
+:func:`massact_lens.models.load.fast_attention`) and agrees with the bridge's eager
 arithmetic to float32 rounding (tests/test_fast_paths.py).
 
 Every bridge component's call also enters accelerate's ``align_module_device`` on its
@@ -54,7 +54,7 @@ import inspect
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -65,8 +65,15 @@ from transformer_lens.model_bridge.generalized_components.normalization import N
 from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
     PositionEmbeddingsAttentionBridge,
 )
+from transformer_lens.model_protocol import TransformerLensModel
 
-__all__ = ["lean_components"]
+__all__ = [
+    "attention_implementation",
+    "fast_attention",
+    "lean_components",
+    "reads_attention_pattern",
+    "wants_fast_attention",
+]
 
 #: TransformerLens config switches under which attention is computed per head.
 _PER_HEAD_MODES = ("use_split_qkv_input", "use_attn_in", "use_attn_result")
@@ -217,7 +224,7 @@ def lean_components(model: torch.nn.Module) -> Iterator[int]:
     given the lean forward (0 when the model is left alone). Reentrant; restored on
     exit, also on error.
     """
-    from massact_lens.models import weights_processed
+    from massact_lens._core.types import weights_processed
 
     if os.environ.get("MASSACT_LENS_EAGER") == "1" or weights_processed(model):  # type: ignore[arg-type]
         yield 0
@@ -248,3 +255,84 @@ def lean_components(model: torch.nn.Module) -> Iterator[int]:
                     module.__dict__.pop(name, None)
             else:
                 _installed[module] = depth
+
+
+def _hf_configs(model: TransformerLensModel) -> list[Any]:
+    """The HuggingFace configs whose ``_attn_implementation`` picks the attention kernel."""
+    hf = getattr(model, "original_model", None)
+    config = getattr(hf, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return []
+    out = [config]
+    for name in ("text_config", "vision_config"):
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            out.append(sub)
+    return out
+
+
+@contextlib.contextmanager
+def attention_implementation(model: TransformerLensModel, implementation: str) -> Iterator[None]:
+    """Run HuggingFace attention with ``implementation`` ("sdpa", "eager", ...) inside the block.
+
+    :func:`load_model` boots with eager attention so that ``hook_pattern`` is filled;
+    a pass that reads no pattern runs faster with PyTorch's fused kernel. The
+    setting is restored on exit, also when the body raises. Models without a
+    HuggingFace config (``boot_native``) are left as they are.
+
+    >>> from massact_lens.examples import minilm
+    >>> model = minilm()
+    >>> with attention_implementation(model, "sdpa"):
+    ...     model.original_model.config._attn_implementation
+    'sdpa'
+    >>> model.original_model.config._attn_implementation
+    'eager'
+    """
+    configs = _hf_configs(model)
+    before = [c._attn_implementation for c in configs]
+    try:
+        for config in configs:
+            config._attn_implementation = implementation
+        yield
+    finally:
+        for config, value in zip(configs, before, strict=True):
+            config._attn_implementation = value
+
+
+#: Hook points that only eager attention fills.
+_PATTERN_HOOKS = ("hook_pattern", "hook_attn_scores")
+
+
+def reads_attention_pattern(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> bool:
+    """True when ``hook_names``, or a hook already attached to the model, reads an
+    attention pattern or score (which only eager attention computes).
+
+    >>> from massact_lens.examples import minilm
+    >>> reads_attention_pattern(minilm(), ["blocks.0.attn.hook_pattern"]), reads_attention_pattern(minilm())
+    (True, False)
+    """
+    if any(str(name).endswith(_PATTERN_HOOKS) for name in hook_names):
+        return True
+    points = getattr(model, "hook_dict", {})
+    return any(
+        name.endswith(_PATTERN_HOOKS) and (point._forward_hooks or point._forward_pre_hooks)
+        for name, point in points.items()
+    )
+
+
+def fast_attention(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> contextlib.AbstractContextManager[None]:
+    """``attention_implementation(model, "sdpa")`` for passes that read no attention pattern.
+
+    Eager attention stays when ``hook_names`` or a hook already attached to the model
+    reads a pattern or score (:func:`reads_attention_pattern`): the fast kernel never
+    computes them. Set ``MASSACT_LENS_EAGER=1`` to keep eager attention everywhere.
+    """
+    if not wants_fast_attention(model, hook_names):
+        return contextlib.nullcontext()
+    return attention_implementation(model, "sdpa")
+
+
+def wants_fast_attention(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> bool:
+    """What :func:`fast_attention` decides: False when ``MASSACT_LENS_EAGER=1`` or a
+    hook reads an attention pattern (:func:`reads_attention_pattern`)."""
+    return os.environ.get("MASSACT_LENS_EAGER") != "1" and not reads_attention_pattern(model, hook_names)

@@ -9,7 +9,7 @@ the down-projection weights behind them: the *super weight* of Yu et al. (2024).
 >>> import torch
 >>> from massact_lens import find_massive, scan
 >>> from massact_lens.examples import tiny_model
->>> from massact_lens.planting import plant_massive_activation
+>>> from massact_lens.models.planting import plant_massive_activation
 >>> model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5,
 ...                                  value=500.0, neuron=7)
 >>> tokens = torch.randint(1, 64, (4, 8), generator=torch.Generator().manual_seed(0))
@@ -38,8 +38,8 @@ import torch
 from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import Provenance
-from massact_lens.batching import (
+from massact_lens._core.types import Provenance
+from massact_lens._core.batching import (
     Batch,
     Inputs,
     last_block_hook,
@@ -47,18 +47,18 @@ from massact_lens.batching import (
     run_batches,
     token_strings,
 )
-from massact_lens.hook_names import attention_hook, mlp_hook, residual_hook_names
-from massact_lens.massive import (
+from massact_lens._core.hook_names import attention_hook, mlp_hook, residual_hook_names
+from massact_lens.find.criterion import (
     DELIMITERS,
     TOKEN_KINDS,
     MassiveActivations,
     passes_criterion,
     token_kind,
 )
-from massact_lens.models import warn_if_processed
-from massact_lens.profiles import MassiveProfile
-from massact_lens.scan import hidden_state_medians
-from massact_lens.weights import projection_weight
+from massact_lens._core.types import warn_if_processed
+from massact_lens.find.profiles import MassiveProfile
+from massact_lens.find.scanner import hidden_state_medians
+from massact_lens.interventions.weights import projection_weight
 
 __all__ = ["BlockWrite", "ChannelContribution", "Lineage", "lineage"]
 
@@ -100,7 +100,7 @@ class ChannelContribution:
     """One MLP hidden channel of a writing block, and the down-projection weight it goes through.
 
     ``row`` is the residual dim written (= ``dim``), ``column`` the hidden channel;
-    ``weight = W_down[row, column]`` (:func:`massact_lens.weights.projection_weight`
+    ``weight = W_down[row, column]`` (:func:`massact_lens.interventions.weights.projection_weight`
     layout), ``weight_ratio = |weight| / median |W_down|`` over that block's matrix.
     ``activation`` is the channel's mean input to the down projection at the
     massive positions; ``activation_elsewhere`` / ``max_abs_elsewhere`` the mean and
@@ -164,8 +164,8 @@ class Lineage:
         """Per writing block, its ``top_channels`` channels by |contribution|, largest first.
 
         Columns include ``layer, row, column, weight, weight_ratio, activation,
-        contribution``; :func:`massact_lens.weights.edits_from_rows` turns rows
-        into edits for :func:`massact_lens.weights.edited_weights`.
+        contribution``; :func:`massact_lens.interventions.weights.edits_from_rows` turns rows
+        into edits for :func:`massact_lens.interventions.weights.edited_weights`.
         """
         return pd.DataFrame(
             [asdict(c) for c in self.channels], columns=list(ChannelContribution.__dataclass_fields__)
@@ -420,8 +420,8 @@ def lineage(
     Args:
         model: the model the massive set was measured on (same name, n_layers, d_model).
         inputs: strings, a token tensor ``[batch, pos]`` or an iterable of batches.
-        massive: a :class:`~massact_lens.massive.MassiveProfile` or
-            :class:`~massact_lens.massive.MassiveActivations`.
+        massive: a :class:`~massact_lens.find.criterion.MassiveProfile` or
+            :class:`~massact_lens.find.criterion.MassiveActivations`.
         top_channels: hidden channels reported per writing block.
         batch_size: inputs per forward pass. Inputs run longest first (a list or a
             tensor as a whole, an iterable of batches within each item): little padding
@@ -439,7 +439,7 @@ def lineage(
     >>> import torch
     >>> from massact_lens import profile
     >>> from massact_lens.examples import tiny_model
-    >>> from massact_lens.planting import plant_massive_activation
+    >>> from massact_lens.models.planting import plant_massive_activation
     >>> model = plant_massive_activation(tiny_model("gpt2", n_layers=3), layer=1, dim=4,
     ...                                  value=800.0, neuron=9)
     >>> tokens = torch.randint(1, 64, (3, 6), generator=torch.Generator().manual_seed(1))

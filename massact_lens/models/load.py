@@ -37,12 +37,9 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import Provenance
+from massact_lens._core.types import Provenance, warn_if_processed, weights_processed
 
 __all__ = [
-    "attention_implementation",
-    "fast_attention",
-    "reads_attention_pattern",
     "hub_reachable",
     "load_model",
     "model_description",
@@ -181,27 +178,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def weights_processed(model: TransformerLensModel) -> bool:
-    """True when the model's weights were folded / centred (compatibility mode)."""
-    return bool(getattr(model, "_weights_processed", False)) or bool(
-        getattr(model.cfg, "layer_norm_folding", False)
-    )
-
-
-def warn_if_processed(model: TransformerLensModel, stacklevel: int = 3) -> None:
-    """Warn that massive-activation values are shifted on a weight-processed model."""
-    if weights_processed(model):
-        warnings.warn(
-            "This model's weights were processed (enable_compatibility_mode / fold_ln / "
-            "centred writing weights): the residual stream has its mean over d_model removed, "
-            "so massive-activation values and medians are shifted. Load with "
-            "massact_lens.load_model(...) and do not call enable_compatibility_mode() to "
-            "measure raw values.",
-            UserWarning,
-            stacklevel=stacklevel,
-        )
-
-
 def model_description(model: TransformerLensModel) -> dict[str, Any]:
     """How a model was loaded, as a plain dict: ``Provenance.of(model).to_dict()``.
 
@@ -213,84 +189,3 @@ def model_description(model: TransformerLensModel) -> dict[str, Any]:
     2
     """
     return Provenance.of(model).to_dict()
-
-
-def _hf_configs(model: TransformerLensModel) -> list[Any]:
-    """The HuggingFace configs whose ``_attn_implementation`` picks the attention kernel."""
-    hf = getattr(model, "original_model", None)
-    config = getattr(hf, "config", None)
-    if config is None or not hasattr(config, "_attn_implementation"):
-        return []
-    out = [config]
-    for name in ("text_config", "vision_config"):
-        sub = getattr(config, name, None)
-        if sub is not None and hasattr(sub, "_attn_implementation"):
-            out.append(sub)
-    return out
-
-
-@contextlib.contextmanager
-def attention_implementation(model: TransformerLensModel, implementation: str) -> Iterator[None]:
-    """Run HuggingFace attention with ``implementation`` ("sdpa", "eager", ...) inside the block.
-
-    :func:`load_model` boots with eager attention so that ``hook_pattern`` is filled;
-    a pass that reads no pattern runs faster with PyTorch's fused kernel. The
-    setting is restored on exit, also when the body raises. Models without a
-    HuggingFace config (``boot_native``) are left as they are.
-
-    >>> from massact_lens.examples import minilm
-    >>> model = minilm()
-    >>> with attention_implementation(model, "sdpa"):
-    ...     model.original_model.config._attn_implementation
-    'sdpa'
-    >>> model.original_model.config._attn_implementation
-    'eager'
-    """
-    configs = _hf_configs(model)
-    before = [c._attn_implementation for c in configs]
-    try:
-        for config in configs:
-            config._attn_implementation = implementation
-        yield
-    finally:
-        for config, value in zip(configs, before, strict=True):
-            config._attn_implementation = value
-
-
-#: Hook points that only eager attention fills.
-_PATTERN_HOOKS = ("hook_pattern", "hook_attn_scores")
-
-
-def reads_attention_pattern(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> bool:
-    """True when ``hook_names``, or a hook already attached to the model, reads an
-    attention pattern or score (which only eager attention computes).
-
-    >>> from massact_lens.examples import minilm
-    >>> reads_attention_pattern(minilm(), ["blocks.0.attn.hook_pattern"]), reads_attention_pattern(minilm())
-    (True, False)
-    """
-    if any(str(name).endswith(_PATTERN_HOOKS) for name in hook_names):
-        return True
-    points = getattr(model, "hook_dict", {})
-    return any(
-        name.endswith(_PATTERN_HOOKS) and (point._forward_hooks or point._forward_pre_hooks)
-        for name, point in points.items()
-    )
-
-
-def fast_attention(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> contextlib.AbstractContextManager[None]:
-    """``attention_implementation(model, "sdpa")`` for passes that read no attention pattern.
-
-    Eager attention stays when ``hook_names`` or a hook already attached to the model
-    reads a pattern or score (:func:`reads_attention_pattern`): the fast kernel never
-    computes them. Set ``MASSACT_LENS_EAGER=1`` to keep eager attention everywhere.
-    """
-    if not wants_fast_attention(model, hook_names):
-        return contextlib.nullcontext()
-    return attention_implementation(model, "sdpa")
-
-
-def wants_fast_attention(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> bool:
-    """What :func:`fast_attention` decides: False when ``MASSACT_LENS_EAGER=1`` or a
-    hook reads an attention pattern (:func:`reads_attention_pattern`)."""
-    return os.environ.get("MASSACT_LENS_EAGER") != "1" and not reads_attention_pattern(model, hook_names)

@@ -24,7 +24,7 @@ from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources.native import boot as boot_native
 
-from massact_lens.explicit_bias import attach_explicit_bias, attach_sink_token
+from massact_lens.models.explicit_bias import attach_explicit_bias, attach_sink_token
 
 __all__ = [
     "BOS_ID",

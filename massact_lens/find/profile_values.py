@@ -17,13 +17,13 @@ scan batches longest first) are scanned alone (a probe, its numbers
 not kept) to learn the dims to follow: the start token carries them (a dim seen only
 later costs a rerun, never a wrong number). Massive dims are few and fixed (the
 paper's finding), so a profile costs about one scan plus one short input. When the
-statistics run beside the forward pass (:mod:`massact_lens.overlap`), a batch's
+statistics run beside the forward pass (:mod:`massact_lens._core.overlap`), a batch's
 findings arrive after the next batch ran: a new dim then reruns both.
 :func:`second_pass_values` is the two-pass way, for a scan made earlier.
 
 >>> import torch
 >>> from massact_lens.examples import tiny_model
->>> from massact_lens.planting import plant_massive_activation
+>>> from massact_lens.models.planting import plant_massive_activation
 >>> from massact_lens import profile
 >>> model = plant_massive_activation(tiny_model(n_layers=3), layer=1, dim=5, value=1000.0)
 >>> tokens = torch.randint(1, 64, (6, 8), generator=torch.Generator().manual_seed(0)); tokens[:, 0] = 0
@@ -43,10 +43,10 @@ from typing import Any
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Inputs
-from massact_lens.batching import Batch, BatchPlan, last_block_hook, plan_batches, run_batches
-from massact_lens.massive import TOKEN_KINDS, MassiveActivations, passes_criterion
-from massact_lens.scan import ScanResult
+from massact_lens._core.types import HookList, Inputs
+from massact_lens._core.batching import Batch, BatchPlan, last_block_hook, plan_batches, run_batches
+from massact_lens.find.criterion import TOKEN_KINDS, MassiveActivations, passes_criterion
+from massact_lens.find.scanner import ScanResult
 
 __all__ = ["CandidateValues", "ValueStat", "second_pass_values"]
 
@@ -178,7 +178,7 @@ PROBE_TOKENS = 64
 
 
 class CandidateValues:
-    """Follows the massive entries in the scan's own pass (a :class:`~massact_lens.scan.BatchFollower`).
+    """Follows the massive entries in the scan's own pass (a :class:`~massact_lens.find.scanner.BatchFollower`).
 
     Keeps, for each (input, position, dim) that passes the criterion at some hook, its
     value at every hook (float32, as read): a few numbers per input, like the scan's
@@ -233,7 +233,7 @@ class CandidateValues:
         """Scan the start of the batch's first input alone and follow its massive dims from the
         first batch on: the first batch then runs again only for dims that start lacks. The
         probe's numbers are not kept (the pass itself measures that input)."""
-        from massact_lens.scan import scan
+        from massact_lens.find.scanner import scan
 
         self.probed = True
         length = min(int(batch.attention_mask[0].sum()), PROBE_TOKENS)

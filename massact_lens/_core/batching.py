@@ -40,9 +40,9 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import HookList, Inputs, model_device
-from massact_lens.fast_paths import lean_components
-from massact_lens.models import attention_implementation, fast_attention, wants_fast_attention
+from massact_lens._core.types import HookList, Inputs, model_device
+from massact_lens._core.fast_paths import lean_components
+from massact_lens._core.fast_paths import attention_implementation, fast_attention, wants_fast_attention
 
 __all__ = [
     "Batch",
@@ -364,7 +364,7 @@ def last_block_hook(hook_names: Iterable[str]) -> str:
     >>> last_block_hook(["blocks.0.ln2.hook_in", "blocks.3.hook_resid_pre"])
     'blocks.3.hook_resid_post'
     """
-    from massact_lens.hook_names import RESID_POST, layer_of
+    from massact_lens._core.hook_names import RESID_POST, layer_of
 
     return RESID_POST.format(layer=max(layer_of(n) for n in hook_names))
 
@@ -402,7 +402,7 @@ def run_batches(
 
     Attention runs PyTorch's fused kernel (SDPA) unless a hook of the batch, or one the
     user attached, reads an attention pattern or score (see
-    :func:`massact_lens.models.fast_attention`); the setting is restored after each batch.
+    :func:`massact_lens.models.load.fast_attention`); the setting is restored after each batch.
 
     ``stop_after``: a hook name (use :func:`last_block_hook`) after which the rest
     of the forward pass is skipped: later blocks, the final norm and the unembedding,

@@ -9,7 +9,7 @@ float32, and warns above 1%.
 
 >>> import torch
 >>> from massact_lens.examples import tiny_model
->>> from massact_lens.planting import plant_massive_activation
+>>> from massact_lens.models.planting import plant_massive_activation
 >>> from massact_lens.scan import scan
 >>> model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=70000.0)
 >>> import warnings
@@ -29,9 +29,9 @@ import pandas as pd
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import Inputs
-from massact_lens.massive import MassiveActivations, find_massive
-from massact_lens.scan import ScanResult, scan
+from massact_lens._core.types import Inputs
+from massact_lens.find.criterion import MassiveActivations, find_massive
+from massact_lens.find.scanner import ScanResult, scan
 
 __all__ = ["FLOAT16_MAX", "check_range", "compare_precision"]
 
@@ -138,7 +138,7 @@ def compare_precision(
 
 
 def _provenance(model: TransformerLensModel):  # noqa: ANN202
-    from massact_lens._types import Provenance
+    from massact_lens._core.types import Provenance
 
     return Provenance.of(model)
 
@@ -152,7 +152,7 @@ def _values_at(
     prepend_bos: bool | None,
 ) -> list[float]:
     """The values of ``model``'s hidden states at the entries of ``found`` (one pass per batch)."""
-    from massact_lens.batching import Batch, last_block_hook, plan_batches, run_batches
+    from massact_lens._core.batching import Batch, last_block_hook, plan_batches, run_batches
 
     wanted: dict[int, list[tuple[int, str, int, int]]] = {}
     for k, r in enumerate(found):

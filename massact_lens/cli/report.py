@@ -33,11 +33,11 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import Provenance, is_causal
+from massact_lens._core.types import Provenance, is_causal
 from massact_lens.attention import attention_concentration, attention_logits, implicit_bias
-from massact_lens.massive import Criterion, MassiveActivations, find_massive
-from massact_lens.profiles import MassiveProfile, profile
-from massact_lens.scan import ScanResult, scan
+from massact_lens.find.criterion import Criterion, MassiveActivations, find_massive
+from massact_lens.find.profiles import MassiveProfile, profile
+from massact_lens.find.scanner import ScanResult, scan
 from massact_lens.viz import labels
 from massact_lens.viz.document import Report, Section
 from massact_lens.viz.figures import (
@@ -155,7 +155,7 @@ def build_report(
         prepend_bos: put BOS / [CLS] first (None: the model's default).
         batch_size, top_k: as in :func:`massact_lens.scan`.
         pairs: paraphrase pairs for an encoder's ablation (``"builtin"``: the 20 of
-            :data:`massact_lens.data.PARAPHRASE_PAIRS`; None: none). A decoder is
+            :data:`massact_lens.examples.sentences.PARAPHRASE_PAIRS`; None: none). A decoder is
             measured by perplexity on the prompts; when BOS is prepended and its
             massive activations sit only on BOS (whose state is the same for every
             input), it is also profiled and ablated as the paper did for LLaMA2:
@@ -483,8 +483,8 @@ def _ablation(run: _Run, report: Report) -> None:
 
 
 def _chosen_pairs(pairs: Sequence[tuple[str, str]] | str | None) -> list[tuple[str, str]] | None:
-    """``"builtin"``: :data:`massact_lens.data.PARAPHRASE_PAIRS`; None: none; else the pairs as strings."""
-    from massact_lens.data import PARAPHRASE_PAIRS
+    """``"builtin"``: :data:`massact_lens.examples.sentences.PARAPHRASE_PAIRS`; None: none; else the pairs as strings."""
+    from massact_lens.examples.sentences import PARAPHRASE_PAIRS
 
     if pairs == "builtin":
         return list(PARAPHRASE_PAIRS)

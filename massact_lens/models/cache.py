@@ -51,7 +51,7 @@ CACHE_ENV = "MASSACT_LENS_CACHE"
 MANIFEST_NAME = "massact_lens_manifest.json"
 #: Version of the folder layout; a folder with another version is rebuilt.
 FORMAT_VERSION = 1
-_FORMAT = "massact_lens.model_cache"
+_FORMAT = "massact_lens.models.cache"
 #: Temporary folders older than this (a killed conversion) are removed by the next build.
 _STALE_SECONDS = 3600
 

@@ -42,7 +42,7 @@ The parameters are registered on ``model.original_model`` under
 ``massact_prefix``, so ``model.parameters()`` (and so any optimizer built from
 it) trains them, and ``model.to(...)`` moves them. ``model.state_dict()`` (the
 bridge's TransformerLens-format dict) does not list them:
-:func:`massact_lens.train.save_checkpoint` writes them next to it.
+:func:`massact_lens.models.checkpoints.save_checkpoint` writes them next to it.
 
 Gotchas
 -------
@@ -75,7 +75,7 @@ Usage
 -----
 >>> import torch
 >>> from massact_lens.examples import tiny_model
->>> from massact_lens.explicit_bias import attach_explicit_bias, detach_prefix
+>>> from massact_lens.models.explicit_bias import attach_explicit_bias, detach_prefix
 >>> model = tiny_model("gpt2", n_layers=2)
 >>> bias = attach_explicit_bias(model, placeholder_id=0)
 >>> tuple(bias.k.shape)                     # layer, key/value head, d_head
@@ -104,7 +104,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint, LensHandle
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens.hook_names import EMBED_OUT, EMBED_TOKENS, attention_hook
+from massact_lens._core.hook_names import EMBED_OUT, EMBED_TOKENS, attention_hook
 
 __all__ = [
     "PREFIX_POSITION",
@@ -320,7 +320,7 @@ def _refuse_second(model: TransformerLensModel) -> None:
     if existing is not None:
         raise ValueError(
             f"This model already has {existing.kind} attached. Call "
-            "massact_lens.explicit_bias.detach_prefix(model) first."
+            "massact_lens.models.explicit_bias.detach_prefix(model) first."
         )
 
 

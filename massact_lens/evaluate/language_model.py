@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._types import Provenance, is_causal
-from massact_lens.batching import Batch, plan_batches, run_batches
+from massact_lens._core.types import Provenance, is_causal
+from massact_lens._core.batching import Batch, plan_batches, run_batches
 from massact_lens.evaluate._hooks import check_hook_list
 from massact_lens.interventions import hook_names_of
-from massact_lens.models import hub_reachable, warn_if_processed
+from massact_lens._core.types import warn_if_processed
+from massact_lens.models.load import hub_reachable
 
 __all__ = ["Corpus", "PerplexityResult", "perplexity"]
 
@@ -71,10 +72,6 @@ class PerplexityResult:
     #: Token losses that were not finite.
     n_nonfinite: int
 
-    @property
-    def model(self) -> Provenance:
-        """The provenance (the name of this field before 0.2; reads like the dict it was)."""
-        return self.provenance
 
     @property
     def finite(self) -> bool:

@@ -73,7 +73,7 @@ def _positive_int(text: str) -> int:
 
 def _criterion(args: argparse.Namespace) -> Any:
     """The criterion the run uses (defaults by --model given or not), checked before any model loads."""
-    from massact_lens._checks import check_threshold
+    from massact_lens._core.checks import check_threshold
 
     short = _short_name(args.model)
     defaults = SMALL_THRESHOLDS.get(short[0], PAPER_THRESHOLDS) if short else PAPER_THRESHOLDS
@@ -134,7 +134,7 @@ def _read_pairs(arg: str | None) -> list[tuple[str, str]] | str | None:
 
 
 def _prompts(path: str | None) -> list[str]:
-    from massact_lens.data import SENTENCES
+    from massact_lens.examples.sentences import SENTENCES
 
     if path is None:
         return list(SENTENCES)
@@ -152,8 +152,8 @@ def _prompts(path: str | None) -> list[str]:
 
 def _load(model_arg: str | None) -> Any:
     from massact_lens import examples
-    from massact_lens.checkpoints import is_checkpoint, load_checkpoint
-    from massact_lens.models import load_model
+    from massact_lens.models.checkpoints import is_checkpoint, load_checkpoint
+    from massact_lens.models.load import load_model
 
     short = _short_name(model_arg)
     if short is not None:
@@ -170,8 +170,8 @@ def _load(model_arg: str | None) -> Any:
 
 def _pairs_for(model: Any, pairs: list[tuple[str, str]] | str | None) -> list[tuple[str, str]] | None:
     """The paraphrase pairs an encoder is judged on; decoders are judged by perplexity instead."""
-    from massact_lens._types import is_causal
-    from massact_lens.data import PARAPHRASE_PAIRS
+    from massact_lens._core.types import is_causal
+    from massact_lens.examples.sentences import PARAPHRASE_PAIRS
 
     if is_causal(model):
         if isinstance(pairs, list):
@@ -240,8 +240,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     prompts = _prompts(args.prompts)
     criterion = _criterion(args)
     _check_output(args.json, "--json")
-    from massact_lens.massive import find_massive
-    from massact_lens.scan import scan
+    from massact_lens.find.criterion import find_massive
+    from massact_lens.find.scanner import scan
 
     model = _load(args.model)
     bos = False if args.no_bos else None
@@ -273,7 +273,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                   f"({dim.max_ratio:.0f}x median), kinds {dim.kinds}, {100 * dim.input_fraction:.0f}% of prompts; {tokens}")
     if args.json:
         _write_json(args.json, {
-            "model": _provenance_json(result.model), "prompts": len(prompts), "min_value": criterion.min_value,
+            "model": _provenance_json(result.provenance), "prompts": len(prompts), "min_value": criterion.min_value,
             "min_ratio": criterion.min_ratio, "layer_stats": stats.to_dict(orient="records"),
             "massive": found.to_dataframe().to_dict(orient="records"),
         })
@@ -285,9 +285,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     given_pairs = _read_pairs(args.pairs)
     criterion = _criterion(args)
     _check_output(args.json, "--json")
-    from massact_lens._types import is_causal
+    from massact_lens._core.types import is_causal
     from massact_lens.evaluate import ablation_table
-    from massact_lens.profiles import profile
+    from massact_lens.find.profiles import profile
 
     model = _load(args.model)
     pairs = _pairs_for(model, given_pairs)
@@ -315,7 +315,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print(table.to_markdown())
     if args.json:
         _write_json(args.json, {
-            "model": _provenance_json(table.model), "prompts": len(prompts), "min_value": criterion.min_value,
+            "model": _provenance_json(table.provenance), "prompts": len(prompts), "min_value": criterion.min_value,
             "min_ratio": criterion.min_ratio, "dims": list(found.massive_dims), "hook_names": table.hook_names,
             "metrics": list(table.metrics), "values": table.values,
         })
@@ -329,7 +329,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not 0 <= args.example < len(prompts):
         raise SystemExit(f"massact: --example must index a prompt (0..{len(prompts) - 1}), not {args.example}.")
     criterion = _criterion(args)
-    from massact_lens.report import build_report
+    from massact_lens.cli.report import build_report
 
     model = _load(args.model)
     pairs = _pairs_for(model, given_pairs)
@@ -377,7 +377,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_table(args: argparse.Namespace) -> int:
-    from massact_lens.checkpoints import is_checkpoint
+    from massact_lens.models.checkpoints import is_checkpoint
 
     bad = [d for d in args.directories if not is_checkpoint(d)]
     if bad:
@@ -416,7 +416,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _training_arguments(parser: argparse.ArgumentParser) -> None:
-    from massact_lens.checkpoints import VARIANTS
+    from massact_lens.models.checkpoints import VARIANTS
     from massact_lens.training import ModelConfig, TrainConfig
 
     parser.add_argument("--variant", choices=VARIANTS, default="default")

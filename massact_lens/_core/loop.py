@@ -1,0 +1,193 @@
+"""The one forward loop, and the one way to extend it: a :class:`Measurement`.
+
+Every pass the library runs over user inputs is :func:`measure` over a
+:class:`~massact_lens._core.batching.BatchPlan` with one or more measurements. A
+measurement is a small object with three methods: the hooks it needs for a batch,
+how a batch's forward pass updates its running state, and the result it produces.
+Several measurements share one forward pass (a profile rides on the scan's pass);
+user hooks that want to know the batch (a token tracker) ride along as
+:class:`UserHooks`.
+
+The loop attaches every hook with ``model.hooks(...)`` for one batch and removes it
+when the batch ends, also when a hook raises; it runs in inference mode, picks fused
+attention unless a hook reads a pattern, and stops each pass after the last block any
+hook reads unless a measurement asks for the model output (``needs_output``).
+
+>>> import torch
+>>> from massact_lens.examples import tiny_model
+>>> from massact_lens._core.batching import plan_batches
+>>> class Lengths:
+...     reads_input_index = True
+...     needs_output = False
+...     def __init__(self): self.seen = {}
+...     def hooks(self, batch): return []
+...     def update(self, batch, output):
+...         self.seen.update(zip(batch.input_indices, batch.lengths.tolist()))
+...     def result(self): return [self.seen[i] for i in sorted(self.seen)]
+>>> model = tiny_model()
+>>> lengths = Lengths()
+>>> measure(model, plan_batches(model, torch.ones(3, 4, dtype=torch.long)), lengths, progress=False)
+3
+>>> lengths.result()
+[4, 4, 4]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens.model_protocol import TransformerLensModel
+
+from massact_lens._core.batching import Batch, BatchPlan
+from massact_lens._core.hook_names import RESID_POST, layer_of
+from massact_lens._core.types import HookList, model_device
+from massact_lens._core.fast_paths import attention_implementation, fast_attention, lean_components, wants_fast_attention
+
+__all__ = ["Measurement", "UserHooks", "last_block_hook", "measure", "reads_input_index"]
+
+
+@runtime_checkable
+class Measurement(Protocol):
+    """What :func:`measure` runs: one kind of measurement over a stream of batches.
+
+    ``reads_input_index`` (class attribute): True when :meth:`update` names a batch's rows
+    by :meth:`Batch.input_index` (never ``batch.start + row``), so the plan may run the
+    inputs longest first. ``needs_output``: True when :meth:`update` reads the model's
+    logits; otherwise each pass stops after the last block a hook reads.
+    """
+
+    reads_input_index: bool
+    needs_output: bool
+
+    def hooks(self, batch: Batch) -> HookList:
+        """The (hook name, function) pairs this measurement needs for ``batch``'s pass."""
+        ...
+
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:
+        """Fold ``batch`` into the running state, after its forward pass (``output``: the
+        logits when ``needs_output``, else None)."""
+        ...
+
+    def result(self) -> Any:
+        """The result, once every batch ran."""
+        ...
+
+
+class UserHooks:
+    """Hooks of your own riding along a pass; each function with a ``before_batch(batch)``
+    method is told the batch before its forward pass (a token tracker learns the padding).
+
+    >>> UserHooks([]).hooks(None), UserHooks([]).result()
+    ([], None)
+    """
+
+    reads_input_index = True
+    needs_output = False
+
+    def __init__(self, fwd_hooks: Iterable[tuple[Any, Any]]) -> None:
+        self.fwd_hooks = list(fwd_hooks)
+
+    def hooks(self, batch: Batch) -> HookList:
+        for _, fn in self.fwd_hooks:
+            before = getattr(fn, "before_batch", None)
+            if callable(before):
+                before(batch)
+        return list(self.fwd_hooks)
+
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:
+        pass
+
+    def result(self) -> None:
+        return None
+
+
+def reads_input_index(*measurements: Any) -> bool:
+    """True when every measurement names its rows by input index (so batches may run longest first)."""
+    return all(bool(getattr(m, "reads_input_index", False)) for m in measurements)
+
+
+def last_block_hook(hook_names: Iterable[str]) -> str:
+    """The block output after which none of ``hook_names`` can fire.
+
+    >>> last_block_hook(["blocks.0.ln2.hook_in", "blocks.3.hook_resid_pre"])
+    'blocks.3.hook_resid_post'
+    """
+    return RESID_POST.format(layer=max(layer_of(n) for n in hook_names))
+
+
+class _StopForward(Exception):
+    """Raised by the stop hook once every hook of the pass has fired."""
+
+
+def _stop(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+    raise _StopForward
+
+
+def _stop_point(hooks: HookList) -> str | None:
+    names = [name for name, _ in hooks]
+    if not names or not all(isinstance(n, str) for n in names):
+        return None
+    try:
+        return last_block_hook(names)
+    except ValueError:  # a hook outside the blocks (embedding, final norm): run it all
+        return None
+
+
+def measure(
+    model: TransformerLensModel,
+    plan: BatchPlan,
+    *measurements: Measurement,
+    progress: bool = True,
+    desc: str = "batches",
+) -> int:
+    """Run every batch of ``plan`` once, under the hooks of all ``measurements``; return the number of inputs.
+
+    For each batch: every measurement's :meth:`~Measurement.hooks`, one forward pass
+    with them attached (removed after, also when a hook raises), then every
+    measurement's :meth:`~Measurement.update`, in the order given (a later one may read
+    what an earlier one just computed).
+    """
+    if not measurements:
+        raise ValueError("measure() needs at least one measurement.")
+    wants_output = any(getattr(m, "needs_output", False) for m in measurements)
+    batches = plan.batches
+    total = len(batches) if isinstance(batches, list) else None
+    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
+    device = model_device(model)
+    decided: dict[tuple[str, ...], bool] = {}
+    seen = 0
+    with torch.inference_mode(), lean_components(model):  # type: ignore[arg-type]
+        for batch in bar:
+            hooks: HookList = [pair for m in measurements for pair in m.hooks(batch)]
+            stop_here = None if wants_output else _stop_point(hooks)
+            if stop_here is not None:
+                hooks = [*hooks, (stop_here, _stop)]
+            tokens = batch.tokens.to(device) if device is not None else batch.tokens
+            out = None
+            with _attention(model, [name for name, _ in hooks], decided), model.hooks(fwd_hooks=hooks), \
+                    contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
+                out = model(tokens, attention_mask=batch.attention_mask.to(tokens.device),  # type: ignore[operator]
+                            return_type="logits" if wants_output else None)
+            for m in measurements:
+                m.update(batch, out)
+            seen += int(batch.tokens.shape[0])
+    return seen
+
+
+def _attention(
+    model: TransformerLensModel, names: Sequence[Any], decided: dict[tuple[str, ...], bool]
+) -> contextlib.AbstractContextManager[None]:
+    """Fused attention for a batch's hook names unless one reads a pattern, decided once
+    per run for the same names; names that are filters are decided every batch."""
+    if not all(isinstance(n, str) for n in names):
+        return fast_attention(model, list(names))
+    key = tuple(names)
+    if key not in decided:
+        if len(decided) >= 64:  # hook names that change every batch: keep memory flat
+            decided.clear()
+        decided[key] = wants_fast_attention(model, list(names))
+    return attention_implementation(model, "sdpa") if decided[key] else contextlib.nullcontext()
