@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "token without it), `delimiter` = punctuation / newline, `other` = any other token. "
         f"Entries among the top {scans['start token'].top_k} of each hidden state. {WEIGHTS}.",
     )
-    dims = sorted({d for f in found.values() for d in f.dims()})
+    dims = sorted({d for f in found.values() for d in f.massive_dims})
     first_layer = first_start_layer(found["no start token"])
     report.table(
         "b_position0",

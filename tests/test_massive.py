@@ -40,7 +40,7 @@ def test_records_and_table(planted, bos_tokens):
     found = ml.find_massive(ml.scan(planted, bos_tokens, progress=False))
     table = found.to_dataframe()
     assert list(table.columns) == ["layer", "hook_name", "input_index", "position", "token", "dim", "value", "ratio", "kind"]
-    assert found.dims() == (5,)
+    assert found.massive_dims == (5,)
     record = found[0]
     assert record.hook_name == f"blocks.{record.layer}.hook_resid_post"
     assert record.token == "0"  # no tokenizer: the id as text

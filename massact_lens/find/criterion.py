@@ -34,15 +34,16 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 
 from massact_lens._core.checks import check_threshold
+from massact_lens._core.types import Provenance
 from massact_lens.find.scanner import ScanResult
 from massact_lens._core.statistics import hidden_state_medians
 
@@ -53,6 +54,7 @@ __all__ = [
     "DimSummary",
     "MassiveActivation",
     "MassiveActivations",
+    "MassiveSet",
     "find_massive",
     "massive_entries",
     "passes_criterion",
@@ -176,6 +178,38 @@ class MassiveActivation:
     kind: str
 
 
+@runtime_checkable
+class MassiveSet(Protocol):
+    """What every set of massive activations offers, whether records of one scan
+    (:class:`MassiveActivations`, ``per_input`` True: tied to that scan's inputs) or a
+    cross-input profile (:class:`~massact_lens.find.profiles.MassiveProfile`). Code that
+    takes either reads these, never ``isinstance`` of one or the other.
+
+    >>> from massact_lens.examples import minilm
+    >>> from massact_lens.find import scan
+    >>> found = find_massive(scan(minilm(), ["Rain fell."], progress=False), 50, 200)
+    >>> isinstance(found, MassiveSet), found.per_input, found.dim_kinds(), found.last_layer()
+    (True, True, ((99, 'start'),), 3)
+    """
+
+    @property
+    def provenance(self) -> Provenance: ...
+    @property
+    def prepend_bos(self) -> bool | None: ...
+    @property
+    def criterion(self) -> Criterion: ...
+    @property
+    def hook_names(self) -> tuple[str, ...]: ...
+    @property
+    def delimiters(self) -> Collection[str]: ...
+    @property
+    def per_input(self) -> bool: ...
+    @property
+    def massive_dims(self) -> tuple[int, ...]: ...
+    def dim_kinds(self) -> tuple[tuple[int, str], ...]: ...
+    def last_layer(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class MassiveActivations(Sequence[MassiveActivation]):
     """The records :func:`find_massive` returns, with the thresholds and the scan they came from."""
@@ -184,6 +218,39 @@ class MassiveActivations(Sequence[MassiveActivation]):
     min_value: float
     min_ratio: float
     scan: ScanResult = field(repr=False)
+    delimiters: frozenset[str] = DELIMITERS
+
+    #: Records are tied to the inputs of one scan (see :class:`MassiveSet`).
+    per_input: ClassVar[bool] = True
+
+    @property
+    def provenance(self) -> Provenance:
+        return self.scan.provenance
+
+    @property
+    def prepend_bos(self) -> bool | None:
+        return self.scan.prepend_bos
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        return self.scan.hook_names
+
+    @property
+    def criterion(self) -> Criterion:
+        return Criterion(self.min_value, self.min_ratio)
+
+    @property
+    def massive_dims(self) -> tuple[int, ...]:
+        """The feature dims that carry at least one massive activation."""
+        return tuple(sorted({r.dim for r in self.records}))
+
+    def dim_kinds(self) -> tuple[tuple[int, str], ...]:
+        """The (dim, token kind) pairs that are massive somewhere, sorted."""
+        return tuple(sorted({(r.dim, r.kind) for r in self.records}))
+
+    def last_layer(self) -> int:
+        """The last layer where an entry is massive (-1: none)."""
+        return max((r.layer for r in self.records), default=-1)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -198,10 +265,6 @@ class MassiveActivations(Sequence[MassiveActivation]):
         """One row per record, columns as the :class:`MassiveActivation` fields."""
         columns = list(MassiveActivation.__dataclass_fields__)
         return pd.DataFrame([asdict(r) for r in self.records], columns=columns)
-
-    def dims(self) -> tuple[int, ...]:
-        """The feature dims that carry at least one massive activation."""
-        return tuple(sorted({r.dim for r in self.records}))
 
     def dim_summaries(self) -> tuple[DimSummary, ...]:
         """Per massive dim: first/last layer, token kinds and texts, how often, how large."""
@@ -263,7 +326,7 @@ def find_massive(
                 kind=token_kind(position, token, delimiters),
             )
         )
-    return MassiveActivations(tuple(records), float(min_value), float(min_ratio), scan_result)
+    return MassiveActivations(tuple(records), float(min_value), float(min_ratio), scan_result, frozenset(delimiters))
 
 
 @dataclass(frozen=True)

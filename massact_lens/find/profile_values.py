@@ -96,7 +96,7 @@ class _Followed:
 
     @classmethod
     def of(cls, found: MassiveActivations) -> _Followed:
-        dims = found.dims()
+        dims = found.massive_dims
         dim_index = {d: i for i, d in enumerate(dims)}
         follow: dict[tuple[int, int, int], int] = {}
         for r in found:

@@ -19,7 +19,7 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 from transformer_lens.model_protocol import TransformerLensModel
@@ -60,10 +60,20 @@ class MassiveProfile:
     stats: tuple[ValueStat, ...]
     delimiters: tuple[str, ...] = tuple(sorted(DELIMITERS))
 
+    #: A profile pools its inputs (see :class:`~massact_lens.find.criterion.MassiveSet`).
+    per_input: ClassVar[bool] = False
+
     @property
     def massive_dims(self) -> tuple[int, ...]:
         return tuple(d.dim for d in self.dims)
 
+    def dim_kinds(self) -> tuple[tuple[int, str], ...]:
+        """The (dim, token kind) pairs that are massive somewhere, sorted."""
+        return tuple(sorted({(d.dim, kind) for d in self.dims for kind in d.kinds}))
+
+    def last_layer(self) -> int:
+        """The last layer where an entry is massive (-1: none)."""
+        return max((d.last_layer for d in self.dims), default=-1)
 
     @property
     def criterion(self) -> Criterion:
