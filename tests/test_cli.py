@@ -194,7 +194,7 @@ def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path):
 
 
 def test_a_line_separator_inside_a_prompt_does_not_split_it(tmp_path, capsys):
-    from massact_lens.cli import _prompts
+    from massact_lens.cli._args import _prompts
 
     path = tmp_path / "prompts.txt"
     path.write_text("first part\u2028second part\nnext prompt\r\n", encoding="utf-8")

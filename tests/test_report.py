@@ -362,7 +362,7 @@ def test_the_reports_profile_from_its_scan_is_the_librarys_profile(minilm_model,
 
 
 def test_the_report_names_the_bundled_models_as_the_command_does():
-    from massact_lens.cli import BUNDLED
-    from massact_lens.viz.labels import BUNDLED_LABELS
+    from massact_lens.cli._args import BUNDLED
+    from massact_lens.viz._labels import BUNDLED_LABELS
 
     assert set(BUNDLED_LABELS.values()) <= set(BUNDLED.values())  # one wording; the labels live in two places

@@ -11,7 +11,7 @@ import pytest
 import torch
 from circuitsvis.utils.render import RenderedHTML
 
-from massact_lens import scan
+from massact_lens import Provenance, scan
 from massact_lens.attention import attention_concentration, attention_logits, implicit_bias
 from massact_lens.evaluate import AblationTable
 from massact_lens.examples import tiny_model
@@ -31,8 +31,8 @@ from massact_lens.viz import (
     tokens_by_activation,
     tokens_by_activation_widget,
 )
-from massact_lens.viz.page import write_atomic
-from massact_lens.viz.widgets import script_json
+from massact_lens.viz._page import write_atomic
+from massact_lens.viz._scripts import script_json
 
 XSS = "</script><script>alert(1)</script>"
 
@@ -154,7 +154,7 @@ def test_sink_and_implicit_bias_figures_carry_their_results(minilm_model, senten
 
 def test_ablation_figure_draws_every_setting_and_writes_inf_as_text():
     table = AblationTable(
-        model={"model_name": "llama-2-7b"},
+        provenance=Provenance("llama-2-7b", "LlamaForCausalLM", 32, 4096, 32, "float16", False),
         profile_dims=(1415, 2533),
         metrics=("perplexity", "accuracy"),
         values={
@@ -279,7 +279,6 @@ def test_viz_views_take_no_model_and_the_report_moved_out(recwarn):
     import inspect
     from pathlib import Path
 
-    import massact_lens.cli.report
     import massact_lens.viz as viz
 
     views = [name for name in viz.__all__ if name.endswith(("_figure", "_widget"))]

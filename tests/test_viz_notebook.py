@@ -10,7 +10,7 @@ from _browser import Chromium
 
 from massact_lens import scan
 from massact_lens.viz import layer_stats_figure, save_html, tokens_by_activation
-from massact_lens.viz.widgets import Widget
+from massact_lens.viz._rendered import Widget
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "The cat slept on the warm windowsill all afternoon."
@@ -35,7 +35,7 @@ def views(minilm_model, sentences):
 
 
 def _outputs(views) -> list[str]:
-    from massact_lens.viz.notebook import NotebookFigure, forget_shown_bundles
+    from massact_lens.viz._notebook import NotebookFigure, forget_shown_bundles
 
     forget_shown_bundles()
     return [v._repr_mimebundle_()["text/html"] if isinstance(v, NotebookFigure) else v._repr_html_() for v in views]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from massact_lens import scan
+from massact_lens import Provenance, scan
 from massact_lens._core.types import Provenance
 from massact_lens.attention import AttentionLogits, implicit_bias
 from massact_lens.evaluate import AblationTable
@@ -25,7 +25,7 @@ from massact_lens.viz import (
     tokens_by_activation,
     tokens_by_activation_widget,
 )
-from massact_lens.viz.widgets import Widget
+from massact_lens.viz._rendered import Widget
 
 TEXT = "The cat slept on the warm windowsill all afternoon."
 
@@ -79,7 +79,7 @@ def test_the_tokens_view_opens_on_the_first_hidden_state_where_something_is_mass
 
 
 def test_wordpiece_pieces_join_their_word_and_words_are_spaced(minilm_model):
-    from massact_lens.viz.scripts import inert_markup
+    from massact_lens.viz._scripts import inert_markup
 
     tokens = tokens_by_activation(minilm_model, TEXT, layers=[0]).props["tokens"]
     assert "".join(tokens) == "[CLS] the cat slept on the warm windowsill all afternoon . [SEP]"
@@ -120,7 +120,7 @@ def _axes(fig) -> dict[str, dict]:
 def test_every_panel_has_axis_titles_and_no_legend_sits_under_the_plot(minilm_model, sentences):
     result = scan(minilm_model, sentences[:2], progress=False)
     split = implicit_bias(tiny_model(), torch.randint(0, 64, (3, 6)), "start", progress=False)
-    table = AblationTable(model={"model_name": "m"}, profile_dims=(1,), metrics=("perplexity", "accuracy"),
+    table = AblationTable(provenance=Provenance("m", "unknown", 1, 4, 1, "float32", False), profile_dims=(1,), metrics=("perplexity", "accuracy"),
                           hook_names={}, details={}, values={"Original": {"perplexity": 18.8, "accuracy": 70.0},
                           "Set to zero": {"perplexity": 2.9e6, "accuracy": 30.0},
                           "Set to mean": {"perplexity": 18.8, "accuracy": 69.0}})

@@ -3,7 +3,7 @@
 :func:`build_report` runs the measurements (where the massive activations are,
 whether they are constant, what attention does with them, what ablating them does)
 and lays out figures, views and tables in a :class:`Report`; ``report.save(path)``
-writes one file that opens offline (:mod:`massact_lens.viz.page`). The sections
+writes one file that opens offline (:mod:`massact_lens.viz._page`). The sections
 are described in docs and in each section's introduction on the page.
 
 >>> from massact_lens.examples import minilm
@@ -38,8 +38,17 @@ from massact_lens.attention import attention_concentration, attention_logits, im
 from massact_lens.find.criterion import Criterion, MassiveActivations, find_massive
 from massact_lens.find.profiles import MassiveProfile, profile
 from massact_lens.find.scanner import ScanResult, scan
-from massact_lens.viz import labels
-from massact_lens.viz.document import Report, Section
+from massact_lens.viz import _labels as labels
+from massact_lens.viz._document import Report, Section
+from massact_lens.viz._labels import hook_ranges, model_short_name
+from massact_lens.viz._page import Collapsed, Glossary, format_value, package_version
+from massact_lens.viz._tables import (
+    constancy_summary,
+    constancy_table,
+    glossary,
+    layer_table,
+    massive_dims_table,
+)
 from massact_lens.viz.figures import (
     ablation_figure,
     attention_logits_figure,
@@ -49,15 +58,6 @@ from massact_lens.viz.figures import (
     layer_stats_figure,
 )
 from massact_lens.viz.hidden import hidden_states
-from massact_lens.viz.labels import hook_ranges, model_short_name
-from massact_lens.viz.page import Collapsed, Glossary, format_value, package_version
-from massact_lens.viz.tables import (
-    constancy_summary,
-    constancy_table,
-    glossary,
-    layer_table,
-    massive_dims_table,
-)
 from massact_lens.viz.widgets import (
     SCALE_QUANTILE,
     attention_heads_widget,
@@ -148,7 +148,7 @@ def build_report(
             ablation) evaluated; the attention analyses use the first
             ``attention_prompts``; the single-input views use ``prompts[example]``.
         model_label: how the model is named in the report (default:
-            :func:`massact_lens.viz.labels.model_label`: a bundled model by its label,
+            :func:`massact_lens.viz._labels.model_label`: a bundled model by its label,
             a folder by its name, never the install path).
         min_value, min_ratio: the criterion (:func:`massact_lens.find_massive`).
             The paper's 100 / 1000 suit 4,096-dim LLMs; MiniLM needs 50 / 200.

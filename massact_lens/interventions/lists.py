@@ -167,7 +167,7 @@ def check_profile_matches(model: TransformerLensModel, profile: MassiveProfile) 
     if not isinstance(profile, MassiveProfile):
         raise TypeError(f"profile must be a MassiveProfile (massact_lens.profile(...)), not {type(profile).__name__}.")
     mine = Provenance.of(model)
-    theirs = getattr(profile, "provenance", None) or profile.model
+    theirs = profile.provenance
     shape = (_field(theirs, "n_layers"), _field(theirs, "d_model"))
     if shape != (mine.n_layers, mine.d_model):
         raise ValueError(

@@ -35,15 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "CACHE_ENV",
-    "FORMAT_VERSION",
-    "MANIFEST_NAME",
-    "cache_dir",
-    "file_sha256",
-    "folder_problem",
-    "hf_folder_from_gguf",
-]
+__all__ = ["cache_dir", "hf_folder_from_gguf"]
 
 #: Environment variable that sets the cache folder.
 CACHE_ENV = "MASSACT_LENS_CACHE"

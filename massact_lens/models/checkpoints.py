@@ -26,21 +26,7 @@ from transformer_lens.model_bridge.sources.native import boot as boot_native
 
 from massact_lens.models.explicit_bias import attach_explicit_bias, attach_sink_token
 
-__all__ = [
-    "BOS_ID",
-    "CHECKPOINTS",
-    "FORMAT",
-    "PLACEHOLDERS",
-    "SPECIAL_TOKENS",
-    "VARIANTS",
-    "build_model",
-    "is_checkpoint",
-    "load_checkpoint",
-    "read_config",
-    "save_checkpoint",
-    "set_tokenizer",
-    "write_tokenizer",
-]
+__all__ = ["CHECKPOINTS", "VARIANTS", "is_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 #: The attention variants a model can be trained in.
 VARIANTS: tuple[str, ...] = ("default", "sink_token", "explicit_bias")

@@ -107,14 +107,11 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core.hook_names import EMBED_OUT, EMBED_TOKENS, attention_hook
 
 __all__ = [
-    "PREFIX_POSITION",
     "ExplicitAttentionBias",
     "SinkToken",
     "attach_explicit_bias",
     "attach_sink_token",
     "detach_prefix",
-    "first_token_position",
-    "prefix_component",
 ]
 
 #: The sequence position that holds the bias slot or the sink token.

@@ -10,6 +10,7 @@ The ``massact report`` page is :mod:`massact_lens.cli.report`.
 True
 """
 
+from massact_lens.viz._page import save_html
 from massact_lens.viz.figures import (
     ablation_figure,
     attention_logits_figure,
@@ -19,7 +20,6 @@ from massact_lens.viz.figures import (
     layer_stats_figure,
 )
 from massact_lens.viz.hidden import HiddenStates, hidden_states
-from massact_lens.viz.page import save_html
 from massact_lens.viz.widgets import (
     Widget,
     attention_heads,

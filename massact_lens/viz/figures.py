@@ -26,19 +26,17 @@ from plotly.subplots import make_subplots
 from massact_lens.attention import AttentionConcentration, AttentionLogits, ImplicitBias
 from massact_lens.evaluate import AblationTable
 from massact_lens.find.scanner import ScanResult
+from massact_lens.viz._labels import display_token, layer_labels, model_short_name, short_hook_name
+from massact_lens.viz._notebook import NotebookFigure
 from massact_lens.viz.hidden import HiddenStates
-from massact_lens.viz.labels import display_token, layer_labels, model_short_name, short_hook_name
-from massact_lens.viz.notebook import NotebookFigure
 
 __all__ = [
     "ablation_figure",
     "attention_logits_figure",
     "attention_sink_figure",
-    "display_token",
     "hidden_state_figure",
     "implicit_bias_figure",
     "layer_stats_figure",
-    "short_hook_name",
 ]
 
 _TEMPLATE = "plotly_white"
@@ -90,7 +88,7 @@ def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Fi
                 error_y={"type": "data", "array": stats["top1_std"].tolist(), "visible": True} if name == "top 1" else None,
             )
         )
-    model = model_short_name(result.model)
+    model = model_short_name(result.provenance)
     fig.update_layout(
         template=_TEMPLATE,
         title=title or f"Largest |activation| vs median per hidden state ({html.escape(model)}, {result.n_inputs} inputs)",
@@ -377,8 +375,10 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
     panel whose positive values span more than 100x (a perplexity that explodes)
     has a log y axis, so the small bars stay visible.
 
+    >>> from massact_lens import Provenance
     >>> from massact_lens.evaluate import AblationTable
-    >>> llama2 = AblationTable(model={"model_name": "LLaMA2-7B"}, profile_dims=(1415, 2533),
+    >>> llama2 = AblationTable(provenance=Provenance("LLaMA2-7B", "LlamaForCausalLM", 32, 4096, 32, "float16", False),
+    ...     profile_dims=(1415, 2533),
     ...     metrics=("WikiText ppl",), hook_names={}, details={}, values={"Original": {"WikiText ppl": 5.47},
     ...     "Set to zero": {"WikiText ppl": float("inf")}, "Set to mean": {"WikiText ppl": 5.47}})
     >>> fig = ablation_figure(llama2)                       # the paper's Table 3 numbers
@@ -417,7 +417,7 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
             fig.update_yaxes(type="log", range=[bottom - 1.0, top + 0.6], row=1, col=j)  # small bars a decade tall
         elif finite and max(finite) > 0:
             fig.update_yaxes(type="linear", range=[0, max(finite) * 1.18], row=1, col=j)
-    model = model_short_name(table.model)
+    model = model_short_name(table.provenance)
     fig.update_xaxes(title_text="setting")
     fig.update_layout(
         template=_TEMPLATE,

@@ -26,11 +26,10 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import HookList, Provenance
 from massact_lens._core.batching import Batch, plan_batches, run_batches, token_strings
 from massact_lens._core.hook_names import layer_of, resolve_hook_names
+from massact_lens._core.types import HookList, Provenance, warn_if_processed
 from massact_lens.find.criterion import Criterion
-from massact_lens._core.types import warn_if_processed
 
 __all__ = ["VIEW_CRITERIA", "HiddenStates", "given_criterion", "hidden_states"]
 
@@ -58,7 +57,7 @@ class HiddenStates:
     """The full hidden states of one input at some hook points.
 
     Attributes:
-        provenance: the model that was read (``.model`` is the same, for older code).
+        provenance: the model that was read.
         hook_names: the hook points read, in forward order; ``layers`` their blocks.
         prepend_bos: BOS / [CLS] prepended (None: a token tensor used as given).
         tokens: the token strings; ``token_ids`` the ids.

@@ -2,7 +2,7 @@
 
 :func:`massact_lens.cli.report.build_report` fills one with the paper's story; any code
 can build one by hand. ``to_html()`` is one self-contained document
-(:func:`massact_lens.viz.page.html_document`), ``save(path)`` writes it atomically.
+(:func:`massact_lens.viz._page.html_document`), ``save(path)`` writes it atomically.
 
 >>> report = Report("Mine")
 >>> _ = report.section("Where?").add_table(__import__("pandas").DataFrame({"layer": range(20)}), "layers")
@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from massact_lens.viz.page import (
+from massact_lens.viz._page import (
     Collapsed,
     Item,
     anchor,

@@ -1,6 +1,6 @@
 """JavaScript that may sit inline in a page: escaped JSON, and the two libraries the views draw with.
 
-Pages (:mod:`massact_lens.viz.page`) and notebook outputs (:mod:`massact_lens.viz.notebook`)
+Pages (:mod:`massact_lens.viz._page`) and notebook outputs (:mod:`massact_lens.viz._notebook`)
 inline plotly.js and circuitsvis's bundle instead of loading them from a CDN; these
 helpers make that text safe inside a ``<script>`` element.
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from massact_lens.find.criterion import MassiveActivations
 from massact_lens.find.profiles import MassiveProfile
-from massact_lens.viz.labels import hook_ranges, number_ranges
+from massact_lens.viz._labels import hook_ranges, number_ranges
 
 __all__ = ["GLOSSARY", "constancy_summary", "constancy_table", "glossary", "layer_table", "massive_dims_table"]
 

@@ -30,8 +30,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from circuitsvis.utils.render import RenderedHTML
 
-from massact_lens.viz.scripts import circuitsvis_bundle, plotly_bundle, script_json
-from massact_lens.viz.widgets import Widget
+from massact_lens.viz._rendered import Widget
+from massact_lens.viz._scripts import circuitsvis_bundle, plotly_bundle, script_json
 
 __all__ = [
     "Collapsed",

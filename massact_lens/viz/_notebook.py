@@ -30,7 +30,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from massact_lens.viz.scripts import circuitsvis_bundle, plotly_bundle, script_json
+from massact_lens.viz._scripts import circuitsvis_bundle, plotly_bundle, script_json
 
 __all__ = ["NotebookFigure", "forget_shown_bundles", "static_summary", "widget_output"]
 
@@ -58,7 +58,7 @@ def _wait_then(global_name: str, element_id: str, body: str) -> str:
     """A script that runs ``body`` once ``window[global_name]`` exists (an earlier output defines it)."""
     missing = (
         f"This view needs {global_name}, which the first view of this Python session put into its output. "
-        "Re-run that cell, or call massact_lens.viz.notebook.forget_shown_bundles() and re-run this one."
+        "Re-run that cell, or call massact_lens.viz._notebook.forget_shown_bundles() and re-run this one."
     )
     return (
         "<script>(function () {\n"
