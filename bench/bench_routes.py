@@ -135,8 +135,8 @@ FIELDS = ("values", "positions", "dims", "medians")
 
 
 def _statistics_module() -> Any:
-    """massact_lens/statistics.py itself, loaded without the package (and TransformerLens)."""
-    spec = importlib.util.spec_from_file_location("_massact_statistics", ROOT / "massact_lens" / "statistics.py")
+    """massact_lens/_core/statistics.py itself, loaded without the package (and TransformerLens)."""
+    spec = importlib.util.spec_from_file_location("_massact_statistics", ROOT / "massact_lens" / "_core" / "statistics.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

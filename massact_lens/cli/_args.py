@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,26 @@ def markdown_table(frame: Any) -> str:
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def _chosen_pairs(pairs: Sequence[tuple[str, str]] | str | None) -> list[tuple[str, str]] | None:
+    """``"builtin"``: :data:`massact_lens.examples.sentences.PARAPHRASE_PAIRS`; None: none; else the pairs as strings."""
+    from massact_lens.examples.sentences import PARAPHRASE_PAIRS
+
+    if pairs == "builtin":
+        return list(PARAPHRASE_PAIRS)
+    if pairs is None or isinstance(pairs, str):
+        return None
+    return [(str(a), str(b)) for a, b in pairs]
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string: wrap it in a list.")
+    out = list(prompts)
+    if not out:
+        raise ValueError("No prompts: pass at least one string.")
+    bad = [i for i, p in enumerate(out) if not isinstance(p, str) or not p]
+    if bad:
+        raise ValueError(f"Prompts {bad[:5]} are not non-empty strings.")
+    return out

@@ -35,6 +35,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.types import Provenance, is_causal
 from massact_lens.attention import attention_concentration, attention_logits, implicit_bias
+from massact_lens.cli._args import _check_prompts, _chosen_pairs
 from massact_lens.find.criterion import Criterion, MassiveActivations, find_massive
 from massact_lens.find.profiles import MassiveProfile, profile
 from massact_lens.find.scanner import ScanResult, scan
@@ -480,26 +481,3 @@ def _ablation(run: _Run, report: Report) -> None:
                 "In a causal model the BOS state is the same for every input, so 'set to mean' at BOS is the identity "
                 "(the paper ran LLaMA2 without BOS; here nothing is massive without BOS)."
             )
-
-
-def _chosen_pairs(pairs: Sequence[tuple[str, str]] | str | None) -> list[tuple[str, str]] | None:
-    """``"builtin"``: :data:`massact_lens.examples.sentences.PARAPHRASE_PAIRS`; None: none; else the pairs as strings."""
-    from massact_lens.examples.sentences import PARAPHRASE_PAIRS
-
-    if pairs == "builtin":
-        return list(PARAPHRASE_PAIRS)
-    if pairs is None or isinstance(pairs, str):
-        return None
-    return [(str(a), str(b)) for a, b in pairs]
-
-
-def _check_prompts(prompts: Sequence[str]) -> list[str]:
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string: wrap it in a list.")
-    out = list(prompts)
-    if not out:
-        raise ValueError("No prompts: pass at least one string.")
-    bad = [i for i, p in enumerate(out) if not isinstance(p, str) or not p]
-    if bad:
-        raise ValueError(f"Prompts {bad[:5]} are not non-empty strings.")
-    return out
