@@ -25,7 +25,12 @@ from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook, is_post_norm, resolve_hook_names
 from massact_lens._core.types import HookList, Provenance, model_device
 from massact_lens.attention.keys import fit_width, key_mask
-from massact_lens.interventions.positions import PositionRule, RunContext, WhereMassive, in_any_order
+from massact_lens.interventions.positions import (
+    PositionRule,
+    RunContext,
+    WhereMassive,
+    in_any_order,
+)
 
 
 def check_layers(model: TransformerLensModel, layers: Sequence[int] | None, kinds: Sequence[str]) -> tuple[int, ...]:

@@ -21,7 +21,15 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook
 from massact_lens._core.loop import measure
-from massact_lens._core.results import Keep, KeptInputs, StreamedResult, add_sums, check_keep, keep_limit, merge_kept
+from massact_lens._core.results import (
+    Keep,
+    KeptInputs,
+    StreamedResult,
+    add_sums,
+    check_keep,
+    keep_limit,
+    merge_kept,
+)
 from massact_lens._core.types import HookList, Inputs, is_causal
 from massact_lens.attention._passes import (
     KeyedFields,
