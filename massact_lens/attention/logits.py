@@ -100,8 +100,9 @@ def attention_logits(
     models whose ``hook_q`` precedes the rotation) they are ``log(hook_pattern)``
     centred per query, which differs from the logits by a per-query constant only.
 
-    Cost: one forward pass; caches ``hook_pattern``, ``hook_attn_scores``,
-    ``hook_q`` and ``hook_k`` of the chosen layers for this input.
+    Cost: one forward pass, stopped after the last chosen layer; caches
+    ``hook_pattern``, ``hook_attn_scores``, ``hook_q`` and ``hook_k`` of the chosen
+    layers for this input.
 
     >>> from massact_lens.examples import minilm
     >>> heat = attention_logits(minilm(), "The cat sat.", layers=[2])
