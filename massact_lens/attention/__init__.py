@@ -22,7 +22,6 @@ torch.Size([3, 2, 4])
 True
 """
 
-from massact_lens._core.types import HookList
 from massact_lens.attention.concentration import AttentionConcentration, attention_concentration
 from massact_lens.attention.decomposition import ImplicitBias, implicit_bias
 from massact_lens.attention.features import GROUPS, TokenFeatures, token_features
@@ -34,7 +33,6 @@ __all__ = [
     "TOKEN_RULES",
     "AttentionConcentration",
     "AttentionLogits",
-    "HookList",
     "ImplicitBias",
     "MassiveTokens",
     "Positions",

@@ -1,8 +1,10 @@
-"""Shared forward plumbing of the attention measurements: checks, one pass per batch, helpers.
+"""Shared plumbing of the attention measurements: checks, the key set of each batch, helpers.
 
-:func:`run_passes` runs each batch once with the measurement's hooks and, for
-key sets that read the residual stream (:class:`~massact_lens.interventions.WhereMassive`),
-hooks that record where they pass, then hands each batch and its C to ``finish``.
+Every attention pass is :func:`~massact_lens._core.loop.measure` over two
+measurements: :class:`KeyPositions` (C of each batch; for key sets that read the
+residual stream, :class:`~massact_lens.interventions.WhereMassive`, hooks that
+record where they pass) and, after it, the attention measurement, which reads
+that C in its own ``update``.
 
 >>> from massact_lens.examples import tiny_model
 >>> check_layers(tiny_model(), [1, 0], ("pattern",))
@@ -13,16 +15,22 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import HookList, model_device
-from massact_lens.attention.keys import fit_width, key_mask
-from massact_lens._core.batching import LAST_READ, Batch, BatchPlan, run_batches
+from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook, is_post_norm, resolve_hook_names
-from massact_lens.interventions.positions import PositionRule, RunContext, WhereMassive
+from massact_lens._core.types import HookList, Provenance, model_device
+from massact_lens.attention.keys import fit_width, key_mask
+from massact_lens.interventions.positions import (
+    PositionRule,
+    RunContext,
+    WhereMassive,
+    in_any_order,
+)
 
 
 def check_layers(model: TransformerLensModel, layers: Sequence[int] | None, kinds: Sequence[str]) -> tuple[int, ...]:
@@ -142,60 +150,127 @@ def centred_logits(
     return centred, ok, source
 
 
-def run_passes(
-    model: TransformerLensModel,
-    plan: BatchPlan,
-    rule: PositionRule,
-    layer_hooks: Callable[[Batch], HookList],
-    finish: Callable[[Batch, torch.Tensor], None],
-    *,
-    progress: bool,
-    desc: str,
-) -> int:
-    """One forward pass per batch under the key set's and the measurement's hooks.
+class KeyPositions:
+    """The key set C of every batch: a :class:`~massact_lens._core.loop.Measurement` that
+    runs first in each attention pass, so that the attention measurement after it reads
+    C of the same batch (:attr:`c_mask`, :attr:`batch`) in its own ``update``.
 
-    ``finish(batch, c_mask)`` runs after each pass, when C is known: a
-    :class:`~massact_lens.interventions.WhereMassive` leaf of ``rule`` is the union,
-    over its hook points, of the positions where it passes in this very pass.
+    A :class:`~massact_lens.interventions.WhereMassive` leaf of the rule reads the
+    residual stream of this very pass: C holds the positions where it passes at any
+    of its hook points. :meth:`result` is ``|C|`` summed over every input.
+
+    >>> import torch
+    >>> from massact_lens.examples import tiny_model
+    >>> from massact_lens._core.batching import plan_batches
+    >>> from massact_lens._core.loop import measure
+    >>> from massact_lens.attention.keys import as_rule
+    >>> model = tiny_model()
+    >>> keys = KeyPositions(model, as_rule(model, [0, 2], None))
+    >>> measure(model, plan_batches(model, torch.ones(3, 4, dtype=torch.long)), keys, progress=False)
+    3
+    >>> keys.c_mask.tolist()[0], keys.result()
+    ([True, False, True, False], 6)
     """
-    device = model_device(model)
-    leaves = tuple(dict.fromkeys(leaf for leaf in rule.leaves() if isinstance(leaf, WhereMassive)))
-    points = {leaf: leaf.key_hooks(model) for leaf in leaves}
-    found: dict[PositionRule, torch.Tensor] = {}
 
-    def make_hooks(batch: Batch) -> HookList:
-        on_device = batch.to(device)
+    needs_output = False
+
+    def __init__(self, model: TransformerLensModel, rule: PositionRule) -> None:
+        self.rule = rule
+        self.reads_input_index = in_any_order(rule)
+        self.device = model_device(model)
+        leaves = tuple(dict.fromkeys(leaf for leaf in rule.leaves() if isinstance(leaf, WhereMassive)))
+        self.points = {leaf: leaf.key_hooks(model) for leaf in leaves}
+        self.found: dict[PositionRule, torch.Tensor] = {}
+        #: The batch of the pass in progress, on the model's device.
+        self.batch: Batch | None = None
+        #: C of that batch, ``[batch, pos]`` (real positions only), once its pass ran.
+        self.c_mask: torch.Tensor | None = None
+        self._count: torch.Tensor | int = 0
+
+    def hooks(self, batch: Batch) -> HookList:
+        self.batch = on_device = batch.to(self.device)
         width = int(on_device.tokens.shape[1])
-        ctx = RunContext(torch.arange(width, device=device)[None], on_device.tokens, on_device.attention_mask, on_device)
-        hooks: HookList = []
-        for leaf in leaves:
-            found[leaf] = torch.zeros(on_device.tokens.shape, dtype=torch.bool, device=device)
+        ctx = RunContext(torch.arange(width, device=self.device)[None], on_device.tokens, on_device.attention_mask,
+                         on_device)
+        self.found = {leaf: torch.zeros(on_device.tokens.shape, dtype=torch.bool, device=self.device)
+                      for leaf in self.points}
+        return [(name, self._reader(leaf, ctx)) for leaf, names in self.points.items() for name in names]
 
-            def read(activation: torch.Tensor, hook: Any = None, leaf: WhereMassive = leaf) -> None:  # noqa: ARG001
-                found[leaf] |= leaf.select(activation, None, ctx).any(dim=-1)
+    def _reader(self, leaf: WhereMassive, ctx: RunContext) -> Callable[..., None]:
+        def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
+            self.found[leaf] |= leaf.select(activation, None, ctx).any(dim=-1)
 
-            hooks += [(name, read) for name in points[leaf]]
-        return hooks + layer_hooks(on_device)
+        return read
 
-    def after_batch(batch: Batch) -> None:
-        on_device = batch.to(device)
-        finish(on_device, key_mask(rule, on_device, found).to(device))
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:  # noqa: ARG002
+        assert self.batch is not None
+        self.c_mask = key_mask(self.rule, self.batch, self.found).to(self.device)
+        self._count = self._count + self.c_mask.sum()
 
-    return run_batches(model, plan, make_hooks, progress=progress, desc=desc, after_batch=after_batch,
-                       stop_after=LAST_READ)
+    def result(self) -> int:
+        """``|C|`` over every input (real key positions only)."""
+        return int(self._count)
 
-
-def warn_empty(n_positions: torch.Tensor, description: str) -> None:
-    if int(n_positions.sum()) == 0:
-        warnings.warn(
-            f"The position rule {description} selected no key position in any input: C is empty, "
-            "so every C statistic is zero or NaN. Lower the thresholds or choose other positions.",
-            UserWarning,
-            stacklevel=3,
-        )
+    def warn_if_empty(self) -> None:
+        """UserWarning when C held no key position in any input (every C statistic is then zero or NaN)."""
+        if self.result() == 0:
+            warnings.warn(
+                f"The position rule {self.rule.describe()} selected no key position in any input: C is empty, "
+                "so every C statistic is zero or NaN. Lower the thresholds or choose other positions.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def detached(t: torch.Tensor) -> torch.Tensor:
     """A normal (non-inference) CPU tensor, usable with autograd and in-place ops later."""
     return t.detach().cpu().clone()
 
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyedFields:
+    """The fields every attention result over a key set adds to its :class:`~massact_lens._core.results.Result` base."""
+
+    #: The key set that defined C (its description).
+    positions: str
+    #: BOS / [CLS] prepended to strings (None: token tensors as given).
+    prepend_bos: bool | None
+
+
+class KeyedMeasurement:
+    """The base of the attention measurements: reads C of each batch from the
+    :class:`KeyPositions` that runs before it in the same pass.
+
+    A subclass gives :meth:`hooks`, :meth:`add` (one batch, on the model's device,
+    with its C) and ``result()``; :meth:`base_fields` are the result's fields that
+    every attention result shares.
+    """
+
+    reads_input_index = True  # rows are named by batch.input_indices
+    needs_output = False
+
+    def __init__(self, model: TransformerLensModel, plan: BatchPlan, keys: KeyPositions, layers: tuple[int, ...]) -> None:
+        self.model = model
+        self.keys = keys
+        self.layers = layers
+        self.device = keys.device
+        self.prepend_bos = plan.prepend_bos
+        self.n_inputs = 0
+
+    def hooks(self, batch: Batch) -> HookList:
+        raise NotImplementedError
+
+    def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
+        """Fold one batch (on the model's device) and its C into the running state."""
+        raise NotImplementedError
+
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:  # noqa: ARG002
+        assert self.keys.batch is not None and self.keys.c_mask is not None, "KeyPositions must run first"
+        self.add(self.keys.batch, self.keys.c_mask)
+        self.n_inputs += int(batch.tokens.shape[0])
+
+    def base_fields(self) -> dict[str, Any]:
+        """``provenance``, ``layers``, ``n_inputs``, ``positions``, ``prepend_bos`` of the result."""
+        return {"provenance": Provenance.of(self.model), "layers": self.layers, "n_inputs": self.n_inputs,
+                "positions": self.keys.rule.describe(), "prepend_bos": self.prepend_bos}

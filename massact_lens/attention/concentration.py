@@ -18,28 +18,30 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import HookList, Inputs, Provenance, is_causal
+from massact_lens._core.batching import Batch, BatchPlan
+from massact_lens._core.hook_names import attention_hook
+from massact_lens._core.loop import measure
+from massact_lens._core.results import (
+    Keep,
+    KeptInputs,
+    StreamedResult,
+    add_sums,
+    check_keep,
+    keep_limit,
+    merge_kept,
+)
+from massact_lens._core.types import HookList, Inputs, is_causal
 from massact_lens.attention._passes import (
+    KeyedFields,
+    KeyedMeasurement,
+    KeyPositions,
     allowed_keys,
     centred_logits,
     check_layers,
     detached,
     real_keys,
-    run_passes,
-    warn_empty,
-)
-from massact_lens._core.results import (
-    Keep,
-    KeptInputs,
-    add_sums,
-    check_keep,
-    check_parts,
-    keep_limit,
-    merge_kept,
 )
 from massact_lens.attention.keys import Positions, fit_width, keyed_plan
-from massact_lens._core.batching import Batch
-from massact_lens._core.hook_names import attention_hook
 
 __all__ = ["AttentionConcentration", "attention_concentration"]
 
@@ -49,34 +51,37 @@ _KEPT: dict[str, int | None] = {"mass": None, "uniform_mass": None, "logit_gap":
 
 
 @dataclass(frozen=True)
-class AttentionConcentration:
+class AttentionConcentration(StreamedResult, KeyedFields):
     """Attention mass on the key positions C per layer and head: over every input, and per input.
 
     Running sums over **every** input (``sums``; what :meth:`sink_scores`,
     :meth:`layer_mass`, :attr:`mean_mass` read and :meth:`merge` adds) and the
     per-input rows (``mass``, ``uniform_mass``, ``logit_gap``, ``n_positions``,
     ``lengths``) of the **first** ``n_kept`` inputs (``keep``).
+
+    :meth:`merge` (measurements of consecutive slices of a corpus, in order): the
+    sums add (minima take the minimum) and the kept rows concatenate up to
+    ``keep``: the result of one run over the concatenated inputs, to float
+    rounding. The parts must come from the same model, layers, key set, hooks,
+    BOS setting and ``keep`` (ValueError otherwise).
+
+    >>> import torch
+    >>> from massact_lens.examples import tiny_model
+    >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
+    >>> parts = [attention_concentration(model, t, progress=False) for t in (tokens[:1], tokens[1:])]
+    >>> merged = AttentionConcentration.merge(parts)
+    >>> merged.n_inputs, merged.mass.shape
+    (4, torch.Size([4, 2, 4]))
     """
 
-    #: The model as it was when it ran.
-    provenance: Provenance
-    #: The layers measured, ``n_heads`` heads each.
-    layers: tuple[int, ...]
+    #: Heads per layer measured (``layers``).
     n_heads: int
-    #: The key set that defined C (its description).
-    positions: str
-    #: BOS / [CLS] prepended to strings (None: token tensors as given).
-    prepend_bos: bool | None
     #: The hook points read.
     hook_names: tuple[str, ...]
     #: Per layer, where the logits came from: ``"hook_attn_scores"`` (real
     #: pre-softmax scores) or ``"log(hook_pattern)"`` (equal up to a per-query
     #: constant, which the logit gap does not depend on).
     logit_source: tuple[str, ...]
-    #: How many inputs were measured (the sums cover all of them).
-    n_inputs: int
-    #: How many inputs keep their rows: a count (the first ones) or ``"all"``.
-    keep: Keep
     #: Per kept input, the mean over its real queries of the attention probability on C.
     mass: Float[torch.Tensor, "n_kept layer head_index"]
     #: What uniform attention over each query's visible keys would put on C (kept inputs).
@@ -177,25 +182,10 @@ class AttentionConcentration:
             }
         )
 
+    merge_same = ("layers", "n_heads", "positions", "prepend_bos", "hook_names", "logit_source", "keep")
+
     @classmethod
-    def merge(cls, parts: Sequence[AttentionConcentration]) -> AttentionConcentration:
-        """One result from measurements of consecutive slices of a corpus, in order.
-
-        The sums add (minima take the minimum) and the kept rows concatenate up to
-        ``keep``: the result of one run over the concatenated inputs, to float
-        rounding. The parts must come from the same model, layers, key set, hooks,
-        BOS setting and ``keep`` (ValueError otherwise).
-
-        >>> import torch
-        >>> from massact_lens.examples import tiny_model
-        >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
-        >>> parts = [attention_concentration(model, t, progress=False) for t in (tokens[:1], tokens[1:])]
-        >>> merged = AttentionConcentration.merge(parts)
-        >>> merged.n_inputs, merged.mass.shape
-        (4, torch.Size([4, 2, 4]))
-        """
-        parts = check_parts(parts, cls, ("layers", "n_heads", "positions", "prepend_bos", "hook_names",
-                                         "logit_source", "keep"))
+    def _merged(cls, parts: list[AttentionConcentration]) -> AttentionConcentration:
         first = parts[0]
         rows = [(p.n_inputs, {name: getattr(p, name) for name in _KEPT} | {"attention_mask": p.lengths[:, None]})
                 for p in parts]
@@ -260,70 +250,79 @@ def attention_concentration(
     chosen = check_layers(model, layers, ("pattern",))
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
                             prepend_bos=prepend_bos, by_length=by_length)
-    causal = is_causal(model)
-    has_scores = all(attention_hook("scores", layer) in model.hook_dict for layer in chosen)  # type: ignore[attr-defined]
-    pending: dict[int, dict[str, Any]] = {}
-    reduced: dict[int, dict[str, torch.Tensor]] = {}
-    sources: dict[int, str] = {}
-    n_layers, n_heads = len(chosen), int(model.cfg.n_heads)
-    sums = {name: torch.zeros(n_layers, n_heads, dtype=torch.float64) for name in ("mass", "mass_sq", "gap", "gap_n")}
-    sums["mass_min"] = torch.full((n_layers, n_heads), math.inf, dtype=torch.float64)
-    sums |= {name: torch.zeros((), dtype=torch.float64) for name in ("uniform", "n_positions", "lengths")}
-    kept = KeptInputs(keep_limit(keep), _KEPT)
-    seen = [0]
+    keys = KeyPositions(model, rule)
+    sinks = _Concentration(model, plan, keys, chosen, keep)
+    measure(model, plan, keys, sinks, progress=progress, desc="attention")
+    keys.warn_if_empty()
+    return sinks.result()
 
-    def reduce(layer: int, real: torch.Tensor) -> None:
-        slot = pending.pop(layer)
+
+class _Concentration(KeyedMeasurement):
+    """The measurement behind :func:`attention_concentration`: per layer, ``hook_pattern``
+    (and ``hook_attn_scores``) reduced at once to ``[batch, head, key_pos]`` sums, read
+    against C once the pass ends."""
+
+    def __init__(self, model: TransformerLensModel, plan: BatchPlan, keys: KeyPositions, layers: tuple[int, ...],
+                 keep: Keep) -> None:
+        super().__init__(model, plan, keys, layers)
+        self.keep = keep
+        self.causal = is_causal(model)
+        self.has_scores = all(attention_hook("scores", layer) in model.hook_dict for layer in layers)  # type: ignore[attr-defined]
+        self.n_heads = int(model.cfg.n_heads)
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.reduced: dict[int, dict[str, torch.Tensor]] = {}
+        self.sources: dict[int, str] = {}
+        n_layers = len(layers)
+        sums = {name: torch.zeros(n_layers, self.n_heads, dtype=torch.float64) for name in ("mass", "mass_sq", "gap", "gap_n")}
+        sums["mass_min"] = torch.full((n_layers, self.n_heads), math.inf, dtype=torch.float64)
+        self.sums = sums | {name: torch.zeros((), dtype=torch.float64) for name in ("uniform", "n_positions", "lengths")}
+        self.kept = KeptInputs(keep_limit(keep), _KEPT)
+
+    def hooks(self, batch: Batch) -> HookList:
+        real = batch.attention_mask.to(self.device).bool()
+        kinds = ("pattern", "scores") if self.has_scores else ("pattern",)
+        return [(attention_hook(kind, layer), self._store(layer, kind, real)) for layer in self.layers for kind in kinds]
+
+    def _store(self, layer: int, kind: str, real: torch.Tensor) -> Any:
+        def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            slot = self.pending.setdefault(layer, {})
+            slot[kind] = tensor.detach()
+            if "pattern" in slot and ("scores" in slot or not self.has_scores):
+                self._reduce(layer, real)
+
+        return read
+
+    def _reduce(self, layer: int, real: torch.Tensor) -> None:
+        slot = self.pending.pop(layer)
         pattern = slot["pattern"]
         key_len = int(pattern.shape[-1])
-        allowed = allowed_keys(real, key_len, causal)
+        allowed = allowed_keys(real, key_len, self.causal)
         n_queries = real.sum(1).clamp_min(1).float()
         p = pattern.float() * real[:, None, :, None]
         centred, ok, source = centred_logits(pattern, slot.get("scores"), allowed)
-        sources[layer] = source
+        self.sources[layer] = source
         visible = allowed.float()
-        reduced[layer] = {
+        self.reduced[layer] = {
             "mass": p.sum(2) / n_queries[:, None, None],
             "uniform": (visible / visible.sum(-1, keepdim=True).clamp_min(1)).sum(1) / n_queries[:, None],
             "gap_sum": centred.sum(2),
             "gap_count": ok.float().sum(2),
         }
 
-    def layer_hooks(batch: Batch) -> HookList:
-        real = batch.attention_mask.bool()
-        hooks: HookList = []
-        for layer in chosen:
-
-            def store(kind: str, layer: int = layer):
-                def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-                    pending.setdefault(layer, {})[kind] = tensor.detach()
-                    slot = pending[layer]
-                    if "pattern" in slot and ("scores" in slot or not has_scores):
-                        reduce(layer, real)
-
-                return read
-
-            hooks.append((attention_hook("pattern", layer), store("pattern")))
-            if has_scores:
-                hooks.append((attention_hook("scores", layer), store("scores")))
-        return hooks
-
-    def finish(batch: Batch, c_mask: torch.Tensor) -> None:
-        real = batch.attention_mask.bool()
-        for layer in list(pending):  # a scores hook that never fired
-            if "pattern" in pending[layer]:
-                reduce(layer, real)
-        missing = [layer for layer in chosen if layer not in reduced]
+    def _rows(self, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per input of the batch: mass and logit gap ``[batch, layer, head]`` (on the CPU), uniform mass and ``|C|``."""
+        for layer in list(self.pending):  # a scores hook that never fired
+            if "pattern" in self.pending[layer]:
+                self._reduce(layer, real)
+        missing = [layer for layer in self.layers if layer not in self.reduced]
         if missing:
             raise RuntimeError(
                 f"hook_pattern did not fire in layers {missing}: load the model with eager attention "
                 "(massact_lens.load_model does)."
             )
-        masses, gaps = [], []
-        uniform = None
-        n_positions = None
-        for layer in chosen:
-            r = reduced.pop(layer)
+        masses, gaps, uniform, n_positions = [], [], None, None
+        for layer in self.layers:
+            r = self.reduced.pop(layer)
             key_len = int(r["mass"].shape[-1])
             in_c = fit_width(c_mask, key_len) & real_keys(real, key_len)
             other = ~in_c & real_keys(real, key_len)
@@ -336,7 +335,11 @@ def attention_concentration(
                 uniform = (r["uniform"] * in_c.float()).sum(-1)
                 n_positions = in_c.sum(-1)
         assert uniform is not None and n_positions is not None
-        mass, gap = torch.stack(masses, 1).cpu(), torch.stack(gaps, 1).cpu()
+        return torch.stack(masses, 1).cpu(), torch.stack(gaps, 1).cpu(), uniform, n_positions
+
+    def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
+        mass, gap, uniform, n_positions = self._rows(batch.attention_mask.bool(), c_mask)
+        sums = self.sums
         m64, g64 = mass.double(), gap.double()
         finite = ~torch.isnan(g64)
         sums["mass"] += m64.sum(0)
@@ -347,30 +350,26 @@ def attention_concentration(
         sums["uniform"] += uniform.double().sum().cpu()
         sums["n_positions"] += n_positions.sum().cpu()
         sums["lengths"] += batch.lengths.sum().cpu()
-        seen[0] += int(real.shape[0])
-        rows, inputs = kept.choose(batch.input_indices)
+        rows, inputs = self.kept.choose(batch.input_indices)
         if rows:
             take = torch.tensor(rows, dtype=torch.long)
-            kept.add(batch.lengths[:, None].cpu()[take], inputs, mass=mass[take],
-                     uniform_mass=uniform.cpu()[take], logit_gap=gap[take], n_positions=n_positions.cpu().long()[take],
-                     lengths=batch.lengths.cpu().long()[take])
+            self.kept.add(batch.lengths[:, None].cpu()[take], inputs, mass=mass[take], uniform_mass=uniform.cpu()[take],
+                          logit_gap=gap[take], n_positions=n_positions.cpu().long()[take],
+                          lengths=batch.lengths.cpu().long()[take])
 
-    run_passes(model, plan, rule, layer_hooks, finish, progress=progress, desc="attention")
-    warn_empty(sums["n_positions"][None], rule.describe())
-    names = tuple(attention_hook(k, layer) for layer in chosen for k in (("pattern", "scores") if has_scores else ("pattern",)))
-    empty = {"mass": torch.zeros(0, n_layers, n_heads), "uniform_mass": torch.zeros(0), "logit_gap": torch.zeros(0, n_layers, n_heads),
-             "n_positions": torch.zeros(0, dtype=torch.long), "lengths": torch.zeros(0, dtype=torch.long)}
-    rows = kept.tensors({**empty, "attention_mask": torch.zeros(0, 1, dtype=torch.long)})
-    return AttentionConcentration(
-        provenance=Provenance.of(model),
-        layers=chosen,
-        n_heads=n_heads,
-        positions=rule.describe(),
-        prepend_bos=plan.prepend_bos,
-        hook_names=names,
-        logit_source=tuple(sources.get(layer, "") for layer in chosen),
-        n_inputs=seen[0],
-        keep=keep,
-        **{name: detached(rows[name]) for name in _KEPT},
-        sums={name: detached(t) for name, t in sums.items()},
-    )
+    def result(self) -> AttentionConcentration:
+        n_layers, n_heads = len(self.layers), self.n_heads
+        kinds = ("pattern", "scores") if self.has_scores else ("pattern",)
+        empty = {"mass": torch.zeros(0, n_layers, n_heads), "uniform_mass": torch.zeros(0),
+                 "logit_gap": torch.zeros(0, n_layers, n_heads), "n_positions": torch.zeros(0, dtype=torch.long),
+                 "lengths": torch.zeros(0, dtype=torch.long), "attention_mask": torch.zeros(0, 1, dtype=torch.long)}
+        rows = self.kept.tensors(empty)
+        return AttentionConcentration(
+            **self.base_fields(),
+            n_heads=n_heads,
+            hook_names=tuple(attention_hook(k, layer) for layer in self.layers for k in kinds),
+            logit_source=tuple(self.sources.get(layer, "") for layer in self.layers),
+            keep=self.keep,
+            **{name: detached(rows[name]) for name in _KEPT},
+            sums={name: detached(t) for name, t in self.sums.items()},
+        )

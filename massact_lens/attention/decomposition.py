@@ -21,7 +21,19 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import HookList, Inputs, Provenance, model_device
+from massact_lens._core.batching import Batch, BatchPlan
+from massact_lens._core.hook_names import attention_hook
+from massact_lens._core.loop import measure
+from massact_lens._core.results import (
+    Keep,
+    KeptInputs,
+    StreamedResult,
+    add_sums,
+    check_keep,
+    keep_limit,
+    merge_kept,
+)
+from massact_lens._core.types import HookList, Inputs, warn_if_processed
 from massact_lens.attention._bias_stats import (
     MODES,
     SCOPES,
@@ -32,29 +44,18 @@ from massact_lens.attention._bias_stats import (
     spread,
 )
 from massact_lens.attention._passes import (
+    KeyedFields,
+    KeyedMeasurement,
+    KeyPositions,
     check_heads,
     check_layers,
     detached,
     output_hook,
     real_keys,
     repeat_kv,
-    run_passes,
     w_o,
-    warn_empty,
-)
-from massact_lens._core.results import (
-    Keep,
-    KeptInputs,
-    add_sums,
-    check_keep,
-    check_parts,
-    keep_limit,
-    merge_kept,
 )
 from massact_lens.attention.keys import Positions, fit_width, keyed_plan
-from massact_lens._core.batching import Batch
-from massact_lens._core.hook_names import attention_hook
-from massact_lens._core.types import warn_if_processed
 
 __all__ = ["ImplicitBias", "implicit_bias"]
 
@@ -65,7 +66,7 @@ _LAYER_FIRST = ("bias_z", "rest_z", "c_mass")
 
 
 @dataclass(frozen=True)
-class ImplicitBias:
+class ImplicitBias(StreamedResult, KeyedFields):
     """The decomposition ``attn(q) = bias(q) + rest(q)`` per layer and head.
 
     Both terms are in head space (``hook_z``); their images in the residual stream
@@ -78,26 +79,31 @@ class ImplicitBias:
     the full per-input tensors (``bias_z``, ``rest_z``, ``c_mass``, ``key_mask``,
     ``attention_mask``, ``tokens``) of only the **first** ``n_kept`` inputs
     (``keep``), cut to their longest real length; padding queries hold zeros.
+
+    :meth:`merge` (decompositions of consecutive slices of a corpus, in order): the
+    sums add and the kept inputs concatenate (up to ``keep``), so the result is the
+    one a single run over the concatenated inputs gives, to float rounding (a
+    forward pass over other batches can differ in float32's last bits). The parts
+    must come from the same model (provenance and ``W_O``), layers, heads, key set,
+    BOS setting and ``keep`` (ValueError otherwise). Key sets tied to input indices
+    (an ``[n_inputs, key_pos]`` mask, ``find_massive`` records) describe their own
+    slice and do not merge: use a rule or a profile.
+
+    >>> import torch
+    >>> from massact_lens.examples import tiny_model
+    >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
+    >>> parts = [implicit_bias(model, tokens[:2], progress=False), implicit_bias(model, tokens[2:], progress=False)]
+    >>> merged, whole = ImplicitBias.merge(parts), implicit_bias(model, tokens, progress=False)
+    >>> merged.n_inputs, torch.allclose(merged.bias_z, whole.bias_z, rtol=1e-5, atol=1e-7)
+    (4, True)
     """
 
-    #: The model as it was when it ran.
-    provenance: Provenance
-    #: The layers decomposed.
-    layers: tuple[int, ...]
     #: The heads decomposed (indices of the model's heads).
     heads: tuple[int, ...]
-    #: The key set that defined C (its description).
-    positions: str
-    #: BOS / [CLS] prepended to strings (None: token tensors as given).
-    prepend_bos: bool | None
     #: The hook points decomposed (pattern, v, z per layer).
     hook_names: tuple[str, ...]
     #: Per layer, where the attention output was read for ``out_error``.
     out_hooks: tuple[str, ...]
-    #: How many inputs were decomposed (the sums cover all of them).
-    n_inputs: int
-    #: How many inputs keep their full tensors: a count (the first ones) or ``"all"``.
-    keep: Keep
     #: ``sum_{i in C} p_qi v_i`` of the kept inputs.
     bias_z: Float[torch.Tensor, "layer n_kept query_pos head d_head"]
     #: ``sum_{i not in C} p_qi v_i`` of the kept inputs.
@@ -221,28 +227,10 @@ class ImplicitBias:
         return {name: getattr(self, name).transpose(0, 1) if name in _LAYER_FIRST else getattr(self, name)
                 for name in (*_KEPT, "attention_mask")}
 
+    merge_same = ("layers", "heads", "positions", "prepend_bos", "hook_names", "out_hooks", "keep", "W_O", "b_O")
+
     @classmethod
-    def merge(cls, parts: Sequence[ImplicitBias]) -> ImplicitBias:
-        """One result from decompositions of consecutive slices of a corpus, in order.
-
-        The sums add and the kept inputs concatenate (up to ``keep``), so the result
-        is the one a single run over the concatenated inputs gives, to float rounding
-        (a forward pass over other batches can differ in float32's last bits). The
-        parts must come from the same model (provenance and ``W_O``), layers, heads,
-        key set, BOS setting and ``keep`` (ValueError otherwise). Key sets tied to
-        input indices (an ``[n_inputs, key_pos]`` mask, ``find_massive`` records)
-        describe their own slice and do not merge: use a rule or a profile.
-
-        >>> import torch
-        >>> from massact_lens.examples import tiny_model
-        >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
-        >>> parts = [implicit_bias(model, tokens[:2], progress=False), implicit_bias(model, tokens[2:], progress=False)]
-        >>> merged, whole = ImplicitBias.merge(parts), implicit_bias(model, tokens, progress=False)
-        >>> merged.n_inputs, torch.allclose(merged.bias_z, whole.bias_z, rtol=1e-5, atol=1e-7)
-        (4, True)
-        """
-        parts = check_parts(parts, cls, ("layers", "heads", "positions", "prepend_bos", "hook_names",
-                                         "out_hooks", "keep", "W_O", "b_O"))
+    def _merged(cls, parts: list[ImplicitBias]) -> ImplicitBias:
         first = parts[0]
         kept = merge_kept([(p.n_inputs, p._kept()) for p in parts], keep_limit(first.keep), _KEPT)
         return replace(
@@ -319,122 +307,129 @@ def implicit_bias(
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
                             prepend_bos=prepend_bos, by_length=by_length)
     warn_if_processed(model)
-    n_heads = int(model.cfg.n_heads)
-    device = model_device(model)
-    weights = {layer: tuple(t.to(device) for t in w_o(model, layer)) for layer in chosen}
-    out_names = {layer: output_hook(model, layer) for layer in chosen}
-    head_index = torch.tensor(head_list, device=device)
-    chosen_w = {layer: weights[layer][0][head_index] for layer in chosen}
-    grams = {layer: gram(chosen_w[layer]) for layer in chosen}
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    z_error = {layer: 0.0 for layer in chosen}
-    out_error = {layer: 0.0 for layer in chosen}
-    d_head, d_model = int(model.cfg.d_head), int(model.cfg.d_model)
-    sums = new_sums(len(chosen), len(head_list), d_head, d_model, device)
-    kept = KeptInputs(keep_limit(keep), _KEPT)
-    seen = {"inputs": 0, "c": 0}
+    keys = KeyPositions(model, rule)
+    split = _Decomposition(model, plan, keys, chosen, head_list, keep)
+    measure(model, plan, keys, split, progress=progress, desc="implicit bias")
+    keys.warn_if_empty()
+    return split.result()
 
-    def layer_hooks(batch: Batch) -> HookList:
-        real = batch.attention_mask.bool()
+
+class _Decomposition(KeyedMeasurement):
+    """The measurement behind :func:`implicit_bias`: per layer, ``hook_pattern``, ``hook_v``
+    and ``hook_z`` of the batch held until its pass ends (C may come from its residual
+    stream), then split against C and folded into the running sums."""
+
+    def __init__(self, model: TransformerLensModel, plan: BatchPlan, keys: KeyPositions, layers: tuple[int, ...],
+                 heads: tuple[int, ...], keep: Keep) -> None:
+        super().__init__(model, plan, keys, layers)
+        self.heads, self.keep = heads, keep
+        self.n_heads = int(model.cfg.n_heads)
+        self.d_head = int(model.cfg.d_head)
+        self.weights = {layer: tuple(t.to(self.device) for t in w_o(model, layer)) for layer in layers}
+        self.out_names = {layer: output_hook(model, layer) for layer in layers}
+        self.head_index = torch.tensor(heads, device=self.device)
+        self.chosen_w = {layer: self.weights[layer][0][self.head_index] for layer in layers}
+        self.grams = {layer: gram(self.chosen_w[layer]) for layer in layers}
+        self.state: dict[int, dict[str, torch.Tensor]] = {}
+        self.z_error = {layer: 0.0 for layer in layers}
+        self.out_error = {layer: 0.0 for layer in layers}
+        self.sums = new_sums(len(layers), len(heads), self.d_head, int(model.cfg.d_model), self.device)
+        self.kept = KeptInputs(keep_limit(keep), _KEPT)
+
+    def hooks(self, batch: Batch) -> HookList:
+        real = batch.attention_mask.to(self.device).bool()
         hooks: HookList = []
-        for layer in chosen:
-
-            def store(kind: str, layer: int = layer):
-                def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-                    state.setdefault(layer, {})[kind] = tensor.detach()
-
-                return read
-
-            def check_output(tensor: torch.Tensor, hook: Any, layer: int = layer) -> None:  # noqa: ARG001
-                z = state.get(layer, {}).get("z")
-                if z is None:
-                    return
-                w_o, b_o = weights[layer]
-                predicted = torch.einsum("bqhd,hdm->bqm", z.float(), w_o) + b_o
-                err = (predicted - tensor.detach().float()).abs().amax(-1)[real]
-                out_error[layer] = max(out_error[layer], float(err.max()) if err.numel() else 0.0)
-
-            hooks += [
-                (attention_hook("pattern", layer), store("pattern")),
-                (attention_hook("v", layer), store("v")),
-                (attention_hook("z", layer), store("z")),
-                (out_names[layer], check_output),
-            ]
+        for layer in self.layers:
+            hooks += [(attention_hook(kind, layer), self._store(layer, kind)) for kind in ("pattern", "v", "z")]
+            hooks.append((self.out_names[layer], self._check_output(layer, real)))
         return hooks
 
-    def finish(batch: Batch, c_mask: torch.Tensor) -> None:
-        real = batch.attention_mask.bool()
-        rows, inputs = kept.choose(batch.input_indices)
-        chosen_rows = torch.tensor(rows, dtype=torch.long, device=real.device)
-        bias_l, rest_l, mass_l = [], [], []
-        key_mask = None
-        for i, layer in enumerate(chosen):
-            slot = state.pop(layer, {})
-            if not {"pattern", "v", "z"} <= set(slot):
-                raise RuntimeError(
-                    f"Layer {layer}: hooks {sorted({'pattern', 'v', 'z'} - set(slot))} did not fire; load the "
-                    "model with eager attention (massact_lens.load_model does)."
-                )
-            pattern = slot["pattern"].float()[:, head_index]  # [b, h, q, k]
-            v = repeat_kv(slot["v"].float(), n_heads)[:, :, head_index]  # [b, k, h, d]
-            key_len = int(pattern.shape[-1])
-            if v.shape[1] != key_len:
-                raise ValueError(
-                    f"Layer {layer}: hook_pattern has {key_len} key positions but hook_v has {v.shape[1]}: "
-                    "the decomposition needs a value for every key (no extra key slots)."
-                )
-            in_c = fit_width(c_mask, key_len) & real_keys(real, key_len)
-            c = in_c[:, None, None, :].float()
-            q_real = real[:, :, None, None]
-            bias = torch.einsum("bhqk,bkhd->bqhd", pattern * c, v).where(q_real, 0.0)
-            rest = torch.einsum("bhqk,bkhd->bqhd", pattern * (1.0 - c), v).where(q_real, 0.0)
-            z = slot["z"].float()[:, :, head_index]
-            err = (bias + rest - z).abs()[real]
-            z_error[layer] = max(z_error[layer], float(err.max()) if err.numel() else 0.0)
-            mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
-            totals = tuple(torch.einsum("bqhd,hdm->bqm", t, chosen_w[layer]) for t in (bias, rest))
-            outside = real & ~fit_width(in_c, int(real.shape[1]))
-            add_batch(sums, i, (bias, rest), totals, mass, (real, outside), grams[layer])  # type: ignore[arg-type]
-            if rows:
-                bias_l.append(bias[chosen_rows].cpu())
-                rest_l.append(rest[chosen_rows].cpu())
-                mass_l.append(mass[chosen_rows].cpu())
-            key_mask = in_c
-        assert key_mask is not None
-        seen["inputs"] += int(real.shape[0])
-        seen["c"] += int(key_mask.sum())
-        if rows:
-            kept.add(batch.attention_mask[chosen_rows], inputs, bias_z=torch.stack(bias_l, 1),
-                     rest_z=torch.stack(rest_l, 1), c_mass=torch.stack(mass_l, 1), key_mask=key_mask[chosen_rows],
-                     tokens=batch.tokens[chosen_rows])
+    def _store(self, layer: int, kind: str) -> Any:
+        def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            self.state.setdefault(layer, {})[kind] = tensor.detach()
 
-    run_passes(model, plan, rule, layer_hooks, finish, progress=progress, desc="implicit bias")
-    warn_empty(torch.tensor([seen["c"]]), rule.describe())
-    names = tuple(attention_hook(k, layer) for layer in chosen for k in ("pattern", "v", "z"))
-    n_layers, n_chosen = len(chosen), len(head_list)
-    empty = {"bias_z": torch.zeros(0, n_layers, 0, n_chosen, d_head), "rest_z": torch.zeros(0, n_layers, 0, n_chosen, d_head),
-             "c_mass": torch.zeros(0, n_layers, 0, n_chosen), "key_mask": torch.zeros(0, 0, dtype=torch.bool),
-             "attention_mask": torch.zeros(0, 0, dtype=torch.long), "tokens": torch.zeros(0, 0, dtype=torch.long)}
-    full = kept.tensors(empty)
-    return ImplicitBias(
-        provenance=Provenance.of(model),
-        layers=chosen,
-        heads=head_list,
-        positions=rule.describe(),
-        prepend_bos=plan.prepend_bos,
-        hook_names=names,
-        out_hooks=tuple(out_names[layer] for layer in chosen),
-        n_inputs=seen["inputs"],
-        keep=keep,
-        bias_z=full["bias_z"].transpose(0, 1),  # normal tensors already: no copy
-        rest_z=full["rest_z"].transpose(0, 1),
-        c_mass=full["c_mass"].transpose(0, 1),
-        key_mask=full["key_mask"].bool(),
-        attention_mask=full["attention_mask"].long(),
-        tokens=full["tokens"].long(),
-        W_O=detached(torch.stack([chosen_w[layer] for layer in chosen])),
-        b_O=detached(torch.stack([weights[layer][1] for layer in chosen])),
-        z_error=torch.tensor([z_error[layer] for layer in chosen]),
-        out_error=torch.tensor([out_error[layer] for layer in chosen]),
-        sums={name: detached(t) for name, t in sums.items()},
-    )
+        return read
+
+    def _check_output(self, layer: int, real: torch.Tensor) -> Any:
+        def check_output(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            z = self.state.get(layer, {}).get("z")
+            if z is None:
+                return
+            w, b = self.weights[layer]
+            predicted = torch.einsum("bqhd,hdm->bqm", z.float(), w) + b
+            err = (predicted - tensor.detach().float()).abs().amax(-1)[real]
+            self.out_error[layer] = max(self.out_error[layer], float(err.max()) if err.numel() else 0.0)
+
+        return check_output
+
+    def _split(self, i: int, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One layer of the batch: ``bias``, ``rest`` ``[b, q, h, d]``, mass on C ``[b, q, h]`` and C,
+        folded into the running sums and the error of ``bias + rest = hook_z``."""
+        slot = self.state.pop(layer, {})
+        if not {"pattern", "v", "z"} <= set(slot):
+            raise RuntimeError(
+                f"Layer {layer}: hooks {sorted({'pattern', 'v', 'z'} - set(slot))} did not fire; load the "
+                "model with eager attention (massact_lens.load_model does)."
+            )
+        pattern = slot["pattern"].float()[:, self.head_index]  # [b, h, q, k]
+        v = repeat_kv(slot["v"].float(), self.n_heads)[:, :, self.head_index]  # [b, k, h, d]
+        key_len = int(pattern.shape[-1])
+        if v.shape[1] != key_len:
+            raise ValueError(
+                f"Layer {layer}: hook_pattern has {key_len} key positions but hook_v has {v.shape[1]}: "
+                "the decomposition needs a value for every key (no extra key slots)."
+            )
+        in_c = fit_width(c_mask, key_len) & real_keys(real, key_len)
+        c = in_c[:, None, None, :].float()
+        q_real = real[:, :, None, None]
+        bias = torch.einsum("bhqk,bkhd->bqhd", pattern * c, v).where(q_real, 0.0)
+        rest = torch.einsum("bhqk,bkhd->bqhd", pattern * (1.0 - c), v).where(q_real, 0.0)
+        z = slot["z"].float()[:, :, self.head_index]
+        err = (bias + rest - z).abs()[real]
+        self.z_error[layer] = max(self.z_error[layer], float(err.max()) if err.numel() else 0.0)
+        mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
+        totals = tuple(torch.einsum("bqhd,hdm->bqm", t, self.chosen_w[layer]) for t in (bias, rest))
+        outside = real & ~fit_width(in_c, int(real.shape[1]))
+        add_batch(self.sums, i, (bias, rest), totals, mass, (real, outside), self.grams[layer])  # type: ignore[arg-type]
+        return bias, rest, mass, in_c
+
+    def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
+        real = batch.attention_mask.bool()
+        rows, inputs = self.kept.choose(batch.input_indices)
+        chosen_rows = torch.tensor(rows, dtype=torch.long, device=real.device)
+        parts: dict[str, list[torch.Tensor]] = {"bias_z": [], "rest_z": [], "c_mass": []}
+        in_c = None
+        for i, layer in enumerate(self.layers):
+            bias, rest, mass, in_c = self._split(i, layer, real, c_mask)
+            if rows:
+                for name, t in zip(parts, (bias, rest, mass), strict=True):
+                    parts[name].append(t[chosen_rows].cpu())
+        assert in_c is not None
+        if rows:
+            self.kept.add(batch.attention_mask[chosen_rows], inputs, **{name: torch.stack(p, 1) for name, p in parts.items()},
+                          key_mask=in_c[chosen_rows], tokens=batch.tokens[chosen_rows])
+
+    def result(self) -> ImplicitBias:
+        n_layers, n_chosen, d_head = len(self.layers), len(self.heads), self.d_head
+        empty = {"bias_z": torch.zeros(0, n_layers, 0, n_chosen, d_head), "rest_z": torch.zeros(0, n_layers, 0, n_chosen, d_head),
+                 "c_mass": torch.zeros(0, n_layers, 0, n_chosen), "key_mask": torch.zeros(0, 0, dtype=torch.bool),
+                 "attention_mask": torch.zeros(0, 0, dtype=torch.long), "tokens": torch.zeros(0, 0, dtype=torch.long)}
+        full = self.kept.tensors(empty)
+        return ImplicitBias(
+            **self.base_fields(),
+            heads=self.heads,
+            hook_names=tuple(attention_hook(k, layer) for layer in self.layers for k in ("pattern", "v", "z")),
+            out_hooks=tuple(self.out_names[layer] for layer in self.layers),
+            keep=self.keep,
+            bias_z=full["bias_z"].transpose(0, 1),  # normal tensors already: no copy
+            rest_z=full["rest_z"].transpose(0, 1),
+            c_mass=full["c_mass"].transpose(0, 1),
+            key_mask=full["key_mask"].bool(),
+            attention_mask=full["attention_mask"].long(),
+            tokens=full["tokens"].long(),
+            W_O=detached(torch.stack([self.chosen_w[layer] for layer in self.layers])),
+            b_O=detached(torch.stack([self.weights[layer][1] for layer in self.layers])),
+            z_error=torch.tensor([self.z_error[layer] for layer in self.layers]),
+            out_error=torch.tensor([self.out_error[layer] for layer in self.layers]),
+            sums={name: detached(t) for name, t in self.sums.items()},
+        )

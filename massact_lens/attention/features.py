@@ -17,20 +17,21 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import HookList, Inputs, Provenance, model_device
+from massact_lens._core.batching import Batch, BatchPlan
+from massact_lens._core.hook_names import attention_hook, resolve_hook_names
+from massact_lens._core.loop import measure
+from massact_lens._core.results import CorpusResult, add_sums
+from massact_lens._core.types import HookList, Inputs, warn_if_processed
 from massact_lens.attention._passes import (
+    KeyedFields,
+    KeyedMeasurement,
+    KeyPositions,
     check_layers,
     feature_hook,
     repeat_kv,
-    run_passes,
     w_o,
-    warn_empty,
 )
-from massact_lens._core.results import add_sums, check_parts
 from massact_lens.attention.keys import Positions, fit_width, keyed_plan
-from massact_lens._core.batching import Batch
-from massact_lens._core.hook_names import attention_hook, resolve_hook_names
-from massact_lens._core.types import warn_if_processed
 
 __all__ = ["GROUPS", "TokenFeatures", "token_features"]
 
@@ -39,23 +40,28 @@ GROUPS: tuple[str, ...] = ("in_c", "other")
 
 
 @dataclass(frozen=True)
-class TokenFeatures:
+class TokenFeatures(CorpusResult, KeyedFields):
     """Keys, values and post-LayerNorm attention inputs of C tokens vs the other tokens.
 
     The ``group`` axis is :data:`GROUPS`. Norms are means over tokens (of every
     input). Under grouped-query attention a query head shows the key / value norms
     of the KV head it reads.
+
+    :meth:`merge` (measurements of consecutive slices of a corpus): the sums add.
+    Equal to one run over the concatenated inputs, to float rounding. The parts
+    must come from the same model, layers, key set, feature hooks and BOS setting
+    (ValueError otherwise).
+
+    >>> import torch
+    >>> from massact_lens.examples import tiny_model
+    >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
+    >>> parts = [token_features(model, t, progress=False) for t in (tokens[:1], tokens[1:])]
+    >>> TokenFeatures.merge(parts).counts.tolist(), TokenFeatures.merge(parts).n_inputs
+    ([4, 20], 4)
     """
 
-    #: The model as it was when it ran.
-    provenance: Provenance
-    #: The layers measured, ``n_heads`` heads each.
-    layers: tuple[int, ...]
+    #: Heads per layer measured (``layers``).
     n_heads: int
-    #: The key set that defined C (its description).
-    positions: str
-    #: BOS / [CLS] prepended to strings (None: token tensors as given).
-    prepend_bos: bool | None
     #: The post-LayerNorm attention input read per layer (``ln1.hook_out``;
     #: post-norm models: ``hook_resid_pre``).
     feature_hooks: tuple[str, ...]
@@ -75,8 +81,6 @@ class TokenFeatures:
     feature_rel_variation: Float[torch.Tensor, "layer group"]
     #: The group's mean attention input.
     feature_mean: Float[torch.Tensor, "layer group d_model"] = field(repr=False)
-    #: How many inputs were measured.
-    n_inputs: int = 0
     #: The float64 running sums everything above comes from (what :meth:`merge`
     #: adds): ``count`` ``[layer, group]``; ``value``, ``key``, ``out``
     #: ``[layer, group, head]``; ``norm``, ``sq`` ``[layer, group]``; ``vec``,
@@ -92,25 +96,39 @@ class TokenFeatures:
         top = mean.abs().topk(min(k, mean.shape[0])).indices
         return [(int(d), float(mean[d])) for d in top]
 
+    merge_same = ("layers", "n_heads", "positions", "prepend_bos", "feature_hooks")
+
     @classmethod
-    def merge(cls, parts: Sequence[TokenFeatures]) -> TokenFeatures:
-        """One result from measurements of consecutive slices of a corpus: the sums add.
-
-        Equal to one run over the concatenated inputs, to float rounding. The parts
-        must come from the same model, layers, key set, feature hooks and BOS
-        setting (ValueError otherwise).
-
-        >>> import torch
-        >>> from massact_lens.examples import tiny_model
-        >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
-        >>> parts = [token_features(model, t, progress=False) for t in (tokens[:1], tokens[1:])]
-        >>> TokenFeatures.merge(parts).counts.tolist(), TokenFeatures.merge(parts).n_inputs
-        ([4, 20], 4)
-        """
-        parts = check_parts(parts, cls, ("layers", "n_heads", "positions", "prepend_bos", "feature_hooks"))
+    def _merged(cls, parts: list[TokenFeatures]) -> TokenFeatures:
         first = parts[0]
-        return _summarise(first.provenance, first.layers, first.n_heads, first.positions, first.prepend_bos,
-                          first.feature_hooks, sum(p.n_inputs for p in parts), add_sums([p.sums for p in parts]))
+        return cls._from_sums(add_sums([p.sums for p in parts]), provenance=first.provenance,
+                              n_inputs=sum(p.n_inputs for p in parts),
+                              **{name: getattr(first, name) for name in cls.merge_same})
+
+    @classmethod
+    def _from_sums(cls, sums: dict[str, torch.Tensor], **settings: Any) -> TokenFeatures:
+        """The result from its running sums (one run, or the sum of several) and its
+        settings (provenance, n_inputs and the fields of :attr:`merge_same`)."""
+        counts = sums["count"]
+        n = counts.clamp_min(1)
+        mean_vec = sums["vec"] / n[..., None]
+        mean_norm = mean_vec.norm(dim=-1)
+        cos = (sums["unit"] / n[..., None] * mean_vec).sum(-1) / mean_norm
+        variance = (sums["sq"] / n - mean_norm**2).clamp_min(0)
+        empty = counts == 0
+        nan = float("nan")
+        return cls(
+            **settings,
+            counts=counts[0].long(),
+            value_norm=(sums["value"] / n[..., None]).masked_fill(empty[..., None], nan).float(),
+            key_norm=(sums["key"] / n[..., None]).masked_fill(empty[..., None], nan).float(),
+            out_norm=(sums["out"] / n[..., None]).masked_fill(empty[..., None], nan).float(),
+            feature_norm=(sums["norm"] / n).masked_fill(empty, nan).float(),
+            feature_cos_to_mean=cos.masked_fill(empty, nan).float(),
+            feature_rel_variation=(variance.sqrt() / mean_norm).masked_fill(empty, nan).float(),
+            feature_mean=mean_vec.masked_fill(empty[..., None], nan).float(),
+            sums={name: t.detach().clone() for name, t in sums.items()},
+        )
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (layer, head): key / value / W_O-image norms for C and other tokens."""
@@ -182,57 +200,62 @@ def token_features(
     (('blocks.3.hook_resid_pre',), torch.Size([1, 2, 12]))
     """
     chosen = check_layers(model, layers, ("v", "k"))
-    feature_names = tuple(feature_hook(model, layer) for layer in chosen)
-    resolve_hook_names(model, list(feature_names))
+    resolve_hook_names(model, [feature_hook(model, layer) for layer in chosen])
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
                             prepend_bos=prepend_bos, by_length=by_length)
     warn_if_processed(model)
-    n_heads, d_model = int(model.cfg.n_heads), int(model.cfg.d_model)
-    device = model_device(model)
-    weights = {layer: w_o(model, layer)[0].to(device) for layer in chosen}
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    n_layers = len(chosen)
-    sums = {
-        "value": torch.zeros(n_layers, 2, n_heads, dtype=torch.float64),
-        "key": torch.zeros(n_layers, 2, n_heads, dtype=torch.float64),
-        "out": torch.zeros(n_layers, 2, n_heads, dtype=torch.float64),
-        "norm": torch.zeros(n_layers, 2, dtype=torch.float64),
-        "sq": torch.zeros(n_layers, 2, dtype=torch.float64),
-        "vec": torch.zeros(n_layers, 2, d_model, dtype=torch.float64),
-        "unit": torch.zeros(n_layers, 2, d_model, dtype=torch.float64),
-    }
-    counts = torch.zeros(n_layers, 2, dtype=torch.float64)
-    seen = [0]
+    keys = KeyPositions(model, rule)
+    features = _Features(model, plan, keys, chosen)
+    measure(model, plan, keys, features, progress=progress, desc="token features")
+    keys.warn_if_empty()
+    return features.result()
 
-    def layer_hooks(batch: Batch) -> HookList:  # noqa: ARG001
+
+class _Features(KeyedMeasurement):
+    """The measurement behind :func:`token_features`: per layer, key / value norms reduced
+    at once and the feature hook held until the pass ends, then summed per group."""
+
+    def __init__(self, model: TransformerLensModel, plan: BatchPlan, keys: KeyPositions, layers: tuple[int, ...]) -> None:
+        super().__init__(model, plan, keys, layers)
+        self.n_heads = int(model.cfg.n_heads)
+        self.feature_names = tuple(feature_hook(model, layer) for layer in layers)
+        self.weights = {layer: w_o(model, layer)[0].to(self.device) for layer in layers}
+        self.state: dict[int, dict[str, torch.Tensor]] = {}
+        n_layers, d_model = len(layers), int(model.cfg.d_model)
+        self.sums = {name: torch.zeros(n_layers, 2, self.n_heads, dtype=torch.float64) for name in ("value", "key", "out")}
+        self.sums |= {name: torch.zeros(n_layers, 2, dtype=torch.float64) for name in ("norm", "sq")}
+        self.sums |= {name: torch.zeros(n_layers, 2, d_model, dtype=torch.float64) for name in ("vec", "unit")}
+        self.counts = torch.zeros(n_layers, 2, dtype=torch.float64)
+
+    def hooks(self, batch: Batch) -> HookList:  # noqa: ARG002
         hooks: HookList = []
-        for layer in chosen:
-
-            def read_v(tensor: torch.Tensor, hook: Any, layer: int = layer) -> None:  # noqa: ARG001
-                v = repeat_kv(tensor.detach().float(), n_heads)
-                state.setdefault(layer, {})["value"] = v.norm(dim=-1)
-                state[layer]["out"] = torch.einsum("bkhd,hdm->bkhm", v, weights[layer]).norm(dim=-1)
-
-            def read_k(tensor: torch.Tensor, hook: Any, layer: int = layer) -> None:  # noqa: ARG001
-                state.setdefault(layer, {})["key"] = repeat_kv(tensor.detach().float(), n_heads).norm(dim=-1)
-
-            def read_feature(tensor: torch.Tensor, hook: Any, layer: int = layer) -> None:  # noqa: ARG001
-                state.setdefault(layer, {})["feature"] = tensor.detach().float()
-
-            hooks += [
-                (attention_hook("v", layer), read_v),
-                (attention_hook("k", layer), read_k),
-                (feature_hook(model, layer), read_feature),
-            ]
+        for layer, feature_name in zip(self.layers, self.feature_names, strict=True):
+            hooks += [(attention_hook("v", layer), self._reader(layer, "value")),
+                      (attention_hook("k", layer), self._reader(layer, "key")),
+                      (feature_name, self._reader(layer, "feature"))]
         return hooks
 
-    def finish(batch: Batch, c_mask: torch.Tensor) -> None:
+    def _reader(self, layer: int, kind: str) -> Any:
+        def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            slot = self.state.setdefault(layer, {})
+            if kind == "feature":
+                slot["feature"] = tensor.detach().float()
+            elif kind == "key":
+                slot["key"] = repeat_kv(tensor.detach().float(), self.n_heads).norm(dim=-1)
+            else:
+                v = repeat_kv(tensor.detach().float(), self.n_heads)
+                slot["value"] = v.norm(dim=-1)
+                slot["out"] = torch.einsum("bkhd,hdm->bkhm", v, self.weights[layer]).norm(dim=-1)
+
+        return read
+
+    def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
         real = batch.attention_mask.bool()
         in_c = fit_width(c_mask, real.shape[1]) & real
         groups = (in_c, ~in_c & real)
-        seen[0] += int(real.shape[0])
-        for i, layer in enumerate(chosen):
-            slot = state.pop(layer, {})
+        sums = self.sums
+        for i, layer in enumerate(self.layers):
+            slot = self.state.pop(layer, {})
             missing = {"value", "key", "feature"} - set(slot)
             if missing:
                 raise RuntimeError(f"Layer {layer}: hooks for {sorted(missing)} did not fire.")
@@ -240,7 +263,7 @@ def token_features(
             norms = x.norm(dim=-1)
             unit = x / norms.clamp_min(1e-12)[..., None]
             for g, mask in enumerate(groups):
-                counts[i, g] += float(mask.sum())
+                self.counts[i, g] += float(mask.sum())
                 for name in ("value", "key", "out"):
                     sums[name][i, g] += slot[name][mask].double().sum(0).cpu()
                 sums["norm"][i, g] += float(norms[mask].double().sum())
@@ -248,46 +271,6 @@ def token_features(
                 sums["vec"][i, g] += x[mask].double().sum(0).cpu()
                 sums["unit"][i, g] += unit[mask].double().sum(0).cpu()
 
-    run_passes(model, plan, rule, layer_hooks, finish, progress=progress, desc="token features")
-    warn_empty(counts[:1, 0], rule.describe())
-    return _summarise(Provenance.of(model), chosen, n_heads, rule.describe(), plan.prepend_bos, feature_names,
-                      seen[0], {"count": counts, **sums})
-
-
-def _summarise(
-    provenance: Provenance,
-    layers: tuple[int, ...],
-    n_heads: int,
-    positions: str,
-    prepend_bos: bool | None,
-    feature_hooks: tuple[str, ...],
-    n_inputs: int,
-    sums: dict[str, torch.Tensor],
-) -> TokenFeatures:
-    """The result from its running sums (one run, or the sum of several)."""
-    counts = sums["count"]
-    n = counts.clamp_min(1)
-    mean_vec = sums["vec"] / n[..., None]
-    mean_norm = mean_vec.norm(dim=-1)
-    cos = (sums["unit"] / n[..., None] * mean_vec).sum(-1) / mean_norm
-    variance = (sums["sq"] / n - mean_norm**2).clamp_min(0)
-    empty = counts == 0
-    nan = float("nan")
-    return TokenFeatures(
-        provenance=provenance,
-        layers=layers,
-        n_heads=n_heads,
-        positions=positions,
-        prepend_bos=prepend_bos,
-        feature_hooks=feature_hooks,
-        counts=counts[0].long(),
-        value_norm=(sums["value"] / n[..., None]).masked_fill(empty[..., None], nan).float(),
-        key_norm=(sums["key"] / n[..., None]).masked_fill(empty[..., None], nan).float(),
-        out_norm=(sums["out"] / n[..., None]).masked_fill(empty[..., None], nan).float(),
-        feature_norm=(sums["norm"] / n).masked_fill(empty, nan).float(),
-        feature_cos_to_mean=cos.masked_fill(empty, nan).float(),
-        feature_rel_variation=(variance.sqrt() / mean_norm).masked_fill(empty, nan).float(),
-        feature_mean=mean_vec.masked_fill(empty[..., None], nan).float(),
-        n_inputs=n_inputs,
-        sums={name: t.detach().clone() for name, t in sums.items()},
-    )
+    def result(self) -> TokenFeatures:
+        return TokenFeatures._from_sums({"count": self.counts, **self.sums}, **self.base_fields(), n_heads=self.n_heads,
+                                        feature_hooks=self.feature_names)

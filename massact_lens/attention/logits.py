@@ -9,15 +9,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.batching import Batch, BatchPlan, plan_batches, token_strings
+from massact_lens._core.hook_names import attention_hook
+from massact_lens._core.loop import measure
+from massact_lens._core.results import Result
 from massact_lens._core.types import HookList, Provenance, is_causal
 from massact_lens.attention._passes import (
     allowed_keys,
@@ -26,18 +29,14 @@ from massact_lens.attention._passes import (
     detached,
     repeat_kv,
 )
-from massact_lens._core.batching import Batch, plan_batches, run_batches, token_strings
-from massact_lens._core.hook_names import attention_hook
 
 __all__ = ["AttentionLogits", "attention_logits"]
 
 
 @dataclass(frozen=True)
-class AttentionLogits:
-    """The pre-softmax attention logits of one input, for heat maps."""
+class AttentionLogits(Result):
+    """The pre-softmax attention logits of one input, for heat maps (one input: no merge)."""
 
-    #: The model as it was when it ran.
-    provenance: Provenance
     #: The layers read.
     layers: tuple[int, ...]
     #: Per layer, how the logits were obtained: ``"hook_attn_scores"`` (real
@@ -101,8 +100,9 @@ def attention_logits(
     models whose ``hook_q`` precedes the rotation) they are ``log(hook_pattern)``
     centred per query, which differs from the logits by a per-query constant only.
 
-    Cost: one forward pass; caches ``hook_pattern``, ``hook_attn_scores``,
-    ``hook_q`` and ``hook_k`` of the chosen layers for this input.
+    Cost: one forward pass, stopped after the last chosen layer; caches
+    ``hook_pattern``, ``hook_attn_scores``, ``hook_q`` and ``hook_k`` of the chosen
+    layers for this input.
 
     >>> from massact_lens.examples import minilm
     >>> heat = attention_logits(minilm(), "The cat sat.", layers=[2])
@@ -115,30 +115,41 @@ def attention_logits(
     if not isinstance(text, str | torch.Tensor):
         raise TypeError(f"attention_logits reads one input (a string or a token tensor), not {type(text).__name__}.")
     plan = plan_batches(model, text, batch_size=1, prepend_bos=prepend_bos)
-    causal = is_causal(model)
-    kinds = ["pattern", "q", "k"] + (["scores"] if all(attention_hook("scores", x) in model.hook_dict for x in chosen) else [])  # type: ignore[attr-defined]
-    cache: dict[tuple[int, str], torch.Tensor] = {}
-    seen: list[Batch] = []
+    heat = _Logits(model, plan, chosen)
+    measure(model, plan, heat, progress=False, desc="logits")
+    return heat.result()
 
-    def make_hooks(batch: Batch) -> HookList:
-        seen.append(batch)
-        hooks: HookList = []
-        for layer in chosen:
-            for kind in kinds:
 
-                def read(tensor: torch.Tensor, hook: Any, key: tuple[int, str] = (layer, kind)) -> None:  # noqa: ARG001
-                    cache[key] = tensor.detach()
+class _Logits:
+    """The measurement behind :func:`attention_logits`: the attention hooks of the chosen
+    layers for the one batch of the pass, read into logits once it ends."""
 
-                hooks.append((attention_hook(kind, layer), read))
-        return hooks
+    reads_input_index = True
+    needs_output = False
 
-    run_batches(model, plan, make_hooks, progress=False, desc="logits")
-    batch = seen[0]
-    n_heads = int(model.cfg.n_heads)
-    scale = _attn_scale(model)
-    logits_all, patterns, sources = [], [], []
-    real = batch.attention_mask.bool().to(cache[(chosen[0], "pattern")].device)
-    for layer in chosen:
+    def __init__(self, model: TransformerLensModel, plan: BatchPlan, layers: tuple[int, ...]) -> None:
+        self.model, self.layers, self.prepend_bos = model, layers, plan.prepend_bos
+        has_scores = all(attention_hook("scores", x) in model.hook_dict for x in layers)  # type: ignore[attr-defined]
+        self.kinds = ("pattern", "q", "k", "scores") if has_scores else ("pattern", "q", "k")
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.batch: Batch | None = None
+
+    def hooks(self, batch: Batch) -> HookList:
+        self.batch = batch
+        return [(attention_hook(kind, layer), self._reader((layer, kind))) for layer in self.layers for kind in self.kinds]
+
+    def _reader(self, key: tuple[int, str]) -> Callable[..., None]:
+        def read(tensor: torch.Tensor, hook: object) -> None:  # noqa: ARG001
+            self.cache[key] = tensor.detach()
+
+        return read
+
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:
+        pass
+
+    def _layer(self, layer: int, real: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, str]:
+        """One layer's logits ``[1, head, q, k]`` (visible keys only; the others NaN), and their source."""
+        cache, n_heads = self.cache, int(self.model.cfg.n_heads)
         pattern = cache[(layer, "pattern")].float()
         key_len = int(pattern.shape[-1])
         allowed = allowed_keys(real, key_len, causal)[:, None]
@@ -160,18 +171,23 @@ def attention_logits(
                 logits = centred
                 source = "log(hook_pattern) centred"
         visible = allowed & torch.isfinite(logits) & (logits > -1e30)
-        logits_all.append(logits.masked_fill(~visible, float("nan"))[0])
-        patterns.append(pattern[0])
-        sources.append(source)
-    ids = batch.tokens[0]
-    strings = token_strings(model, ids.tolist())
-    return AttentionLogits(
-        provenance=Provenance.of(model),
-        layers=chosen,
-        source=tuple(sources),
-        prepend_bos=plan.prepend_bos,
-        tokens=tuple(strings[int(i)] for i in ids.tolist()),
-        token_ids=detached(ids.long()),
-        logits=detached(torch.stack(logits_all)),
-        pattern=detached(torch.stack(patterns)),
-    )
+        return logits.masked_fill(~visible, float("nan")), source
+
+    def result(self) -> AttentionLogits:
+        batch = self.batch
+        assert batch is not None
+        real = batch.attention_mask.bool().to(self.cache[(self.layers[0], "pattern")].device)
+        causal, scale = is_causal(self.model), _attn_scale(self.model)
+        logits, sources = zip(*(self._layer(layer, real, causal, scale) for layer in self.layers), strict=True)
+        ids = batch.tokens[0]
+        strings = token_strings(self.model, ids.tolist())
+        return AttentionLogits(
+            provenance=Provenance.of(self.model),
+            layers=self.layers,
+            source=tuple(sources),
+            prepend_bos=self.prepend_bos,
+            tokens=tuple(strings[int(i)] for i in ids.tolist()),
+            token_ids=detached(ids.long()),
+            logits=detached(torch.stack([x[0] for x in logits])),
+            pattern=detached(torch.stack([self.cache[(layer, "pattern")].float()[0] for layer in self.layers])),
+        )
