@@ -47,7 +47,7 @@ def test_perplexity_matches_a_direct_computation_and_ignores_padding():
         assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
     capped = perplexity(model, CORPUS, seq_len=16, max_tokens=40, progress=False)
     assert capped.n_tokens == 15 + 15 + 7
-    assert result.provenance.model_name == model.cfg.model_name and result.model == result.provenance
+    assert result.provenance.model_name == model.cfg.model_name and result.provenance == ml.Provenance.of(model)  # (the 0.1 alias .model is gone)
 
 
 def test_nan_and_infinite_perplexity_are_reported_not_raised(no_leftover_hooks):
