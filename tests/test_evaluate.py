@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import massact_lens as ml
 from massact_lens import interventions as iv
-from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 from massact_lens.evaluate import (
     ablation_table,
     embedding_similarity,
@@ -19,6 +18,7 @@ from massact_lens.evaluate import (
     sentence_embeddings,
 )
 from massact_lens.examples import minilm_dir, tiny_model
+from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 
 CORPUS = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(0))
 

@@ -14,6 +14,7 @@ from massact_lens.evaluate.embeddings import (
     embedding_similarity,
     sentence_embeddings,
 )
+from massact_lens.evaluate.language_model import Corpus, PerplexityResult, perplexity
 from massact_lens.evaluate.patching import (
     PatchHook,
     PatchingResult,
@@ -21,7 +22,6 @@ from massact_lens.evaluate.patching import (
     massive_patching,
     patching_hooks,
 )
-from massact_lens.evaluate.language_model import Corpus, PerplexityResult, perplexity
 from massact_lens.evaluate.table import (
     COSINE,
     MEAN,

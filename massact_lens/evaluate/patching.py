@@ -31,6 +31,7 @@ from massact_lens._core.loop import UserHooks, measure
 from massact_lens._core.results import Result
 from massact_lens._core.types import HookFn, HookList, Inputs, Provenance
 from massact_lens.evaluate.embeddings import sentence_embeddings
+from massact_lens.find.profiles import MassiveProfile
 from massact_lens.interventions import (
     PositionRule,
     TokenTracker,
@@ -42,7 +43,6 @@ from massact_lens.interventions import (
 from massact_lens.interventions.edits import as_dims
 from massact_lens.interventions.lists import check_dims
 from massact_lens.interventions.positions import as_position_rule, run_context
-from massact_lens.find.profiles import MassiveProfile
 
 __all__ = ["PatchHook", "PatchRecorder", "PatchingResult", "massive_patching", "patching_hooks"]
 

@@ -27,8 +27,8 @@ from massact_lens._core.types import HookList, Provenance, is_causal
 from massact_lens.evaluate._embedding import Reference, similarity
 from massact_lens.evaluate._hooks import check_hook_list, check_pairs
 from massact_lens.evaluate.language_model import Corpus, perplexity
-from massact_lens.interventions import ablation_hooks, check_profile_matches, hook_names_of
 from massact_lens.find.profiles import MassiveProfile
+from massact_lens.interventions import ablation_hooks, check_profile_matches, hook_names_of
 
 __all__ = ["COSINE", "MEAN", "ORIGINAL", "PAIR_COSINE", "PERPLEXITY", "ZERO", "AblationTable", "ablation_table"]
 

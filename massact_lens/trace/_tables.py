@@ -17,7 +17,17 @@ from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens.interventions.weights import projection_weight
-from massact_lens.trace._measurement import AFTER, ATTN, BEFORE, COUNT, EMBEDDING, INPUTS, MEDIAN, MLP, WriterSums
+from massact_lens.trace._measurement import (
+    AFTER,
+    ATTN,
+    BEFORE,
+    COUNT,
+    EMBEDDING,
+    INPUTS,
+    MEDIAN,
+    MLP,
+    WriterSums,
+)
 from massact_lens.trace.records import BlockWrite, ChannelContribution
 
 
