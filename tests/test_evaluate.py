@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import massact_lens as ml
 from massact_lens import interventions as iv
-from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 from massact_lens.evaluate import (
     ablation_table,
     embedding_similarity,
@@ -19,6 +18,7 @@ from massact_lens.evaluate import (
     sentence_embeddings,
 )
 from massact_lens.examples import minilm_dir, tiny_model
+from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 
 CORPUS = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(0))
 
@@ -47,7 +47,7 @@ def test_perplexity_matches_a_direct_computation_and_ignores_padding():
         assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
     capped = perplexity(model, CORPUS, seq_len=16, max_tokens=40, progress=False)
     assert capped.n_tokens == 15 + 15 + 7
-    assert result.provenance.model_name == model.cfg.model_name
+    assert result.provenance.model_name == model.cfg.model_name and result.provenance == ml.Provenance.of(model)  # (the 0.1 alias .model is gone)
 
 
 def test_nan_and_infinite_perplexity_are_reported_not_raised(no_leftover_hooks):

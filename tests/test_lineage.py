@@ -17,10 +17,10 @@ import torch
 
 import massact_lens as ml
 from massact_lens.examples import minilm_dir, tiny_model
-from massact_lens.trace.writers import Lineage, lineage
+from massact_lens.interventions.weights import edited_weights, edits_from_rows, projection_weight
 from massact_lens.models.load import load_model
 from massact_lens.models.planting import plant_massive_activation
-from massact_lens.interventions.weights import edited_weights, edits_from_rows, projection_weight
+from massact_lens.trace.writers import Lineage, lineage
 
 LAYER, DIM, NEURON, VALUE = 1, 5, 11, 1000.0
 

@@ -1,7 +1,7 @@
 """What a model does under a hook list: perplexity, embedding similarity, Table 3, patching.
 
 Every function takes any ``fwd_hooks`` list (from :mod:`massact_lens.interventions`
-or your own) and runs the library's one forward loop (:mod:`massact_lens._core.batching`).
+or your own) and runs the library's one forward loop (:func:`massact_lens._core.loop.measure`).
 
 >>> import torch
 >>> from massact_lens.examples import tiny_model
@@ -14,6 +14,7 @@ from massact_lens.evaluate.embeddings import (
     embedding_similarity,
     sentence_embeddings,
 )
+from massact_lens.evaluate.language_model import Corpus, PerplexityResult, perplexity
 from massact_lens.evaluate.patching import (
     PatchHook,
     PatchingResult,
@@ -21,7 +22,6 @@ from massact_lens.evaluate.patching import (
     massive_patching,
     patching_hooks,
 )
-from massact_lens.evaluate.language_model import Corpus, PerplexityResult, perplexity
 from massact_lens.evaluate.table import (
     COSINE,
     MEAN,

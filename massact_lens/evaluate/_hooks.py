@@ -1,4 +1,4 @@
-"""The check every evaluation applies to a user's ``fwd_hooks`` before running."""
+"""The checks every evaluation applies before running: a user's ``fwd_hooks``, paraphrase pairs."""
 
 from __future__ import annotations
 
@@ -30,3 +30,21 @@ def check_hook_list(model: TransformerLensModel, fwd_hooks: Sequence[Any]) -> Ho
         if not isinstance(name, str) and not callable(name):
             raise TypeError(f"A hook name must be a string or a filter function, not {name!r}.")
     return hooks
+
+
+def check_pairs(pairs: Sequence[tuple[str, str]] | None) -> list[str]:
+    """The sentences of paraphrase ``pairs``, flattened (``[a0, b0, a1, b1, ...]``); empty for None.
+
+    >>> check_pairs([("Hi.", "Hello.")]), check_pairs(None)
+    (['Hi.', 'Hello.'], [])
+    """
+    if pairs is None:
+        return []
+    flat = []
+    for pair in pairs:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise TypeError(f"pairs must hold (sentence, paraphrase) string pairs, not {pair!r}.")
+        flat.extend(pair)
+    if not flat:
+        raise ValueError("pairs is empty: pass None or at least one pair.")
+    return flat

@@ -13,22 +13,15 @@ and the cosine within paraphrase pairs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import HookList, Provenance
-from massact_lens._core.batching import Batch, plan_batches, run_batches
-from massact_lens.evaluate._hooks import check_hook_list
-from massact_lens._core.hook_names import final_hidden_hook
-from massact_lens.interventions import hook_names_of
+from massact_lens.evaluate._embedding import SimilarityResult, embed, similarity
+from massact_lens.evaluate._hooks import check_hook_list, check_pairs
 
 __all__ = ["SimilarityResult", "embedding_similarity", "sentence_embeddings"]
 
@@ -55,74 +48,8 @@ def sentence_embeddings(
     ((2, 384), 1.0)
     """
     hooks = check_hook_list(model, fwd_hooks)
-    point = final_hidden_hook(model)
-    plan = plan_batches(model, sentences, batch_size=batch_size, prepend_bos=prepend_bos)
-    parts: list[torch.Tensor] = []
-    current: dict[str, Batch] = {}
-
-    def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
-        mask = current["batch"].attention_mask.to(activation.device).float()[..., None]
-        pooled = (activation.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        parts.append(pooled.cpu())
-
-    def make(batch: Batch) -> HookList:
-        current["batch"] = batch
-        return hooks + [(point, read)]
-
-    # Stop after the last hidden state: a BERT bridge's (untrained) MLM head is most of the cost.
-    run_batches(model, plan, make, progress=progress, desc="embeddings", stop_after=point)
-    out = torch.cat(parts)
-    return F.normalize(out, dim=-1) if normalize else out
-
-
-@dataclass(frozen=True)
-class SimilarityResult:
-    """Sentence embeddings under a hook list, compared with the unhooked model."""
-
-    #: The model as it was when it ran.
-    provenance: Provenance
-    #: The hook points the hook list touched (tracker hooks left out).
-    hook_names: tuple[str, ...]
-    #: Per sentence: cosine of its embedding to its unhooked one.
-    cosines: tuple[float, ...]
-    #: Per paraphrase pair: cosine within the pair, with the hooks.
-    pair_cosines: tuple[float, ...] = ()
-    #: Per paraphrase pair: cosine within the pair, without the hooks.
-    pair_cosines_original: tuple[float, ...] = ()
-
-
-    @property
-    def mean_cosine(self) -> float:
-        return _mean(self.cosines)
-
-    @property
-    def pair_cosine(self) -> float:
-        return _mean(self.pair_cosines)
-
-    @property
-    def pair_cosine_original(self) -> float:
-        return _mean(self.pair_cosines_original)
-
-    def to_dataframe(self) -> pd.DataFrame:
-        """One row per sentence: index and cosine to the unhooked embedding."""
-        return pd.DataFrame({"sentence": range(len(self.cosines)), "cosine": self.cosines})
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else math.nan
-
-
-def _check_pairs(pairs: Sequence[tuple[str, str]] | None) -> list[str]:
-    if pairs is None:
-        return []
-    flat = []
-    for pair in pairs:
-        if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
-            raise TypeError(f"pairs must hold (sentence, paraphrase) string pairs, not {pair!r}.")
-        flat.extend(pair)
-    if not flat:
-        raise ValueError("pairs is empty: pass None or at least one pair.")
-    return flat
+    return embed(model, sentences, hooks, batch_size=batch_size, normalize=normalize, prepend_bos=prepend_bos,
+                 progress=progress)
 
 
 def embedding_similarity(
@@ -141,46 +68,5 @@ def embedding_similarity(
     >>> round(r.mean_cosine, 4), r.pair_cosine == r.pair_cosine_original
     (1.0, True)
     """
-    return _similarity(model, sentences, pairs, check_hook_list(model, fwd_hooks), None, batch_size, progress)
-
-
-def _similarity(
-    model: TransformerLensModel,
-    sentences: Sequence[str],
-    pairs: Sequence[tuple[str, str]] | None,
-    hooks: HookList,
-    clean: tuple[torch.Tensor, torch.Tensor | None] | None,
-    batch_size: int,
-    progress: bool,
-) -> SimilarityResult:
-    flat = _check_pairs(pairs)
-    if isinstance(sentences, str) or not sentences:
-        raise ValueError("sentences must be a non-empty list of strings.")
-    if clean is None:
-        clean = _clean_embeddings(model, sentences, flat, batch_size, progress)
-    clean_sent, clean_pairs = clean
-    edited = sentence_embeddings(model, sentences, fwd_hooks=hooks, batch_size=batch_size, progress=progress)
-    cosines = (edited * clean_sent).sum(dim=-1)
-    pair_cos: tuple[float, ...] = ()
-    pair_orig: tuple[float, ...] = ()
-    if flat:
-        assert clean_pairs is not None
-        edited_pairs = sentence_embeddings(model, flat, fwd_hooks=hooks, batch_size=batch_size, progress=progress)
-        pair_cos = tuple(float(c) for c in (edited_pairs[0::2] * edited_pairs[1::2]).sum(dim=-1))
-        pair_orig = tuple(float(c) for c in (clean_pairs[0::2] * clean_pairs[1::2]).sum(dim=-1))
-    return SimilarityResult(
-        provenance=Provenance.of(model),
-        hook_names=hook_names_of(hooks),
-        cosines=tuple(float(c) for c in cosines),
-        pair_cosines=pair_cos,
-        pair_cosines_original=pair_orig,
-    )
-
-
-def _clean_embeddings(
-    model: TransformerLensModel, sentences: Sequence[str], flat_pairs: list[str], batch_size: int, progress: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    clean_sent = sentence_embeddings(model, sentences, batch_size=batch_size, progress=progress)
-    clean_pairs = sentence_embeddings(model, flat_pairs, batch_size=batch_size, progress=progress) if flat_pairs else None
-    return clean_sent, clean_pairs
-
+    hooks = check_hook_list(model, fwd_hooks)
+    return similarity(model, sentences, check_pairs(pairs), hooks, None, batch_size, progress)

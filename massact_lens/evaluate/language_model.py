@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import Provenance, is_causal
-from massact_lens._core.batching import Batch, plan_batches, run_batches
+from massact_lens._core.batching import Batch, plan_batches
+from massact_lens._core.loop import UserHooks, measure
+from massact_lens._core.results import Result
+from massact_lens._core.types import HookList, Provenance, is_causal, warn_if_processed
 from massact_lens.evaluate._hooks import check_hook_list
 from massact_lens.interventions import hook_names_of
-from massact_lens._core.types import warn_if_processed
 from massact_lens.models.load import hub_reachable
 
 __all__ = ["Corpus", "PerplexityResult", "perplexity"]
@@ -48,11 +50,9 @@ _BLOCK_CHARS = 1 << 16  # text read from a file per tokenizer call
 
 
 @dataclass(frozen=True)
-class PerplexityResult:
+class PerplexityResult(Result):
     """Perplexity of a causal LM on a corpus under a hook list."""
 
-    #: The model as it was when it ran.
-    provenance: Provenance
     #: The hook points the hook list touched (tracker hooks left out).
     hook_names: tuple[str, ...]
     #: What was read: a file path, "N texts", "N token ids", a dataset and split.
@@ -71,7 +71,6 @@ class PerplexityResult:
     perplexity: float
     #: Token losses that were not finite.
     n_nonfinite: int
-
 
     @property
     def finite(self) -> bool:
@@ -258,6 +257,39 @@ def perplexity(
     >>> r.n_chunks, r.n_tokens, r.finite   # 8 chunks of 8 tokens, 7 predicted in each
     (8, 56, True)
     """
+    hooks, seq_len, bos, bos_id = _settings(model, fwd_hooks, seq_len, batch_size, max_tokens, prepend_bos)
+    rows = isinstance(corpus, torch.Tensor) and corpus.ndim == 2
+    if isinstance(corpus, torch.Tensor):
+        stream, label, corpus = _token_corpus(model, corpus, max_tokens)
+        if rows:
+            seq_len, bos, bos_id = int(corpus.shape[1]), False, None
+    else:
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("This model has no tokenizer, so it cannot read text: pass the corpus as a token tensor.")
+        texts, label = _texts(corpus, dataset_config, dataset_split, text_field)
+        stream = _token_stream(model, texts, separator)
+    body = seq_len - (1 if bos else 0)
+    chunks = _chunks(stream, body, bos_id if bos else None, None if rows else max_tokens)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError(f"The corpus ({label}) gave fewer than 2 tokens: nothing to predict.")
+    warn_if_processed(model)
+    plan = plan_batches(model, _batched(itertools.chain([first], chunks), batch_size), batch_size=batch_size)
+    losses = _NextTokenLosses(provenance=Provenance.of(model), hook_names=hook_names_of(hooks), corpus=label,
+                              seq_len=seq_len, prepend_bos=bos)
+    measure(model, plan, UserHooks(hooks), losses, progress=progress, desc="perplexity")
+    return losses.result()
+
+
+def _settings(
+    model: TransformerLensModel,
+    fwd_hooks: Sequence[Any],
+    seq_len: int | None,
+    batch_size: int,
+    max_tokens: int | None,
+    prepend_bos: bool | None,
+) -> tuple[HookList, int, bool, int | None]:
+    """The checked hook list, chunk length, BOS setting and BOS id of a perplexity run."""
     if not is_causal(model):
         raise ValueError(
             "perplexity needs a causal (decoder) language model; this one attends in both directions. "
@@ -279,67 +311,65 @@ def perplexity(
         if prepend_bos:
             raise ValueError("prepend_bos=True, but the model has no tokenizer with a BOS token: put BOS into the token ids yourself, or pass prepend_bos=False.")
         bos = False  # the model's default asks for a BOS it does not know
-    rows = isinstance(corpus, torch.Tensor) and corpus.ndim == 2
-    if isinstance(corpus, torch.Tensor):
-        if corpus.is_floating_point() or corpus.dtype == torch.bool or corpus.ndim not in (1, 2) or corpus.shape[-1] < 2:
-            raise ValueError("A token-tensor corpus must hold integer ids: a stream [n_tokens] or sequences [n, seq] of 2+ tokens.")
-        d_vocab = int(model.cfg.d_vocab)
-        if int(corpus.min()) < 0 or int(corpus.max()) >= d_vocab:
-            raise ValueError(f"Corpus token ids must lie in [0, {d_vocab}).")
-        if rows:
-            if corpus.shape[1] > n_ctx:
-                raise ValueError(f"Sequences of {corpus.shape[1]} tokens are longer than the model's context ({n_ctx}).")
-            seq_len, bos, bos_id = int(corpus.shape[1]), False, None
-            if max_tokens is not None:
-                corpus = corpus[: max(1, max_tokens // seq_len)]
-        stream: Iterable[list[int]] = iter([corpus.flatten().tolist()])
-        label = f"{corpus.shape[0]} sequences of {corpus.shape[1]} tokens" if rows else f"{corpus.numel()} token ids"
-    else:
-        if tokenizer is None:
-            raise ValueError("This model has no tokenizer, so it cannot read text: pass the corpus as a token tensor.")
-        texts, label = _texts(corpus, dataset_config, dataset_split, text_field)
-        stream = _token_stream(model, texts, separator)
-    body = seq_len - (1 if bos else 0)
-    chunks = _chunks(stream, body, bos_id if bos else None, None if rows else max_tokens)
-    first = next(chunks, None)
-    if first is None:
-        raise ValueError(f"The corpus ({label}) gave fewer than 2 tokens: nothing to predict.")
-    warn_if_processed(model)
+    return hooks, seq_len, bos, bos_id
 
-    def rechained() -> Iterator[list[int]]:
-        yield first
-        yield from chunks
 
-    plan = plan_batches(model, _batched(rechained(), batch_size), batch_size=batch_size)
-    totals = {"nll": torch.zeros((), dtype=torch.float64), "tokens": 0, "nonfinite": 0, "chunks": 0}
+def _token_corpus(
+    model: TransformerLensModel, corpus: torch.Tensor, max_tokens: int | None
+) -> tuple[Iterable[list[int]], str, torch.Tensor]:
+    """A token-tensor corpus checked: its token stream, its label, and the tensor (sequences
+    ``[n, seq]`` cut to ``max_tokens``)."""
+    if corpus.is_floating_point() or corpus.dtype == torch.bool or corpus.ndim not in (1, 2) or corpus.shape[-1] < 2:
+        raise ValueError("A token-tensor corpus must hold integer ids: a stream [n_tokens] or sequences [n, seq] of 2+ tokens.")
+    d_vocab = int(model.cfg.d_vocab)
+    if int(corpus.min()) < 0 or int(corpus.max()) >= d_vocab:
+        raise ValueError(f"Corpus token ids must lie in [0, {d_vocab}).")
+    rows = corpus.ndim == 2
+    if rows:
+        n_ctx = int(model.cfg.n_ctx)
+        if corpus.shape[1] > n_ctx:
+            raise ValueError(f"Sequences of {corpus.shape[1]} tokens are longer than the model's context ({n_ctx}).")
+        if max_tokens is not None:
+            corpus = corpus[: max(1, max_tokens // int(corpus.shape[1]))]
+    label = f"{corpus.shape[0]} sequences of {corpus.shape[1]} tokens" if rows else f"{corpus.numel()} token ids"
+    return iter([corpus.flatten().tolist()]), label, corpus
 
-    def on_batch(batch: Batch, logits: torch.Tensor) -> None:
-        tokens = batch.tokens.to(logits.device)
-        mask = batch.attention_mask.to(logits.device).bool()
+
+class _NextTokenLosses:
+    """Next-token losses of every chunk, summed (a measurement that reads the logits).
+
+    ``settings``: the fields of the :class:`PerplexityResult` that the run does not count.
+    """
+
+    reads_input_index = False
+    needs_output = True
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+        self.nll = torch.zeros((), dtype=torch.float64)
+        self.tokens = self.nonfinite = self.chunks = 0
+
+    def hooks(self, batch: Batch) -> HookList:  # noqa: ARG002
+        return []
+
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:
+        assert output is not None
+        tokens = batch.tokens.to(output.device)
+        mask = batch.attention_mask.to(output.device).bool()
         targets = tokens[:, 1:]
         valid = mask[:, 1:]
         losses = F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none"
+            output[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none"
         ).view_as(targets)[valid]
-        totals["nll"] += losses.double().sum().cpu()
-        totals["tokens"] += int(valid.sum())
-        totals["nonfinite"] += int((~torch.isfinite(losses)).sum())
-        totals["chunks"] += int(tokens.shape[0])
+        self.nll += losses.double().sum().cpu()
+        self.tokens += int(valid.sum())
+        self.nonfinite += int((~torch.isfinite(losses)).sum())
+        self.chunks += int(tokens.shape[0])
 
-    run_batches(model, plan, lambda _batch: hooks, progress=progress, desc="perplexity", on_batch=on_batch)
-    nll = float(totals["nll"]) / max(int(totals["tokens"]), 1)
-    return PerplexityResult(
-        provenance=Provenance.of(model),
-        hook_names=hook_names_of(hooks),
-        corpus=label,
-        seq_len=seq_len,
-        prepend_bos=bos,
-        n_chunks=int(totals["chunks"]),
-        n_tokens=int(totals["tokens"]),
-        nll=nll,
-        perplexity=_exp(nll),
-        n_nonfinite=int(totals["nonfinite"]),
-    )
+    def result(self) -> PerplexityResult:
+        nll = float(self.nll) / max(self.tokens, 1)
+        return PerplexityResult(**self.settings, n_chunks=self.chunks, n_tokens=self.tokens, nll=nll,
+                                perplexity=_exp(nll), n_nonfinite=self.nonfinite)
 
 
 def _exp(value: float) -> float:

@@ -25,10 +25,13 @@ import torch
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import HookFn, HookList, Inputs, Provenance
-from massact_lens._core.batching import Batch, plan_batches, run_batches
-from massact_lens.evaluate.embeddings import sentence_embeddings
+from massact_lens._core.batching import Batch, plan_batches
 from massact_lens._core.hook_names import resolve_hook_names
+from massact_lens._core.loop import UserHooks, measure
+from massact_lens._core.results import Result
+from massact_lens._core.types import HookFn, HookList, Inputs, Provenance
+from massact_lens.evaluate.embeddings import sentence_embeddings
+from massact_lens.find.profiles import MassiveProfile
 from massact_lens.interventions import (
     PositionRule,
     TokenTracker,
@@ -40,7 +43,6 @@ from massact_lens.interventions import (
 from massact_lens.interventions.edits import as_dims
 from massact_lens.interventions.lists import check_dims
 from massact_lens.interventions.positions import as_position_rule, run_context
-from massact_lens.find.profiles import MassiveProfile
 
 __all__ = ["PatchHook", "PatchRecorder", "PatchingResult", "massive_patching", "patching_hooks"]
 
@@ -51,8 +53,8 @@ class PatchRecorder:
     """Collects what patch hooks wrote: pass one to :func:`patching_hooks` (``recorder=``).
 
     One row per (hook, target input, position, dim) written. ``target_row`` is the
-    input's index in the stream when the pass was announced (the library's loops
-    do it), else its row in the batch.
+    input's index in the stream when the tracker was told the batch (the library's
+    loop does it), else its row in the batch.
 
     >>> recorder = PatchRecorder()
     >>> recorder("blocks.0.hook_resid_post", 3, [0], (5,), torch.tensor([[1.0]]), torch.tensor([[2.0]]))
@@ -91,8 +93,8 @@ class PatchHook:
     ``source_values[i]`` is ``[n_positions, n_dims]``: the k-th selected source
     position goes to the k-th selected target position of target input ``i`` (or
     of every target when the source is one input). Targets are counted in the
-    stream when the pass was announced (:func:`massact_lens._core.batching.announce`),
-    else within the batch.
+    stream when the tracker was told the batch (the library's loop,
+    :func:`massact_lens._core.loop.measure`, tells it), else within the batch.
     """
 
     #: One ``[n_positions, n_dims]`` tensor per source input.
@@ -190,7 +192,7 @@ def patching_hooks(
         if hooks is None:
             hooks = sorted({n for d in profile.dims for n in d.hook_names}, key=profile.hook_names.index)
         if positions is None:
-            positions = where_massive(profile.min_value, profile.min_ratio)
+            positions = where_massive(profile.criterion.min_value, profile.criterion.min_ratio)
     if not chosen:
         raise ValueError("Say which dims to patch: dims=[...] or a profile with massive dims.")
     rule = as_position_rule(positions or start_token())
@@ -219,34 +221,50 @@ def _record(
     """Per hook point, the source's ``dims`` at the positions ``rule`` selects, per input."""
     plan = plan_batches(model, source, batch_size=1 << 30, prepend_bos=prepend_bos)
     tracker = TokenTracker()
-    tracker_hooks = tracker.hooks(model)
-    recorded: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    values = _SourceValues(tracker, names, dims, rule)
+    measure(model, plan, UserHooks(tracker.hooks(model)), values, progress=False, desc="source")
+    return values.result()
 
-    def reader(name: str) -> HookFn:
+
+class _SourceValues:
+    """Per hook point, the ``dims`` of every input at the positions ``rule`` selects there
+    (``tracker``: the token tracker riding on the same pass)."""
+
+    reads_input_index = False  # one batch: the plan holds the whole source
+    needs_output = False
+
+    def __init__(self, tracker: TokenTracker, names: tuple[str, ...], dims: tuple[int, ...], rule: PositionRule) -> None:
+        self.tracker, self.names, self.dims, self.rule = tracker, names, dims, rule
+        self.recorded: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def hooks(self, batch: Batch) -> HookList:  # noqa: ARG002
+        return [(name, self._reader(name)) for name in self.names]
+
+    def _reader(self, name: str) -> HookFn:
         def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
-            ctx = tracker.context(activation)
-            index = torch.tensor(dims, device=activation.device)
-            selected = rule.select(activation, index, ctx)
+            ctx = self.tracker.context(activation)
+            index = torch.tensor(self.dims, device=activation.device)
+            selected = self.rule.select(activation, index, ctx)
             if selected.ndim == 3:
                 selected = selected.any(dim=-1)
             selected = selected.expand(int(activation.shape[0]), -1) & ctx.real(activation)
-            recorded[name] += [activation[row][selected[row]][:, index].detach().clone() for row in range(int(activation.shape[0]))]
+            self.recorded[name] += [
+                activation[row][selected[row]][:, index].detach().clone() for row in range(int(activation.shape[0]))
+            ]
 
         return read
 
-    def make_hooks(batch: Batch) -> HookList:  # noqa: ARG001
-        return tracker_hooks + [(name, reader(name)) for name in names]
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:
+        pass
 
-    run_batches(model, plan, make_hooks, progress=False, desc="source")
-    return {name: tuple(values) for name, values in recorded.items()}
+    def result(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {name: tuple(values) for name, values in self.recorded.items()}
 
 
 @dataclass(frozen=True)
-class PatchingResult:
+class PatchingResult(Result):
     """How much patching a source's massive entries into targets changed them."""
 
-    #: The model as it was when it ran.
-    provenance: Provenance
     #: The hook points patched, in forward order.
     hook_names: tuple[str, ...]
     #: The feature dims patched.
@@ -259,7 +277,6 @@ class PatchingResult:
     output_cosine: tuple[float, ...]
     #: One row per (hook, target, position, dim) written, with the value before and after.
     entries: pd.DataFrame = field(repr=False)
-
 
     @property
     def mean_output_cosine(self) -> float:

@@ -15,20 +15,20 @@ column a metric: perplexity for a causal LM, embedding cosines for an encoder.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.results import Result
 from massact_lens._core.types import HookList, Provenance, is_causal
-from massact_lens.evaluate._hooks import check_hook_list
-from massact_lens.evaluate.embeddings import _check_pairs, _clean_embeddings, _similarity
+from massact_lens.evaluate._embedding import Reference, similarity
+from massact_lens.evaluate._hooks import check_hook_list, check_pairs
 from massact_lens.evaluate.language_model import Corpus, perplexity
-from massact_lens.interventions import ablation_hooks, check_profile_matches, hook_names_of
 from massact_lens.find.profiles import MassiveProfile
+from massact_lens.interventions import ablation_hooks, check_profile_matches, hook_names_of
 
 __all__ = ["COSINE", "MEAN", "ORIGINAL", "PAIR_COSINE", "PERPLEXITY", "ZERO", "AblationTable", "ablation_table"]
 
@@ -36,14 +36,15 @@ __all__ = ["COSINE", "MEAN", "ORIGINAL", "PAIR_COSINE", "PERPLEXITY", "ZERO", "A
 ORIGINAL, ZERO, MEAN = "Original", "Set to zero", "Set to mean"
 #: Column names of the metrics.
 PERPLEXITY, COSINE, PAIR_COSINE = "perplexity", "cosine to original", "paraphrase cosine"
+#: An ablation row of :func:`ablation_table` (what :func:`massact_lens.interventions.ablation_hooks` sets).
+AblationMode = Literal["zero", "mean"]
+_ROW_NAMES: dict[str, str] = {"zero": ZERO, "mean": MEAN}
 
 
 @dataclass(frozen=True)
-class AblationTable:
+class AblationTable(Result):
     """The paper's Table 3 for one model: one row per setting, one column per metric."""
 
-    #: The model as it was when it ran.
-    provenance: Provenance
     #: The massive dims of the profile the ablations came from (empty without one).
     profile_dims: tuple[int, ...]
     #: The columns, in order.
@@ -54,7 +55,6 @@ class AblationTable:
     hook_names: dict[str, tuple[str, ...]]
     #: ``details[setting][metric]``: the full result (PerplexityResult, SimilarityResult).
     details: dict[str, dict[str, Any]] = field(repr=False)
-
 
     def to_dataframe(self) -> pd.DataFrame:
         """Rows: settings (Original, Set to zero, Set to mean, ...); columns: metrics."""
@@ -88,7 +88,7 @@ def ablation_table(
     sentences: Sequence[str] | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
     corpus: Corpus | None = None,
-    modes: Sequence[str] = ("zero", "mean"),
+    modes: Sequence[AblationMode] = ("zero", "mean"),
     settings: dict[str, Sequence[Any]] | None = None,
     batch_size: int = 16,
     seq_len: int | None = None,
@@ -131,6 +131,46 @@ def ablation_table(
     | Set to zero | 0.64 | 0.75 |
     | Set to mean | 1.00 | 0.81 |
     """
+    sentences, pairs = _default_inputs(model, sentences, pairs, corpus)
+    hook_lists = _hook_lists(model, profile, modes, settings, ablation_kwargs)
+    flat_pairs = check_pairs(pairs)
+    metrics = [name for name, used in ((PERPLEXITY, corpus is not None), (COSINE, sentences is not None),
+                                       (PAIR_COSINE, bool(flat_pairs))) if used]
+    reference = None
+    if sentences is not None:
+        reference = Reference.of(model, sentences, flat_pairs, batch_size=batch_size, progress=progress)
+    values: dict[str, dict[str, float]] = {}
+    details: dict[str, dict[str, Any]] = {}
+    for name, hooks in hook_lists.items():
+        values[name], details[name] = {}, {}
+        if corpus is not None:
+            result = perplexity(model, corpus, fwd_hooks=hooks, seq_len=seq_len, batch_size=batch_size,
+                                max_tokens=max_tokens, prepend_bos=prepend_bos, progress=progress)
+            values[name][PERPLEXITY] = result.perplexity
+            details[name][PERPLEXITY] = result
+        if sentences is not None:
+            moved = similarity(model, sentences, flat_pairs, hooks, reference, batch_size, progress)
+            values[name][COSINE] = moved.mean_cosine
+            details[name][COSINE] = moved
+            if flat_pairs:
+                values[name][PAIR_COSINE] = moved.pair_cosine
+    return AblationTable(
+        provenance=Provenance.of(model),
+        profile_dims=profile.massive_dims if profile is not None else (),
+        metrics=tuple(metrics),
+        values=values,
+        hook_names={name: hook_names_of(hooks) for name, hooks in hook_lists.items()},
+        details=details,
+    )
+
+
+def _default_inputs(
+    model: TransformerLensModel,
+    sentences: Sequence[str] | None,
+    pairs: Sequence[tuple[str, str]] | None,
+    corpus: Corpus | None,
+) -> tuple[Sequence[str] | None, Sequence[tuple[str, str]] | None]:
+    """The sentences and pairs to measure: the built-in ones for an encoder given nothing."""
     causal = is_causal(model)
     if sentences is None and corpus is None and pairs is None:
         if causal:
@@ -142,51 +182,27 @@ def ablation_table(
         raise ValueError("Perplexity needs a causal LM; for this encoder pass sentences= and pairs= instead of corpus=.")
     if pairs is not None and sentences is None:
         sentences = [s for pair in pairs for s in pair]
-    names = {"zero": ZERO, "mean": MEAN}
-    bad = [m for m in modes if m not in names]
+    return sentences, pairs
+
+
+def _hook_lists(
+    model: TransformerLensModel,
+    profile: MassiveProfile | None,
+    modes: Sequence[AblationMode],
+    settings: dict[str, Sequence[Any]] | None,
+    ablation_kwargs: dict[str, Any],
+) -> dict[str, HookList]:
+    """Every row's hook list, built and checked before any forward pass."""
+    bad = [m for m in modes if m not in _ROW_NAMES]
     if bad:
         raise ValueError(f"modes must be among 'zero' and 'mean', not {bad}.")
     if profile is not None:
         check_profile_matches(model, profile)
     hook_lists: dict[str, HookList] = {ORIGINAL: []}
     for mode in modes:
-        hook_lists[names[mode]] = ablation_hooks(model, profile, mode, **ablation_kwargs)  # type: ignore[arg-type]
+        hook_lists[_ROW_NAMES[mode]] = ablation_hooks(model, profile, mode, **ablation_kwargs)
     for name, hooks in (settings or {}).items():
         if name in hook_lists:
             raise ValueError(f"Setting name {name!r} is taken; choose another.")
         hook_lists[name] = check_hook_list(model, hooks)
-    flat_pairs = _check_pairs(pairs)
-
-    metrics: list[str] = []
-    if corpus is not None:
-        metrics.append(PERPLEXITY)
-    if sentences is not None:
-        metrics.append(COSINE)
-    if flat_pairs:
-        metrics.append(PAIR_COSINE)
-    clean = None
-    if sentences is not None:
-        clean = _clean_embeddings(model, sentences, flat_pairs, batch_size, progress)
-    values: dict[str, dict[str, float]] = {}
-    details: dict[str, dict[str, Any]] = {}
-    for name, hooks in hook_lists.items():
-        values[name], details[name] = {}, {}
-        if corpus is not None:
-            result = perplexity(model, corpus, fwd_hooks=hooks, seq_len=seq_len, batch_size=batch_size,
-                                max_tokens=max_tokens, prepend_bos=prepend_bos, progress=progress)
-            values[name][PERPLEXITY] = result.perplexity
-            details[name][PERPLEXITY] = result
-        if sentences is not None:
-            similarity = _similarity(model, sentences, pairs, hooks, clean, batch_size, progress)
-            values[name][COSINE] = similarity.mean_cosine
-            details[name][COSINE] = similarity
-            if flat_pairs:
-                values[name][PAIR_COSINE] = similarity.pair_cosine
-    return AblationTable(
-        provenance=Provenance.of(model),
-        profile_dims=profile.massive_dims if profile is not None else (),
-        metrics=tuple(metrics),
-        values=values,
-        hook_names={name: hook_names_of(hooks) for name, hooks in hook_lists.items()},
-        details=details,
-    )
+    return hook_lists

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,11 @@ import pandas as pd
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.batching import Batch, plan_batches
+from massact_lens._core.hook_names import RESID_POST, attention_hook
+from massact_lens._core.loop import measure
+from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import HookList, Provenance
-from massact_lens._core.batching import Batch, plan_batches, run_batches
 from massact_lens.models.checkpoints import (
     CHECKPOINTS,
     SPECIAL_TOKENS,
@@ -29,17 +32,17 @@ from massact_lens.models.checkpoints import (
     read_config,
 )
 from massact_lens.models.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
-from massact_lens._core.hook_names import RESID_POST, attention_hook
+from massact_lens.training._stats import most_common
 from massact_lens.training.tasks import EVAL_SEED, Task, sequences, task_from_dict
 
 __all__ = ["Evaluation", "results_table", "task_metrics"]
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(CorpusResult):
     """Task metrics, BOS residual peaks and attention masses of one model, per layer.
 
-    Measured on ``n_sequences`` held-out sequences (seed
+    Measured on ``n_inputs`` held-out sequences (seed
     :data:`~massact_lens.training.tasks.EVAL_SEED`), full length (placeholder?, BOS,
     ``seq_len`` task tokens).
 
@@ -59,19 +62,16 @@ class Evaluation:
     trigger queries, on the token before the trigger (the back-copy).
 
     Attributes:
-        provenance: the model measured.
+        layers: every layer of the model, one value of each per-layer field per layer.
         loss: mean next-token cross-entropy over the task targets (nats).
         optimal_loss: the Bayes-optimal loss on the same targets.
         copy_accuracy: arg-max accuracy on the targets after a trigger.
     """
 
-    provenance: Provenance
     variant: str
     task: dict[str, Any]
-    n_sequences: int
     bos_position: int
     hook_names: tuple[str, ...]
-    layers: tuple[int, ...]
     peak_threshold: float
     loss: float
     optimal_loss: float
@@ -85,7 +85,6 @@ class Evaluation:
     attn_prefix: tuple[float, ...]
     attn_prev_trigger: tuple[float, ...]
     checkpoint: str | None = field(default=None)
-
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per layer; the task metrics repeat on every row."""
@@ -105,11 +104,18 @@ class Evaluation:
         return pd.DataFrame(rows)
 
 
-class _Meter:
-    """Per-layer accumulators filled inside hooks, one batch at a time."""
+class _TaskMeter:
+    """Per-layer BOS peaks and attention masses read in hooks, and the task's losses read from
+    the logits, one batch at a time (a measurement).
 
-    def __init__(self, n_layers: int, bos: int, trigger_ids: list[int]) -> None:
-        self.bos = bos
+    ``bos``: the BOS position (1 behind a prefix slot); ``trigger_ids``: the task's triggers.
+    """
+
+    reads_input_index = False
+    needs_output = True
+
+    def __init__(self, n_layers: int, bos: int, trigger_ids: list[int], peak_threshold: float) -> None:
+        self.n_layers, self.bos, self.peak_threshold = n_layers, bos, peak_threshold
         self.triggers = torch.tensor(trigger_ids, dtype=torch.long)
         self.ratio: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
         self.dim: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
@@ -121,7 +127,18 @@ class _Meter:
         self.copy_hits = 0
         self.copies = 0
 
-    def residual(self, layer: int):  # noqa: ANN201
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """The residual points, then the attention patterns, of every layer."""
+        layers = range(self.n_layers)
+        return tuple(RESID_POST.format(layer=i) for i in layers) + tuple(attention_hook("pattern", i) for i in layers)
+
+    def hooks(self, batch: Batch) -> HookList:
+        names = self.hook_names
+        hooks: HookList = [(name, self._residual(i)) for i, name in enumerate(names[: self.n_layers])]
+        return hooks + [(name, self._attention(i, batch.tokens)) for i, name in enumerate(names[self.n_layers :])]
+
+    def _residual(self, layer: int) -> Callable[[torch.Tensor, Any], None]:
         def read(x: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
             x = x.detach().float()
             task = x[:, self.bos :].abs()
@@ -136,7 +153,7 @@ class _Meter:
 
         return read
 
-    def attention(self, layer: int, tokens: torch.Tensor):  # noqa: ANN201
+    def _attention(self, layer: int, tokens: torch.Tensor) -> Callable[[torch.Tensor, Any], None]:
         def read(pattern: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
             p = pattern.detach().float().mean(dim=1)  # [batch, query, key]
             queries = torch.arange(self.bos + 1, p.shape[1], device=p.device)
@@ -153,9 +170,10 @@ class _Meter:
 
         return read
 
-    def logits(self, batch: Batch, logits: torch.Tensor) -> None:
-        tokens = batch.tokens.to(logits.device)
-        predicted = logits[:, self.bos : -1].float()
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:
+        assert output is not None
+        tokens = batch.tokens.to(output.device)
+        predicted = output[:, self.bos : -1].float()
         targets = tokens[:, self.bos + 1 :]
         nll = torch.nn.functional.cross_entropy(predicted.transpose(1, 2), targets, reduction="none")
         self.nll.append(nll.cpu())
@@ -163,9 +181,28 @@ class _Meter:
         self.copy_hits += int(((predicted.argmax(-1) == targets) & after_trigger).sum())
         self.copies += int(after_trigger.sum())
 
-
-def _mode(values: torch.Tensor) -> int:
-    return int(torch.mode(values).values) if values.numel() else -1
+    def result(self) -> dict[str, Any]:
+        """The measured fields of an :class:`Evaluation` (all but the optimal loss and the settings)."""
+        nan = float("nan")
+        ratio = [torch.cat(r) for r in self.ratio]
+        dims = [torch.cat(d) for d in self.dim]
+        modes = [most_common(d) for d in dims]
+        mass = self.mass / self.count[:, [0, 0, 1]].clamp(min=1)
+        fraction = [
+            float(((r >= self.peak_threshold) & (d == m)).double().mean()) for r, d, m in zip(ratio, dims, modes, strict=True)
+        ]
+        return {
+            "loss": float(torch.cat(self.nll).mean()),
+            "copy_accuracy": self.copy_hits / self.copies if self.copies else nan,
+            "bos_peak_ratio": tuple(float(r.median()) for r in ratio),
+            "bos_peak_dim": tuple(modes),
+            "bos_peak_fraction": tuple(fraction),
+            "prefix_peak_ratio": tuple(float(torch.cat(r).median()) if r else nan for r in self.prefix_ratio),
+            "prefix_peak_dim": tuple(most_common(torch.cat(d)) if d else -1 for d in self.prefix_dim),
+            "attn_bos": tuple(float(x) for x in mass[:, 0]),
+            "attn_prefix": tuple(float(x) if self.bos else nan for x in mass[:, 1]),
+            "attn_prev_trigger": tuple(float(x) if self.count[i, 1] else nan for i, x in enumerate(mass[:, 2])),
+        }
 
 
 def _variant(model: TransformerLensModel) -> str:
@@ -204,44 +241,21 @@ def task_metrics(
         raise ValueError("This task does not fit the model's vocabulary or context: evaluate it on the task it was trained on.")
     bos = 0 if variant == "default" else 1
     n_layers = int(model.cfg.n_layers)
-    meter = _Meter(n_layers, bos, task.trigger_ids())
-    resid = [RESID_POST.format(layer=layer) for layer in range(n_layers)]
-    patterns = [attention_hook("pattern", layer) for layer in range(n_layers)]
-
-    def make_hooks(batch: Batch) -> HookList:
-        hooks: HookList = [(name, meter.residual(i)) for i, name in enumerate(resid)]
-        return hooks + [(name, meter.attention(i, batch.tokens)) for i, name in enumerate(patterns)]
-
+    meter = _TaskMeter(n_layers, bos, task.trigger_ids(), peak_threshold)
     plan = plan_batches(model, tokens, batch_size=batch_size)
-    run_batches(model, plan, make_hooks, progress=progress, desc="evaluate", on_batch=meter.logits)
-    nan = float("nan")
-    ratio = [torch.cat(r) for r in meter.ratio]
-    dims = [torch.cat(d) for d in meter.dim]
-    modes = [_mode(d) for d in dims]
+    measure(model, plan, meter, progress=progress, desc="evaluate")
     optimal = task.optimal_nll(tokens[:, bos + 1 :].numpy() - len(SPECIAL_TOKENS))
-    mass = meter.mass / meter.count[:, [0, 0, 1]].clamp(min=1)
     return Evaluation(
         provenance=Provenance.of(model),
+        layers=tuple(range(n_layers)),
+        n_inputs=n_sequences,
         variant=variant,
         task=task.to_dict(),
-        n_sequences=n_sequences,
         bos_position=bos,
-        hook_names=tuple(resid) + tuple(patterns),
-        layers=tuple(range(n_layers)),
+        hook_names=meter.hook_names,
         peak_threshold=peak_threshold,
-        loss=float(torch.cat(meter.nll).mean()),
         optimal_loss=float(np.mean(optimal)),
-        copy_accuracy=meter.copy_hits / meter.copies if meter.copies else nan,
-        bos_peak_ratio=tuple(float(r.median()) for r in ratio),
-        bos_peak_dim=tuple(modes),
-        bos_peak_fraction=tuple(
-            float(((r >= peak_threshold) & (d == m)).double().mean()) for r, d, m in zip(ratio, dims, modes, strict=True)
-        ),
-        prefix_peak_ratio=tuple(float(torch.cat(r).median()) if r else nan for r in meter.prefix_ratio),
-        prefix_peak_dim=tuple(_mode(torch.cat(d)) if d else -1 for d in meter.prefix_dim),
-        attn_bos=tuple(float(x) for x in mass[:, 0]),
-        attn_prefix=tuple(float(x) if bos else nan for x in mass[:, 1]),
-        attn_prev_trigger=tuple(float(x) if meter.count[i, 1] else nan for i, x in enumerate(mass[:, 2])),
+        **meter.result(),
     )
 
 

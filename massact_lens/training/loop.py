@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from massact_lens._core.results import Result
 from massact_lens._core.types import Provenance
 from massact_lens.models.checkpoints import (
     PLACEHOLDERS,
@@ -37,11 +39,10 @@ __all__ = ["TrainResult", "train"]
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(Result):
     """What one training run produced.
 
     Attributes:
-        provenance: the trained model.
         directory: the checkpoint folder (weights, config.json, tokenizer).
         variant, task: what was trained.
         steps: optimisation steps run; tokens: loss targets seen.
@@ -53,7 +54,6 @@ class TrainResult:
         snapshots: the snapshot folders written, in step order.
     """
 
-    provenance: Provenance
     directory: str
     variant: str
     task: dict[str, Any]
@@ -65,7 +65,6 @@ class TrainResult:
     loss_curve: tuple[tuple[int, float], ...]
     evaluation: Evaluation
     snapshots: tuple[str, ...] = ()
-
 
 
 def _versions() -> dict[str, str]:
@@ -134,15 +133,6 @@ def train(
         torch.manual_seed(train_config.seed)
         model = build_model(bridge, variant, train_config.seed)
         set_tokenizer(model, folder)
-        model.train()
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=train_config.lr,
-            betas=(train_config.beta1, train_config.beta2),
-            weight_decay=train_config.weight_decay,
-        )
-        rng = np.random.default_rng(train_config.seed)
-        start = 0 if PLACEHOLDERS[variant] is None else 1
         snapshots: list[str] = []
 
         def snapshot(step: int) -> None:
@@ -152,31 +142,7 @@ def train(
             _copy_tokenizer(folder, target)
             snapshots.append(str(target))
 
-        if train_config.snapshot_every > 0:
-            snapshot(0)
-        losses: list[float] = []
-        curve: list[tuple[int, float]] = []
-        seconds = 0.0
-        cpu_start = time.process_time()
-        bar = tqdm(range(1, train_config.steps + 1), desc=f"train {variant}", disable=not progress)
-        for step in bar:
-            tick = time.perf_counter()
-            tokens = sequences(task, variant, rng, train_config.batch_size)
-            logits = model(tokens[:, :-1], return_type="logits")
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, start:].reshape(-1, logits.shape[-1]), tokens[:, start + 1 :].reshape(-1)
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seconds += time.perf_counter() - tick
-            losses.append(float(loss.detach()))
-            if step % 100 == 0 or step == train_config.steps:
-                curve.append((step, float(np.mean(losses[-100:]))))
-                bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
-            if train_config.snapshot_every > 0 and step % train_config.snapshot_every == 0:
-                snapshot(step)
-        cpu_seconds = time.process_time() - cpu_start
+        curve, seconds, cpu_seconds = _optimise(model, task, variant, train_config, snapshot, progress)
         model.eval()
         evaluation = task_metrics(model, task, n_sequences=train_config.eval_sequences)
         n_tokens = train_config.steps * train_config.batch_size * task.seq_len
@@ -207,3 +173,49 @@ def train(
         evaluation=evaluation,
         snapshots=tuple(snapshots),
     )
+
+
+def _optimise(
+    model: Any,
+    task: Task,
+    variant: str,
+    train_config: TrainConfig,
+    snapshot: Callable[[int], None],
+    progress: bool,
+) -> tuple[list[tuple[int, float]], float, float]:
+    """The optimisation steps, ``snapshot(step)`` where asked: the loss curve, the wall
+    seconds of the steps and the CPU seconds of the loop."""
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=train_config.lr,
+        betas=(train_config.beta1, train_config.beta2),
+        weight_decay=train_config.weight_decay,
+    )
+    rng = np.random.default_rng(train_config.seed)
+    start = 0 if PLACEHOLDERS[variant] is None else 1
+    if train_config.snapshot_every > 0:
+        snapshot(0)
+    losses: list[float] = []
+    curve: list[tuple[int, float]] = []
+    seconds = 0.0
+    cpu_start = time.process_time()
+    bar = tqdm(range(1, train_config.steps + 1), desc=f"train {variant}", disable=not progress)
+    for step in bar:
+        tick = time.perf_counter()
+        tokens = sequences(task, variant, rng, train_config.batch_size)
+        logits = model(tokens[:, :-1], return_type="logits")
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, start:].reshape(-1, logits.shape[-1]), tokens[:, start + 1 :].reshape(-1)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds += time.perf_counter() - tick
+        losses.append(float(loss.detach()))
+        if step % 100 == 0 or step == train_config.steps:
+            curve.append((step, float(np.mean(losses[-100:]))))
+            bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
+        if train_config.snapshot_every > 0 and step % train_config.snapshot_every == 0:
+            snapshot(step)
+    return curve, seconds, time.process_time() - cpu_start

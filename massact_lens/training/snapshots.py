@@ -16,17 +16,18 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from massact_lens._core.results import Result
 from massact_lens._core.types import Provenance
-from massact_lens.models.checkpoints import load_checkpoint, read_config
 from massact_lens.find.scanner import ScanResult, scan
-from massact_lens.training.evaluation import _mode
+from massact_lens.models.checkpoints import load_checkpoint, read_config
+from massact_lens.training._stats import most_common
 from massact_lens.training.tasks import held_out, task_from_dict
 
 __all__ = ["SnapshotScan", "scan_snapshots"]
 
 
 @dataclass(frozen=True)
-class SnapshotScan:
+class SnapshotScan(Result):
     """:func:`massact_lens.scan` of every snapshot of one training run.
 
     Attributes:
@@ -35,11 +36,9 @@ class SnapshotScan:
         results: one :class:`~massact_lens.find.scanner.ScanResult` per step (same inputs).
     """
 
-    provenance: Provenance
     run_dir: str
     steps: tuple[int, ...]
     results: tuple[ScanResult, ...]
-
 
     def to_dataframe(self) -> pd.DataFrame:
         """Per (step, hook): the scan's layer statistics and where top-1 sits most often."""
@@ -48,9 +47,9 @@ class SnapshotScan:
             frame = result.layer_stats()
             frame.insert(0, "step", step)
             hooks = range(len(result.hook_names))
-            frame["top1_dim"] = [_mode(result.dims[:, h, 0]) for h in hooks]
-            frame["top1_position"] = [_mode(result.positions[:, h, 0]) for h in hooks]
-            frame["top1_token"] = [result.token(_mode(result.token_ids[:, h, 0])) for h in hooks]
+            frame["top1_dim"] = [most_common(result.dims[:, h, 0]) for h in hooks]
+            frame["top1_position"] = [most_common(result.positions[:, h, 0]) for h in hooks]
+            frame["top1_token"] = [result.token(most_common(result.token_ids[:, h, 0])) for h in hooks]
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)
 
@@ -94,4 +93,4 @@ def scan_snapshots(
         steps.append(int(read_config(snapshot)["step"]))
         results.append(scan(model, tokens, top_k=top_k, progress=False))
     assert provenance is not None
-    return SnapshotScan(provenance, str(folder), tuple(steps), tuple(results))
+    return SnapshotScan(provenance=provenance, run_dir=str(folder), steps=tuple(steps), results=tuple(results))

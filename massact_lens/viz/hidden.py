@@ -26,8 +26,10 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.batching import Batch, plan_batches, run_batches, token_strings
+from massact_lens._core.batching import Batch, plan_batches, token_strings
 from massact_lens._core.hook_names import layer_of, resolve_hook_names
+from massact_lens._core.loop import measure
+from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import HookList, Provenance, warn_if_processed
 from massact_lens.find.criterion import Criterion
 
@@ -53,11 +55,10 @@ def given_criterion(min_value: float | int | None, min_ratio: float | int | None
 
 
 @dataclass(frozen=True)
-class HiddenStates:
-    """The full hidden states of one input at some hook points.
+class HiddenStates(CorpusResult):
+    """The full hidden states of one input (``n_inputs`` is 1) at some hook points.
 
     Attributes:
-        provenance: the model that was read.
         hook_names: the hook points read, in forward order; ``layers`` their blocks.
         prepend_bos: BOS / [CLS] prepended (None: a token tensor used as given).
         tokens: the token strings; ``token_ids`` the ids.
@@ -66,15 +67,12 @@ class HiddenStates:
             tokenizer (``"##"`` for WordPiece), or None (BPE tokens carry their spaces).
     """
 
-    provenance: Provenance
     hook_names: tuple[str, ...]
-    layers: tuple[int, ...]
     prepend_bos: bool | None
     tokens: tuple[str, ...]
     token_ids: Int[torch.Tensor, " pos"]
     values: Float[torch.Tensor, "n_hooks pos d_model"]
     subword_prefix: str | None = None
-
 
     def hook_index(self, hook: str | int) -> int:
         """Index of a hook point: its name, or a layer (the layer's hook with the largest ``|x|``).
@@ -226,42 +224,61 @@ def hidden_states(
     names = resolve_hook_names(model, hooks, layers)
     plan = plan_batches(model, inputs, batch_size=1, prepend_bos=prepend_bos)
     warn_if_processed(model)
-    read: dict[str, torch.Tensor] = {}
-    seen: list[Batch] = []
-
-    def make_hooks(batch: Batch) -> HookList:
-        seen.append(batch)
-
-        def reader(name: str) -> Any:
-            def read_state(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-                read[name] = activation[0].detach().float().cpu()
-
-            return read_state
-
-        return [(name, reader(name)) for name in names]
-
-    run_batches(model, plan, make_hooks, progress=False, desc="hidden states")
-    missing = [n for n in names if n not in read]
-    if missing:
-        raise RuntimeError(f"Hook points {missing} did not fire during the forward pass.")
-    shapes = {n: tuple(read[n].shape) for n in names}
-    if any(len(s) != 2 for s in shapes.values()) or len({s[1] for s in shapes.values()}) != 1:
-        raise ValueError(
-            f"hidden_states reads [batch, pos, d_model] hidden states of one width; these hook points "
-            f"gave {shapes}. Read attention tensors with massact_lens.attention instead."
-        )
-    ids = seen[0].tokens[0].cpu().long()
+    states = _FullStates(names)
+    measure(model, plan, states, progress=False, desc="hidden states")
+    read, ids = states.result()
     strings = token_strings(model, ids.tolist())
     return HiddenStates(
         provenance=Provenance.of(model),
-        hook_names=names,
         layers=tuple(layer_of(n) for n in names),
+        n_inputs=1,
+        hook_names=names,
         prepend_bos=plan.prepend_bos,
         tokens=tuple(strings[int(i)] for i in ids.tolist()),
         token_ids=ids.clone(),
         values=torch.stack([read[n] for n in names]).clone(),
         subword_prefix=_subword_prefix(model),
     )
+
+
+class _FullStates:
+    """Every entry of one input's hidden states at ``names`` (a measurement over one batch of one input)."""
+
+    reads_input_index = False
+    needs_output = False
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.read: dict[str, torch.Tensor] = {}
+        self.token_ids: torch.Tensor | None = None
+
+    def hooks(self, batch: Batch) -> HookList:
+        self.token_ids = batch.tokens[0].cpu().long()
+        return [(name, self._reader(name)) for name in self.names]
+
+    def _reader(self, name: str) -> Any:
+        def read_state(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            self.read[name] = activation[0].detach().float().cpu()
+
+        return read_state
+
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:
+        pass
+
+    def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The state read at each hook point (checked: all fired, all ``[pos, d_model]`` of one
+        width), and the input's token ids."""
+        missing = [n for n in self.names if n not in self.read]
+        if missing:
+            raise RuntimeError(f"Hook points {missing} did not fire during the forward pass.")
+        shapes = {n: tuple(self.read[n].shape) for n in self.names}
+        if any(len(s) != 2 for s in shapes.values()) or len({s[1] for s in shapes.values()}) != 1:
+            raise ValueError(
+                f"hidden_states reads [batch, pos, d_model] hidden states of one width; these hook points "
+                f"gave {shapes}. Read attention tensors with massact_lens.attention instead."
+            )
+        assert self.token_ids is not None
+        return self.read, self.token_ids
 
 
 def _subword_prefix(model: TransformerLensModel) -> str | None:
