@@ -81,8 +81,13 @@ class UserHooks:
     """Hooks of your own riding along a pass; each function with a ``before_batch(batch)``
     method is told the batch before its forward pass (a token tracker learns the padding).
 
-    >>> UserHooks([]).hooks(None), UserHooks([]).result()
-    ([], None)
+    >>> seen = []
+    >>> class Tracker:
+    ...     def before_batch(self, batch): seen.append(batch.start)
+    ...     def __call__(self, activation, hook): pass
+    >>> batch = Batch(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 5)
+    >>> len(UserHooks([("embed.hook_in", Tracker())]).hooks(batch)), seen
+    (1, [5])
     """
 
     reads_input_index = True
@@ -127,13 +132,28 @@ def _stop(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
     raise _StopForward
 
 
+#: Hook points that fire before block 0: they never keep a pass from stopping early.
+_BEFORE_BLOCKS = ("embed.", "pos_embed.", "hook_embed", "hook_pos_embed")
+
+
 def _stop_point(hooks: HookList) -> str | None:
+    """The block output after which no hook of the pass fires; None (run it all) when a
+    hook is a filter or lies after the blocks (final norm, unembedding).
+
+    >>> _stop_point([("embed.hook_in", print), ("blocks.1.hook_resid_mid", print)])
+    'blocks.1.hook_resid_post'
+    >>> _stop_point([("ln_final.hook_normalized", print)]) is None
+    True
+    """
     names = [name for name, _ in hooks]
     if not names or not all(isinstance(n, str) for n in names):
         return None
+    in_blocks = [n for n in names if not n.startswith(_BEFORE_BLOCKS)]
+    if not in_blocks:
+        return None
     try:
-        return last_block_hook(names)
-    except ValueError:  # a hook outside the blocks (embedding, final norm): run it all
+        return last_block_hook(in_blocks)
+    except ValueError:  # a hook after the blocks: run it all
         return None
 
 

@@ -27,7 +27,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, plan_batches
 from massact_lens._core.hook_names import final_hidden_hook
-from massact_lens._core.loop import UserHooks, _StopForward, measure
+from massact_lens._core.loop import UserHooks, measure
 from massact_lens._core.results import Result
 from massact_lens._core.types import HookList, Inputs, Provenance
 from massact_lens.interventions import hook_names_of
@@ -36,17 +36,14 @@ from massact_lens.interventions import hook_names_of
 class MeanPooled:
     """The mean of one hook point's hidden state over each input's real tokens.
 
-    The pass ends right after that hook point (:func:`embed` reads nothing later): a
-    BERT bridge's untrained MLM head is most of the cost, and the loop would run it
-    whenever a user hook lies outside the blocks (a token tracker on ``embed.hook_in``).
+    The pass ends after that hook point's block (the loop stops after the last block a
+    hook reads; hooks before the blocks, such as a token tracker on ``embed.hook_in``, do
+    not keep it running): a BERT bridge's untrained MLM head is never computed.
 
     >>> pooled = MeanPooled("blocks.0.hook_resid_post", normalize=False)
     >>> batch = Batch(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[1, 1, 0]]), 0)
     >>> (name, read), = pooled.hooks(batch)
     >>> read(torch.tensor([[[1.0], [3.0], [50.0]]]))
-    Traceback (most recent call last):
-    ...
-    massact_lens._core.loop._StopForward
     >>> pooled.result().tolist()
     [[2.0]]
     """
@@ -66,7 +63,6 @@ class MeanPooled:
             real = mask.to(activation.device).float()[..., None]
             pooled = (activation.float() * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
             self.parts.append(pooled.cpu())
-            raise _StopForward  # nothing after the pooled state is read
 
         return [(self.point, read)]
 
