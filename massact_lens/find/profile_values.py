@@ -52,7 +52,7 @@ from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion, Mass
 from massact_lens.find.scan_result import ScanResult
 from massact_lens.find.scanner import scan
 
-__all__ = ["CandidateValues", "ValueStat", "second_pass_values"]
+__all__ = ["ValueStat"]  # CandidateValues, second_pass_values: what profile runs
 
 
 @dataclass(frozen=True)
