@@ -1,12 +1,17 @@
-"""Data-parallel scans, profiles and attention measurements on ``torch.distributed``: shard by rank, merge exactly.
+"""Data-parallel measurements on ``torch.distributed``: shard by rank, merge exactly.
 
-Every rank loads the same model and calls the same function with the whole corpus;
-each scans the contiguous slice :func:`shard` gives it, and the parts are gathered to
-``dst`` and merged in rank order (:meth:`ScanResult.merge`,
-:meth:`MassiveProfile.merge`, and the ``merge`` of the attention results): the result is the one a single process gives. Before any
-forward pass the ranks compare what they are about to do (model provenance, a
-fingerprint of the weights, hooks, corpus size, settings) and all fail together if they
-disagree. Works with gloo (CPU) and NCCL (GPU) process groups; launch with ``torchrun``::
+:func:`run_distributed` runs any verb of the library whose result merges (``scan``,
+``profile``, ``attention_concentration``, ``implicit_bias``, ``token_features``, ...).
+Every rank loads the same model and calls it with the same verb and the whole corpus;
+each measures the contiguous slice :func:`shard` gives it, and the parts are gathered
+to ``dst`` and merged in rank order with the result class's ``merge``
+(:meth:`ScanResult.merge <massact_lens.find.scan_result.ScanResult.merge>`,
+:meth:`MassiveProfile.merge <massact_lens.find.profiles.MassiveProfile.merge>`, ...): the
+result is the one a single process gives. Before any forward pass the ranks compare
+what they are about to do (model provenance, a fingerprint of the weights, the corpus
+size, the verb and every argument) and all fail together if they disagree; a rank whose
+measurement raises stops every rank. Works with gloo (CPU) and NCCL (GPU) process
+groups; launch with ``torchrun``::
 
     torchrun --nproc-per-node 2 -m massact_lens scan --json scan.json
 
@@ -17,38 +22,20 @@ range(6, 8)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from typing import Any
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.types import Provenance
-from massact_lens.attention import (
-    AttentionConcentration,
-    ImplicitBias,
-    TokenFeatures,
-    attention_concentration,
-    implicit_bias,
-    token_features,
-)
-from massact_lens._core.results import Keep
-from massact_lens.attention.keys import Positions, as_rule
-from massact_lens._core.hook_names import resolve_hook_names
-from massact_lens.find.criterion import DELIMITERS, MassiveActivations
-from massact_lens.find.profiles import MassiveProfile, profile
-from massact_lens.find.scanner import ScanResult, scan
+from massact_lens.find.criterion import MassiveSet
 
-__all__ = [
-    "distributed_attention_concentration",
-    "distributed_implicit_bias",
-    "distributed_profile",
-    "distributed_scan",
-    "distributed_token_features",
-    "shard",
-    "weights_fingerprint",
-]
+__all__ = ["run_distributed", "shard", "weights_fingerprint"]
+
+R = TypeVar("R")
 
 
 def shard(n_inputs: int, rank: int, world_size: int) -> range:
@@ -96,7 +83,7 @@ def _check_group() -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "No torch.distributed process group: launch with torchrun and call "
-            "torch.distributed.init_process_group('gloo' or 'nccl') first (or use scan / profile)."
+            "torch.distributed.init_process_group('gloo' or 'nccl') first (or call the verb itself)."
         )
     return dist.get_rank(), dist.get_world_size()
 
@@ -122,18 +109,9 @@ def _inputs_slice(inputs: Any, part: range) -> Any:
     if isinstance(inputs, Sequence):
         return list(inputs[part.start : part.stop])
     raise TypeError(
-        "A distributed scan shards the corpus by index: pass a list of strings or a token "
+        "A distributed measurement shards the corpus by index: pass a list of strings or a token "
         f"tensor, not {type(inputs).__name__}."
     )
-
-
-def _plan(model: TransformerLensModel, inputs: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "provenance": Provenance.of(model).to_dict(),
-        "weights": weights_fingerprint(model),
-        "n_inputs": len(inputs),
-        **settings,
-    }
 
 
 def _gather(local: Any, dst: int) -> list[Any] | None:
@@ -142,151 +120,105 @@ def _gather(local: Any, dst: int) -> list[Any] | None:
     return parts
 
 
-def distributed_scan(
-    model: TransformerLensModel,
-    inputs: Sequence[str] | torch.Tensor,
-    *,
-    dst: int = 0,
-    hooks: str | Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
-    top_k: int = 10,
-    batch_size: int = 16,
-    prepend_bos: bool | None = None,
-    progress: bool = False,
-) -> ScanResult | None:
-    """:func:`massact_lens.scan` split across the ranks of the default process group.
+def _refuse_per_input(name: str) -> None:
+    raise TypeError(
+        f"A distributed measurement cannot shard a key set tied to input indices ({name}: an "
+        "[n_inputs, key_pos] mask, find_massive records): pass a rule, a profile or a [key_pos] mask."
+    )
 
-    Every rank passes the whole corpus; rank ``dst`` returns the merged result, the
-    others ``None``. Identical to one process's ``scan(model, inputs, ...)``.
+
+def _describe(name: str, value: Any) -> Any:
+    """A picklable, comparable stand-in for an argument, the same on every rank that passes
+    the same thing; TypeError for a key set tied to input indices (the slices renumber them)."""
+    if isinstance(value, MassiveSet):
+        if value.per_input:
+            _refuse_per_input(name)
+        return ("massive", value.criterion.describe(), tuple(value.hook_names), value.massive_dims)
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 2:
+            _refuse_per_input(name)
+        data = value.detach().cpu().contiguous()
+        digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()[:16]
+        return ("tensor", tuple(data.shape), str(data.dtype), digest)
+    if isinstance(value, Mapping):
+        return {k: _describe(f"{name}[{k!r}]", v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_describe(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if isinstance(value, set | frozenset):
+        return sorted(repr(v) for v in value)
+    describe = getattr(value, "describe", None)
+    if callable(describe) and not isinstance(value, type):
+        return describe()  # a position rule, a criterion
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return value
+
+
+def _settings(verb: Callable[..., Any], model: Any, inputs: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every argument of the call but the model, the inputs and ``progress``, described."""
+    bound = inspect.signature(verb).bind(model, inputs, *args, **kwargs)  # TypeError: not the verb's arguments
+    bound.apply_defaults()
+    names = list(bound.arguments)[2:]
+    return {name: _describe(name, bound.arguments[name]) for name in names if name != "progress"}
+
+
+def _run_here(verb: Callable[..., R], model: TransformerLensModel, inputs: Any, part: range,
+              args: tuple[Any, ...], kwargs: dict[str, Any]) -> R | None:
+    """The verb on this rank's slice (None for an empty one); if any rank's call raises, every
+    rank raises (its own error, or a RuntimeError naming the rank that failed)."""
+    local, error = None, None
+    if len(part):
+        try:
+            local = verb(model, _inputs_slice(inputs, part), *args, **kwargs)
+        except Exception as caught:  # noqa: BLE001 (told to every rank, then raised)
+            error = caught
+    failures: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for rank, failure in enumerate(failures):
+        if failure is not None:
+            raise RuntimeError(f"Rank {rank} failed ({failure}): every rank stops.")
+    return local
+
+
+def run_distributed(verb: Callable[..., R], model: TransformerLensModel, inputs: Sequence[str] | torch.Tensor,
+                    *args: Any, dst: int = 0, **kwargs: Any) -> R | None:
+    """``verb(model, inputs, *args, **kwargs)`` split across the ranks of the default process group.
+
+    Every rank passes the whole corpus (a list of strings or a token tensor); rank ``dst``
+    returns the merged result (the result class's ``merge``), the others ``None``.
+    Identical to one process's ``verb(model, inputs, ...)`` up to float32 rounding where
+    the batches' shapes differ. ``progress`` defaults to False. The ranks first agree on
+    the model, the weights and every argument (ValueError on every rank, before any
+    forward pass, naming what differs); key sets tied to input indices (find_massive
+    records, an ``[n_inputs, key_pos]`` mask) are refused (TypeError), as the slices
+    renumber the inputs.
+
+    >>> from massact_lens.find import scan
+    >>> from massact_lens.examples import tiny_model
+    >>> run_distributed(scan, tiny_model(), ["a"])  # no process group here
+    Traceback (most recent call last):
+    ...
+    RuntimeError: No torch.distributed process group: launch with torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first (or call the verb itself).
     """
     rank, world = _check_group()
-    names = resolve_hook_names(model, hooks, layers)
-    bos = None if isinstance(inputs, torch.Tensor) else (
-        bool(model.cfg.default_prepend_bos) if prepend_bos is None else bool(prepend_bos)
-    )
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, not {top_k!r}.")
-    _agree(_plan(model, inputs, {"hooks": names, "top_k": top_k, "prepend_bos": bos}))
-    part = shard(len(inputs), rank, world)
-    if len(part):
-        local = scan(model, _inputs_slice(inputs, part), hooks=list(names), top_k=top_k,
-                     batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
-    else:
-        local = ScanResult.empty(Provenance.of(model), names, top_k, bos)
-    parts = _gather(local, dst)
-    return None if parts is None else ScanResult.merge(parts)
-
-
-def distributed_profile(
-    model: TransformerLensModel,
-    inputs: Sequence[str] | torch.Tensor,
-    *,
-    dst: int = 0,
-    min_value: float | int = 100.0,
-    min_ratio: float | int = 1000.0,
-    hooks: str | Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
-    top_k: int = 10,
-    batch_size: int = 16,
-    prepend_bos: bool | None = None,
-    delimiters: frozenset[str] = DELIMITERS,
-    progress: bool = False,
-) -> MassiveProfile | None:
-    """:func:`massact_lens.profile` split across ranks; rank ``dst`` gets the merged profile."""
-    rank, world = _check_group()
-    names = resolve_hook_names(model, hooks, layers)
-    _agree(_plan(model, inputs, {"hooks": names, "top_k": top_k, "prepend_bos": prepend_bos,
-                                 "min_value": min_value, "min_ratio": min_ratio, "delimiters": sorted(delimiters)}))
-    part = shard(len(inputs), rank, world)
-    local = None
-    if len(part):
-        local = profile(model, _inputs_slice(inputs, part), min_value=min_value, min_ratio=min_ratio,
-                        hooks=list(names), top_k=top_k, batch_size=batch_size, prepend_bos=prepend_bos,
-                        delimiters=delimiters, progress=progress)
+    if "progress" in inspect.signature(verb).parameters:
+        kwargs.setdefault("progress", False)
+    settings = _settings(verb, model, inputs, args, kwargs)
+    _agree({
+        "provenance": Provenance.of(model).to_dict(),
+        "weights": weights_fingerprint(model),
+        "n_inputs": len(inputs),
+        "verb": f"{verb.__module__}.{verb.__qualname__}",
+        **settings,
+    })
+    if len(inputs) == 0:
+        raise ValueError("No inputs: pass at least one.")
+    local = _run_here(verb, model, inputs, shard(len(inputs), rank, world), args, kwargs)
     parts = _gather(local, dst)
     if parts is None:
         return None
     found = [p for p in parts if p is not None]
-    if not found:
-        raise ValueError("No rank had an input: pass at least one.")
-    return MassiveProfile.merge(found)
-
-
-# --- attention results ------------------------------------------------------------------
-
-
-def _distributed_attention(function: Any, merge: Any, model: TransformerLensModel, inputs: Sequence[str] | torch.Tensor,
-                           positions: Positions, dst: int, settings: dict[str, Any], kwargs: dict[str, Any]) -> Any:
-    """Shard, run ``function`` on this rank's slice, gather to ``dst`` and ``merge`` there."""
-    rank, world = _check_group()
-    if isinstance(positions, MassiveActivations) or (isinstance(positions, torch.Tensor) and positions.ndim == 2):
-        raise TypeError(
-            "A distributed attention measurement cannot shard a key set tied to input indices (an "
-            "[n_inputs, key_pos] mask, find_massive records): pass a rule, a profile or a [key_pos] mask."
-        )
-    description = as_rule(model, positions, None).describe()
-    _agree(_plan(model, inputs, {"positions": description, **settings}))
-    part = shard(len(inputs), rank, world)
-    local = function(model, _inputs_slice(inputs, part), positions, **kwargs) if len(part) else None
-    parts = _gather(local, dst)
-    if parts is None:
-        return None
-    return merge([p for p in parts if p is not None])
-
-
-def distributed_implicit_bias(
-    model: TransformerLensModel,
-    inputs: Sequence[str] | torch.Tensor,
-    positions: Positions = "start",
-    *,
-    dst: int = 0,
-    layers: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
-    keep: Keep = 8,
-    batch_size: int = 16,
-    prepend_bos: bool | None = None,
-    progress: bool = False,
-) -> ImplicitBias | None:
-    """:func:`massact_lens.implicit_bias` split across ranks; rank ``dst`` gets the merged
-    :class:`~massact_lens.attention.ImplicitBias` (:meth:`~massact_lens.attention.ImplicitBias.merge`),
-    the others ``None``. Key sets tied to input indices are refused (TypeError)."""
-    settings = {"layers": layers, "heads": heads, "keep": keep, "prepend_bos": prepend_bos}
-    return _distributed_attention(implicit_bias, ImplicitBias.merge, model, inputs, positions, dst, settings,
-                                  {**settings, "batch_size": batch_size, "progress": progress})
-
-
-def distributed_attention_concentration(
-    model: TransformerLensModel,
-    inputs: Sequence[str] | torch.Tensor,
-    positions: Positions = "start",
-    *,
-    dst: int = 0,
-    layers: Sequence[int] | None = None,
-    keep: Keep = 1000,
-    batch_size: int = 16,
-    prepend_bos: bool | None = None,
-    progress: bool = False,
-) -> AttentionConcentration | None:
-    """:func:`massact_lens.attention_concentration` split across ranks; rank ``dst`` gets the
-    merged :class:`~massact_lens.attention.AttentionConcentration`, the others ``None``."""
-    settings = {"layers": layers, "keep": keep, "prepend_bos": prepend_bos}
-    return _distributed_attention(attention_concentration, AttentionConcentration.merge, model, inputs, positions, dst,
-                                  settings, {**settings, "batch_size": batch_size, "progress": progress})
-
-
-def distributed_token_features(
-    model: TransformerLensModel,
-    inputs: Sequence[str] | torch.Tensor,
-    positions: Positions = "start",
-    *,
-    dst: int = 0,
-    layers: Sequence[int] | None = None,
-    batch_size: int = 16,
-    prepend_bos: bool | None = None,
-    progress: bool = False,
-) -> TokenFeatures | None:
-    """:func:`massact_lens.attention.token_features` split across ranks; rank ``dst`` gets the
-    merged :class:`~massact_lens.attention.TokenFeatures`, the others ``None``."""
-    settings = {"layers": layers, "prepend_bos": prepend_bos}
-    return _distributed_attention(token_features, TokenFeatures.merge, model, inputs, positions, dst, settings,
-                                  {**settings, "batch_size": batch_size, "progress": progress})
+    return type(found[0]).merge(found)  # type: ignore[attr-defined]

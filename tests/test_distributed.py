@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import massact_lens as ml
-from massact_lens.distributed import distributed_profile, distributed_scan, shard
+from massact_lens.distributed import run_distributed, shard
 from massact_lens.examples import minilm, tiny_model
 from massact_lens.models.planting import plant_massive_activation
 from massact_lens.find.profiles import MassiveProfile
@@ -86,13 +86,13 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     results: dict[str, object] = {}
     try:
         model = _planted()
-        results["uneven"] = distributed_scan(model, _tokens(5), top_k=4)  # 3 + 2 inputs
-        results["one_input"] = distributed_scan(model, _tokens(1), top_k=4)  # rank 1 has none
-        results["profile"] = distributed_profile(minilm(), [
+        results["uneven"] = run_distributed(ml.scan, model, _tokens(5), top_k=4)  # 3 + 2 inputs
+        results["one_input"] = run_distributed(ml.scan, model, _tokens(1), top_k=4)  # rank 1 has none
+        results["profile"] = run_distributed(ml.profile, minilm(), [
             "The cat sat on the mat.", "Paris is the capital of France.", "Please close the door.",
         ], min_value=50, min_ratio=200)
         try:
-            distributed_scan(_planted(seed=rank), _tokens(4))  # ranks load different weights
+            run_distributed(ml.scan, _planted(seed=rank), _tokens(4))  # ranks load different weights
             results["disagree"] = "no error"
         except ValueError as error:
             results["disagree"] = str(error)
@@ -132,5 +132,5 @@ def test_shard_covers_the_corpus_once():
 def test_distributed_scan_without_a_process_group_says_what_to_do():
     assert not (dist.is_available() and dist.is_initialized())
     with pytest.raises(RuntimeError, match="torchrun"):
-        distributed_scan(tiny_model(), _tokens(2))
+        run_distributed(ml.scan, tiny_model(), _tokens(2))
     assert os.environ.get("RANK") is None

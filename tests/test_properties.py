@@ -89,7 +89,7 @@ def test_hidden_state_stats_agree_with_sorting(shape, seed, top_k):
 @SETTINGS
 @given(value=st.floats(1e-3, 1e6), ratio=st.floats(1e-3, 1e6), magnitude=st.floats(0, 1e7), median=st.floats(0, 1e4))
 def test_criterion_is_the_paper_definition(value, ratio, magnitude, median):
-    criterion = ml.massive.Criterion(value, ratio)
+    criterion = ml.find.Criterion(value, ratio)
     passes = bool(criterion.passes(torch.tensor(magnitude, dtype=torch.float64), torch.tensor(median, dtype=torch.float64)))
     assert passes == (magnitude > value and magnitude >= ratio * median)
 

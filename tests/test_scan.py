@@ -278,7 +278,10 @@ def test_longest_first_names_a_bad_input_by_its_own_index(minilm_model, sentence
 
 
 class _Recorder:
-    """A follower that notes which inputs each batch held."""
+    """A measurement riding on the scan's pass that notes which inputs each batch held."""
+
+    needs_output = False
+    reads_input_index = False
 
     def __init__(self) -> None:
         self.seen: list[list[int]] = []
@@ -286,19 +289,27 @@ class _Recorder:
     def hooks(self, batch):
         return []
 
-    def batch_done(self, batch, stats) -> None:
+    def update(self, batch, output) -> None:
         self.seen.append(batch.input_indices)
+
+    def result(self):
+        return self.seen
 
 
 class _IndexReader(_Recorder):
     reads_input_index = True
 
 
-def test_a_follower_sees_inputs_in_order_unless_it_reads_input_index(minilm_model, sentences):
+def test_a_rider_sees_inputs_in_order_unless_it_reads_input_index(minilm_model, sentences):
+    from massact_lens._core.loop import measure, reads_input_index
+    from massact_lens.find._scan_stats import scan_plan
+
     texts = _mixed_lengths(sentences)
     plain, reader = _Recorder(), _IndexReader()
-    ml.scan(minilm_model, texts, batch_size=3, follower=plain, progress=False)
-    ml.scan(minilm_model, texts, batch_size=3, follower=reader, progress=False)
+    for rider in (plain, reader):
+        statistics, plan = scan_plan(minilm_model, texts, batch_size=3, by_length=reads_input_index(rider))
+        measure(minilm_model, plan, statistics, rider, progress=False)
+        assert torch.equal(statistics.result().lengths, ml.scan(minilm_model, texts, progress=False).lengths)
     assert plain.seen == [[0, 1, 2], [3, 4, 5], [6, 7]]  # batch.start + r stays right for it
     order = [i for rows in reader.seen for i in rows]
     assert sorted(order) == list(range(len(texts))) and order != sorted(order)

@@ -73,9 +73,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     model = _load(args.model)
     bos = False if args.no_bos else None
     if _distributed():
-        from massact_lens.distributed import distributed_scan
+        from massact_lens.distributed import run_distributed
 
-        result = distributed_scan(model, prompts, top_k=args.top_k, batch_size=args.batch_size, prepend_bos=bos)
+        result = run_distributed(scan, model, prompts, top_k=args.top_k, batch_size=args.batch_size, prepend_bos=bos)
         if result is None:  # not rank 0: rank 0 prints and writes
             return 0
     else:

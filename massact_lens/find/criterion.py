@@ -43,9 +43,9 @@ import torch
 from jaxtyping import Bool, Float
 
 from massact_lens._core.checks import check_threshold
-from massact_lens._core.types import Provenance
-from massact_lens.find.scanner import ScanResult
 from massact_lens._core.statistics import hidden_state_medians
+from massact_lens._core.types import Provenance
+from massact_lens.find.scan_result import ScanResult
 
 __all__ = [
     "DELIMITERS",
@@ -56,8 +56,6 @@ __all__ = [
     "MassiveActivations",
     "MassiveSet",
     "find_massive",
-    "massive_entries",
-    "passes_criterion",
     "token_kind",
 ]
 
@@ -133,34 +131,58 @@ class Criterion:
         tested = magnitude if dims is None else magnitude[..., dims]
         return self.passes(tested, median[:, None, None]) & real[..., None]
 
+    def among_top(
+        self, values: Float[torch.Tensor, "*states k"], medians: Float[torch.Tensor, "*states"]
+    ) -> Bool[torch.Tensor, "*states k"]:
+        """Which of a scan's top-k entries (signed ``values``, NaN where missing) pass,
+        each against its hidden state's median.
+
+        >>> Criterion(100, 1000).among_top(torch.tensor([[150.0, float("nan")]]), torch.tensor([0.1])).tolist()
+        [[True, False]]
+        """
+        return self.passes(values.abs().nan_to_num(nan=0.0), medians[..., None])
+
+    def find(
+        self, scan_result: ScanResult, *, delimiters: frozenset[str] = DELIMITERS, stacklevel: int = 1
+    ) -> MassiveActivations:
+        """The records of :func:`find_massive` under this criterion (``stacklevel``: where its
+        warnings point, 1 the caller, as :func:`warnings.warn` counts)."""
+        if not isinstance(scan_result, ScanResult):
+            raise TypeError(
+                f"find_massive reads a ScanResult (from massact_lens.scan), not {type(scan_result).__name__}."
+            )
+        scan_result.warn_nonfinite(stacklevel=stacklevel + 2)
+        passes = self.among_top(scan_result.values, scan_result.medians)
+        full = passes.all(dim=-1)
+        if bool(full.any()):
+            warnings.warn(
+                f"In {int(full.sum())} hidden state(s) all top_k={scan_result.top_k} kept entries are massive: "
+                "there may be more. Scan again with a larger top_k.",
+                UserWarning,
+                stacklevel=stacklevel + 1,
+            )
+        records = tuple(_record(scan_result, i, h, r, delimiters) for i, h, r in passes.nonzero().tolist())
+        return MassiveActivations(records, self, scan_result, frozenset(delimiters))
+
     def describe(self) -> str:
         return f"|x| > {self.min_value:g} and >= {self.min_ratio:g} x median"
 
 
-def passes_criterion(
-    magnitude: torch.Tensor, median: torch.Tensor, min_value: float | int, min_ratio: float | int
-) -> torch.Tensor:
-    """``Criterion(min_value, min_ratio).passes(magnitude, median)``.
-
-    >>> passes_criterion(torch.tensor([150.0, 150.0, 90.0]), torch.tensor([0.1, 0.2, 0.01]), 100, 1000)
-    tensor([ True, False, False])
-    """
-    return Criterion(min_value, min_ratio).passes(magnitude, median)
-
-
-def massive_entries(
-    activation: Float[torch.Tensor, "batch pos d_model"],
-    real: Bool[torch.Tensor, "batch pos"],
-    min_value: float | int,
-    min_ratio: float | int,
-    dims: torch.Tensor | None = None,
-) -> Bool[torch.Tensor, "batch pos n_dims"]:
-    """``Criterion(min_value, min_ratio).entries(activation, real, dims)``."""
-    return Criterion(min_value, min_ratio).entries(activation, real, dims)
-
-
-def _check_thresholds(min_value: float | int, min_ratio: float | int) -> None:
-    Criterion(min_value, min_ratio)
+def _record(scan_result: ScanResult, i: int, h: int, r: int, delimiters: frozenset[str]) -> MassiveActivation:
+    position = int(scan_result.positions[i, h, r])
+    token = scan_result.token(int(scan_result.token_ids[i, h, r]))
+    value = float(scan_result.values[i, h, r])
+    return MassiveActivation(
+        layer=scan_result.layers[h],
+        hook_name=scan_result.hook_names[h],
+        input_index=i,
+        position=position,
+        token=token,
+        dim=int(scan_result.dims[i, h, r]),
+        value=value,
+        ratio=abs(value) / float(scan_result.medians[i, h]),
+        kind=token_kind(position, token, delimiters),
+    )
 
 
 @dataclass(frozen=True)
@@ -212,11 +234,10 @@ class MassiveSet(Protocol):
 
 @dataclass(frozen=True)
 class MassiveActivations(Sequence[MassiveActivation]):
-    """The records :func:`find_massive` returns, with the thresholds and the scan they came from."""
+    """The records :func:`find_massive` returns, with the criterion and the scan they came from."""
 
     records: tuple[MassiveActivation, ...]
-    min_value: float
-    min_ratio: float
+    criterion: Criterion
     scan: ScanResult = field(repr=False)
     delimiters: frozenset[str] = DELIMITERS
 
@@ -236,8 +257,12 @@ class MassiveActivations(Sequence[MassiveActivation]):
         return self.scan.hook_names
 
     @property
-    def criterion(self) -> Criterion:
-        return Criterion(self.min_value, self.min_ratio)
+    def min_value(self) -> float:
+        return float(self.criterion.min_value)
+
+    @property
+    def min_ratio(self) -> float:
+        return float(self.criterion.min_ratio)
 
     @property
     def massive_dims(self) -> tuple[int, ...]:
@@ -291,42 +316,7 @@ def find_massive(
     >>> sorted({(r.layer, r.token, r.dim) for r in found})[:3]
     [(0, '[CLS]', 99), (1, '[CLS]', 99), (2, '[CLS]', 99)]
     """
-    _check_thresholds(min_value, min_ratio)
-    if not isinstance(scan_result, ScanResult):
-        raise TypeError(
-            f"find_massive reads a ScanResult (from massact_lens.scan), not {type(scan_result).__name__}."
-        )
-    scan_result.warn_nonfinite(stacklevel=3)
-    values, medians = scan_result.values, scan_result.medians
-    passes = passes_criterion(values.abs().nan_to_num(nan=0.0), medians[..., None], min_value, min_ratio)
-    full = passes.all(dim=-1)
-    if bool(full.any()):
-        n = int(full.sum())
-        warnings.warn(
-            f"In {n} hidden state(s) all top_k={scan_result.top_k} kept entries are massive: "
-            "there may be more. Scan again with a larger top_k.",
-            UserWarning,
-            stacklevel=2,
-        )
-    records = []
-    for i, h, r in passes.nonzero().tolist():
-        position = int(scan_result.positions[i, h, r])
-        token = scan_result.token(int(scan_result.token_ids[i, h, r]))
-        value = float(values[i, h, r])
-        records.append(
-            MassiveActivation(
-                layer=scan_result.layers[h],
-                hook_name=scan_result.hook_names[h],
-                input_index=i,
-                position=position,
-                token=token,
-                dim=int(scan_result.dims[i, h, r]),
-                value=value,
-                ratio=abs(value) / float(medians[i, h]),
-                kind=token_kind(position, token, delimiters),
-            )
-        )
-    return MassiveActivations(tuple(records), float(min_value), float(min_ratio), scan_result, frozenset(delimiters))
+    return Criterion(min_value, min_ratio).find(scan_result, delimiters=delimiters, stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -358,7 +348,7 @@ class DimSummary:
         return self.hook_names[0]
 
 
-def _by_count(counts: dict[str, int]) -> dict[str, int]:
+def by_count(counts: dict[str, int]) -> dict[str, int]:
     """Counts sorted by count (descending), then text: one order however they were summed."""
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -382,7 +372,7 @@ def _dim_summaries(found: MassiveActivations, n_inputs: int) -> tuple[DimSummary
                 last_layer=max(r.layer for r in records),
                 hook_names=tuple(sorted({r.hook_name for r in records}, key=order.__getitem__)),
                 kinds=dict(kinds),
-                tokens=_by_count(tokens),
+                tokens=by_count(tokens),
                 input_fraction=len({r.input_index for r in records}) / n_inputs,
                 max_abs_value=max(abs(r.value) for r in records),
                 max_ratio=max(r.ratio for r in records),

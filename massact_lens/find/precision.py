@@ -2,10 +2,11 @@
 
 A massive activation can be larger than float16 holds (65,504: Gemma-3-270m's reaches
 ~104,000), and half precision rounds a 20,000-valued entry to steps of 16 (float16) or
-128 (bfloat16). :func:`check_range` warns when a scan's values leave (or come near the
-edge of) the model's dtype, or would overflow float16; :func:`compare_precision`
-measures how far a half-precision copy of a model moves each massive value against
-float32, and warns above 1%.
+128 (bfloat16). :func:`check_range` (every scan runs it; it lives beside
+:class:`~massact_lens.find.scan_result.ScanResult`) warns when a scan's values leave (or
+come near the edge of) the model's dtype, or would overflow float16;
+:func:`compare_precision` measures how far a half-precision copy of a model moves each
+massive value against float32, and warns above 1%.
 
 >>> import torch
 >>> from massact_lens.examples import tiny_model
@@ -24,67 +25,22 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import Inputs
+from massact_lens._core.batching import Batch, plan_batches
+from massact_lens._core.loop import measure
+from massact_lens._core.types import HookList, Inputs, Provenance
 from massact_lens.find.criterion import MassiveActivations, find_massive
-from massact_lens.find.scanner import ScanResult, scan
+from massact_lens.find.scan_result import FLOAT16_MAX, check_range
+from massact_lens.find.scanner import scan
 
 __all__ = ["FLOAT16_MAX", "check_range", "compare_precision"]
 
-FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 _HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def check_range(result: ScanResult, *, margin: float = 0.5, stacklevel: int = 2) -> float:
-    """Warn when the scan's largest ``|x|`` leaves or nears the range of a half dtype.
-
-    * The model runs in float16 and some hidden state overflowed (inf / NaN), or a
-      kept value is above ``margin`` x 65,504 (the sums that produce it may overflow).
-    * The model runs in a wider dtype but a value is above float16's 65,504: the same
-      model in float16 would overflow there.
-
-    Returns the largest finite ``|x|`` seen.
-    """
-    finite = result.values[torch.isfinite(result.values)]
-    largest = float(finite.abs().max()) if finite.numel() else 0.0
-    dtype = result.provenance.dtype
-    where = _where_largest(result)
-    if dtype == "float16":
-        if result.nonfinite is not None and bool(result.nonfinite.any()):
-            warnings.warn(
-                f"Hidden states overflowed in float16 (which holds |x| <= {FLOAT16_MAX:,.0f}): massive "
-                "activations can exceed it. Load the model in bfloat16 or float32 "
-                "(load_model(..., dtype=torch.bfloat16)).",
-                RuntimeWarning,
-                stacklevel=stacklevel,
-            )
-        elif largest > margin * FLOAT16_MAX:
-            warnings.warn(
-                f"A massive value of {largest:,.0f} ({where}) is within {1 / margin:g}x of float16's "
-                f"maximum {FLOAT16_MAX:,.0f}: sums that produce it may overflow. Prefer bfloat16 or float32.",
-                RuntimeWarning,
-                stacklevel=stacklevel,
-            )
-    elif largest > FLOAT16_MAX:
-        warnings.warn(
-            f"A massive value of {largest:,.0f} ({where}) exceeds float16's maximum {FLOAT16_MAX:,.0f}: "
-            "this model overflows if run in float16. Use bfloat16 or float32.",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
-    return largest
-
-
-def _where_largest(result: ScanResult) -> str:
-    values = result.values.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    if values.numel() == 0:
-        return "nowhere"
-    i, h, k = (int(x) for x in torch.unravel_index(values.argmax(), values.shape))
-    return f"input {i}, {result.hook_names[h]}, position {int(result.positions[i, h, k])}, dim {int(result.dims[i, h, k])}"
 
 
 def compare_precision(
@@ -108,7 +64,7 @@ def compare_precision(
     Returns one row per entry with both values and the relative difference, and warns
     (``RuntimeWarning``) when any moves by more than ``tolerance`` (1%).
     """
-    ref_p, half_p = (_provenance(m) for m in (reference, half))
+    ref_p, half_p = (Provenance.of(m) for m in (reference, half))
     if half_p.dtype not in _HALF:
         raise ValueError(f"half must run in float16 or bfloat16, not {half_p.dtype}.")
     ref_p.check_same(half_p, "reference and half", ignore=("dtype",))
@@ -137,10 +93,38 @@ def compare_precision(
     return frame
 
 
-def _provenance(model: TransformerLensModel):  # noqa: ANN202
-    from massact_lens._core.types import Provenance
+class _ValuesAt:
+    """A measurement: the values of a model's hidden states at the entries of ``found``."""
 
-    return Provenance.of(model)
+    reads_input_index = True
+    needs_output = False
+
+    def __init__(self, found: MassiveActivations, hook_names: Sequence[str]) -> None:
+        self.hook_names = list(hook_names)
+        self.wanted: dict[int, list[tuple[int, str, int, int]]] = {}
+        for k, r in enumerate(found):
+            self.wanted.setdefault(r.input_index, []).append((k, r.hook_name, r.position, r.dim))
+        self.out = [float("nan")] * len(found)
+
+    def hooks(self, batch: Batch) -> HookList:
+        rows = {row: self.wanted.get(batch.input_index(row), []) for row in range(int(batch.tokens.shape[0]))}
+
+        def reader(name: str):  # noqa: ANN202
+            def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
+                for row, entries in rows.items():
+                    for k, hook_name, position, dim in entries:
+                        if hook_name == name:
+                            self.out[k] = float(activation[row, position, dim].float())
+
+            return read
+
+        return [(name, reader(name)) for name in self.hook_names]
+
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:
+        pass
+
+    def result(self) -> list[float]:
+        return self.out
 
 
 def _values_at(
@@ -152,27 +136,7 @@ def _values_at(
     prepend_bos: bool | None,
 ) -> list[float]:
     """The values of ``model``'s hidden states at the entries of ``found`` (one pass per batch)."""
-    from massact_lens._core.batching import Batch, last_block_hook, plan_batches, run_batches
-
-    wanted: dict[int, list[tuple[int, str, int, int]]] = {}
-    for k, r in enumerate(found):
-        wanted.setdefault(r.input_index, []).append((k, r.hook_name, r.position, r.dim))
-    out = [float("nan")] * len(found)
+    values = _ValuesAt(found, hook_names)
     plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
-
-    def make_hooks(batch: Batch) -> list[tuple[str, object]]:
-        rows = {row: wanted.get(batch.input_index(row), []) for row in range(int(batch.tokens.shape[0]))}
-
-        def reader(name: str):  # noqa: ANN202
-            def read(activation: torch.Tensor, hook: object = None) -> None:  # noqa: ARG001
-                for row, entries in rows.items():
-                    for k, hook_name, position, dim in entries:
-                        if hook_name == name:
-                            out[k] = float(activation[row, position, dim].float())
-
-            return read
-
-        return [(name, reader(name)) for name in hook_names]
-
-    run_batches(model, plan, make_hooks, progress=False, desc="precision", stop_after=last_block_hook(hook_names))
-    return out
+    measure(model, plan, values, progress=False, desc="precision")
+    return values.result()

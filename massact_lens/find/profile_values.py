@@ -16,10 +16,11 @@ dim added, reading nothing else. Before the first batch, the first
 scan batches longest first) are scanned alone (a probe, its numbers
 not kept) to learn the dims to follow: the start token carries them (a dim seen only
 later costs a rerun, never a wrong number). Massive dims are few and fixed (the
-paper's finding), so a profile costs about one scan plus one short input. When the
-statistics run beside the forward pass (:mod:`massact_lens._core.overlap`), a batch's
-findings arrive after the next batch ran: a new dim then reruns both.
-:func:`second_pass_values` is the two-pass way, for a scan made earlier.
+paper's finding), so a profile costs about one scan plus one short input.
+:class:`CandidateValues` is a :class:`~massact_lens._core.loop.Measurement` that runs
+after the scan's own (:class:`~massact_lens.find._scan_stats.ScanStatistics`) in the
+same pass and reads that batch's statistics from it. :func:`second_pass_values` is the
+two-pass way, for a scan made earlier.
 
 >>> import torch
 >>> from massact_lens.examples import tiny_model
@@ -43,12 +44,15 @@ from typing import Any
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.batching import Batch, BatchPlan, plan_batches
+from massact_lens._core.loop import UserHooks, measure
 from massact_lens._core.types import HookList, Inputs
-from massact_lens._core.batching import Batch, BatchPlan, last_block_hook, plan_batches, run_batches
-from massact_lens.find.criterion import TOKEN_KINDS, MassiveActivations, passes_criterion
-from massact_lens.find.scanner import ScanResult
+from massact_lens.find._scan_stats import ScanStatistics
+from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion, MassiveActivations
+from massact_lens.find.scan_result import ScanResult
+from massact_lens.find.scanner import scan
 
-__all__ = ["CandidateValues", "ValueStat", "second_pass_values"]
+__all__ = ["ValueStat"]  # CandidateValues, second_pass_values: what profile runs
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,53 @@ class _Followed:
         return tuple(out)
 
 
+def _ignore(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
+    pass
+
+
 def _add(sums: torch.Tensor, h: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     sums[h, 0].index_add_(0, keys, torch.ones_like(values))
     sums[h, 1].index_add_(0, keys, values)
     sums[h, 2].index_add_(0, keys, values * values)
+
+
+class _FollowedValues:
+    """The second pass as a measurement: at every hook, the values of the followed
+    entries of the batch's inputs, summed into ``sums``."""
+
+    reads_input_index = True
+    needs_output = False
+
+    def __init__(self, followed: _Followed, hook_names: tuple[str, ...]) -> None:
+        self.followed, self.hook_names = followed, hook_names
+        self.sums = torch.zeros(len(hook_names), 3, followed.n_keys, dtype=torch.float64)
+
+    def hooks(self, batch: Batch) -> HookList:
+        rows, pos, dim, keys = [], [], [], []
+        for row in range(batch.tokens.shape[0]):
+            for p, d, key in self.followed.per_input.get(batch.input_index(row), ()):
+                rows.append(row)
+                pos.append(p)
+                dim.append(d)
+                keys.append(key)
+        if not rows:  # nothing to read, but the pass still stops after the last block read
+            return [(name, _ignore) for name in self.hook_names]
+        index = [torch.tensor(v, dtype=torch.long) for v in (rows, pos, dim, keys)]
+
+        def reader(h: int):  # noqa: ANN202
+            def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
+                r, p, d, _ = (t.to(activation.device) for t in index)
+                _add(self.sums, h, index[3], activation.detach()[r, p, d].double().cpu())
+
+            return read
+
+        return [(name, reader(h)) for h, name in enumerate(self.hook_names)]
+
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:
+        pass
+
+    def result(self) -> torch.Tensor:
+        return self.sums
 
 
 def second_pass_values(
@@ -147,30 +194,10 @@ def second_pass_values(
     if len(found) == 0:
         return ()
     followed = _Followed.of(found)
-    sums = torch.zeros(len(result.hook_names), 3, followed.n_keys, dtype=torch.float64)
+    values = _FollowedValues(followed, result.hook_names)
     plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos, by_length=True)
-
-    def make_hooks(batch: Batch) -> HookList:
-        rows, pos, dim, keys = [], [], [], []
-        for row in range(batch.tokens.shape[0]):
-            for p, d, key in followed.per_input.get(batch.input_index(row), ()):
-                rows.append(row)
-                pos.append(p)
-                dim.append(d)
-                keys.append(key)
-        index = [torch.tensor(v, dtype=torch.long) for v in (rows, pos, dim, keys)]
-
-        def reader(h: int):  # noqa: ANN202
-            def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
-                r, p, d, _ = (t.to(activation.device) for t in index)
-                _add(sums, h, index[3], activation.detach()[r, p, d].double().cpu())
-
-            return read
-
-        return [(name, reader(h)) for h, name in enumerate(result.hook_names)] if rows else []
-
-    run_batches(model, plan, make_hooks, progress=progress, desc="profile", stop_after=last_block_hook(result.hook_names))
-    return followed.stats(sums, result)
+    measure(model, plan, values, progress=progress, desc="profile")
+    return followed.stats(values.result(), result)
 
 
 #: Tokens of the first batch's first input the probe scans (the start token and its neighbours).
@@ -178,34 +205,38 @@ PROBE_TOKENS = 64
 
 
 class CandidateValues:
-    """Follows the massive entries in the scan's own pass (a :class:`~massact_lens.find.scanner.BatchFollower`).
+    """Follows the massive entries in the scan's own pass: a measurement that runs after
+    ``statistics`` (the scan's) in the same :func:`~massact_lens._core.loop.measure` call
+    and reads the batch's statistics from it in :meth:`update`.
 
     Keeps, for each (input, position, dim) that passes the criterion at some hook, its
     value at every hook (float32, as read): a few numbers per input, like the scan's
     own records. ``reruns`` counts the batches run a second time for a new dim.
+    :meth:`result` is the profile's value statistics.
     """
 
-    reads_input_index = True  # its rows are named by Batch.input_index: the scan may batch longest first
+    reads_input_index = True  # its rows are named by Batch.input_index: the plan may run longest first
+    needs_output = False
 
     def __init__(
         self,
         model: TransformerLensModel,
-        hook_names: tuple[str, ...],
-        min_value: float | int,
-        min_ratio: float | int,
-        top_k: int = 10,
+        statistics: ScanStatistics,
+        criterion: Criterion,
+        delimiters: frozenset[str] = DELIMITERS,
     ) -> None:
         self.model = model
-        self.hook_names = hook_names
-        self.min_value, self.min_ratio = float(min_value), float(min_ratio)
-        self.top_k = top_k
+        self.statistics = statistics
+        self.hook_names = statistics.hook_names
+        self.criterion = criterion
+        self.delimiters = frozenset(delimiters)
         self.dims: list[int] = []  # followed so far, in the order they appeared
         self.reruns = 0
         self.probed = False
-        # Per batch (by its first input) until batch_done: the dims followed, the columns read.
-        self._open: dict[int, tuple[tuple[int, ...], list[torch.Tensor | None]]] = {}
+        self._open: tuple[tuple[int, ...], list[torch.Tensor | None]] | None = None  # this batch's dims and columns
         self._keys: list[tuple[int, int, int]] = []
         self._values: list[torch.Tensor] = []  # [n_entries, n_hooks] per batch
+        self._found: MassiveActivations | None = None
 
     def _capture(self, dims: tuple[int, ...]) -> tuple[HookList, list[torch.Tensor | None]]:
         columns: list[torch.Tensor | None] = [None] * len(self.hook_names)
@@ -226,44 +257,43 @@ class CandidateValues:
             self._probe(batch)
         dims = tuple(self.dims)
         hooks, columns = self._capture(dims)
-        self._open[batch.start] = (dims, columns)
+        self._open = (dims, columns)
         return hooks
 
     def _probe(self, batch: Batch) -> None:
         """Scan the start of the batch's first input alone and follow its massive dims from the
         first batch on: the first batch then runs again only for dims that start lacks. The
         probe's numbers are not kept (the pass itself measures that input)."""
-        from massact_lens.find.scanner import scan
-
         self.probed = True
         length = min(int(batch.attention_mask[0].sum()), PROBE_TOKENS)
         with warnings.catch_warnings():  # the pass itself warns about what it meets
             warnings.simplefilter("ignore")
-            probe = scan(self.model, batch.tokens[:1, :length], hooks=list(self.hook_names), top_k=self.top_k,
-                         progress=False)
+            probe = scan(self.model, batch.tokens[:1, :length], hooks=list(self.hook_names),
+                         top_k=self.statistics.top_k, progress=False)
         stats = (probe.values, probe.positions, probe.dims, probe.token_ids, probe.medians, probe.nonfinite)
         self.dims.extend(sorted(set(self._entries(stats)[:, 2].tolist())))
 
     def _entries(self, stats: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(row, position, dim) of every entry of a batch's statistics that passes the criterion."""
         values, positions, dims, _, medians, _ = stats
-        passes = passes_criterion(values.abs().nan_to_num(nan=0.0), medians[..., None], self.min_value, self.min_ratio)
-        rows, hooks, ranks = passes.nonzero(as_tuple=True)
+        rows, hooks, ranks = self.criterion.among_top(values, medians).nonzero(as_tuple=True)
         found = torch.stack([rows, positions[rows, hooks, ranks].long(), dims[rows, hooks, ranks].long()], dim=1)
         return torch.unique(found, dim=0)
 
-    def batch_done(self, batch: Batch, stats: tuple[torch.Tensor, ...]) -> None:
-        used, columns = self._open.pop(batch.start)
-        entries = self._entries(stats)
+    def update(self, batch: Batch, output: torch.Tensor | None) -> None:  # noqa: ARG002
+        if self._open is None:
+            raise RuntimeError("update() before hooks(): the batch's readers were never attached.")
+        (used, columns), self._open = self._open, None
+        entries = self._entries(self.statistics.batch_stats)
         if len(entries) == 0:
             return
         found = set(entries[:, 2].tolist())
         if found - set(used):  # values at earlier hooks were not copied: run this batch again, reading only
-            self.dims.extend(sorted(found - set(self.dims)))  # (another batch may have added some)
+            self.dims.extend(sorted(found - set(self.dims)))
             used = tuple(self.dims)
             hooks, columns = self._capture(used)
             plan = BatchPlan(batches=[batch], n_inputs=int(batch.tokens.shape[0]), prepend_bos=None)
-            run_batches(self.model, plan, lambda _b: hooks, progress=False, stop_after=last_block_hook(self.hook_names))
+            measure(self.model, plan, UserHooks(hooks), progress=False)
             self.reruns += 1
         if any(c is None for c in columns):
             raise RuntimeError("A followed hook did not fire in this forward pass: the model never reached it.")
@@ -272,9 +302,20 @@ class CandidateValues:
         self._values.append(stacked[:, entries[:, 0], entries[:, 1], column].T.contiguous())
         self._keys += [(batch.input_index(r), p, d) for r, p, d in entries.tolist()]
 
+    def found(self, stacklevel: int = 1) -> MassiveActivations:
+        """The scan's massive records under the criterion (made once; ``stacklevel`` as
+        :func:`warnings.warn` counts, for their warnings)."""
+        if self._found is None:
+            self._found = self.criterion.find(self.statistics.result(), delimiters=self.delimiters,
+                                              stacklevel=stacklevel + 1)
+        return self._found
+
+    def result(self) -> tuple[ValueStat, ...]:
+        """The profile's value statistics of the massive entries the scan found."""
+        return self.value_stats(self.statistics.result(), self.found(stacklevel=2))
+
     def value_stats(self, result: ScanResult, found: MassiveActivations) -> tuple[ValueStat, ...]:
-        """The profile's value statistics of the entries ``found`` in ``result`` (the scan
-        made in the same pass)."""
+        """The value statistics of the entries ``found`` in ``result`` (the scan made in the same pass)."""
         if len(found) == 0:
             return ()
         followed = _Followed.of(found)

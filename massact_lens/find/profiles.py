@@ -24,44 +24,46 @@ from typing import Any, ClassVar
 import pandas as pd
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.hook_names import layer_of
+from massact_lens._core.loop import measure
+from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import Inputs, Provenance
-from massact_lens._core.hook_names import resolve_hook_names
-from massact_lens.find.criterion import (
-    DELIMITERS,
-    TOKEN_KINDS,
-    Criterion,
-    DimSummary,
-    _by_count,
-    _check_thresholds,
-    find_massive,
-)
+from massact_lens.find._scan_stats import scan_plan
+from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion, DimSummary, by_count
 from massact_lens.find.profile_values import CandidateValues, ValueStat, pooled, second_pass_values
-from massact_lens.find.scanner import ScanResult, scan
+from massact_lens.find.scan_result import ScanResult
 
 __all__ = ["PROFILE_FORMAT", "MassiveProfile", "ValueStat", "profile"]
 
 
-@dataclass(frozen=True)
-class MassiveProfile:
+@dataclass(frozen=True, kw_only=True)
+class MassiveProfile(CorpusResult):
     """The cross-input picture of a model's massive activations. Save/load as JSON.
 
     ``stats`` hold, for every scanned hook (also those where the entry is not
     massive), the value of each (input, position, dim) that is massive somewhere in
     that input, grouped by token kind: the means "set to mean" ablation uses.
+    ``layers``: the blocks of ``hook_names``.
     """
 
-    provenance: Provenance
     hook_names: tuple[str, ...]
     prepend_bos: bool | None
-    min_value: float
-    min_ratio: float
-    n_inputs: int
+    criterion: Criterion
     dims: tuple[DimSummary, ...]
     stats: tuple[ValueStat, ...]
     delimiters: tuple[str, ...] = tuple(sorted(DELIMITERS))
 
     #: A profile pools its inputs (see :class:`~massact_lens.find.criterion.MassiveSet`).
     per_input: ClassVar[bool] = False
+    merge_same: ClassVar[tuple[str, ...]] = ("hook_names", "prepend_bos", "criterion", "delimiters")
+
+    @property
+    def min_value(self) -> float:
+        return float(self.criterion.min_value)
+
+    @property
+    def min_ratio(self) -> float:
+        return float(self.criterion.min_ratio)
 
     @property
     def massive_dims(self) -> tuple[int, ...]:
@@ -74,10 +76,6 @@ class MassiveProfile:
     def last_layer(self) -> int:
         """The last layer where an entry is massive (-1: none)."""
         return max((d.last_layer for d in self.dims), default=-1)
-
-    @property
-    def criterion(self) -> Criterion:
-        return Criterion(self.min_value, self.min_ratio)
 
     def mean_value(self, hook_name: str, dim: int, kind: str) -> float:
         """The mean signed value at (hook, dim, token kind); KeyError if never massive there."""
@@ -96,12 +94,12 @@ class MassiveProfile:
         return pd.DataFrame([asdict(d) for d in self.dims])
 
     @classmethod
-    def merge(cls, parts: Sequence[MassiveProfile]) -> MassiveProfile:
-        """One profile from profiles of disjoint slices of a corpus, in order.
+    def _merged(cls, parts: list[MassiveProfile]) -> MassiveProfile:
+        """One profile from profiles of disjoint slices of a corpus, in order (:meth:`merge`).
 
         The same as profiling the concatenated inputs (counts and maxima exactly; means
         and spreads pooled, equal to float64 rounding). The parts must come from the
-        same model, hooks, thresholds, BOS setting and delimiters (ValueError otherwise).
+        same model, hooks, criterion, BOS setting and delimiters (ValueError otherwise).
         A part with no input (an empty shard) is allowed.
 
         >>> from massact_lens.examples import minilm
@@ -111,18 +109,7 @@ class MassiveProfile:
         >>> MassiveProfile.merge([a, b]).n_inputs
         2
         """
-        parts = list(parts)
-        if not parts:
-            raise ValueError("MassiveProfile.merge needs at least one profile.")
         first = parts[0]
-        for i, part in enumerate(parts[1:], 1):
-            first.provenance.check_same(part.provenance, f"Profiles 0 and {i}")
-            for name in ("hook_names", "prepend_bos", "min_value", "min_ratio", "delimiters"):
-                if getattr(part, name) != getattr(first, name):
-                    raise ValueError(
-                        f"Profiles 0 and {i} differ in {name} ({getattr(first, name)!r} != "
-                        f"{getattr(part, name)!r}): profile every slice with the same settings."
-                    )
         n_inputs = sum(p.n_inputs for p in parts)
         order = {name: i for i, name in enumerate(first.hook_names)}
         dims: dict[int, list[tuple[DimSummary, int]]] = defaultdict(list)
@@ -145,7 +132,7 @@ class MassiveProfile:
                     last_layer=max(d.last_layer for d, _ in items),
                     hook_names=tuple(sorted({h for d, _ in items for h in d.hook_names}, key=order.__getitem__)),
                     kinds={k: kinds[k] for k in TOKEN_KINDS if k in kinds},
-                    tokens=_by_count(tokens),
+                    tokens=by_count(tokens),
                     input_fraction=sum(round(d.input_fraction * n) for d, n in items) / n_inputs,
                     max_abs_value=max(d.max_abs_value for d, _ in items),
                     max_ratio=max(d.max_ratio for d, _ in items),
@@ -159,18 +146,31 @@ class MassiveProfile:
         keys = sorted(stats, key=lambda k: (order[k[0]], k[1], TOKEN_KINDS.index(k[2])))
         return cls(
             provenance=first.provenance,
+            layers=first.layers,
+            n_inputs=n_inputs,
             hook_names=first.hook_names,
             prepend_bos=first.prepend_bos,
-            min_value=first.min_value,
-            min_ratio=first.min_ratio,
-            n_inputs=n_inputs,
+            criterion=first.criterion,
             dims=tuple(merged_dims),
             stats=tuple(pooled(stats[k]) for k in keys),
             delimiters=first.delimiters,
         )
 
     def to_json(self) -> str:
-        return json.dumps({"format": PROFILE_FORMAT, **asdict(self)}, indent=1)
+        """The profile as JSON (``layers`` left out: they follow from ``hook_names``)."""
+        data = {
+            "format": PROFILE_FORMAT,
+            "provenance": asdict(self.provenance),
+            "hook_names": list(self.hook_names),
+            "prepend_bos": self.prepend_bos,
+            "min_value": self.min_value,
+            "min_ratio": self.min_ratio,
+            "n_inputs": self.n_inputs,
+            "dims": [asdict(d) for d in self.dims],
+            "stats": [asdict(st) for st in self.stats],
+            "delimiters": list(self.delimiters),
+        }
+        return json.dumps(data, indent=1)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the profile as JSON: the complete file or nothing (a temp name, then a rename)."""
@@ -267,16 +267,17 @@ def _profile_from_dict(data: dict[str, Any], source: str) -> MassiveProfile:
     if not isinstance(delimiters, list) or not all(isinstance(x, str) for x in delimiters):
         raise ValueError(f"{source}: 'delimiters' must be a list of strings.")
     try:
-        Criterion(_field(data, "min_value", number, source), _field(data, "min_ratio", number, source))
+        criterion = Criterion(_field(data, "min_value", number, source), _field(data, "min_ratio", number, source))
+        layers = tuple(layer_of(h) for h in hooks)
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
     return MassiveProfile(
         provenance=provenance,
+        layers=layers,
+        n_inputs=int(_field(data, "n_inputs", (int,), source)),
         hook_names=tuple(hooks),
         prepend_bos=bos,
-        min_value=float(data["min_value"]),
-        min_ratio=float(data["min_ratio"]),
-        n_inputs=int(_field(data, "n_inputs", (int,), source)),
+        criterion=criterion,
         dims=tuple(dims),
         stats=tuple(stats),
         delimiters=tuple(delimiters),
@@ -315,27 +316,28 @@ def profile(
     >>> p.massive_dims
     (99,)
     """
-    _check_thresholds(min_value, min_ratio)
+    criterion = Criterion(min_value, min_ratio)
     if scan_result is None:
-        names = resolve_hook_names(model, hooks, layers)
-        follower = CandidateValues(model, names, min_value, min_ratio, top_k)
-        result = scan(model, inputs, hooks=names, top_k=top_k, batch_size=batch_size, prepend_bos=prepend_bos,
-                      progress=progress, follower=follower)
-        found = find_massive(result, min_value, min_ratio, delimiters=delimiters)
-        stats = follower.value_stats(result, found)
+        statistics, plan = scan_plan(model, inputs, hooks=hooks, layers=layers, top_k=top_k, batch_size=batch_size,
+                                     prepend_bos=prepend_bos)
+        values = CandidateValues(model, statistics, criterion, delimiters)
+        measure(model, plan, statistics, values, progress=progress, desc="profile")
+        result = statistics.checked_result(stacklevel=2)
+        found = values.found(stacklevel=2)
+        stats = values.result()
     elif not isinstance(scan_result, ScanResult):
         raise TypeError(f"scan_result must be a ScanResult, not {type(scan_result).__name__}.")
     else:
         result = scan_result
-        found = find_massive(result, min_value, min_ratio, delimiters=delimiters)
+        found = criterion.find(result, delimiters=delimiters, stacklevel=2)
         stats = second_pass_values(model, inputs, result, found, batch_size, prepend_bos, progress)
     return MassiveProfile(
         provenance=result.provenance,
+        layers=result.layers,
+        n_inputs=result.n_inputs,
         hook_names=result.hook_names,
         prepend_bos=result.prepend_bos,
-        min_value=float(min_value),
-        min_ratio=float(min_ratio),
-        n_inputs=result.n_inputs,
+        criterion=criterion,
         dims=found.dim_summaries(),
         stats=stats,
         delimiters=tuple(sorted(delimiters)),
