@@ -11,11 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from massact_lens.attention import attention_concentration, implicit_bias, token_features
-from massact_lens.distributed import (
-    distributed_attention_concentration,
-    distributed_implicit_bias,
-    distributed_token_features,
-)
+from massact_lens.distributed import run_distributed
 from massact_lens.examples import tiny_model
 
 
@@ -29,12 +25,12 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     results: dict[str, object] = {}
     try:
         model = tiny_model("llama", n_layers=2)
-        results["bias"] = distributed_implicit_bias(model, _tokens(5), [0, 2], keep=4, batch_size=2)  # 3 + 2 inputs
-        results["one_input"] = distributed_implicit_bias(model, _tokens(1), "start")  # rank 1 has none
-        results["sinks"] = distributed_attention_concentration(model, _tokens(5), "start", keep=2, batch_size=2)
-        results["features"] = distributed_token_features(model, _tokens(5), "start", batch_size=2)
-        for name, call in (("disagree", lambda: distributed_implicit_bias(model, _tokens(4), [rank])),
-                           ("per_input", lambda: distributed_implicit_bias(model, _tokens(4), torch.ones(4, 9, dtype=torch.bool)))):
+        results["bias"] = run_distributed(implicit_bias, model, _tokens(5), [0, 2], keep=4, batch_size=2)  # 3 + 2 inputs
+        results["one_input"] = run_distributed(implicit_bias, model, _tokens(1), "start")  # rank 1 has none
+        results["sinks"] = run_distributed(attention_concentration, model, _tokens(5), "start", keep=2, batch_size=2)
+        results["features"] = run_distributed(token_features, model, _tokens(5), "start", batch_size=2)
+        for name, call in (("disagree", lambda: run_distributed(implicit_bias, model, _tokens(4), [rank])),
+                           ("per_input", lambda: run_distributed(implicit_bias, model, _tokens(4), torch.ones(4, 9, dtype=torch.bool)))):
             try:
                 call()
                 results[name] = "no error"
