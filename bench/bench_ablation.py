@@ -24,9 +24,9 @@ import torch
 
 from massact_lens.evaluate import perplexity
 from massact_lens.examples import tiny_model
+from massact_lens.find.profiles import profile
 from massact_lens.interventions import ablation_hooks
 from massact_lens.models.planting import plant_massive_activation
-from massact_lens.find.profiles import profile
 
 
 def main() -> None:

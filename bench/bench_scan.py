@@ -52,9 +52,9 @@ sys.path.insert(0, str(ROOT))
 
 import massact_lens as ml  # noqa: E402
 from massact_lens._core.batching import last_block_hook, plan_batches, run_batches  # noqa: E402
-from massact_lens.examples import minilm  # noqa: E402
 from massact_lens._core.hook_names import residual_hook_names  # noqa: E402
 from massact_lens._core.statistics import hidden_state_stats, lower_medians  # noqa: E402
+from massact_lens.examples import minilm  # noqa: E402
 
 WORDS = ["the", "model", "reads", "a", "long", "sentence", "about", "rivers", "and", "mountains", "while", "the", "night", "falls", "slowly", "over", "quiet", "towns", "where", "people", "sleep", "and", "dream", "of", "distant", "seas"]
 

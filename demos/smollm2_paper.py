@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {
             "model": WEIGHTS,
-            "provenance": ml.model_description(model),
+            "provenance": ml.Provenance.of(model).to_dict(),
             "profile_text": shakespeare_source(args.profile_work),
             "eval_text": shakespeare_source(args.eval_work),
             "criterion": {"min_value": MIN_VALUE, "min_ratio": MIN_RATIO},

@@ -21,7 +21,14 @@ from massact_lens import attention, evaluate, examples, find, interventions
 from massact_lens._core.types import Provenance
 from massact_lens.attention import attention_concentration, implicit_bias
 from massact_lens.evaluate import ablation_table, perplexity
-from massact_lens.find import MassiveActivations, MassiveProfile, ScanResult, find_massive, profile, scan
+from massact_lens.find import (
+    MassiveActivations,
+    MassiveProfile,
+    ScanResult,
+    find_massive,
+    profile,
+    scan,
+)
 from massact_lens.interventions import ablated, ablation_hooks, edited_weights
 from massact_lens.models import load_model
 from massact_lens.trace import lineage

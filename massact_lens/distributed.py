@@ -33,7 +33,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core.types import Provenance
 from massact_lens.find.criterion import MassiveSet
 
-__all__ = ["run_distributed", "shard", "weights_fingerprint"]
+__all__ = ["run_distributed", "shard"]
 
 R = TypeVar("R")
 

@@ -352,8 +352,8 @@ def test_results_are_frozen_and_record_how(models):
 
 
 def test_key_sets_are_position_rules(models):
-    from massact_lens.attention import as_rule, key_mask
     from massact_lens._core.batching import plan_batches
+    from massact_lens.attention import as_rule, key_mask
     from massact_lens.interventions import PositionRule
 
     model = models["gpt2"]

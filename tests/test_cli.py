@@ -134,8 +134,8 @@ def test_arguments_and_output_files_are_checked_before_the_model_loads(tmp_path,
 def test_truncated_weights_are_one_clear_line(tmp_path, capsys):
     import shutil
 
-    from massact_lens.models.checkpoints import CHECKPOINTS, load_checkpoint
     from massact_lens.examples import minilm_dir
+    from massact_lens.models.checkpoints import CHECKPOINTS, load_checkpoint
 
     folders = {"checkpoint": tmp_path / "bb", "huggingface": tmp_path / "hf"}
     shutil.copytree(CHECKPOINTS / "default", folders["checkpoint"])

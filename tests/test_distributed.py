@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 import massact_lens as ml
 from massact_lens.distributed import run_distributed, shard
 from massact_lens.examples import minilm, tiny_model
-from massact_lens.models.planting import plant_massive_activation
 from massact_lens.find.profiles import MassiveProfile
 from massact_lens.find.scanner import ScanResult
+from massact_lens.models.planting import plant_massive_activation
 
 
 def _planted(seed: int = 0):

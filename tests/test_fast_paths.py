@@ -15,13 +15,13 @@ import inspect
 
 import pytest
 import torch
+from massact_lens._core.overlap import Beside, spare_core
 
 from massact_lens import scan
 from massact_lens._core.batching import plan_batches, run_batches
 from massact_lens._core.fast_paths import lean_components
 from massact_lens._core.hook_names import residual_hook_names
 from massact_lens.models.load import load_model
-from massact_lens._core.overlap import Beside, spare_core
 
 
 def _attention_modules(model):

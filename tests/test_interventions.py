@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import massact_lens as ml
 from massact_lens import interventions as iv
 from massact_lens._core.batching import plan_batches, run_batches
-from massact_lens.examples.sentences import SENTENCES
 from massact_lens.evaluate import (
     PatchHook,
     PatchRecorder,
@@ -21,6 +20,7 @@ from massact_lens.evaluate import (
     sentence_embeddings,
 )
 from massact_lens.examples import minilm_dir, tiny_model
+from massact_lens.examples.sentences import SENTENCES
 
 PLANT_DIM = 5  # conftest's planted models: 1000.0 at dim 5 on token 0, from block 1 on
 

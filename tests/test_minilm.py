@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import massact_lens as ml
-from massact_lens.examples import MINILM_SHA256, check_sha256, minilm, minilm_dir
 from massact_lens._core.hook_names import residual_hook_names
+from massact_lens.examples import MINILM_SHA256, check_sha256, minilm, minilm_dir
 from massact_lens.models import weights_processed
 
 

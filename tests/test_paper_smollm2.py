@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import massact_lens as ml
-from massact_lens.examples import corpora
 from massact_lens.evaluate import ablation_table
+from massact_lens.examples import corpora
 from massact_lens.interventions import ablation_hooks
 from massact_lens.trace.writers import lineage
 

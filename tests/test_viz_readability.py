@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from massact_lens import Provenance, scan
+from massact_lens import scan
 from massact_lens._core.types import Provenance
 from massact_lens.attention import AttentionLogits, implicit_bias
 from massact_lens.evaluate import AblationTable

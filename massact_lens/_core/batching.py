@@ -40,9 +40,13 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.fast_paths import (
+    attention_implementation,
+    fast_attention,
+    lean_components,
+    wants_fast_attention,
+)
 from massact_lens._core.types import HookList, Inputs, model_device
-from massact_lens._core.fast_paths import lean_components
-from massact_lens._core.fast_paths import attention_implementation, fast_attention, wants_fast_attention
 
 __all__ = [
     "Batch",

@@ -43,9 +43,14 @@ from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, BatchPlan
+from massact_lens._core.fast_paths import (
+    attention_implementation,
+    fast_attention,
+    lean_components,
+    wants_fast_attention,
+)
 from massact_lens._core.hook_names import RESID_POST, layer_of
 from massact_lens._core.types import HookList, model_device
-from massact_lens._core.fast_paths import attention_implementation, fast_attention, lean_components, wants_fast_attention
 
 __all__ = ["Measurement", "UserHooks", "last_block_hook", "measure", "reads_input_index"]
 

@@ -227,7 +227,7 @@ class Result:
         return cls._merged(check_parts(parts, cls, cls.merge_same))
 
     @classmethod
-    def _merged(cls: type[R], parts: list[R]) -> R:
+    def _merged(cls: type[R], parts: list[R]) -> R:  # noqa: ARG003 (what a merging subclass implements)
         raise TypeError(f"{cls.__name__} results do not merge: run the measurement on the whole corpus.")
 
 

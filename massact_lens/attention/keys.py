@@ -25,6 +25,8 @@ from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, BatchPlan, plan_batches
+from massact_lens.find.criterion import MassiveActivations
+from massact_lens.find.profiles import MassiveProfile
 from massact_lens.interventions.lists import check_profile_matches
 from massact_lens.interventions.positions import (
     PositionRule,
@@ -36,8 +38,6 @@ from massact_lens.interventions.positions import (
     in_any_order,
     start_token,
 )
-from massact_lens.find.criterion import MassiveActivations
-from massact_lens.find.profiles import MassiveProfile
 
 __all__ = ["TOKEN_RULES", "MassiveTokens", "Positions", "as_rule", "key_mask"]
 

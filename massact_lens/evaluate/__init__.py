@@ -14,36 +14,21 @@ from massact_lens.evaluate.embeddings import (
     embedding_similarity,
     sentence_embeddings,
 )
-from massact_lens.evaluate.language_model import Corpus, PerplexityResult, perplexity
+from massact_lens.evaluate.language_model import PerplexityResult, perplexity
 from massact_lens.evaluate.patching import (
     PatchHook,
     PatchingResult,
-    PatchRecorder,
     massive_patching,
     patching_hooks,
 )
 from massact_lens.evaluate.table import (
-    COSINE,
-    MEAN,
-    ORIGINAL,
-    PAIR_COSINE,
-    PERPLEXITY,
-    ZERO,
     AblationTable,
     ablation_table,
 )
 
 __all__ = [
-    "COSINE",
-    "MEAN",
-    "ORIGINAL",
-    "PAIR_COSINE",
-    "PERPLEXITY",
-    "ZERO",
     "AblationTable",
-    "Corpus",
     "PatchHook",
-    "PatchRecorder",
     "PatchingResult",
     "PerplexityResult",
     "SimilarityResult",

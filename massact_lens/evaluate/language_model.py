@@ -42,7 +42,7 @@ from massact_lens.evaluate._hooks import check_hook_list
 from massact_lens.interventions import hook_names_of
 from massact_lens.models.load import hub_reachable
 
-__all__ = ["Corpus", "PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "perplexity"]
 
 #: What :func:`perplexity` reads: strings, a text-file path or dataset name, or token ids.
 Corpus = str | os.PathLike[str] | Sequence[str] | torch.Tensor

@@ -44,7 +44,7 @@ from massact_lens.interventions.edits import as_dims
 from massact_lens.interventions.lists import check_dims
 from massact_lens.interventions.positions import as_position_rule, run_context
 
-__all__ = ["PatchHook", "PatchRecorder", "PatchingResult", "massive_patching", "patching_hooks"]
+__all__ = ["PatchHook", "PatchingResult", "massive_patching", "patching_hooks"]
 
 _COLUMNS = ["hook_name", "target_row", "position", "dim", "before", "after"]
 

@@ -30,7 +30,7 @@ from massact_lens.evaluate.language_model import Corpus, perplexity
 from massact_lens.find.profiles import MassiveProfile
 from massact_lens.interventions import ablation_hooks, check_profile_matches, hook_names_of
 
-__all__ = ["COSINE", "MEAN", "ORIGINAL", "PAIR_COSINE", "PERPLEXITY", "ZERO", "AblationTable", "ablation_table"]
+__all__ = ["AblationTable", "ablation_table"]
 
 #: Row names of the paper's settings.
 ORIGINAL, ZERO, MEAN = "Original", "Set to zero", "Set to mean"

@@ -50,7 +50,6 @@ from massact_lens.find.scan_result import ScanResult
 __all__ = [
     "DELIMITERS",
     "Criterion",
-    "TOKEN_KINDS",
     "DimSummary",
     "MassiveActivation",
     "MassiveActivations",

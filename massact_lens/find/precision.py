@@ -35,10 +35,9 @@ from massact_lens._core.batching import Batch, plan_batches
 from massact_lens._core.loop import measure
 from massact_lens._core.types import HookList, Inputs, Provenance
 from massact_lens.find.criterion import MassiveActivations, find_massive
-from massact_lens.find.scan_result import FLOAT16_MAX, check_range
 from massact_lens.find.scanner import scan
 
-__all__ = ["FLOAT16_MAX", "check_range", "compare_precision"]
+__all__ = ["compare_precision"]
 
 _HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -33,7 +33,7 @@ from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion, DimS
 from massact_lens.find.profile_values import CandidateValues, ValueStat, pooled, second_pass_values
 from massact_lens.find.scan_result import ScanResult
 
-__all__ = ["PROFILE_FORMAT", "MassiveProfile", "ValueStat", "profile"]
+__all__ = ["MassiveProfile", "ValueStat", "profile"]
 
 
 @dataclass(frozen=True, kw_only=True)

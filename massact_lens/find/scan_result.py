@@ -34,7 +34,7 @@ from massact_lens._core.hook_names import layer_of
 from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import Provenance
 
-__all__ = ["FLOAT16_MAX", "ScanResult", "check_range"]
+__all__ = ["ScanResult"]
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 

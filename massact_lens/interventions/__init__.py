@@ -36,7 +36,6 @@ from massact_lens.interventions.lists import (
     hook_names_of,
     intervention_hooks,
 )
-from massact_lens.interventions.weights import edited_weights
 from massact_lens.interventions.positions import (
     PositionRule,
     RunContext,
@@ -50,6 +49,7 @@ from massact_lens.interventions.positions import (
     start_token,
     where_massive,
 )
+from massact_lens.interventions.weights import edited_weights
 
 __all__ = [
     "EditHook",

@@ -20,9 +20,9 @@ import torch
 from jaxtyping import Bool, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import HookList
 from massact_lens._core.batching import Batch
 from massact_lens._core.hook_names import EMBED_TOKENS
+from massact_lens._core.types import HookList
 
 __all__ = ["RunContext", "TokenTracker", "TrackerHook", "default_context"]
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from jaxtyping import Bool, Float, Int
 
+from massact_lens.find.profiles import MassiveProfile
 from massact_lens.interventions.positions import (
     PositionRule,
     TokenTracker,
@@ -30,7 +31,6 @@ from massact_lens.interventions.positions import (
     run_context,
     start_token,
 )
-from massact_lens.find.profiles import MassiveProfile
 
 __all__ = [
     "EditHook",

@@ -20,8 +20,10 @@ from typing import Any
 
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.types import HookFn, HookList, Provenance
 from massact_lens._core.hook_names import layer_of, resolve_hook_names
+from massact_lens._core.types import HookFn, HookList, Provenance
+from massact_lens.find.criterion import TOKEN_KINDS
+from massact_lens.find.profiles import MassiveProfile
 from massact_lens.interventions.edits import EditHook, RuleHook, as_dims, mean_hook
 from massact_lens.interventions.positions import (
     PositionRule,
@@ -31,8 +33,6 @@ from massact_lens.interventions.positions import (
     kind_positions,
     where_massive,
 )
-from massact_lens.find.criterion import TOKEN_KINDS
-from massact_lens.find.profiles import MassiveProfile
 
 __all__ = [
     "ablated",

@@ -22,13 +22,13 @@ from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.hook_names import resolve_hook_names
+from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion
 from massact_lens.interventions.context import (
     RunContext,
     TokenTracker,
     TrackerHook,
     default_context,
 )
-from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion
 
 __all__ = [
     "PositionRule",

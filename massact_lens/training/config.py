@@ -12,7 +12,7 @@ from typing import Any
 from massact_lens.models.checkpoints import PLACEHOLDERS, SPECIAL_TOKENS
 from massact_lens.training.tasks import Task
 
-__all__ = ["ModelConfig", "TrainConfig", "bridge_config", "checkpoint_config"]
+__all__ = ["ModelConfig", "TrainConfig"]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 
 from massact_lens.models.checkpoints import BOS_ID, PLACEHOLDERS, SPECIAL_TOKENS
 
-__all__ = ["EVAL_SEED", "BigramBackcopy", "Task", "TextFile", "held_out", "sequences", "task_from_dict"]
+__all__ = ["BigramBackcopy", "TextFile"]
 
 #: Seed of the held-out evaluation sequences (training draws from ``TrainConfig.seed``).
 EVAL_SEED = 2024

@@ -33,7 +33,7 @@ from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import HookList, Provenance, warn_if_processed
 from massact_lens.find.criterion import Criterion
 
-__all__ = ["VIEW_CRITERIA", "HiddenStates", "given_criterion", "hidden_states"]
+__all__ = ["HiddenStates", "hidden_states"]
 
 #: The (min_value, min_ratio) pairs a view tries when given no thresholds: the paper's, then the
 #: lower pair small models need (``massact_lens.find.criterion.Criterion`` names both).
