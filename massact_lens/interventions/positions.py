@@ -15,6 +15,7 @@ tensor([[ True, False,  True, False]])
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,13 +196,14 @@ class WhereMassive(PositionRule):
             object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
 
     @classmethod
-    def of(cls, criterion: Criterion, hooks: Sequence[str] | None = None, dims: Sequence[int] | None = None) -> WhereMassive:
+    def of(cls, criterion: Criterion, hooks: str | Sequence[str] | None = None, dims: Sequence[int] | None = None) -> WhereMassive:
         """The rule of ``criterion`` (at ``hooks``, in ``dims``)."""
         return cls(criterion.min_value, criterion.min_ratio, hooks, dims)
 
-    @property
+    @functools.cached_property
     def criterion(self) -> Criterion:
-        """The thresholds as a :class:`~massact_lens.find.criterion.Criterion` (ValueError if not positive)."""
+        """The thresholds as one :class:`~massact_lens.find.criterion.Criterion`, built once
+        (ValueError if not positive: checked when the rule is used, not when it is made)."""
         return Criterion(self.min_value, self.min_ratio)
 
     def check(self, model: TransformerLensModel) -> None:
