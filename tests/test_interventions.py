@@ -466,6 +466,10 @@ def test_start_and_bos_are_the_start_token_for_edits(planted, bos_tokens, name):
         assert torch.equal(rule.select(torch.zeros(2, 5, 3), None, ctx), iv.start_token().select(torch.zeros(2, 5, 3), None, ctx))
     value = iv.value_hook(7.0, dims=[0], positions=name)(torch.zeros(1, 3, 2))
     assert value[0, :, 0].tolist() == [7.0, 0.0, 0.0]
+    prof = ml.profile(planted, bos_tokens, progress=False)
+    by_kind = run_recording(planted, bos_tokens, iv.ablation_hooks(planted, prof, "mean", kinds=["start"]), point)
+    by_name = run_recording(planted, bos_tokens, iv.ablation_hooks(planted, prof, "mean", kinds=["start"], positions=name), point)
+    assert torch.equal(by_name, by_kind)
 
 
 _TEXTS = ["The cat sat. It slept, then woke.", "Rain fell all day.", "Hi there, you."]
