@@ -12,7 +12,6 @@ import massact_lens as ml
 from massact_lens import interventions as iv
 from massact_lens._core.batching import BatchPlan, plan_batches
 from massact_lens._core.loop import UserHooks, measure
-from massact_lens.examples.sentences import SENTENCES
 from massact_lens.evaluate import (
     PatchHook,
     PatchRecorder,
@@ -22,6 +21,7 @@ from massact_lens.evaluate import (
     sentence_embeddings,
 )
 from massact_lens.examples import minilm_dir, tiny_model
+from massact_lens.examples.sentences import SENTENCES
 
 PLANT_DIM = 5  # conftest's planted models: 1000.0 at dim 5 on token 0, from block 1 on
 
