@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import massact_lens as ml
 from massact_lens import interventions as iv
-from massact_lens._core.batching import plan_batches, run_batches
+from massact_lens._core.batching import BatchPlan, plan_batches
+from massact_lens._core.loop import UserHooks, measure
 from massact_lens.evaluate import (
     PatchHook,
     PatchRecorder,
@@ -350,7 +351,7 @@ def test_an_announced_one_token_batch_is_a_fresh_sequence_not_a_continuation():
         seen.append(float(tensor[0, 0, 0].detach()))
 
     plan = plan_batches(model, torch.tensor([[5], [6], [7]]), batch_size=1)
-    run_batches(model, plan, lambda batch: hooks + [(point, record)], progress=False)
+    measure(model, plan, UserHooks(hooks + [(point, record)]), progress=False)
     assert seen == [123.0] * 3  # each announced batch starts a sequence
     # Not announced, one token, the batch size of the pass before: a decoding step (generate).
     model.run_with_hooks(torch.tensor([[8]]), fwd_hooks=hooks + [(point, record)])
@@ -447,3 +448,121 @@ def test_other_kind_on_a_vocabulary_without_delimiters():
     assert kind_positions("other", model).describe() == "not start token"
     with pytest.raises(ValueError, match="delimiter"):
         kind_positions("delimiter", model)
+
+
+# --------------------------------------------------------------------- one positions vocabulary
+
+
+@pytest.mark.parametrize("name", ["start", "bos"])
+def test_start_and_bos_are_the_start_token_for_edits(planted, bos_tokens, name):
+    point = "blocks.1.hook_resid_post"
+    by_rule = run_recording(planted, bos_tokens, iv.edit_hooks(planted, iv.zero_hook(dims=[PLANT_DIM], positions=iv.start_token()), hooks=point), point)
+    by_name = run_recording(planted, bos_tokens, iv.edit_hooks(planted, iv.zero_hook(dims=[PLANT_DIM], positions=name), hooks=point), point)
+    assert torch.equal(by_name, by_rule)
+    assert torch.all(by_name[:, 0, PLANT_DIM] == 0.0) and torch.all(by_name[:, 1:, PLANT_DIM] != 0.0)
+    ctx = iv.RunContext(torch.arange(5)[None])
+    for rule in (iv.as_positions(planted, name), iv.zero_hook(positions=name).positions):
+        assert rule.describe() == "start"
+        assert torch.equal(rule.select(torch.zeros(2, 5, 3), None, ctx), iv.start_token().select(torch.zeros(2, 5, 3), None, ctx))
+    value = iv.value_hook(7.0, dims=[0], positions=name)(torch.zeros(1, 3, 2))
+    assert value[0, :, 0].tolist() == [7.0, 0.0, 0.0]
+    prof = ml.profile(planted, bos_tokens, progress=False)
+    by_kind = run_recording(planted, bos_tokens, iv.ablation_hooks(planted, prof, "mean", kinds=["start"]), point)
+    by_name = run_recording(planted, bos_tokens, iv.ablation_hooks(planted, prof, "mean", kinds=["start"], positions=name), point)
+    assert torch.equal(by_name, by_kind)
+
+
+_TEXTS = ["The cat sat. It slept, then woke.", "Rain fell all day.", "Hi there, you."]
+_MARK = 12345.0
+
+
+def _edited_positions(model, plan, positions):
+    """Where ``value_hook(positions=...)`` wrote, per batch of ``plan`` (real tokens only)."""
+    point = "blocks.0.ln2.hook_in"
+    seen: list[torch.Tensor] = []
+
+    def record(tensor, *, hook):
+        seen.append(tensor[..., 0].detach() == _MARK)
+
+    hooks = iv.edit_hooks(model, iv.value_hook(_MARK, dims=[0], positions=positions), hooks=point)
+    measure(model, plan, UserHooks(hooks + [(point, record)]), progress=False)
+    return [mask & batch.attention_mask.bool() for mask, batch in zip(seen, plan.batches, strict=True)]
+
+
+def test_the_edit_side_and_the_attention_side_read_positions_alike(minilm_model):
+    from massact_lens.attention import as_rule, key_mask
+    from massact_lens.find import find_massive, scan
+
+    model = minilm_model
+    first = plan_batches(model, _TEXTS, batch_size=2, by_length=True)
+    plan = BatchPlan(list(first.batches), first.n_inputs, first.prepend_bos)
+    width = max(int(b.tokens.shape[1]) for b in plan.batches)
+    rows = torch.zeros(len(_TEXTS), width, dtype=torch.bool)
+    rows[0, 3] = rows[1, 1] = rows[2, 2] = True
+    period = model.tokenizer.convert_tokens_to_ids(".")
+    records = find_massive(scan(model, _TEXTS, progress=False), 50, 200)
+    assert len(records) > 0
+    kinds = {
+        "name": "start", "alias": "bos", "names": ["start", "delimiters"], "first delimiter": "first_delimiter",
+        "int": 2, "ints": [0, 4], "mask": torch.tensor([False, True, False, True]), "masks": rows,
+        "rule": iv.start_token() | iv.delimiter_positions(model), "callable": lambda batch: batch.tokens == period,
+        "records": records,
+    }
+    for kind, positions in kinds.items():
+        keys = [key_mask(as_rule(model, positions, plan), batch) for batch in plan.batches]
+        edited = _edited_positions(model, plan, positions)
+        assert all(torch.equal(k, e) for k, e in zip(keys, edited, strict=True)), kind
+        assert any(bool(k.any()) for k in keys), kind
+    assert [k[:, 0].all() for k in [key_mask(as_rule(model, records, plan), b) for b in plan.batches]] == [True, True]
+
+
+def test_a_profile_is_one_rule_for_edits_and_key_sets(minilm_model, minilm_profile):
+    from massact_lens.attention import MassiveTokens, as_rule
+
+    key_set = as_rule(minilm_model, minilm_profile, None)
+    hooks = iv.edit_hooks(minilm_model, iv.zero_hook(dims=[99], positions=minilm_profile), hooks="blocks.0.ln2.hook_in")
+    assert isinstance(key_set, MassiveTokens) and hooks[-1][1].positions == key_set
+    assert iv.as_positions(minilm_model, "massive") == MassiveTokens()
+    with pytest.raises(ValueError, match="6 layers and d_model 384"):
+        iv.edit_hooks(tiny_model(), iv.zero_hook(positions=minilm_profile), layers=[0])
+    records = ml.find_massive(ml.scan(minilm_model, ["Rain fell."], progress=False), 50, 200)
+    with pytest.raises(ValueError, match="6 layers and d_model 384"):
+        iv.check_profile_matches(tiny_model(), records)
+    with pytest.raises(TypeError):
+        iv.check_profile_matches(tiny_model(), [1, 2])
+
+
+def test_positions_that_need_the_model_wait_for_the_hook_list(minilm_model):
+    hook = iv.zero_hook(dims=[0], positions="delimiters")
+    with pytest.raises(RuntimeError, match="needs the batch's token ids"):
+        hook(torch.ones(1, 3, 4))
+    with pytest.raises(ValueError, match="tokenizer"):
+        iv.edit_hooks(tiny_model(), hook, layers=[0])
+    bound = iv.edit_hooks(minilm_model, hook, hooks="blocks.0.ln2.hook_in")[-1][1]
+    assert bound.positions.describe() == "delimiters" and bound.positions.needs_tokens
+    tokens = minilm_model.to_tokens("One, two.")
+    store: dict = {}
+    minilm_model.run_with_hooks(tokens, fwd_hooks=iv.edit_hooks(minilm_model, hook, hooks="blocks.0.ln2.hook_in")
+                                + [("blocks.0.ln2.hook_in", recorder(store, "x"))])
+    zeroed = (store["x"][0, :, 0] == 0.0).tolist()
+    words = minilm_model.to_str_tokens(tokens)
+    assert [w for w, z in zip(words, zeroed, strict=True) if z] == [",", "."]
+
+
+def test_bad_positions_and_modes_are_named():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="Unknown position rule"):
+        iv.zero_hook(positions="eos")
+    with pytest.raises(ValueError, match="negative"):
+        iv.zero_hook(positions=[-1])
+    with pytest.raises(ValueError, match=r"\[40\] do not exist"):
+        iv.edit_hooks(model, iv.zero_hook(positions=[40]), layers=[0])
+    with pytest.raises(TypeError):
+        iv.zero_hook(positions=1.5)
+    with pytest.raises(RuntimeError, match="per input"):
+        iv.zero_hook(positions=lambda batch: batch.tokens > 0)(torch.ones(1, 3, 4))
+    with pytest.raises(ValueError, match="kind must be 'start', 'delimiter' or 'other'"):
+        iv.kind_positions("word", model)
+    with pytest.raises(ValueError, match="operation must be 'set' or 'scale'"):
+        iv.EditHook("add", (1.0,), None, iv.all_positions())
+

@@ -24,7 +24,7 @@ from massact_lens._core.batching import Batch
 from massact_lens._core.hook_names import EMBED_TOKENS
 from massact_lens._core.types import HookList
 
-__all__ = ["RunContext", "TokenTracker", "TrackerHook", "default_context"]
+__all__ = ["RunContext", "TokenTracker"]
 
 _POSITIONS_HOOK = "pos_embed.hook_in"
 
@@ -74,8 +74,8 @@ class TokenTracker:
     :meth:`hooks` gives the hook pairs to put *first* in a hook list (the list
     builders of :mod:`massact_lens.interventions` do it). Fresh sequence or
     KV-cache continuation is decided from explicit state: a pass announced with
-    ``before_batch`` (:func:`massact_lens._core.batching.announce`, which
-    :func:`~massact_lens._core.batching.run_batches` calls) is always a fresh sequence;
+    ``before_batch`` (the library's loop, :func:`~massact_lens._core.loop.measure`,
+    tells every hook of a :class:`~massact_lens._core.loop.UserHooks`) is always a fresh sequence;
     a pass *not* announced, of one token and the batch size of the pass before,
     continues that pass (a ``generate()`` decoding step). Where the model has
     position ids (``pos_embed.hook_in``) they are used instead.

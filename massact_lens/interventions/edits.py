@@ -17,32 +17,29 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
 
 from massact_lens.find.profiles import MassiveProfile
+from massact_lens.interventions._checks import (
+    OPERATIONS,
+    TOKEN_KINDS,
+    Operation,
+    TokenKind,
+    check_choice,
+)
+from massact_lens.interventions.coerce import Positions, as_positions
+from massact_lens.interventions.context import TokenTracker
 from massact_lens.interventions.positions import (
     PositionRule,
-    TokenTracker,
     all_positions,
-    as_position_rule,
     run_context,
     start_token,
 )
 
-__all__ = [
-    "EditHook",
-    "RuleHook",
-    "edit_entries",
-    "mean_hook",
-    "scale_hook",
-    "value_hook",
-    "zero_hook",
-]
-
-Operation = Literal["set", "scale"]
+__all__ = ["EditHook", "edit_entries", "mean_hook", "scale_hook", "value_hook", "zero_hook"]
 
 
 @runtime_checkable
@@ -119,8 +116,7 @@ class EditHook:
     tracker: TokenTracker | None = None
 
     def __post_init__(self) -> None:
-        if self.operation not in ("set", "scale"):
-            raise ValueError(f"operation must be 'set' or 'scale', not {self.operation!r}.")
+        check_choice("operation", self.operation, OPERATIONS)
         if not self.amount or any(not math.isfinite(a) for a in self.amount):
             raise ValueError(f"Values must be finite numbers, not {self.amount!r}.")
         if self.dims is not None and len(self.amount) not in (1, len(self.dims)):
@@ -181,53 +177,64 @@ def _amounts(value: float | Sequence[float] | torch.Tensor) -> tuple[float, ...]
     return tuple(float(v) for v in value)
 
 
-def zero_hook(dims: int | Sequence[int] | None = None, positions: PositionRule | None = None) -> EditHook:
+def _rule(positions: Positions | None) -> PositionRule:
+    """``positions=`` of an edit as a rule (default every position); what needs the model
+    (``"delimiters"``, a profile) is completed when the hook list is built."""
+    return all_positions() if positions is None else as_positions(None, positions)
+
+
+def zero_hook(dims: int | Sequence[int] | None = None, positions: Positions | None = None) -> EditHook:
     """Set ``dims`` (default all) to zero at ``positions`` (default all).
+
+    ``positions``: anything :func:`~massact_lens.interventions.as_positions` accepts: a
+    rule, ``"start"`` (or ``"bos"``), ``"delimiters"``, indices, a bool mask, a profile, ...
 
     >>> import torch
     >>> from massact_lens.interventions import at_positions
     >>> x = torch.ones(1, 3, 4)
     >>> zero_hook(dims=[1], positions=at_positions(0))(x)[0, :, 1].tolist()
     [0.0, 1.0, 1.0]
+    >>> zero_hook(dims=[1], positions="bos")
+    EditHook(set to zero, dims [1], at start)
     """
-    return EditHook("set", (0.0,), as_dims(dims), as_position_rule(positions or all_positions()), "set to zero")
+    return EditHook("set", (0.0,), as_dims(dims), _rule(positions), "set to zero")
 
 
 def value_hook(
     value: float | Sequence[float] | torch.Tensor,
     dims: int | Sequence[int] | None = None,
-    positions: PositionRule | None = None,
+    positions: Positions | None = None,
 ) -> EditHook:
-    """Set ``dims`` to ``value`` (one number, or one per dim) at ``positions``.
+    """Set ``dims`` to ``value`` (one number, or one per dim) at ``positions`` (as :func:`zero_hook`).
 
     >>> import torch
     >>> from massact_lens.interventions import start_token
     >>> value_hook([7.0, 8.0], dims=[0, 2], positions=start_token())(torch.zeros(1, 2, 3))[0].tolist()
     [[7.0, 0.0, 8.0], [0.0, 0.0, 0.0]]
     """
-    return EditHook("set", _amounts(value), as_dims(dims), as_position_rule(positions or all_positions()))
+    return EditHook("set", _amounts(value), as_dims(dims), _rule(positions))
 
 
 def scale_hook(
     factor: float | Sequence[float] | torch.Tensor,
     dims: int | Sequence[int] | None = None,
-    positions: PositionRule | None = None,
+    positions: Positions | None = None,
 ) -> EditHook:
-    """Multiply ``dims`` by ``factor`` at ``positions``.
+    """Multiply ``dims`` by ``factor`` at ``positions`` (as :func:`zero_hook`).
 
     >>> import torch
     >>> scale_hook(0.5, dims=1)(torch.full((1, 2, 2), 4.0))[0].tolist()
     [[4.0, 2.0], [4.0, 2.0]]
     """
-    return EditHook("scale", _amounts(factor), as_dims(dims), as_position_rule(positions or all_positions()))
+    return EditHook("scale", _amounts(factor), as_dims(dims), _rule(positions))
 
 
 def mean_hook(
     profile: MassiveProfile | None,
     hook_name: str,
     dims: int | Sequence[int] | None = None,
-    kind: str = "start",
-    positions: PositionRule | None = None,
+    kind: TokenKind = "start",
+    positions: Positions | None = None,
 ) -> EditHook:
     """Set ``dims`` to the profile's mean value at ``hook_name`` for token ``kind``.
 
@@ -249,6 +256,7 @@ def mean_hook(
     chosen = as_dims(dims) or profile.massive_dims
     if not chosen:
         raise ValueError("The profile found no massive dims: pass dims=..., or profile with lower thresholds.")
+    check_choice("kind", kind, TOKEN_KINDS)
     if positions is None:
         if kind != "start":
             raise ValueError(f"For kind={kind!r} pass positions= (e.g. kind_positions({kind!r}, model)).")
@@ -262,5 +270,5 @@ def mean_hook(
                 f"The profile has no mean for hook {hook_name!r}, dim {dim}, token kind {kind!r}: "
                 f"it scanned {list(profile.hook_names)} and found dims {list(profile.massive_dims)}."
             ) from None
-    return EditHook("set", tuple(values), chosen, as_position_rule(positions), "set to mean")
+    return EditHook("set", tuple(values), chosen, _rule(positions), "set to mean")
 

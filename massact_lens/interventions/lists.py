@@ -14,34 +14,29 @@ so the list works alone or concatenated with your hooks in ``run_with_hooks``,
 from __future__ import annotations
 
 import contextlib
-import warnings
+import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.hook_names import layer_of, resolve_hook_names
-from massact_lens._core.types import HookFn, HookList, Provenance
-from massact_lens.find.criterion import TOKEN_KINDS
+from massact_lens._core.types import HookFn, HookList
 from massact_lens.find.profiles import MassiveProfile
-from massact_lens.interventions.edits import EditHook, RuleHook, as_dims, mean_hook
-from massact_lens.interventions.positions import (
-    PositionRule,
-    TokenTracker,
-    TrackerHook,
-    as_position_rule,
-    kind_positions,
-    where_massive,
+from massact_lens.interventions._checks import (
+    ABLATION_MODES,
+    TOKEN_KINDS,
+    AblationMode,
+    TokenKind,
+    check_choice,
 )
+from massact_lens.interventions.coerce import Positions, as_positions, check_profile_matches
+from massact_lens.interventions.context import TokenTracker, TrackerHook
+from massact_lens.interventions.edits import EditHook, RuleHook, as_dims, mean_hook
+from massact_lens.interventions.positions import PositionRule, where_massive
+from massact_lens.interventions.token_rules import kind_positions
 
-__all__ = [
-    "ablated",
-    "ablation_hooks",
-    "check_profile_matches",
-    "edit_hooks",
-    "hook_names_of",
-    "intervention_hooks",
-]
+__all__ = ["ablated", "ablation_hooks", "edit_hooks", "intervention_hooks"]
 
 #: Hook-name endings whose last axis is d_model (dims are checked before running).
 _RESIDUAL_SUFFIXES = (
@@ -79,9 +74,11 @@ def intervention_hooks(model: TransformerLensModel, edits: Sequence[tuple[str, H
     """Validate ``(hook name, hook)`` pairs and make them a self-contained hook list.
 
     Hook names are checked against the model, dims of edit (and patch) hooks
-    against ``d_model`` and position rules against the model, all before any
-    forward pass. Those hooks are bound to one :class:`TokenTracker`, whose hooks
-    come first. Other callables (your own hooks) pass through unchanged, in order.
+    against ``d_model`` and their positions against the model (what an edit was given
+    before the model was known, ``positions="delimiters"`` say, is completed here:
+    :func:`~massact_lens.interventions.as_positions`), all before any forward pass.
+    Those hooks are bound to one :class:`TokenTracker`, whose hooks come first. Other
+    callables (your own hooks) pass through unchanged, in order.
 
     >>> from massact_lens.examples import tiny_model
     >>> from massact_lens.interventions import zero_hook
@@ -109,7 +106,9 @@ def intervention_hooks(model: TransformerLensModel, edits: Sequence[tuple[str, H
         resolve_hook_names(model, name)
         if isinstance(fn, RuleHook):
             check_dims(model, name, fn.dims)
-            fn.positions.check(model)
+            rule = as_positions(model, fn.positions)
+            if rule is not fn.positions:  # completed for this model (RuleHooks are dataclasses)
+                fn = dataclasses.replace(fn, positions=rule)  # type: ignore[type-var]
             fn = fn.bound(tracker) if tracker is not None else fn
         out.append((name, fn))
     return out
@@ -144,67 +143,16 @@ def edit_hooks(
     return intervention_hooks(model, [(name, e) for name in names for e in edits])
 
 
-def _field(provenance: Any, key: str) -> Any:
-    if isinstance(provenance, dict):
-        return provenance.get(key)
-    return getattr(provenance, key, None)
-
-
-def check_profile_matches(model: TransformerLensModel, profile: MassiveProfile) -> None:
-    """Raise ValueError when ``profile`` was measured on a model of another shape.
-
-    Compares layer count and d_model, raw vs processed weights, and that the
-    profile's hook points exist; warns when only the model name differs.
-
-    >>> from massact_lens import profile
-    >>> from massact_lens.examples import minilm, tiny_model
-    >>> p = profile(minilm(), ["Hi."], min_value=50, min_ratio=200, progress=False)
-    >>> check_profile_matches(tiny_model(), p)
-    Traceback (most recent call last):
-    ...
-    ValueError: The profile was measured on a model with 6 layers and d_model 384 (...), but this model has 2 layers and d_model 32. Measure a profile on this model: massact_lens.profile(model, inputs, ...).
-    """
-    if not isinstance(profile, MassiveProfile):
-        raise TypeError(f"profile must be a MassiveProfile (massact_lens.profile(...)), not {type(profile).__name__}.")
-    mine = Provenance.of(model)
-    theirs = profile.provenance
-    shape = (_field(theirs, "n_layers"), _field(theirs, "d_model"))
-    if shape != (mine.n_layers, mine.d_model):
-        raise ValueError(
-            f"The profile was measured on a model with {shape[0]} layers and d_model {shape[1]} "
-            f"({_field(theirs, 'model_name')}), but this model has {mine.n_layers} layers and d_model "
-            f"{mine.d_model}. Measure a profile on this model: massact_lens.profile(model, inputs, ...)."
-        )
-    processed = _field(theirs, "weights_processed")
-    if processed is not None and bool(processed) != mine.weights_processed:
-        state = {True: "processed (folded / centred)", False: "raw"}
-        raise ValueError(
-            f"The profile was measured with {state[bool(processed)]} weights, but this model's weights are "
-            f"{state[mine.weights_processed]}: weight processing shifts every massive value and median, so its "
-            "means do not apply. Profile this model as it is (massact_lens.profile(model, inputs, ...))."
-        )
-    missing = [n for n in profile.hook_names if n not in model.hook_dict]  # type: ignore[attr-defined]
-    if missing:
-        raise ValueError(f"The profile's hook points {missing[:3]} do not exist in this model: it was measured on another architecture.")
-    if _field(theirs, "model_name") != mine.model_name:
-        warnings.warn(
-            f"The profile was measured on {_field(theirs, 'model_name')!r}, this model is {mine.model_name!r} "
-            "(same shape). Mean values only transfer between identical weights.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
 def ablation_hooks(
     model: TransformerLensModel,
     profile: MassiveProfile | None = None,
-    mode: str = "zero",
+    mode: AblationMode = "zero",
     *,
-    layers: Sequence[int] | str | None = None,
+    layers: Sequence[int] | Literal["first"] | None = None,
     dims: int | Sequence[int] | None = None,
     hooks: str | Sequence[str] | None = None,
-    kinds: Sequence[str] | None = None,
-    positions: PositionRule | None = None,
+    kinds: Sequence[TokenKind] | None = None,
+    positions: Positions | None = None,
 ) -> HookList:
     """The paper's ablation as a hook list: massive entries set to zero or to their mean.
 
@@ -229,7 +177,8 @@ def ablation_hooks(
             profile's points.
         kinds: only these token kinds (``"start"``, ``"delimiter"``, ``"other"``).
         positions: one rule for every kind instead of the kinds' rules (with
-            ``"mean"``, select a single kind).
+            ``"mean"``, select a single kind): anything
+            :func:`~massact_lens.interventions.as_positions` accepts.
 
     Raises:
         ValueError: unknown mode; "mean" without a profile; a profile from a model
@@ -245,16 +194,19 @@ def ablation_hooks(
     >>> hooks[2][1]
     EditHook(set to mean, dims [99], at start token)
     """
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"mode must be 'zero' or 'mean', not {mode!r}.")
+    check_choice("mode", mode, ABLATION_MODES)
     if isinstance(layers, str) and layers != "first":
         raise ValueError(f"layers must be a list of layers, None, or 'first', not {layers!r}.")
-    if positions is not None:
-        as_position_rule(positions)
+    rule = None if positions is None else as_positions(model, positions)
     if kinds is not None:
         bad = [k for k in kinds if k not in TOKEN_KINDS]
         if bad or not kinds:
             raise ValueError(f"kinds must be a non-empty subset of {TOKEN_KINDS}, not {kinds!r}.")
+    if profile is not None and profile.per_input:
+        raise TypeError(
+            "ablation_hooks reads a profile (massact_lens.profile(model, inputs, ...)): records of one scan "
+            "say where, not what to write. Pass them as positions=... with dims=... instead."
+        )
     if profile is None:
         if mode == "mean":
             raise ValueError(
@@ -266,21 +218,21 @@ def ablation_hooks(
             raise ValueError("Without a profile, pass dims=[...] (the massive dims to zero).")
         if layers == "first":
             raise ValueError("layers='first' needs a profile (it says where each dim first appears).")
-        rule = positions or where_massive()
-        return edit_hooks(model, EditHook("set", (0.0,), chosen, rule, "set to zero"), hooks=hooks, layers=layers)  # type: ignore[arg-type]
+        zero = EditHook("set", (0.0,), chosen, rule or where_massive(), "set to zero")
+        return edit_hooks(model, zero, hooks=hooks, layers=layers)  # type: ignore[arg-type]
 
     check_profile_matches(model, profile)
     plan = _ablation_plan(model, profile, layers, as_dims(dims), hooks, kinds)
-    if positions is not None and mode == "mean" and len({kind for _, _, kind in plan}) > 1:
+    if rule is not None and mode == "mean" and len({kind for _, _, kind in plan}) > 1:
         raise ValueError("With mode='mean' and one positions rule, select one token kind: kinds=['start'], for example.")
     rules: dict[str, PositionRule] = {}
 
-    def rule_for(kind: str) -> PositionRule:
-        if positions is not None:
-            return positions
+    def rule_for(kind: TokenKind) -> PositionRule:
+        if rule is not None:
+            return rule
         if kind not in rules:
             base = kind_positions(kind, model, delimiters=frozenset(profile.delimiters))
-            rules[kind] = base if kind == "start" else base & where_massive(profile.min_value, profile.min_ratio)
+            rules[kind] = base if kind == "start" else base & where_massive(criterion=profile.criterion)
         return rules[kind]
 
     grouped: dict[tuple[str, str], list[int]] = {}
@@ -299,16 +251,17 @@ def ablation_hooks(
 def _ablation_plan(
     model: TransformerLensModel,
     profile: MassiveProfile,
-    layers: Sequence[int] | str | None,
+    layers: Sequence[int] | Literal["first"] | None,
     dims: tuple[int, ...] | None,
     hooks: str | Sequence[str] | None,
-    kinds: Sequence[str] | None,
-) -> list[tuple[str, int, str]]:
+    kinds: Sequence[TokenKind] | None,
+) -> list[tuple[str, int, TokenKind]]:
     """(hook, dim, kind) triples to edit, in forward order of the profile's hook points."""
     if not profile.dims:
+        criterion = profile.criterion
         raise ValueError(
-            f"The profile found no massive activations (min_value={profile.min_value:g}, "
-            f"min_ratio={profile.min_ratio:g}): nothing to ablate. Profile again with lower thresholds."
+            f"The profile found no massive activations (min_value={criterion.min_value:g}, "
+            f"min_ratio={criterion.min_ratio:g}): nothing to ablate. Profile again with lower thresholds."
         )
     summaries = {d.dim: d for d in profile.dims}
     d_model = int(model.cfg.d_model)
@@ -355,7 +308,7 @@ def _ablation_plan(
 def ablated(
     model: TransformerLensModel,
     profile: MassiveProfile | None = None,
-    mode: str = "zero",
+    mode: AblationMode = "zero",
     **kwargs: Any,
 ) -> Iterator[TransformerLensModel]:
     """Run the model with :func:`ablation_hooks` attached; they are gone afterwards.

@@ -1,18 +1,21 @@
-"""Which positions: the one family of position rules.
+"""Which positions: the one family of position rules, and the rules that need no tokens.
 
 A :class:`PositionRule` says where an edit applies and which keys form an attention
 key set; rules combine with ``|``, ``&`` and ``~``. What a rule knows about the pass
-in progress is a :class:`RunContext`; rules that need the token ids read them from
-a :class:`TokenTracker` (both in :mod:`.context`, re-exported here).
+in progress is a :class:`~massact_lens.interventions.context.RunContext`; rules that
+read token ids (delimiters, token kinds) live in :mod:`.token_rules`, and everything
+``positions=`` accepts becomes a rule through :func:`~massact_lens.interventions.coerce.as_positions`.
 
 >>> import torch
->>> context = RunContext(torch.arange(4)[None], torch.tensor([[5, 9, 6, 9]]))
->>> (start_token() | delimiter_positions(token_ids=[9])).select(torch.zeros(1, 4, 2), None, context)
-tensor([[ True,  True, False,  True]])
+>>> context = RunContext(torch.arange(4)[None])
+>>> (start_token() | at_positions(2)).select(torch.zeros(1, 4, 2), None, context)
+tensor([[ True, False,  True, False]])
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,31 +25,12 @@ from jaxtyping import Bool, Float
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.hook_names import resolve_hook_names
-from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion
-from massact_lens.interventions.context import (
-    RunContext,
-    TokenTracker,
-    TrackerHook,
-    default_context,
-)
+from massact_lens.find.criterion import Criterion
+from massact_lens.interventions.context import RunContext, TokenTracker, default_context
 
-__all__ = [
-    "PositionRule",
-    "RunContext",
-    "TokenTracker",
-    "TrackerHook",
-    "WhereMassive",
-    "WrappedRule",
-    "all_positions",
-    "as_position_rule",
-    "at_positions",
-    "delimiter_positions",
-    "in_any_order",
-    "kind_positions",
-    "run_context",
-    "start_token",
-    "where_massive",
-]
+# The rules; WrappedRule (a base for rules of your own around another) and the helpers
+# of the library's passes (as_position_rule, in_any_order, run_context) import from here.
+__all__ = ["PositionRule", "WhereMassive", "all_positions", "at_positions", "start_token", "where_massive"]
 
 
 # --------------------------------------------------------------------------- rules
@@ -84,6 +68,13 @@ class PositionRule:
     def leaves(self) -> tuple[PositionRule, ...]:
         """The rules this one is built from (itself for a simple rule)."""
         return (self,)
+
+    def for_model(self, model: TransformerLensModel) -> PositionRule:
+        """This rule checked against ``model`` (:meth:`check`), with what it reads from the
+        model filled in: itself, unless a part was given before the model was known (the
+        rule name ``"delimiters"`` in ``zero_hook(positions="delimiters")``, say)."""
+        self.check(model)
+        return self
 
     def describe(self) -> str:
         return type(self).__name__
@@ -177,33 +168,6 @@ class _At(PositionRule):
         return f"positions {list(self.indices)}" if self.strict else f"indices{list(self.indices)}"
 
 
-class _TokenIds(PositionRule):
-    needs_tokens = True
-    reads_input_index = True
-
-    def __init__(self, token_ids: frozenset[int], first_only: bool, label: str) -> None:
-        self.token_ids = token_ids
-        self.first_only = first_only
-        self.label = label
-
-    def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
-        if ctx.tokens is None:
-            raise RuntimeError(
-                f"The rule '{self.describe()}' needs the token ids of this batch, but no token tracker "
-                "saw them. Build the hook list with intervention_hooks / edit_hooks / ablation_hooks "
-                "(they put a TokenTracker first), and pass token ids, not embeddings."
-            )
-        tokens = ctx.tokens.to(activation.device)
-        ids = torch.tensor(sorted(self.token_ids), dtype=tokens.dtype, device=tokens.device)
-        out = torch.isin(tokens, ids) & (ctx.positions.to(tokens.device) != 0) & ctx.real(activation)
-        if self.first_only:
-            out = out & (out.cumsum(dim=1) == 1)
-        return out
-
-    def describe(self) -> str:
-        return self.label + (" (first)" if self.first_only else "")
-
-
 @dataclass(frozen=True, repr=False)
 class WhereMassive(PositionRule):
     """Entries massive in *this* input (:class:`massact_lens.find.criterion.Criterion`), decided at run time.
@@ -231,9 +195,15 @@ class WhereMassive(PositionRule):
         if self.dims is not None:
             object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
 
-    @property
+    @classmethod
+    def of(cls, criterion: Criterion, hooks: str | Sequence[str] | None = None, dims: Sequence[int] | None = None) -> WhereMassive:
+        """The rule of ``criterion`` (at ``hooks``, in ``dims``)."""
+        return cls(criterion.min_value, criterion.min_ratio, hooks, dims)
+
+    @functools.cached_property
     def criterion(self) -> Criterion:
-        """The thresholds as a :class:`~massact_lens.find.criterion.Criterion` (ValueError if not positive)."""
+        """The thresholds as one :class:`~massact_lens.find.criterion.Criterion`, built once
+        (ValueError if not positive: checked when the rule is used, not when it is made)."""
         return Criterion(self.min_value, self.min_ratio)
 
     def check(self, model: TransformerLensModel) -> None:
@@ -282,6 +252,10 @@ class _Combined(PositionRule):
         for rule in self.rules:
             rule.check(model)
 
+    def for_model(self, model: TransformerLensModel) -> PositionRule:
+        rules = tuple(rule.for_model(model) for rule in self.rules)
+        return self if all(a is b for a, b in zip(rules, self.rules, strict=True)) else _Combined(self.op, rules)
+
     def leaves(self) -> tuple[PositionRule, ...]:
         return tuple(leaf for rule in self.rules for leaf in rule.leaves())
 
@@ -308,6 +282,14 @@ class WrappedRule(PositionRule):
 
     def check(self, model: TransformerLensModel) -> None:
         self.rule.check(model)
+
+    def for_model(self, model: TransformerLensModel) -> PositionRule:
+        inner = self.rule.for_model(model)
+        if inner is self.rule:
+            return super().for_model(model)
+        out = copy.copy(self)
+        WrappedRule.__init__(out, inner)
+        return out
 
     def leaves(self) -> tuple[PositionRule, ...]:
         return self.rule.leaves()
@@ -407,62 +389,13 @@ def at_positions(*indices: int | Sequence[int], strict: bool = True) -> Position
     return _At(tuple(int(i) for i in flat), bool(strict))
 
 
-def delimiter_positions(
-    model: TransformerLensModel | None = None,
-    *,
-    token_ids: Sequence[int] | None = None,
-    delimiters: frozenset[str] | Sequence[str] = DELIMITERS,
-    first_only: bool = False,
-) -> PositionRule:
-    """Positions holding a delimiter token ("." "," ";" ":" "!" "?" or a newline).
-
-    The same classification as :func:`massact_lens.find.criterion.token_kind` (the start
-    token is never a delimiter). The delimiter ids are read from the model's
-    tokenizer, or given as ``token_ids`` (for models without a tokenizer).
-    ``first_only`` keeps only the first delimiter of each input (the paper's LLaMA2
-    massive activations sit on the first "." or newline).
-
-    >>> delimiter_positions(token_ids=[5, 7], first_only=True)
-    delimiters (first)
-    """
-    if token_ids is None:
-        if model is None or getattr(model, "tokenizer", None) is None:
-            raise ValueError(
-                "delimiter_positions needs the model's tokenizer to find the delimiter tokens; "
-                "this model has none. Pass token_ids=[...] (the ids that count as delimiters)."
-            )
-        ids = _delimiter_ids(model, frozenset(delimiters))
-    else:
-        ids = frozenset(int(i) for i in token_ids)
-        if model is not None:
-            d_vocab = int(model.cfg.d_vocab)
-            bad = sorted(i for i in ids if not 0 <= i < d_vocab)
-            if bad:
-                raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary (0..{d_vocab - 1}).")
-    if not ids:
-        raise ValueError(f"No token of the vocabulary is a delimiter in {sorted(delimiters)}.")
-    return _TokenIds(ids, bool(first_only), "delimiters")
-
-
-_DELIMITER_CACHE: dict[tuple[int, frozenset[str]], frozenset[int]] = {}
-
-
-def _delimiter_ids(model: TransformerLensModel, delimiters: frozenset[str]) -> frozenset[int]:
-    tokenizer = model.tokenizer  # type: ignore[attr-defined]
-    key = (id(tokenizer), delimiters)
-    if key not in _DELIMITER_CACHE:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        _DELIMITER_CACHE[key] = frozenset(
-            i for i, text in enumerate(texts) if text.strip() in delimiters or (text.strip() == "" and "\n" in text)
-        )
-    return _DELIMITER_CACHE[key]
-
-
 def where_massive(
     min_value: float | int = 100.0,
     min_ratio: float | int = 1000.0,
     hooks: str | Sequence[str] | None = None,
     dims: Sequence[int] | None = None,
+    *,
+    criterion: Criterion | None = None,
 ) -> WhereMassive:
     """Entries that are massive in *this* input, decided from the activation at run time.
 
@@ -472,41 +405,10 @@ def where_massive(
     (position, dim) entries of the edited activation, so one hook list serves a
     whole batch; as an attention key set it reads the residual stream at ``hooks``
     (see :class:`WhereMassive`). ``dims`` restricts the entries tested.
+    ``criterion``: the thresholds as one :class:`~massact_lens.find.criterion.Criterion`
+    (a profile's ``.criterion``, say) instead of ``min_value`` / ``min_ratio``.
 
-    >>> where_massive(50, 200)
-    where |x| > 50 and >= 200 x median
+    >>> where_massive(50, 200), where_massive(criterion=Criterion(50, 200)) == where_massive(50, 200)
+    (where |x| > 50 and >= 200 x median, True)
     """
-    rule = WhereMassive(min_value, min_ratio, hooks, dims)
-    rule.criterion  # noqa: B018 (raise now for bad thresholds)
-    return rule
-
-
-def kind_positions(
-    kind: str,
-    model: TransformerLensModel | None = None,
-    *,
-    delimiters: frozenset[str] | Sequence[str] = DELIMITERS,
-    token_ids: Sequence[int] | None = None,
-) -> PositionRule:
-    """The positions of one token kind of :func:`massact_lens.token_kind`.
-
-    ``"start"``: the start token; ``"delimiter"``: delimiter tokens; ``"other"``:
-    everything else.
-
-    >>> kind_positions("other", token_ids=[5])
-    not (start token | delimiters)
-    """
-    if kind == "start":
-        return start_token()
-    if kind not in TOKEN_KINDS:
-        raise ValueError(f"kind must be one of {TOKEN_KINDS}, not {kind!r}.")
-    if (
-        kind == "other"
-        and token_ids is None
-        and model is not None
-        and getattr(model, "tokenizer", None) is not None
-        and not _delimiter_ids(model, frozenset(delimiters))
-    ):
-        return ~start_token()  # a vocabulary without delimiters: everything but the start
-    delims = delimiter_positions(model, token_ids=token_ids, delimiters=delimiters)
-    return delims if kind == "delimiter" else ~(start_token() | delims)
+    return WhereMassive.of(criterion or Criterion(min_value, min_ratio), hooks, dims)

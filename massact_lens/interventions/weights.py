@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
-__all__ = ["WeightEntry", "edited_weights", "edits_from_rows", "projection_weight"]
+__all__ = ["edited_weights", "edits_from_rows", "projection_weight"]
 
 #: One weight entry: (layer, component inside the block, row = output dim, column = input channel).
 WeightEntry = tuple[int, str, int, int]
