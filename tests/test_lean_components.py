@@ -263,10 +263,11 @@ def test_a_bridge_class_that_does_not_import_switches_off(hf_llama, monkeypatch,
 
 
 def test_the_lean_paths_import_nothing_private_when_the_library_is_imported():
-    """At import time fast_paths reads only TransformerLens' public hook points: the
-    bridge classes are imported behind the guard, so a release that moves them cannot
-    break ``import massact_lens``."""
+    """At import time fast_paths reads only TransformerLens' public hook points and model
+    protocol: the bridge classes are imported behind the guard, so a release that moves
+    them cannot break ``import massact_lens``."""
     tree = ast.parse(open(fast_paths.__file__, encoding="utf-8").read())
     top = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     top |= {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    assert {m for m in top if m.startswith("transformer_lens")} == {"transformer_lens.hook_points"}
+    assert {m for m in top if m.startswith("transformer_lens")} == {
+        "transformer_lens.hook_points", "transformer_lens.model_protocol"}

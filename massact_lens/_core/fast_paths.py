@@ -59,15 +59,13 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.types import weights_processed
-
-if TYPE_CHECKING:
-    from transformer_lens.model_protocol import TransformerLensModel
 
 __all__ = [
     "VERIFIED_TRANSFORMER_LENS",
