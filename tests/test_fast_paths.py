@@ -23,7 +23,11 @@ import torch
 
 from massact_lens import scan
 from massact_lens._core.batching import plan_batches
-from massact_lens._core.fast_paths import attention_for_run, attention_implementation, lean_components
+from massact_lens._core.fast_paths import (
+    attention_for_run,
+    attention_implementation,
+    lean_components,
+)
 from massact_lens._core.hook_names import residual_hook_names
 from massact_lens._core.loop import UserHooks, measure
 from massact_lens._core.overlap import Beside, spare_core

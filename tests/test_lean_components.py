@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,7 +267,7 @@ def test_the_lean_paths_import_nothing_private_when_the_library_is_imported():
     """At import time fast_paths reads only TransformerLens' public hook points and model
     protocol: the bridge classes are imported behind the guard, so a release that moves
     them cannot break ``import massact_lens``."""
-    tree = ast.parse(open(fast_paths.__file__, encoding="utf-8").read())
+    tree = ast.parse(Path(fast_paths.__file__).read_text(encoding="utf-8"))
     top = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     top |= {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
     assert {m for m in top if m.startswith("transformer_lens")} == {

@@ -306,10 +306,8 @@ def _set_kernel(hf: Any, implementation: Any) -> Any:
         return _kernel(hf)
     setter = getattr(hf, "set_attn_implementation", None)
     if callable(setter):
-        try:
+        with contextlib.suppress(ValueError, ImportError):  # not supported by this model
             setter(implementation)
-        except (ValueError, ImportError):
-            pass
         if _kernel(hf) != implementation:
             _refused.setdefault(hf, set()).add(implementation)
     else:  # transformers without the public switch: the config field every release reads

@@ -33,13 +33,10 @@ Sun, Chen, Kolter, Liu. *Massive Activations in Large Language Models*, COLM 202
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import socket
 import tempfile
-import warnings
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
