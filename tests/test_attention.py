@@ -284,7 +284,7 @@ def _count_forwards(model):
         ({"positions": torch.ones(3, 9, dtype=torch.bool)}, ValueError, "3 rows for 4 inputs"),
         ({"positions": [-1]}, ValueError, "negative"),
         ({"positions": [40]}, ValueError, r"\[40\] do not exist"),
-        ({"positions": "bos"}, ValueError, "Unknown position rule"),
+        ({"positions": "eos"}, ValueError, "Unknown position rule"),
         ({"positions": "delimiters"}, ValueError, "tokenizer"),
         ({"positions": MassiveTokens(min_ratio=0)}, ValueError, "positive finite"),
         ({"positions": MassiveTokens(dims=[99])}, ValueError, "dims"),

@@ -1,4 +1,4 @@
-"""fast_paths.py and overlap.py: the passes' shortcuts give the same numbers and every hook still fires.
+"""fast_paths.py: the passes' shortcuts give the same numbers and every hook still fires.
 
 * lean attention (HF module, SDPA) agrees with the bridge's own eager reimplementation
   to float32 rounding, on a tiny HF Llama (GQA) and on the real SmolLM2, and is really
@@ -6,7 +6,12 @@
 * lean norms are bit-identical;
 * a hook anywhere inside a component (pattern, q, scale) sends it back to its own
   forward, and the hook fires;
+* no module global of TransformerLens or accelerate is reassigned;
+* the attention kernel is switched through HuggingFace's public API, once per run;
 * scan with its statistics on the worker thread equals the scan without, to the bit.
+
+Every lean component against the bridge's own forward, family by family, and the
+version guard: tests/test_lean_components.py.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ import inspect
 
 import pytest
 import torch
-from massact_lens._core.overlap import Beside, spare_core
 
 from massact_lens import scan
-from massact_lens._core.batching import plan_batches, run_batches
-from massact_lens._core.fast_paths import lean_components
+from massact_lens._core.batching import plan_batches
+from massact_lens._core.fast_paths import (
+    attention_for_run,
+    attention_implementation,
+    lean_components,
+)
 from massact_lens._core.hook_names import residual_hook_names
+from massact_lens._core.loop import UserHooks, measure
 from massact_lens.models.load import load_model
 
 
@@ -29,7 +38,7 @@ def _attention_modules(model):
 
 
 def _readings(model, tokens, mask, names):
-    """Every hidden state at ``names`` through run_batches, and how many times the HF
+    """Every hidden state at ``names`` through measure, and how many times the HF
     attention modules themselves were called."""
     seen: dict[str, torch.Tensor] = {}
     calls = []
@@ -45,7 +54,7 @@ def _readings(model, tokens, mask, names):
 
     try:
         plan = plan_batches(model, tokens, batch_size=len(tokens), attention_mask=mask)
-        run_batches(model, plan, lambda _batch: [(n, keep(n)) for n in names], progress=False)
+        measure(model, plan, UserHooks([(n, keep(n)) for n in names]), progress=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -100,7 +109,7 @@ def test_a_hook_inside_a_component_fires(hf_llama, inside):
         fired.append(tuple(x.shape))
 
     plan = plan_batches(hf_llama, tokens, batch_size=3, attention_mask=mask)
-    run_batches(hf_llama, plan, lambda _batch: [(inside, record)], progress=False)
+    measure(hf_llama, plan, UserHooks([(inside, record)]), progress=False)
     assert len(fired) == 1 and fired[0][0] == 3
 
 
@@ -118,20 +127,64 @@ def test_user_hooks_inside_fire_too(hf_llama):
 
 
 def test_restored_on_error_and_reentrant(hf_llama):
+    """Lean methods live on the component instances only: no module global of
+    TransformerLens or accelerate is reassigned, inside or after."""
     from accelerate.utils import align_module_device
     from transformer_lens.model_bridge.generalized_components import base
-
-    from massact_lens._core.fast_paths import _quick_align
 
     attn = hf_llama.blocks[0].attn
     with pytest.raises(KeyError), lean_components(hf_llama):
         with lean_components(hf_llama):
             pass
         assert "forward" in attn.__dict__  # the outer one still holds
-        assert base.align_module_device is _quick_align
+        assert base.align_module_device is align_module_device
         raise KeyError("boom")
     assert not any("forward" in m.__dict__ for m in hf_llama.modules())
     assert base.align_module_device is align_module_device
+
+
+def test_the_kernel_is_switched_once_per_run_and_restored(minilm_model, monkeypatch):
+    """attention_for_run switches HuggingFace's kernel through its public
+    set_attn_implementation only when the choice changes, and restores it on error."""
+    hf = minilm_model.original_model
+    switches = []
+    monkeypatch.setattr(hf, "set_attn_implementation", lambda impl, _set=hf.set_attn_implementation: (switches.append(impl), _set(impl)))
+    names = ["blocks.0.hook_resid_post"]
+    with pytest.raises(KeyError), attention_for_run(minilm_model) as choose:
+        for _ in range(3):
+            choose(names)
+            assert hf.config._attn_implementation == "sdpa"
+        choose([*names, "blocks.0.attn.hook_pattern"])  # a pass reading a pattern: back to eager
+        assert hf.config._attn_implementation == "eager"
+        choose(names)
+        raise KeyError("boom")
+    assert switches == ["sdpa", "eager", "sdpa", "eager"]
+    assert hf.config._attn_implementation == "eager"
+    monkeypatch.setenv("MASSACT_LENS_EAGER", "1")
+    with attention_for_run(minilm_model) as choose:
+        choose(names)
+        assert hf.config._attn_implementation == "eager"
+    with attention_implementation(minilm_model, "sdpa"):
+        assert hf.config._attn_implementation == "sdpa"  # asked for by name: switched all the same
+    assert switches[4:] == ["sdpa", "eager"]
+
+
+def test_a_model_that_refuses_a_kernel_keeps_its_own(tmp_path):
+    """Gemma 2 cannot soft-cap its scores under SDPA: HuggingFace refuses the switch,
+    the model keeps eager attention, and the refusal is not asked for again."""
+    import transformers
+
+    from massact_lens._core import fast_paths
+
+    config = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=32,
+    )
+    hf = transformers.Gemma2ForCausalLM(config)
+    hf.config._attn_implementation = "eager"
+    assert fast_paths._set_kernel(hf, "sdpa") == "eager"
+    assert "sdpa" in fast_paths._refused[hf]
+    assert fast_paths._set_kernel(hf, "sdpa") == "eager"
 
 
 @pytest.mark.parametrize("name", ["minilm_model", "hf_llama"])
@@ -192,97 +245,3 @@ def test_eager_setting_and_processed_weights_leave_the_model_alone(monkeypatch, 
 
 
 # --- statistics beside the forward pass ----------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["minilm_model", "hf_llama"])
-def test_scan_beside_the_forward_equals_scan_inside_the_hooks(name, request, monkeypatch, sentences):
-    model = request.getfixturevalue(name)
-    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "0")
-    inside = scan(model, sentences, batch_size=3, progress=False)
-    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "1")
-    beside = scan(model, sentences, batch_size=3, progress=False)
-    for field in ("values", "positions", "dims", "token_ids", "medians", "lengths", "nonfinite"):
-        assert torch.equal(getattr(inside, field), getattr(beside, field)), field
-
-
-def test_the_worker_reads_a_copy_taken_when_the_hook_fired(monkeypatch):
-    """A layer or hook writing into the hidden state in place after the reader returned
-    changes nothing: the worker is held until the write is done, so without the copy
-    it would always see the written values."""
-    import importlib
-    import threading
-
-    from massact_lens._core.batching import Batch
-
-    scan_module = importlib.import_module("massact_lens.scan")  # the package binds the function
-
-    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "1")
-    written = threading.Event()
-    stats = scan_module.grouped_stats
-
-    def held(*args):
-        written.wait(timeout=60)
-        return stats(*args)
-
-    monkeypatch.setattr(scan_module, "grouped_stats", held)
-    collector = scan_module._Collector(1, 2, torch.device("cpu"))
-    try:
-        (read,) = collector.start(Batch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 0), torch.device("cpu"))
-        x = torch.tensor([[[1.0, -9.0], [3.0, 2.0]]])
-        read(x)
-        x.mul_(100.0)
-        written.set()
-        collector.flush()
-    finally:
-        collector.beside.close()
-    assert collector.stacked(0).tolist() == [[[-9.0, 3.0]]]
-
-
-def test_worker_errors_reach_the_caller():
-    beside = Beside(enabled=True)
-    try:
-        result = beside.submit(int, "not a number")
-        with pytest.raises(ValueError):
-            result.result()
-        assert beside.submit(int, "7").result() == 7  # the slot was given back
-    finally:
-        beside.close()
-
-
-def test_spare_core_setting(monkeypatch):
-    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "1")
-    assert spare_core(torch.device("cpu")) and not spare_core(torch.device("meta"))
-    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", "0")
-    assert not spare_core(None)
-
-
-@pytest.mark.parametrize("setting", ["0", "1"])
-def test_hooks_of_different_widths_in_one_scan_equal_scans_of_each(setting, monkeypatch, bos_tokens):
-    """A scan groups same-shaped hidden states for its statistics: a hook of another
-    width (the MLP's d_mlp) between them splits the group, and nothing changes."""
-    from massact_lens.examples import tiny_model
-
-    monkeypatch.setenv("MASSACT_LENS_STATS_THREAD", setting)
-    model = tiny_model()
-    names = ["blocks.0.hook_resid_post", "blocks.1.mlp.in.hook_out", "blocks.1.hook_resid_post"]
-    together = scan(model, bos_tokens, hooks=names, batch_size=3, progress=False)
-    for h, name in enumerate(names):
-        alone = scan(model, bos_tokens, hooks=[name], batch_size=3, progress=False)
-        for field in ("values", "positions", "dims", "medians"):
-            assert torch.equal(getattr(together, field)[:, h].nan_to_num(-1), getattr(alone, field)[:, 0].nan_to_num(-1))
-
-
-def test_a_hook_firing_twice_in_one_pass_is_an_error():
-    import importlib
-
-    from massact_lens._core.batching import Batch
-
-    scan_module = importlib.import_module("massact_lens.scan")
-    collector = scan_module._Collector(2, 2, torch.device("cpu"))
-    try:
-        read, _ = collector.start(Batch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 0), None)
-        read(torch.ones(1, 2, 3))
-        with pytest.raises(RuntimeError, match="fired twice"):
-            read(torch.ones(1, 2, 3))
-    finally:
-        collector.beside.close()

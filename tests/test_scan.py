@@ -313,3 +313,47 @@ def test_a_rider_sees_inputs_in_order_unless_it_reads_input_index(minilm_model, 
     assert plain.seen == [[0, 1, 2], [3, 4, 5], [6, 7]]  # batch.start + r stays right for it
     order = [i for rows in reader.seen for i in rows]
     assert sorted(order) == list(range(len(texts))) and order != sorted(order)
+
+
+def test_hooks_of_different_widths_in_one_scan_equal_scans_of_each(bos_tokens):
+    """A scan groups same-shaped hidden states for its statistics: a hook of another
+    width (the MLP's d_mlp) between them splits the group, and nothing changes."""
+    from massact_lens.examples import tiny_model
+
+    model = tiny_model()
+    names = ["blocks.0.hook_resid_post", "blocks.1.mlp.in.hook_out", "blocks.1.hook_resid_post"]
+    together = ml.scan(model, bos_tokens, hooks=names, batch_size=3, progress=False)
+    for h, name in enumerate(names):
+        alone = ml.scan(model, bos_tokens, hooks=[name], batch_size=3, progress=False)
+        for field in ("values", "positions", "dims", "medians"):
+            assert torch.equal(getattr(together, field)[:, h].nan_to_num(-1), getattr(alone, field)[:, 0].nan_to_num(-1))
+
+
+def test_the_statistics_read_a_copy_taken_when_the_hook_fired():
+    """A layer or hook writing into the hidden state in place after the reader returned
+    changes nothing: a group's statistics run after its last member fired, on copies."""
+    from massact_lens._core.batching import Batch
+    from massact_lens.examples import tiny_model
+    from massact_lens.find._scan_stats import ScanStatistics
+
+    statistics = ScanStatistics(tiny_model(), ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], 2, None)
+    batch = Batch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 0)
+    first, second = (fn for _, fn in statistics.hooks(batch))
+    x = torch.tensor([[[1.0, -9.0], [3.0, 2.0]]])
+    first(x)
+    x.mul_(100.0)
+    second(x.clone())
+    statistics.update(batch, None)
+    assert statistics.batch_stats[0][:, 0].tolist() == [[-9.0, 3.0]]
+
+
+def test_a_hook_firing_twice_in_one_pass_is_an_error():
+    from massact_lens._core.batching import Batch
+    from massact_lens.examples import tiny_model
+    from massact_lens.find._scan_stats import ScanStatistics
+
+    statistics = ScanStatistics(tiny_model(), ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], 2, None)
+    read, _ = (fn for _, fn in statistics.hooks(Batch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), 0)))
+    read(torch.ones(1, 2, 3))
+    with pytest.raises(RuntimeError, match="fired twice"):
+        read(torch.ones(1, 2, 3))

@@ -35,7 +35,7 @@ hook reads unless a measurement asks for the model output (``needs_output``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -43,12 +43,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, BatchPlan
-from massact_lens._core.fast_paths import (
-    attention_implementation,
-    fast_attention,
-    lean_components,
-    wants_fast_attention,
-)
+from massact_lens._core.fast_paths import attention_for_run, lean_components
 from massact_lens._core.hook_names import RESID_POST, layer_of
 from massact_lens._core.types import HookList, model_device
 
@@ -183,9 +178,8 @@ def measure(
     total = len(batches) if isinstance(batches, list) else None
     bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
     device = model_device(model)
-    decided: dict[tuple[str, ...], bool] = {}
     seen = 0
-    with torch.inference_mode(), lean_components(model):  # type: ignore[arg-type]
+    with torch.inference_mode(), lean_components(model), attention_for_run(model) as choose_kernel:  # type: ignore[arg-type]
         for batch in bar:
             hooks: HookList = [pair for m in measurements for pair in m.hooks(batch)]
             stop_here = None if wants_output else _stop_point(hooks)
@@ -193,26 +187,11 @@ def measure(
                 hooks = [*hooks, (stop_here, _stop)]
             tokens = batch.tokens.to(device) if device is not None else batch.tokens
             out = None
-            with _attention(model, [name for name, _ in hooks], decided), model.hooks(fwd_hooks=hooks), \
-                    contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
+            choose_kernel([name for name, _ in hooks])
+            with model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
                 out = model(tokens, attention_mask=batch.attention_mask.to(tokens.device),  # type: ignore[operator]
                             return_type="logits" if wants_output else None)
             for m in measurements:
                 m.update(batch, out)
             seen += int(batch.tokens.shape[0])
     return seen
-
-
-def _attention(
-    model: TransformerLensModel, names: Sequence[Any], decided: dict[tuple[str, ...], bool]
-) -> contextlib.AbstractContextManager[None]:
-    """Fused attention for a batch's hook names unless one reads a pattern, decided once
-    per run for the same names; names that are filters are decided every batch."""
-    if not all(isinstance(n, str) for n in names):
-        return fast_attention(model, list(names))
-    key = tuple(names)
-    if key not in decided:
-        if len(decided) >= 64:  # hook names that change every batch: keep memory flat
-            decided.clear()
-        decided[key] = wants_fast_attention(model, list(names))
-    return attention_implementation(model, "sdpa") if decided[key] else contextlib.nullcontext()

@@ -10,6 +10,16 @@ bridge from :func:`load_model` keeps the HuggingFace weights untouched and eager
 attention (so ``hook_pattern`` is filled); :func:`warn_if_processed` flags a model
 whose weights were processed.
 
+The library's passes then take two shortcuts that give the same numbers
+(:mod:`massact_lens._core.fast_paths`): PyTorch's fused attention kernel whenever no
+hook reads an attention pattern (switched through HuggingFace's public
+``set_attn_implementation``, once per pass, restored after), and the bridge's
+LLaMA-family attention and norms run by their own HuggingFace module whenever no hook
+point inside them carries a hook (only on the TransformerLens releases this was
+checked on). Set the environment variable ``MASSACT_LENS_EAGER=1`` to run every pass
+with eager attention and the bridge's own components, e.g. to check a result against
+the bridge's own code.
+
 Usage
 -----
 >>> from massact_lens import load_model
