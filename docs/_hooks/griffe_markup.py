@@ -92,6 +92,6 @@ def markdown(text: str) -> str:
 class MarkdownDocstrings(griffe.Extension):
     """Rewrite every docstring's text with :func:`markdown` before it is parsed."""
 
-    def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+    def on_instance(self, *, obj: griffe.Object, **_: Any) -> None:
         if obj.docstring is not None:
             obj.docstring.value = markdown(obj.docstring.value)

@@ -5,6 +5,9 @@ page that renders ``::: <dotted.module>`` with ``members`` = that module's ``__a
 (read from its source with :mod:`ast`, nothing imported), less the names that are
 subpackages (each has a page of its own, linked instead). So the reference always shows
 exactly the public API, and a module without ``__all__`` fails the build.
+
+Pages kept outside docs/ because they are read where they sit (``bench/README.md``
+next to the benchmarks) are copied into the site under the names in :data:`COPIED`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 from mkdocs.structure.files import File, Files
 
 PREFIX = "reference/"
+#: Site page -> the repository file it shows.
+COPIED = {"benchmarks.md": "bench/README.md"}
 
 
 def on_files(files: Files, config: Any) -> Files:
@@ -23,6 +28,8 @@ def on_files(files: Files, config: Any) -> Files:
     modules = _nav_modules(config["nav"])
     for module in modules:
         files.append(File.generated(config, f"{PREFIX}{module}.md", content=_page(root, module, modules)))
+    for page, source in COPIED.items():
+        files.append(File.generated(config, page, abs_src_path=str(root / source)))
     return files
 
 
