@@ -12,10 +12,19 @@ is parsed (what the docstrings say is unchanged):
 * an ``Args:`` entry that names several parameters at once (``a, b: as in scan``, a
   reST / numpy habit that Google style lacks) becomes one entry per name, each with the
   whole description.
+
+And two Sphinx habits griffe does not read, so that what the source documents shows:
+
+* ``#:`` doc comments (on the lines just above an attribute, or after it on its line)
+  become the attribute's docstring when it has none;
+* constants assigned together (``ORIGINAL, ZERO, MEAN = "Original", ...``) become one
+  module attribute each (griffe skips tuple assignments, so a name exported through
+  ``__all__`` would otherwise vanish from the reference without a word).
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Any
 
@@ -89,9 +98,57 @@ def markdown(text: str) -> str:
     return "\n".join(out)
 
 
+def _doc_comment(obj: griffe.Object, lineno: int) -> str | None:
+    """The ``#:`` comment of the statement at ``lineno``: the lines above it, else its own."""
+    try:
+        lines = obj.lines_collection[obj.filepath]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return None
+    above: list[str] = []
+    i = lineno - 2
+    while i >= 0 and lines[i].lstrip().startswith("#:"):
+        above.insert(0, lines[i].lstrip()[2:].strip())
+        i -= 1
+    if above:
+        return "\n".join(above)
+    trailing = re.search(r"#:\s*(.+)$", lines[lineno - 1]) if lineno - 1 < len(lines) else None
+    return trailing.group(1).strip() if trailing else None
+
+
 class MarkdownDocstrings(griffe.Extension):
     """Rewrite every docstring's text with :func:`markdown` before it is parsed."""
 
     def on_instance(self, *, obj: griffe.Object, **_: Any) -> None:
+        if obj.docstring is None and obj.is_attribute and obj.lineno:
+            comment = _doc_comment(obj, obj.lineno)
+            if comment:
+                obj.docstring = griffe.Docstring(comment, lineno=obj.lineno, parent=obj)
         if obj.docstring is not None:
             obj.docstring.value = markdown(obj.docstring.value)
+
+    def on_module_members(self, *, node: Any, mod: griffe.Module, **_: Any) -> None:
+        if not isinstance(node, ast.Module):
+            return
+        for statement in node.body:
+            if not (
+                isinstance(statement, ast.Assign)
+                and len(statement.targets) == 1
+                and isinstance(statement.targets[0], ast.Tuple)
+                and isinstance(statement.value, ast.Tuple)
+                and len(statement.targets[0].elts) == len(statement.value.elts)
+                and all(isinstance(t, ast.Name) for t in statement.targets[0].elts)
+            ):
+                continue
+            comment = _doc_comment(mod, statement.lineno)
+            for target, value in zip(statement.targets[0].elts, statement.value.elts, strict=True):
+                name = target.id  # type: ignore[attr-defined]
+                if name in mod.members:
+                    continue
+                attribute = griffe.Attribute(
+                    name, value=ast.unparse(value), lineno=statement.lineno,
+                    endlineno=statement.end_lineno, parent=mod,
+                )
+                attribute.labels.add("module-attribute")
+                if comment:
+                    attribute.docstring = griffe.Docstring(markdown(comment), lineno=statement.lineno, parent=attribute)
+                mod.set_member(name, attribute)
