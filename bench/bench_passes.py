@@ -90,12 +90,13 @@ def _size(batches: list) -> int:
 def make_method(name: str, model: Any, kind: str) -> Any:
     """``fn(batches, state) -> result``; ``state`` holds what a method prepares untimed."""
     import massact_lens as ml
-    from massact_lens._core.batching import plan_batches, run_batches
+    from massact_lens._core.batching import plan_batches
+    from massact_lens._core.loop import UserHooks, measure
     from massact_lens.trace.writers import lineage
 
     thresholds = THRESHOLDS[kind]
     if name == "forward":
-        return lambda b, _s: run_batches(model, plan_batches(model, list(b), batch_size=_size(b)), lambda _x: [], progress=False)
+        return lambda b, _s: measure(model, plan_batches(model, list(b), batch_size=_size(b)), UserHooks([]), progress=False)
     if name == "scan":
         return lambda b, _s: ml.scan(model, list(b), batch_size=_size(b), progress=False)
     if name == "profile":

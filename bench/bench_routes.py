@@ -35,9 +35,8 @@ everywhere unless ``--eager``, for HF routes and for the bridge routes, which ru
     5 nnsight         nnsight trace saving the same points + statistics
     6 paper           Sun et al.'s way: each hidden state copied to the CPU as float64 (hooks
                       on the same points, like their monkey-patched layers), then statistics
-    7 scan            massact_lens.scan (with one torch thread and a second core free, its
-                      statistics run on a worker thread beside the forward: massact_lens._core.overlap)
-    7b scan_inline    the same with MASSACT_LENS_STATS_THREAD=0: statistics inside the hooks
+    7 scan            massact_lens.scan: statistics inside the hooks, one call per group of
+                      same-shaped hidden states (the statistics thread of 0.2 was removed)
     8 run_with_cache  bridge run_with_cache(names_filter=the points) + statistics. It runs the
                       whole model, head included: the bridge's stop_at_layer=n_layers still
                       runs the head, and the last block is read.
@@ -54,8 +53,7 @@ the whole corpus, timed. Memory rounds are separate fresh processes under
 live memory; that setting slows allocation, which is why timings come from processes
 without it); the peak RSS above the warmed baseline is read exactly from the kernel's
 high-water mark (VmHWM, reset through /proc/self/clear_refs). Reported: min and median
-wall time over the timing rounds, the median process (CPU) time of every thread (the
-scan's statistics worker included: what a machine whose cores are all busy would pay),
+wall time over the timing rounds, the median process (CPU) time of every thread,
 the median peak over the memory rounds, and the ratios ``scan / route`` (above 1: the
 scan costs more than that route), on min time and as the median over rounds of the ratio
 within each round (the two ran minutes apart at most, so a drift of the machine's load
@@ -107,7 +105,7 @@ from _harness import (  # noqa: E402
     warn_if_busy,
 )
 
-ROUTES = ("hf", "bridge", "hf_hidden", "hf_hooks", "nnsight", "paper", "scan", "scan_inline", "run_with_cache")
+ROUTES = ("hf", "bridge", "hf_hidden", "hf_hooks", "nnsight", "paper", "scan", "run_with_cache")
 LABELS = {
     "hf": "1 HF forward (floor)",
     "bridge": "2 bridge, stopped after last block",
@@ -116,11 +114,10 @@ LABELS = {
     "nnsight": "5 nnsight trace + stats",
     "paper": "6 paper: float64 CPU copies + stats",
     "scan": "7 massact_lens.scan",
-    "scan_inline": "7b scan, statistics inside the hooks",
     "run_with_cache": "8 run_with_cache + stats",
 }
 HF_ROUTES = {"hf", "hf_hidden", "hf_hooks", "nnsight", "paper"}
-CHECKED = ("hf_hidden", "hf_hooks", "nnsight", "paper", "scan_inline", "run_with_cache")
+CHECKED = ("hf_hidden", "hf_hooks", "nnsight", "paper", "run_with_cache")
 NNSIGHT_VENV = ROOT / "bench" / ".nnsight-venv"
 RTOL = 1e-4
 MODEL_NAMES = {"minilm": "MiniLM (all-MiniLM-L6-v2, 6 layers, d_model 384)",
@@ -281,11 +278,12 @@ class BridgeContext:
         sys.path.insert(0, str(ROOT))
         import massact_lens as ml
         from massact_lens import examples
+        from massact_lens._core.hook_names import residual_hook_names
         from massact_lens._core.statistics import hidden_state_stats
 
         self.ml = ml
         self.model = examples.minilm("cpu") if kind == "minilm" else examples.smollm2("cpu")
-        self.names = ml.residual_hook_names(self.model)
+        self.names = residual_hook_names(self.model)
         self.stats = hidden_state_stats
 
 
@@ -294,30 +292,21 @@ def _batch_size(batches: list) -> int:
 
 
 def route_bridge(ctx: BridgeContext, batches: list, top_k: int) -> None:  # noqa: ARG001
-    from massact_lens._core.batching import last_block_hook, plan_batches, run_batches
-    from massact_lens._core.fast_paths import fast_attention
+    from massact_lens._core.batching import plan_batches
+    from massact_lens._core.loop import UserHooks, last_block_hook, measure
 
     plan = plan_batches(ctx.model, list(batches), batch_size=_batch_size(batches))
-    with fast_attention(ctx.model):
-        run_batches(ctx.model, plan, lambda _batch: [], progress=False, stop_after=last_block_hook(ctx.names))
+    # A hook that does nothing at the last block read: the loop stops the pass there.
+    measure(ctx.model, plan, UserHooks([(last_block_hook(ctx.names), _nothing)]), progress=False)
+
+
+def _nothing(activation: Any, hook: Any = None) -> None:  # noqa: ARG001
+    return None
 
 
 def route_scan(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
     result = ctx.ml.scan(ctx.model, list(batches), batch_size=_batch_size(batches), top_k=top_k, progress=False)
     return result.values, result.positions, result.dims, result.medians
-
-
-def route_scan_inline(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
-    """The scan without the statistics thread (as on a machine with no spare core)."""
-    before = os.environ.get("MASSACT_LENS_STATS_THREAD")
-    os.environ["MASSACT_LENS_STATS_THREAD"] = "0"
-    try:
-        return route_scan(ctx, batches, top_k)
-    finally:
-        if before is None:
-            del os.environ["MASSACT_LENS_STATS_THREAD"]
-        else:
-            os.environ["MASSACT_LENS_STATS_THREAD"] = before
 
 
 def route_run_with_cache(ctx: BridgeContext, batches: list, top_k: int) -> tuple:
@@ -344,7 +333,6 @@ RUN = {
     "nnsight": route_nnsight,
     "paper": route_paper,
     "scan": route_scan,
-    "scan_inline": route_scan_inline,
     "run_with_cache": route_run_with_cache,
 }
 
@@ -642,7 +630,7 @@ def main() -> None:
         print(f"\n{title}\n\n{table}")
     print("\nratio above 1: the scan costs more than that route; paired median: the median over rounds of the scan's "
           "time over the route's in the same round (slow drifts of the machine's load cancel); CPU s: process time, "
-          "every thread (the scan's statistics worker included); n/a: a peak under 1 MiB.")
+          "every thread; n/a: a peak under 1 MiB.")
 
     if args.json:
         payload = {

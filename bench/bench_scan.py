@@ -51,8 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import massact_lens as ml  # noqa: E402
-from massact_lens._core.batching import last_block_hook, plan_batches, run_batches  # noqa: E402
+from massact_lens._core.batching import plan_batches  # noqa: E402
 from massact_lens._core.hook_names import residual_hook_names  # noqa: E402
+from massact_lens._core.loop import UserHooks, last_block_hook, measure  # noqa: E402
 from massact_lens._core.statistics import hidden_state_stats, lower_medians  # noqa: E402
 from massact_lens.examples import minilm  # noqa: E402
 
@@ -70,14 +71,14 @@ def corpus(n: int, words: int) -> list[str]:
 
 def bare(model, texts, batch_size):
     plan = plan_batches(model, texts, batch_size=batch_size)
-    run_batches(model, plan, lambda _batch: [], progress=False)
+    measure(model, plan, UserHooks([]), progress=False)
 
 
 def bare_to_last_block(model, texts, batch_size):
     """The same pass scan makes, without its statistics: stops after the last block read."""
     plan = plan_batches(model, texts, batch_size=batch_size)
     last = last_block_hook(residual_hook_names(model))
-    run_batches(model, plan, lambda _batch: [], progress=False, stop_after=last)
+    measure(model, plan, UserHooks([(last, lambda activation, hook=None: None)]), progress=False)  # noqa: ARG005 (stops there)
 
 
 def scanned(model, texts, batch_size):

@@ -1,9 +1,8 @@
-"""Inputs to batches, and one hooked, streaming forward loop for every measurement.
+"""Inputs to batches: tokenise, right-pad, mask, validate, and order them longest first.
 
 Every measurement of the library (scan, profile, attention, evaluation) takes the
-same kinds of input and runs the same loop: tokenise, right-pad, mask, run the
-model with some hooks attached for the length of one ``model.hooks(...)`` context,
-move on. This module is that loop, written once.
+same kinds of input; this module turns them into :class:`Batch` es that
+:func:`massact_lens._core.loop.measure` runs, written once.
 
 Inputs may be
 
@@ -29,36 +28,18 @@ padding gives the same numbers as one input at a time.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from jaxtyping import Int
-from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.fast_paths import (
-    attention_implementation,
-    fast_attention,
-    lean_components,
-    wants_fast_attention,
-)
-from massact_lens._core.types import HookList, Inputs, model_device
+from massact_lens._core.types import Inputs
 
-__all__ = [
-    "Batch",
-    "BatchAware",
-    "BatchPlan",
-    "Inputs",
-    "announce",
-    "last_block_hook",
-    "plan_batches",
-    "run_batches",
-    "token_strings",
-]
+__all__ = ["Batch", "BatchPlan", "Inputs", "plan_batches", "token_strings"]
 
 
 @dataclass(frozen=True)
@@ -97,30 +78,6 @@ class Batch:
     def to(self, device: Any) -> Batch:
         """The same batch with its tensors on ``device``."""
         return Batch(self.tokens.to(device), self.attention_mask.to(device), self.start, self.indices)
-
-
-@runtime_checkable
-class BatchAware(Protocol):
-    """A hook that wants to be told each batch before its forward pass.
-
-    The batch loop (:func:`run_batches`) calls ``before_batch(batch)`` on every hook
-    function of the batch's hook list that has this method, before the forward pass:
-    this is how a token tracker learns the padding mask and that a fresh sequence
-    starts (rather than guessing from shapes).
-    """
-
-    def before_batch(self, batch: Batch) -> None: ...
-
-
-def announce(fwd_hooks: Iterable[tuple[Any, Any]], batch: Batch) -> None:
-    """Call ``before_batch(batch)`` on every :class:`BatchAware` hook of ``fwd_hooks``.
-
-    :func:`run_batches` does this for you; a loop of its own calls it before each pass.
-    """
-    for _, fn in fwd_hooks:
-        before = getattr(fn, "before_batch", None)  # isinstance(fn, BatchAware), without the Protocol's cost
-        if callable(before):
-            before(batch)
 
 
 @dataclass(frozen=True)
@@ -356,116 +313,6 @@ def plan_batches(
     stream = _stream(model, itertools.chain([first], items), batch_size, bos, by_length)
     tensors_only = isinstance(first, torch.Tensor | tuple | dict)
     return BatchPlan(stream, None, None if tensors_only else bos)
-
-
-class _StopForward(Exception):
-    """Raised by the stop hook of :func:`run_batches` once every needed hook has fired."""
-
-
-def last_block_hook(hook_names: Iterable[str]) -> str:
-    """The block output after which none of ``hook_names`` can fire (for ``stop_after``).
-
-    >>> last_block_hook(["blocks.0.ln2.hook_in", "blocks.3.hook_resid_pre"])
-    'blocks.3.hook_resid_post'
-    """
-    from massact_lens._core.hook_names import RESID_POST, layer_of
-
-    return RESID_POST.format(layer=max(layer_of(n) for n in hook_names))
-
-
-#: ``run_batches(..., stop_after=LAST_READ)``: stop each pass after the last block its hooks read.
-LAST_READ = "<last block read>"
-
-
-def _last_read(hooks: HookList) -> str | None:
-    names = [name for name, _ in hooks]
-    if not names or not all(isinstance(n, str) for n in names):
-        return None
-    try:
-        return last_block_hook(names)
-    except ValueError:  # a hook outside the blocks (embedding, final norm): run it all
-        return None
-
-
-def run_batches(
-    model: TransformerLensModel,
-    plan: BatchPlan,
-    make_hooks: Callable[[Batch], HookList],
-    *,
-    progress: bool = True,
-    desc: str = "batches",
-    on_batch: Callable[[Batch, Any], None] | None = None,
-    after_batch: Callable[[Batch], None] | None = None,
-    stop_after: str | None = None,
-) -> int:
-    """Run every batch of ``plan`` under the hooks ``make_hooks(batch)`` returns.
-
-    Hooks are attached with ``model.hooks(...)`` for one batch at a time and are
-    removed when the batch ends, also when a hook raises. Runs in inference mode.
-    ``on_batch(batch, logits)`` sees the model output. Returns the number of inputs.
-
-    Attention runs PyTorch's fused kernel (SDPA) unless a hook of the batch, or one the
-    user attached, reads an attention pattern or score (see
-    :func:`massact_lens.models.load.fast_attention`); the setting is restored after each batch.
-
-    ``stop_after``: a hook name (use :func:`last_block_hook`) after which the rest
-    of the forward pass is skipped: later blocks, the final norm and the unembedding,
-    which on a BERT bridge (a 30k-word prediction head) is most of the cost. Only
-    for measurements that read nothing later; not with ``on_batch``.
-    ``stop_after=LAST_READ``: each batch stops after the last block its hooks read
-    (the whole pass runs when a hook lies outside the blocks).
-    ``after_batch(batch)`` runs after each pass, also a stopped one.
-    """
-    if stop_after is not None and on_batch is not None:
-        raise ValueError("stop_after skips the model output, so it cannot be combined with on_batch.")
-    seen = 0
-    bar = tqdm(plan.batches, total=_n_batches(plan), desc=desc, disable=not progress, leave=False)
-    device = model_device(model)
-
-    def stop(activation: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-        raise _StopForward
-
-    patterns: dict[tuple[str, ...], bool] = {}  # fast attention, per set of hook names
-
-    with torch.inference_mode(), lean_components(model):  # type: ignore[arg-type]
-        for batch in bar:
-            tokens = batch.tokens.to(device) if device is not None else batch.tokens
-            mask = batch.attention_mask.to(tokens.device)
-            hooks = make_hooks(batch)
-            announce(hooks, batch)
-            stop_here = _last_read(hooks) if stop_after == LAST_READ else stop_after
-            if stop_here is not None:
-                hooks = [*hooks, (stop_here, stop)]
-            out = None
-            attention = _attention(model, [name for name, _ in hooks], patterns)
-            with attention, model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
-                out = model(tokens, attention_mask=mask, return_type="logits" if on_batch else None)  # type: ignore[operator]
-            if on_batch is not None:
-                on_batch(batch, out)
-            if after_batch is not None:
-                after_batch(batch)
-            seen += int(batch.tokens.shape[0])
-    return seen
-
-
-def _attention(
-    model: TransformerLensModel, names: list[Any], decided: dict[tuple[str, ...], bool]
-) -> contextlib.AbstractContextManager[None]:
-    """:func:`fast_attention` for a batch's hook names, decided once per run for the same
-    names (rather than reading the model's whole hook dict every batch); names that are
-    filters are decided every batch. The setting itself is still switched per batch."""
-    if not all(isinstance(n, str) for n in names):
-        return fast_attention(model, names)
-    key = tuple(names)
-    if key not in decided:
-        if len(decided) >= 64:  # hook names that change every batch: keep memory flat
-            decided.clear()
-        decided[key] = wants_fast_attention(model, names)
-    return attention_implementation(model, "sdpa") if decided[key] else contextlib.nullcontext()
-
-
-def _n_batches(plan: BatchPlan) -> int | None:
-    return len(plan.batches) if isinstance(plan.batches, list) else None
 
 
 def token_strings(model: TransformerLensModel, ids: Iterable[int]) -> dict[int, str]:
