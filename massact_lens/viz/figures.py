@@ -56,7 +56,31 @@ def _finite(values: list[float]) -> list[float | None]:
     return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
-def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Figure:
+#: The columns of :meth:`~massact_lens.ScanResult.layer_stats` that :func:`layer_stats_figure` draws.
+_LAYER_STATS_COLUMNS = ("hook_name", "top1", "top2", "top3", "median", "top1_std")
+
+
+def _layer_stats(result: ScanResult | pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The table to draw and the title's parenthesis, from a scan or its ``layer_stats()``."""
+    if isinstance(result, ScanResult):
+        model = html.escape(model_short_name(result.provenance))
+        return result.layer_stats(), f"{model}, {result.n_inputs} inputs"
+    if not isinstance(result, pd.DataFrame):
+        raise TypeError(
+            f"layer_stats_figure draws a ScanResult (massact_lens.scan(...)) or its layer_stats() DataFrame, "
+            f"not {type(result).__name__}."
+        )
+    missing = [c for c in _LAYER_STATS_COLUMNS if c not in result.columns]
+    if missing:
+        raise ValueError(
+            f"This DataFrame has no column {', '.join(missing)}: pass the ScanResult, or its layer_stats() "
+            f"with the columns {', '.join(_LAYER_STATS_COLUMNS)} kept."
+        )
+    n = result["n_inputs"].max() if "n_inputs" in result.columns and len(result) else None
+    return result.reset_index(drop=True), "" if n is None else f"{int(n)} inputs"
+
+
+def layer_stats_figure(result: ScanResult | pd.DataFrame, *, title: str | None = None) -> go.Figure:
     """The layer-wise top-1/2/3 ``|x|`` and median curves, log scale.
 
     One trace each named ``"top 1"``, ``"top 2"``, ``"top 3"``, ``"median"``: x the
@@ -64,6 +88,8 @@ def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Fi
     ``"L3 ln2.hook_in"``; ``customdata`` their full names), y the mean over inputs
     (:meth:`~massact_lens.ScanResult.layer_stats`); ``"top 1"`` has the spread
     across inputs as error bars. The legend sits above the plot, clear of the ticks.
+    ``result`` is a :class:`~massact_lens.ScanResult` or its ``layer_stats()``
+    DataFrame (the title then names no model).
 
     >>> import torch
     >>> from massact_lens import scan
@@ -71,8 +97,11 @@ def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Fi
     >>> fig = layer_stats_figure(scan(tiny_model(), torch.randint(0, 64, (2, 6)), progress=False))
     >>> len(fig.data[0].y), list(fig.data[0].x), fig.layout.xaxis.title.text   # one point per hook point
     (2, ['L0', 'L1'], 'layer (hook_resid_post)')
+
+    Raises:
+        TypeError / ValueError: neither a ScanResult nor a ``layer_stats()`` table.
     """
-    stats = result.layer_stats()
+    stats, about = _layer_stats(result)
     labels, x_title = layer_labels(list(stats["hook_name"]))
     fig = NotebookFigure()
     for column, name in (("top1", "top 1"), ("top2", "top 2"), ("top3", "top 3"), ("median", "median")):
@@ -88,10 +117,9 @@ def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Fi
                 error_y={"type": "data", "array": stats["top1_std"].tolist(), "visible": True} if name == "top 1" else None,
             )
         )
-    model = model_short_name(result.provenance)
     fig.update_layout(
         template=_TEMPLATE,
-        title=title or f"Largest |activation| vs median per hidden state ({html.escape(model)}, {result.n_inputs} inputs)",
+        title=title or "Largest |activation| vs median per hidden state" + (f" ({about})" if about else ""),
         xaxis={"title": x_title, "tickangle": -45 if len(labels) > 16 else None},
         yaxis={"title": "|activation| (mean over inputs)", "type": "log", "dtick": 1},
         legend=_LEGEND_ON_TOP,
