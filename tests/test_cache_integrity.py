@@ -131,3 +131,30 @@ def test_a_damaged_folder_is_rebuilt_with_a_warning_that_names_the_file(tmp_path
     message = str(caught[0].message)
     assert "config.json" in message and "rebuilding" in message and "weights" not in message
     assert not folder.exists()  # the 29-layer folder is never loaded
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_folder_records_digests_and_refuses_29_layers(tmp_path):
+    """The small files of the real cached folder (its weights linked, not copied)."""
+    import time
+
+    from massact_lens.examples import SMOLLM2_GGUF_SHA256, smollm2_dir
+
+    real = smollm2_dir()
+    manifest = json.loads((real / MANIFEST_NAME).read_text())
+    assert set(manifest["checks"]) == set(manifest["files"])
+    assert {"mtime_ns", "sampled_sha256"} <= set(manifest["checks"]["model.safetensors"])
+    assert "mtime_ns" not in manifest["checks"]["tokenizer.json"]  # 3.5 MB: digested in full at every load
+    start = time.perf_counter()
+    assert folder_problem(real, SMOLLM2_GGUF_SHA256) is None
+    assert time.perf_counter() - start < 0.3
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in real.iterdir():
+        if file.name == "model.safetensors":
+            (copy / file.name).symlink_to(file)
+        else:
+            (copy / file.name).write_bytes(file.read_bytes())
+    assert folder_problem(copy, SMOLLM2_GGUF_SHA256) is None
+    _edit_in_place(copy / "config.json", b'"num_hidden_layers": 30', b'"num_hidden_layers": 29')
+    assert folder_problem(copy, SMOLLM2_GGUF_SHA256).startswith("config.json was changed")

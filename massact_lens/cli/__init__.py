@@ -215,7 +215,8 @@ def cmd_train_table(args: argparse.Namespace) -> int:
 
     bad = [d for d in args.directories if not is_checkpoint(d)]
     if bad:
-        raise SystemExit(f"massact: {bad} are not checkpoint folders (config.json of massact_lens.training).")
+        raise SystemExit(f"massact: {bad} are not checkpoint folders (config.json of massact_lens.training). Pass "
+                         "folders written by massact train, or none for the shipped decoders.")
     from massact_lens.training import results_table
 
     frame = results_table(args.directories or None, n_sequences=args.n_sequences)

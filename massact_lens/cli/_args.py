@@ -209,7 +209,8 @@ def _pairs_for(model: Any, pairs: list[tuple[str, str]] | str | None) -> list[tu
 
     if is_causal(model):
         if isinstance(pairs, list):
-            raise SystemExit("massact: --pairs is for encoders; a causal model is judged by perplexity on the prompts.")
+            raise SystemExit("massact: --pairs is for encoders; a causal model is judged by perplexity on the prompts. "
+                             "Leave out --pairs.")
         return None
     return list(PARAPHRASE_PAIRS) if pairs == "builtin" else pairs  # type: ignore[return-value]
 
@@ -272,5 +273,5 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
         raise ValueError("No prompts: pass at least one string.")
     bad = [i for i, p in enumerate(out) if not isinstance(p, str) or not p]
     if bad:
-        raise ValueError(f"Prompts {bad[:5]} are not non-empty strings.")
+        raise ValueError(f"Prompts {bad[:5]} are not non-empty strings: pass only non-empty strings.")
     return out

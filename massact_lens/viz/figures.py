@@ -253,12 +253,14 @@ def attention_logits_figure(
     if values not in ("logits", "pattern"):
         raise ValueError(f"values must be 'logits' or 'pattern', not {values!r}.")
     if layer not in logits.layers:
-        raise ValueError(f"Layer {layer} is not in these logits (layers {list(logits.layers)}).")
+        raise ValueError(f"Layer {layer} is not in these logits (layers {list(logits.layers)}): pass one of them, or "
+                         f"measure it first: attention_logits(model, text, layers=[{layer}]).")
     i = logits.layers.index(layer)
     data = (logits.logits if values == "logits" else logits.pattern)[i]  # [head, q, k]
     n_heads = int(data.shape[0])
     if head is not None and not 0 <= head < n_heads:
-        raise ValueError(f"Head {head} does not exist: there are {n_heads} heads.")
+        raise ValueError(f"Head {head} does not exist: there are {n_heads} heads; pass head=0..{n_heads - 1}, or "
+                         "None for their mean.")
     matrix = data[head] if head is not None else data.nanmean(dim=0)
     n_keys = int(matrix.shape[-1])
     names = [display_token(t) for t in logits.tokens] + ["&lt;slot&gt;"] * max(0, n_keys - len(logits.tokens))
@@ -418,7 +420,8 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
     settings = list(table.values)
     metrics = list(table.metrics)
     if not metrics:
-        raise ValueError("The ablation table has no metrics to draw.")
+        raise ValueError("The ablation table has no metrics to draw: build it with at least one metric "
+                         "(massact_lens.evaluate.ablation_table with a corpus or sentences).")
     fig = NotebookFigure(make_subplots(rows=1, cols=len(metrics), subplot_titles=[html.escape(m) for m in metrics]))
     palette = ["#7f7f7f", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
     for j, metric in enumerate(metrics, start=1):

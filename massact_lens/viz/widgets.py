@@ -56,7 +56,8 @@ def _marks(massive: Marks | None) -> dict[int, tuple[int, ...]]:
 def _check_marks(marks: Mapping[int, Sequence[int]], n_tokens: int) -> None:
     bad = sorted(p for p in marks if not 0 <= p < n_tokens)
     if bad:
-        raise ValueError(f"massive positions {bad} are not in this input: it has {n_tokens} tokens (0..{n_tokens - 1}).")
+        raise ValueError(f"massive positions {bad} are not in this input: it has {n_tokens} tokens; pass positions "
+                         f"among 0..{n_tokens - 1}.")
 
 
 def _marked(tokens: Sequence[str], massive: Mapping[int, Sequence[int]]) -> list[str]:
@@ -352,7 +353,8 @@ def tokens_by_activation_widget(
             index = int(ratio.argmax())
     elif isinstance(open_on, int) and not isinstance(open_on, bool):
         if not 0 <= open_on < len(states.hook_names):
-            raise ValueError(f"open_on {open_on} is not an index into the {len(states.hook_names)} hidden states.")
+            raise ValueError(f"open_on {open_on} is not an index into the {len(states.hook_names)} hidden states: pass "
+                             f"0..{len(states.hook_names) - 1}, a hook name, or None.")
         index = open_on
     else:
         index = states.hook_index(str(open_on))
