@@ -76,8 +76,8 @@ def _layer_stats(result: ScanResult | pd.DataFrame) -> tuple[pd.DataFrame, str]:
             f"This DataFrame has no column {', '.join(missing)}: pass the ScanResult, or its layer_stats() "
             f"with the columns {', '.join(_LAYER_STATS_COLUMNS)} kept."
         )
-    n = result["n_inputs"].max() if "n_inputs" in result.columns and len(result) else None
-    return result.reset_index(drop=True), "" if n is None else f"{int(n)} inputs"
+    n = max((int(v) for v in result["n_inputs"]), default=None) if "n_inputs" in result.columns else None
+    return result.reset_index(drop=True), "" if n is None else f"{n} inputs"
 
 
 def layer_stats_figure(result: ScanResult | pd.DataFrame, *, title: str | None = None) -> go.Figure:
