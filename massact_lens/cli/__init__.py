@@ -31,9 +31,12 @@ from typing import Any
 __all__ = ["main"]
 
 from massact_lens.cli._args import (
+    _check_model,
+    _check_out_folder,
     _check_output,
     _criterion,
     _describe,
+    _index,
     _label,
     _load,
     _pairs_for,
@@ -64,6 +67,7 @@ def _distributed() -> bool:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    _check_model(args.model)
     prompts = _prompts(args.prompts)
     criterion = _criterion(args)
     _check_output(args.json, "--json")
@@ -108,6 +112,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
+    _check_model(args.model)
     prompts = _prompts(args.prompts)
     given_pairs = _read_pairs(args.pairs)
     criterion = _criterion(args)
@@ -150,11 +155,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    _check_model(args.model)
     _check_output(args.out, "--out")
     prompts = _prompts(args.prompts)
     given_pairs = _read_pairs(args.pairs)
     if not 0 <= args.example < len(prompts):
-        raise SystemExit(f"massact: --example must index a prompt (0..{len(prompts) - 1}), not {args.example}.")
+        raise SystemExit(f"massact: --example must index a prompt: pass 0..{len(prompts) - 1}, not {args.example}.")
     criterion = _criterion(args)
     from massact_lens.cli.report import build_report
 
@@ -185,6 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"massact: --out {args.out!r} is a file; give a folder for the checkpoint.")
+    _check_out_folder(args.out, "--out")
     if args.train_command == "text" and not Path(args.file).is_file():
         raise SystemExit(f"massact: --file {args.file!r} is not a file. Give a UTF-8 text file to train on.")
     from massact_lens.training import BigramBackcopy, ModelConfig, TextFile, TrainConfig, train
@@ -208,7 +215,8 @@ def cmd_train_table(args: argparse.Namespace) -> int:
 
     bad = [d for d in args.directories if not is_checkpoint(d)]
     if bad:
-        raise SystemExit(f"massact: {bad} are not checkpoint folders (config.json of massact_lens.training).")
+        raise SystemExit(f"massact: {bad} are not checkpoint folders (config.json of massact_lens.training). Pass "
+                         "folders written by massact train, or none for the shipped decoders.")
     from massact_lens.training import results_table
 
     frame = results_table(args.directories or None, n_sequences=args.n_sequences)
@@ -325,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(report)
     report.add_argument("-o", "--out", default="massact_report.html",
                         help="the HTML file to write (default: massact_report.html); written atomically")
-    report.add_argument("--example", type=int, default=0, help="index of the prompt drawn in the single-input views (default 0)")
+    report.add_argument("--example", type=_index, default=0, help="index of the prompt drawn in the single-input views (default 0)")
     report.add_argument("--attention-prompts", type=_positive_int, default=16,
                         help="how many prompts (the first ones) the attention analyses use (default 16)")
     report.add_argument("--pairs", metavar="FILE|none", help="paraphrase pairs for an encoder's ablation: a text "

@@ -47,10 +47,40 @@ def _label(model_arg: str | None) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    """An argparse type: its message says what to pass (argparse would name this function)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+        raise argparse.ArgumentTypeError(f"pass a positive integer such as 10, not {text!r}")
     return value
+
+
+def _index(text: str) -> int:
+    """An argparse type for an index (0, 1, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"pass an integer index 0, 1, ..., not {text!r}")
+    return value
+
+
+def _check_model(model_arg: str | None) -> None:
+    """A short name's variant, checked before anything is read."""
+    from massact_lens.models.checkpoints import VARIANTS
+
+    short = _short_name(model_arg)
+    if short is None or short[1] is None:
+        return
+    name, variant = short
+    if name != "bigram_backcopy":
+        raise SystemExit(f"massact: --model {model_arg!r}: {name} has no variants. Pass --model {name}.")
+    if variant not in VARIANTS:
+        choices = ", ".join(f"{name}:{v}" for v in VARIANTS)
+        raise SystemExit(f"massact: --model {model_arg!r}: no such variant. Pass one of {choices}.")
 
 
 def _criterion(args: argparse.Namespace) -> Any:
@@ -81,6 +111,25 @@ def _check_output(path: str | None, option: str) -> None:
         raise SystemExit(f"massact: {option} {path!r} is a folder; give a file name such as {out / 'out'}.")
     if not (out.parent if str(out.parent) else Path(".")).is_dir():
         raise SystemExit(f"massact: folder {str(out.parent)!r} of {option} does not exist; create it or choose another {option}.")
+    from massact_lens.viz._page import check_writable
+
+    try:
+        check_writable(out)
+    except OSError as error:
+        raise SystemExit(f"massact: {option} {path!r}: {error}") from None
+
+
+def _check_out_folder(path: str, option: str) -> None:
+    """A folder to fill (``train --out``): it, or the nearest folder above it that exists, must be writable."""
+    from massact_lens.viz._page import check_writable
+
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        check_writable(folder / ".massact_probe")
+    except OSError as error:
+        raise SystemExit(f"massact: {option} {path!r}: {error}") from None
 
 
 def _lines(path: Path, option: str) -> list[str]:
@@ -108,10 +157,13 @@ def _read_pairs(arg: str | None) -> list[tuple[str, str]] | str | None:
             continue
         parts = [p.strip() for p in line.split("\t")]
         if len(parts) != 2 or not all(parts):
-            raise SystemExit(f"massact: {arg}:{number} is not two tab-separated sentences.")
+            found = f"{len(parts)} part{'s' if len(parts) != 1 else ''}" + ("" if all(parts) else ", one empty")
+            raise SystemExit(f"massact: {arg}:{number} is not two tab-separated sentences ({found}). Put one pair "
+                             "per line, the two sentences separated by one tab, or pass --pairs none.")
         pairs.append((parts[0], parts[1]))
     if not pairs:
-        raise SystemExit(f"massact: {arg!r} has no pairs.")
+        raise SystemExit(f"massact: --pairs {arg!r} has no pairs. Put one pair per line, the two sentences separated "
+                         "by one tab, or pass --pairs none (or leave out --pairs for the 20 built-in pairs).")
     return pairs
 
 
@@ -125,7 +177,8 @@ def _prompts(path: str | None) -> list[str]:
         raise SystemExit(f"massact: --prompts {path!r} is not a file. Give a text file with one prompt per line.")
     prompts = [line.strip() for line in _lines(file, "--prompts") if line.strip()]
     if not prompts:
-        raise SystemExit(f"massact: {path!r} has no non-empty lines.")
+        raise SystemExit(f"massact: --prompts {path!r} has no non-empty lines. Write one prompt per line, or "
+                         "leave out --prompts for the 40 built-in sentences.")
     return prompts
 
 
@@ -137,13 +190,12 @@ def _load(model_arg: str | None) -> Any:
     from massact_lens.models.checkpoints import is_checkpoint, load_checkpoint
     from massact_lens.models.load import load_model
 
+    _check_model(model_arg)
     short = _short_name(model_arg)
     if short is not None:
         name, variant = short
         if name == "bigram_backcopy":
             return examples.bigram_backcopy(variant or "default")
-        if variant:
-            raise SystemExit(f"massact: --model {model_arg!r}: {name} has no variants.")
         return examples.smollm2() if name == "smollm2" else examples.minilm()
     assert model_arg is not None
     path = Path(model_arg).expanduser()
@@ -157,7 +209,8 @@ def _pairs_for(model: Any, pairs: list[tuple[str, str]] | str | None) -> list[tu
 
     if is_causal(model):
         if isinstance(pairs, list):
-            raise SystemExit("massact: --pairs is for encoders; a causal model is judged by perplexity on the prompts.")
+            raise SystemExit("massact: --pairs is for encoders; a causal model is judged by perplexity on the prompts. "
+                             "Leave out --pairs.")
         return None
     return list(PARAPHRASE_PAIRS) if pairs == "builtin" else pairs  # type: ignore[return-value]
 
@@ -220,5 +273,5 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
         raise ValueError("No prompts: pass at least one string.")
     bad = [i for i, p in enumerate(out) if not isinstance(p, str) or not p]
     if bad:
-        raise ValueError(f"Prompts {bad[:5]} are not non-empty strings.")
+        raise ValueError(f"Prompts {bad[:5]} are not non-empty strings: pass only non-empty strings.")
     return out

@@ -9,10 +9,27 @@ into the user cache (:func:`cache_dir`), and afterwards only validates the folde
 
 The GGUF's sha256 is checked against a pinned digest and the cache is checked to be
 writable before the conversion starts. The folder is written under a temporary
-name unique to the process, a manifest (file names, sizes, the GGUF digest, the
-format version) is written last, and the folder is renamed into place: a folder at
-the final path is complete, and :func:`folder_problem` notices one that was damaged
-later.
+name unique to the process, a manifest (file names, sizes, a sha256 digest of every
+file, the GGUF digest, the format version) is written last, and the folder is
+renamed into place: a folder at the final path is complete, and
+:func:`folder_problem` notices one that was damaged later.
+
+What a load checks (sizes alone miss a file edited in place, e.g. ``config.json``
+with 29 layers instead of 30):
+
+- files under 16 MiB (:data:`_SMALL_BYTES`: config, tokenizer, templates): their
+  full sha256, at every load (a few milliseconds);
+- larger files (the 538 MB ``model.safetensors``): a cheap check, at every load:
+  the size, the modification time recorded at writing, a sha256 of 64 sampled
+  4 KiB blocks spread over the file, and (safetensors) a readable header whose
+  tensors end at the end of the file. When the modification time disagrees (the
+  file was rewritten, or copied without ``cp -p``), the full sha256 decides; if it
+  agrees, the new time is recorded (when the folder is writable), so the next load
+  is cheap again.
+
+Every damaged file is named. :func:`hf_folder_from_gguf` then rebuilds the folder
+from the GGUF with a warning; a manifest without digests (written by an older
+version) is rebuilt once the same way.
 
 >>> from massact_lens.examples import SMOLLM2_GGUF_SHA256, smollm2_dir
 >>> folder_problem(smollm2_dir(), SMOLLM2_GGUF_SHA256) is None
@@ -41,11 +58,18 @@ __all__ = ["cache_dir", "hf_folder_from_gguf"]
 CACHE_ENV = "MASSACT_LENS_CACHE"
 #: Name of the manifest inside a converted folder; it is written last.
 MANIFEST_NAME = "massact_lens_manifest.json"
-#: Version of the folder layout; a folder with another version is rebuilt.
+#: Version of the folder layout; a folder with another version is rebuilt. The manifest's
+#: ``checks`` (digests) came within version 1, so older code still accepts a newer folder;
+#: a folder without them is rebuilt once.
 FORMAT_VERSION = 1
 _FORMAT = "massact_lens.models.cache"
 #: Temporary folders older than this (a killed conversion) are removed by the next build.
 _STALE_SECONDS = 3600
+#: Files smaller than this are digested in full at every load; larger ones get the cheap check.
+_SMALL_BYTES = 16 << 20
+#: The cheap check of a large file digests this many blocks of this many bytes.
+_SAMPLES = 64
+_SAMPLE_BYTES = 4096
 
 
 def cache_dir() -> Path:
@@ -79,47 +103,119 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def folder_problem(folder: str | os.PathLike[str], gguf_sha256: str | None = None) -> str | None:
-    """What is wrong with a converted folder, or None when it is complete.
+    """What is wrong with a converted folder, or None when it is complete and unchanged.
 
-    Checks, without reading the weights: the manifest is there and has this
-    format version (and, if given, was built from the GGUF with ``gguf_sha256``),
-    every file it lists has its recorded size, and every ``.safetensors`` file has
-    a readable header whose tensors end exactly at the end of the file.
+    Checks: the manifest is there and has this format version (and, if given, was
+    built from the GGUF with ``gguf_sha256``); every file it lists has its recorded
+    size and digest (small files: the full sha256; large ones: the cheap check of
+    the module docstring, then the full sha256 if their time changed); every
+    ``.safetensors`` file has a readable header whose tensors end exactly at the end
+    of the file. Every damaged file is named, ``"; "``-separated.
 
     >>> folder_problem("/no/such/folder")
     'it does not exist'
     """
     path = Path(folder)
+    manifest, problem = _read_manifest(path, gguf_sha256)
+    if manifest is None:
+        return problem
+    files, checks = manifest["files"], manifest["checks"]
+    problems, retimed = [], {}
+    for name, size in files.items():
+        found = _file_problem(path / name, name, size, checks[name])
+        if isinstance(found, int):
+            retimed[name] = found
+        elif found:
+            problems.append(found)
+    if problems:
+        return "; ".join(problems)
+    if retimed:
+        _record_times(path, manifest, retimed)
+    return None
+
+
+def _read_manifest(path: Path, gguf_sha256: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The manifest of a folder, or None and what is wrong with it."""
     if not path.is_dir():
-        return "it does not exist" if not path.exists() else "it is not a directory"
+        return None, "it does not exist" if not path.exists() else "it is not a directory"
     try:
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return f"no {MANIFEST_NAME} (the conversion did not finish)"
+        return None, f"no {MANIFEST_NAME} (the conversion did not finish)"
     except (OSError, ValueError) as error:
-        return f"unreadable {MANIFEST_NAME} ({error})"
+        return None, f"unreadable {MANIFEST_NAME} ({error})"
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
-        return f"{MANIFEST_NAME} is not a massact_lens manifest"
+        return None, f"{MANIFEST_NAME} is not a massact_lens manifest"
     if manifest.get("format_version") != FORMAT_VERSION:
-        return f"format version {manifest.get('format_version')!r}, not {FORMAT_VERSION}"
+        return None, f"format version {manifest.get('format_version')!r}, not {FORMAT_VERSION}"
     if gguf_sha256 is not None and manifest.get("gguf_sha256") != gguf_sha256:
-        return f"built from another GGUF (sha256 {manifest.get('gguf_sha256')!r})"
-    files = manifest.get("files")
+        return None, f"built from another GGUF (sha256 {manifest.get('gguf_sha256')!r})"
+    files, checks = manifest.get("files"), manifest.get("checks")
     if not isinstance(files, dict) or "config.json" not in files:
-        return f"{MANIFEST_NAME} lists no config.json"
-    for name, size in files.items():
-        file = path / name
-        try:
-            actual = file.stat().st_size
-        except OSError:
-            return f"{name} is missing"
-        if actual != size:
-            return f"{name} has {actual} bytes, not {size}"
-        if name.endswith(".safetensors"):
-            problem = _safetensors_problem(file, actual)
-            if problem:
-                return f"{name}: {problem}"
-    return None
+        return None, f"{MANIFEST_NAME} lists no config.json"
+    if not isinstance(checks, dict) or not all(isinstance(checks.get(name), dict) for name in files):
+        return None, f"{MANIFEST_NAME} records no digests (written by an older massact_lens)"
+    return manifest, None
+
+
+def _file_problem(file: Path, name: str, size: int, check: dict[str, Any]) -> str | int | None:
+    """What is wrong with one listed file; an int (its new mtime) when only its time changed."""
+    try:
+        stat = file.stat()
+    except OSError:
+        return f"{name} is missing"
+    if stat.st_size != size:
+        return f"{name} has {stat.st_size} bytes, not {size}"
+    if name.endswith(".safetensors"):
+        problem = _safetensors_problem(file, stat.st_size)
+        if problem:
+            return f"{name}: {problem}"
+    changed = f"{name} was changed after it was written (its sha256 is not the recorded one)"
+    try:
+        if "mtime_ns" not in check:  # a small file: digested at every load
+            return None if file_sha256(file) == check.get("sha256") else changed
+        if _sampled_sha256(file, stat.st_size) != check.get("sampled_sha256"):
+            return changed
+        if stat.st_mtime_ns == check["mtime_ns"]:
+            return None
+        return stat.st_mtime_ns if file_sha256(file) == check.get("sha256") else changed
+    except OSError as error:
+        return f"{name} is unreadable ({error.strerror or error})"
+
+
+def _sampled_sha256(path: Path, size: int) -> str:
+    """The sha256 of :data:`_SAMPLES` blocks of :data:`_SAMPLE_BYTES` spread evenly over a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if size <= _SAMPLES * _SAMPLE_BYTES:
+            digest.update(handle.read())
+        else:
+            for i in range(_SAMPLES):
+                handle.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _file_check(path: Path, size: int) -> dict[str, Any]:
+    """What a load checks for one file (see the module docstring)."""
+    check: dict[str, Any] = {"sha256": file_sha256(path)}
+    if size >= _SMALL_BYTES:
+        check["mtime_ns"] = path.stat().st_mtime_ns
+        check["sampled_sha256"] = _sampled_sha256(path, size)
+    return check
+
+
+def _record_times(folder: Path, manifest: dict[str, Any], mtimes: dict[str, int]) -> None:
+    """Large files whose full digest agreed under a new mtime: record it (best effort, atomic)."""
+    for name, mtime in mtimes.items():
+        manifest["checks"][name]["mtime_ns"] = mtime
+    tmp = folder / f".{MANIFEST_NAME}.{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        tmp.chmod(0o644)
+        os.replace(tmp, folder / MANIFEST_NAME)
+    except OSError:  # a read-only cache: the next load digests again
+        tmp.unlink(missing_ok=True)
 
 
 def _safetensors_problem(path: Path, size: int) -> str | None:
@@ -189,7 +285,13 @@ def hf_folder_from_gguf(
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError("Converting a GGUF needs the gguf package. Run: pip install gguf")
     if target.exists() or target.is_symlink():
-        warnings.warn(f"The cached model {target} is incomplete or damaged ({problem}): rebuilding it.", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"The cached model {target} is incomplete or damaged ({problem}): rebuilding it from {gguf.name} "
+            "(about a minute; nothing to do). To rebuild it by hand, delete that folder: the next load "
+            "converts it again.",
+            UserWarning,
+            stacklevel=2,
+        )
     tmp = _make_tmp(target)
     try:
         if target.exists() or target.is_symlink():
@@ -304,14 +406,16 @@ def _save_pretrained(model: Any, tokenizer: Any, folder: Path) -> None:
 
 
 def _write_manifest(folder: Path, gguf_sha256: str, gguf: Path) -> None:
-    """List every file with its size, flush everything to disk, then write the manifest."""
-    files = {}
+    """List every file with its size and digests, flush everything to disk, then write the manifest."""
+    files, checks = {}, {}
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
             path.chmod(0o644)  # safetensors writes 0600; a shared cache must be readable
-            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+            name = path.relative_to(folder).as_posix()
+            files[name] = path.stat().st_size
+            checks[name] = _file_check(path, files[name])
     manifest = {
         "format": _FORMAT,
         "format_version": FORMAT_VERSION,
@@ -320,6 +424,7 @@ def _write_manifest(folder: Path, gguf_sha256: str, gguf: Path) -> None:
         "gguf_size": gguf.stat().st_size,
         "dtype": "float32",
         "files": files,
+        "checks": checks,
     }
     with open(folder / MANIFEST_NAME, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1)

@@ -24,6 +24,7 @@ from massact_lens.viz._page import (
     Collapsed,
     Item,
     anchor,
+    check_writable,
     format_value,
     html_document,
     item_html,
@@ -139,7 +140,11 @@ class Report:
         return html_document(self.title, out, self.items())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_html` to ``path`` (temp name, then rename); returns the path."""
+        """Write :meth:`to_html` to ``path`` (temp name, then rename); returns the path.
+
+        The path is checked before the page is rendered (:func:`~massact_lens.viz._page.check_writable`).
+        """
+        check_writable(path)
         return write_atomic(path, self.to_html())
 
     def _repr_html_(self) -> str:

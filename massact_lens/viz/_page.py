@@ -38,6 +38,7 @@ __all__ = [
     "Glossary",
     "Item",
     "anchor",
+    "check_writable",
     "format_value",
     "html_document",
     "item_html",
@@ -228,15 +229,16 @@ def html_document(title: str, body: Sequence[str], items: Sequence[Item]) -> str
     return "\n".join(out) + "\n"
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder, then rename.
+def check_writable(path: str | os.PathLike[str]) -> Path:
+    """Refuse, before any work, a file that cannot be written: a folder, or a folder missing or not writable.
 
-    A reader never sees a partial file, and an error leaves no file behind.
+    The folder is tried by creating (and removing) a temporary file in it, which
+    also works where permission bits do not tell (root, read-only mounts).
 
-    >>> import tempfile, os
-    >>> target = os.path.join(tempfile.mkdtemp(), "a.html")
-    >>> write_atomic(target, "<p>hi</p>").read_text()
-    '<p>hi</p>'
+    >>> check_writable("/no/such/folder/page.html")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: Folder /no/such/folder does not exist: create it first, or write elsewhere.
     """
     target = Path(path)
     if target.is_dir():
@@ -244,7 +246,30 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"Folder {folder} does not exist: create it first, or write elsewhere.")
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with tempfile.NamedTemporaryFile(prefix=f".{target.name}.", suffix=".probe", dir=folder):
+            pass
+    except OSError as error:
+        raise type(error)(
+            f"cannot write in folder {folder} ({error.strerror or error}): choose a writable folder, e.g. "
+            f"{Path(tempfile.gettempdir()) / target.name}."
+        ) from None
+    return target
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder, then rename.
+
+    A reader never sees a partial file, and an error leaves no file behind. The
+    path is checked first (:func:`check_writable`).
+
+    >>> import tempfile, os
+    >>> target = os.path.join(tempfile.mkdtemp(), "a.html")
+    >>> write_atomic(target, "<p>hi</p>").read_text()
+    '<p>hi</p>'
+    """
+    target = check_writable(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
@@ -273,6 +298,7 @@ def save_html(path: str | os.PathLike[str], *items: Item, title: str = "massact_
     """
     if not items:
         raise ValueError("Nothing to save: pass at least one figure, widget, table or text.")
+    check_writable(path)  # before any rendering
     body = [f"<h1>{html.escape(title)}</h1>", f'<h2 id="{anchor(title)}">{html.escape(title)}</h2>']
     body += [item_html(item, f"item-{i}") for i, item in enumerate(items, start=1)]  # type-checks before writing
     return write_atomic(path, html_document(title, body, items))

@@ -56,7 +56,31 @@ def _finite(values: list[float]) -> list[float | None]:
     return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
-def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Figure:
+#: The columns of :meth:`~massact_lens.ScanResult.layer_stats` that :func:`layer_stats_figure` draws.
+_LAYER_STATS_COLUMNS = ("hook_name", "top1", "top2", "top3", "median", "top1_std")
+
+
+def _layer_stats(result: ScanResult | pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The table to draw and the title's parenthesis, from a scan or its ``layer_stats()``."""
+    if isinstance(result, ScanResult):
+        model = html.escape(model_short_name(result.provenance))
+        return result.layer_stats(), f"{model}, {result.n_inputs} inputs"
+    if not isinstance(result, pd.DataFrame):
+        raise TypeError(
+            f"layer_stats_figure draws a ScanResult (massact_lens.scan(...)) or its layer_stats() DataFrame, "
+            f"not {type(result).__name__}."
+        )
+    missing = [c for c in _LAYER_STATS_COLUMNS if c not in result.columns]
+    if missing:
+        raise ValueError(
+            f"This DataFrame has no column {', '.join(missing)}: pass the ScanResult, or its layer_stats() "
+            f"with the columns {', '.join(_LAYER_STATS_COLUMNS)} kept."
+        )
+    n = max((int(v) for v in result["n_inputs"]), default=None) if "n_inputs" in result.columns else None
+    return result.reset_index(drop=True), "" if n is None else f"{n} inputs"
+
+
+def layer_stats_figure(result: ScanResult | pd.DataFrame, *, title: str | None = None) -> go.Figure:
     """The layer-wise top-1/2/3 ``|x|`` and median curves, log scale.
 
     One trace each named ``"top 1"``, ``"top 2"``, ``"top 3"``, ``"median"``: x the
@@ -64,6 +88,8 @@ def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Fi
     ``"L3 ln2.hook_in"``; ``customdata`` their full names), y the mean over inputs
     (:meth:`~massact_lens.ScanResult.layer_stats`); ``"top 1"`` has the spread
     across inputs as error bars. The legend sits above the plot, clear of the ticks.
+    ``result`` is a :class:`~massact_lens.ScanResult` or its ``layer_stats()``
+    DataFrame (the title then names no model).
 
     >>> import torch
     >>> from massact_lens import scan
@@ -71,8 +97,11 @@ def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Fi
     >>> fig = layer_stats_figure(scan(tiny_model(), torch.randint(0, 64, (2, 6)), progress=False))
     >>> len(fig.data[0].y), list(fig.data[0].x), fig.layout.xaxis.title.text   # one point per hook point
     (2, ['L0', 'L1'], 'layer (hook_resid_post)')
+
+    Raises:
+        TypeError / ValueError: neither a ScanResult nor a ``layer_stats()`` table.
     """
-    stats = result.layer_stats()
+    stats, about = _layer_stats(result)
     labels, x_title = layer_labels(list(stats["hook_name"]))
     fig = NotebookFigure()
     for column, name in (("top1", "top 1"), ("top2", "top 2"), ("top3", "top 3"), ("median", "median")):
@@ -88,10 +117,9 @@ def layer_stats_figure(result: ScanResult, *, title: str | None = None) -> go.Fi
                 error_y={"type": "data", "array": stats["top1_std"].tolist(), "visible": True} if name == "top 1" else None,
             )
         )
-    model = model_short_name(result.provenance)
     fig.update_layout(
         template=_TEMPLATE,
-        title=title or f"Largest |activation| vs median per hidden state ({html.escape(model)}, {result.n_inputs} inputs)",
+        title=title or "Largest |activation| vs median per hidden state" + (f" ({about})" if about else ""),
         xaxis={"title": x_title, "tickangle": -45 if len(labels) > 16 else None},
         yaxis={"title": "|activation| (mean over inputs)", "type": "log", "dtick": 1},
         legend=_LEGEND_ON_TOP,
@@ -225,12 +253,14 @@ def attention_logits_figure(
     if values not in ("logits", "pattern"):
         raise ValueError(f"values must be 'logits' or 'pattern', not {values!r}.")
     if layer not in logits.layers:
-        raise ValueError(f"Layer {layer} is not in these logits (layers {list(logits.layers)}).")
+        raise ValueError(f"Layer {layer} is not in these logits (layers {list(logits.layers)}): pass one of them, or "
+                         f"measure it first: attention_logits(model, text, layers=[{layer}]).")
     i = logits.layers.index(layer)
     data = (logits.logits if values == "logits" else logits.pattern)[i]  # [head, q, k]
     n_heads = int(data.shape[0])
     if head is not None and not 0 <= head < n_heads:
-        raise ValueError(f"Head {head} does not exist: there are {n_heads} heads.")
+        raise ValueError(f"Head {head} does not exist: there are {n_heads} heads; pass head=0..{n_heads - 1}, or "
+                         "None for their mean.")
     matrix = data[head] if head is not None else data.nanmean(dim=0)
     n_keys = int(matrix.shape[-1])
     names = [display_token(t) for t in logits.tokens] + ["&lt;slot&gt;"] * max(0, n_keys - len(logits.tokens))
@@ -390,7 +420,8 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
     settings = list(table.values)
     metrics = list(table.metrics)
     if not metrics:
-        raise ValueError("The ablation table has no metrics to draw.")
+        raise ValueError("The ablation table has no metrics to draw: build it with at least one metric "
+                         "(massact_lens.evaluate.ablation_table with a corpus or sentences).")
     fig = NotebookFigure(make_subplots(rows=1, cols=len(metrics), subplot_titles=[html.escape(m) for m in metrics]))
     palette = ["#7f7f7f", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
     for j, metric in enumerate(metrics, start=1):

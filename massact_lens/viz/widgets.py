@@ -56,7 +56,8 @@ def _marks(massive: Marks | None) -> dict[int, tuple[int, ...]]:
 def _check_marks(marks: Mapping[int, Sequence[int]], n_tokens: int) -> None:
     bad = sorted(p for p in marks if not 0 <= p < n_tokens)
     if bad:
-        raise ValueError(f"massive positions {bad} are not in this input: it has {n_tokens} tokens (0..{n_tokens - 1}).")
+        raise ValueError(f"massive positions {bad} are not in this input: it has {n_tokens} tokens; pass positions "
+                         f"among 0..{n_tokens - 1}.")
 
 
 def _marked(tokens: Sequence[str], massive: Mapping[int, Sequence[int]]) -> list[str]:
@@ -71,11 +72,27 @@ def _marked(tokens: Sequence[str], massive: Mapping[int, Sequence[int]]) -> list
     return out
 
 
+def _check_layer(model: TransformerLensModel, layer: int) -> None:
+    n_layers = int(model.cfg.n_layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer!r} does not exist: the model has {n_layers} layers; pass layer=0..{n_layers - 1}.")
+
+
+def _check_dim(dim: int | None, width: int | None) -> None:
+    """A feature dim: an integer in 0..width-1 (any integer >= 0 while the width is not known yet)."""
+    if dim is None:
+        return
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0 or (width is not None and dim >= width):
+        valid = f"the hidden states have {width} dims; pass dim=0..{width - 1}" if width else "pass an integer dim >= 0"
+        raise ValueError(f"dim {dim!r} does not exist: {valid} (or dim=None for the largest |x|).")
+
+
 def _chosen_heads(heads: Sequence[int] | None, n_heads: int, max_value: float | int | None) -> list[int]:
     chosen = list(range(n_heads)) if heads is None else [int(h) for h in heads]
     bad = [h for h in chosen if not 0 <= h < n_heads]
     if bad or not chosen:
-        raise ValueError(f"Heads {bad or chosen} do not exist: the model has {n_heads} heads (0..{n_heads - 1}).")
+        raise ValueError(f"Heads {bad or chosen} do not exist: the model has {n_heads} heads; pass heads among "
+                         f"0..{n_heads - 1}, or None for all.")
     if max_value is not None and not max_value > 0:
         raise ValueError(f"max_value must be positive, not {max_value!r}.")
     return chosen
@@ -160,7 +177,8 @@ def attention_heads_widget(
     (['L3H0', 'L3H1'], {0: ()}, False)
     """
     if layer not in logits.layers:
-        raise ValueError(f"Layer {layer} is not in these logits (layers {list(logits.layers)}).")
+        raise ValueError(f"Layer {layer} is not in these logits (layers {list(logits.layers)}): pass one of them, or "
+                         f"measure it first: attention_logits(model, text, layers=[{layer}]).")
     index = logits.layers.index(layer)
     chosen = _chosen_heads(heads, int(logits.pattern.shape[1]), max_value)
     marks = _marks(massive)
@@ -239,7 +257,8 @@ def attention_heads(
     >>> view.props["attentionHeadNames"], view.meta["massive"], 0 < view.props["maxValue"] < 1
     (['L3H0', 'L3H1'], {0: ()}, True)
     """
-    _chosen_heads(heads, int(model.cfg.n_heads), max_value)  # before any forward pass
+    _check_layer(model, layer)  # before any forward pass
+    _chosen_heads(heads, int(model.cfg.n_heads), max_value)
     given_criterion(min_value, min_ratio)  # checked before any forward pass
     if massive is not None and not isinstance(massive, MassiveProfile) and getattr(model, "tokenizer", None) is not None:
         n_tokens = int(model.to_tokens(text, prepend_bos=prepend_bos).shape[-1])  # type: ignore[operator]
@@ -323,9 +342,7 @@ def tokens_by_activation_widget(
     >>> view.meta["opens_on"]                                       # where [CLS] is massive
     'blocks.0.ln2.hook_in'
     """
-    d_model = int(states.values.shape[-1])
-    if dim is not None and (isinstance(dim, bool) or not 0 <= dim < d_model):
-        raise ValueError(f"dim {dim!r} does not exist: d_model is {d_model}.")
+    _check_dim(dim, int(states.values.shape[-1]))
     criterion = states.criterion(min_value, min_ratio)
     if open_on is None:
         passing = states.massive_hooks(*criterion)
@@ -336,7 +353,8 @@ def tokens_by_activation_widget(
             index = int(ratio.argmax())
     elif isinstance(open_on, int) and not isinstance(open_on, bool):
         if not 0 <= open_on < len(states.hook_names):
-            raise ValueError(f"open_on {open_on} is not an index into the {len(states.hook_names)} hidden states.")
+            raise ValueError(f"open_on {open_on} is not an index into the {len(states.hook_names)} hidden states: pass "
+                             f"0..{len(states.hook_names) - 1}, a hook name, or None.")
         index = open_on
     else:
         index = states.hook_index(str(open_on))
@@ -389,5 +407,6 @@ def tokens_by_activation(
     220
     """
     given_criterion(min_value, min_ratio)  # checked before any forward pass
+    _check_dim(dim, int(model.cfg.d_model) if hooks is None else None)  # the residual stream is d_model wide
     states = hidden_states(model, text, hooks=hooks, layers=layers, prepend_bos=prepend_bos)
     return tokens_by_activation_widget(states, dim=dim, open_on=open_on, min_value=min_value, min_ratio=min_ratio)
