@@ -347,7 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``massact ARGS``; errors in the inputs are one line on stderr and exit status 2.
+    """Run ``massact ARGS``.
+
+    A bad argument or input file stops it before any model loads, with one line on stderr
+    (``SystemExit``: status 2 from argument parsing, 1 from the checks after it); an error
+    while measuring prints one line and returns 2.
 
     >>> main(["scan", "--min-value", "nan"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):

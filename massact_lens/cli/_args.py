@@ -111,7 +111,7 @@ def _check_output(path: str | None, option: str) -> None:
         raise SystemExit(f"massact: {option} {path!r} is a folder; give a file name such as {out / 'out'}.")
     if not (out.parent if str(out.parent) else Path(".")).is_dir():
         raise SystemExit(f"massact: folder {str(out.parent)!r} of {option} does not exist; create it or choose another {option}.")
-    from massact_lens.viz._page import check_writable
+    from massact_lens._core.files import check_writable
 
     try:
         check_writable(out)
@@ -121,7 +121,7 @@ def _check_output(path: str | None, option: str) -> None:
 
 def _check_out_folder(path: str, option: str) -> None:
     """A folder to fill (``train --out``): it, or the nearest folder above it that exists, must be writable."""
-    from massact_lens.viz._page import check_writable
+    from massact_lens._core.files import check_writable
 
     folder = Path(path).absolute()
     while not folder.exists() and folder != folder.parent:
@@ -220,7 +220,7 @@ def _provenance_json(provenance: Any) -> dict[str, Any]:
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-    from massact_lens.viz._page import write_atomic
+    from massact_lens._core.files import write_atomic
 
     write_atomic(path, json.dumps(payload, indent=1, default=str))
     print(f"\nwrote {path}")

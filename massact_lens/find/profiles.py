@@ -13,7 +13,6 @@ sums per (hook, dim, token kind): the means that "set to mean" ablation writes. 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections import defaultdict
@@ -24,6 +23,7 @@ from typing import Any, ClassVar
 import pandas as pd
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.files import write_atomic
 from massact_lens._core.hook_names import layer_of
 from massact_lens._core.loop import measure
 from massact_lens._core.results import CorpusResult
@@ -173,16 +173,9 @@ class MassiveProfile(CorpusResult):
         return json.dumps(data, indent=1)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the profile as JSON: the complete file or nothing (a temp name, then a rename)."""
-        text = self.to_json()  # serialise first: a failure leaves no file behind
-        tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+        """Write the profile as JSON: the complete file or nothing (a temp name, then a rename);
+        a folder that cannot be written is refused with what to do."""
+        write_atomic(path, self.to_json())  # serialised first: a failure leaves no file behind
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "profile JSON") -> MassiveProfile:
