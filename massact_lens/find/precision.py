@@ -11,14 +11,13 @@ massive value against float32, and warns above 1%.
 >>> import torch
 >>> from massact_lens.examples import tiny_model
 >>> from massact_lens.models.planting import plant_massive_activation
->>> from massact_lens.find import scan
->>> model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=70000.0)
->>> import warnings
->>> with warnings.catch_warnings(record=True) as caught:
-...     warnings.simplefilter("always")
-...     result = scan(model, torch.zeros(1, 4, dtype=torch.long), progress=False)  # warns
->>> round(check_range(result, stacklevel=1)), "exceeds float16" in str(caught[0].message)
-(70000, True)
+>>> def planted():
+...     return plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=3000.0)
+>>> half = planted().to(torch.bfloat16)  # TransformerLens prints the change
+Changing model dtype to torch.bfloat16
+>>> table = compare_precision(planted(), half, torch.zeros(1, 4, dtype=torch.long))
+>>> sorted(set(table["dim"])), list(table.columns)[-3:]
+([5], ['float32', 'bfloat16', 'relative_difference'])
 """
 
 from __future__ import annotations
