@@ -21,7 +21,7 @@ concatenate up to ``keep``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
@@ -34,6 +34,7 @@ __all__ = [
     "KeptInputs",
     "Result",
     "StreamedResult",
+    "SummedResult",
     "add_sums",
     "check_keep",
     "check_parts",
@@ -194,13 +195,13 @@ def check_parts(parts: Sequence[Any], cls: type, fields: Sequence[str]) -> list[
         if i == 0:
             continue
         first.provenance.check_same(part.provenance, f"{name} parts 0 and {i}")
-        for field in fields:
-            a, b = getattr(first, field), getattr(part, field)
+        for name_ in fields:
+            a, b = getattr(first, name_), getattr(part, name_)
             same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
             if not same:
                 shown = (f"{a!r} != {b!r}") if not isinstance(a, torch.Tensor) else "the tensors differ"
                 raise ValueError(
-                    f"{name} parts 0 and {i} differ in {field} ({shown}): measure every slice of the "
+                    f"{name} parts 0 and {i} differ in {name_} ({shown}): measure every slice of the "
                     "corpus with the same model, settings and key set."
                 )
     return parts
@@ -240,7 +241,21 @@ class CorpusResult(Result):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StreamedResult(CorpusResult):
-    """A corpus result that keeps the per-input tensors of its first ``keep`` inputs only."""
+class SummedResult(CorpusResult):
+    """A corpus result whose tables read float64 running sums over every input (``sums``:
+    memory independent of the corpus; a merge adds them)."""
+
+    #: Float64 running sums over every input, by name (each result's docstring lists them).
+    sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamedResult(SummedResult):
+    """A summed result that also keeps the per-input tensors of its first ``keep`` inputs."""
 
     keep: Keep
+
+    @property
+    def n_kept(self) -> int:
+        """How many inputs have their per-input tensors here: the first ``keep`` ones."""
+        return self.n_inputs if self.keep == "all" else min(self.n_inputs, int(self.keep))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -95,14 +95,7 @@ class AttentionConcentration(StreamedResult, KeyedFields):
     lengths: Int[torch.Tensor, " n_kept"]
     #: Float64 sums over every input: ``mass``, ``mass_sq``, ``mass_min``, ``gap``,
     #: ``gap_n`` (inputs with a finite gap) ``[layer, head]``; ``uniform``,
-    #: ``n_positions``, ``lengths`` (scalars).
-    sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
-
-    @property
-    def n_kept(self) -> int:
-        """How many inputs have their rows here (the first ones)."""
-        return int(self.mass.shape[0])
 
     @property
     def mean_mass(self) -> Float[torch.Tensor, "layer head_index"]:

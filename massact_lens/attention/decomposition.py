@@ -126,14 +126,7 @@ class ImplicitBias(StreamedResult, KeyedFields):
     #: real queries (all heads, every input).
     out_error: Float[torch.Tensor, " layer"]
     #: Float64 running sums over every input, ``[layer, query set, term, head, ...]``
-    #: (see :mod:`massact_lens.attention._bias_stats`).
-    sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
-
-    @property
-    def n_kept(self) -> int:
-        """How many inputs have their full tensors here (the first ones)."""
-        return int(self.bias_z.shape[1])
 
     def _layer_index(self, layer: int) -> int:
         if layer not in self.layers:

@@ -20,7 +20,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook, resolve_hook_names
 from massact_lens._core.loop import measure
-from massact_lens._core.results import CorpusResult, add_sums
+from massact_lens._core.results import SummedResult, add_sums
 from massact_lens._core.types import HookList, Inputs, warn_if_processed
 from massact_lens.attention._passes import (
     KeyedFields,
@@ -40,7 +40,7 @@ GROUPS: tuple[str, ...] = ("in_c", "other")
 
 
 @dataclass(frozen=True)
-class TokenFeatures(CorpusResult, KeyedFields):
+class TokenFeatures(SummedResult, KeyedFields):
     """Keys, values and post-LayerNorm attention inputs of C tokens vs the other tokens.
 
     The ``group`` axis is :data:`GROUPS`. Norms are means over tokens (of every
@@ -84,8 +84,6 @@ class TokenFeatures(CorpusResult, KeyedFields):
     #: The float64 running sums everything above comes from (what :meth:`merge`
     #: adds): ``count`` ``[layer, group]``; ``value``, ``key``, ``out``
     #: ``[layer, group, head]``; ``norm``, ``sq`` ``[layer, group]``; ``vec``,
-    #: ``unit`` ``[layer, group, d_model]``.
-    sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
     def top_feature_dims(self, layer: int, k: int = 5, group: Literal["in_c", "other"] = "in_c") -> list[tuple[int, float]]:
