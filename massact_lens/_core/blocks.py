@@ -44,7 +44,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core.hook_names import is_post_norm
 from massact_lens._core.types import model_device
 
-__all__ = ["FAMILIES", "BlockModel", "block_model", "norm_gain"]
+__all__ = ["FAMILIES", "BlockModel", "attention_output_norm", "block_model", "norm_eps", "norm_gain", "rms_inverse"]
 
 Family = Literal["pre-norm", "post-norm", "sandwich"]
 #: The families the library claims; every other architecture raises.
@@ -194,7 +194,8 @@ def _check(model: TransformerLensModel, blocks: BlockModel) -> None:
         )
     seen: dict[str, torch.Tensor] = {}
     hooks = [(name, _keeper(seen, name)) for name in sorted(names)]
-    model.run_with_hooks(_probe_tokens(model), return_type=None, fwd_hooks=hooks)  # type: ignore[attr-defined]
+    with model.hooks(fwd_hooks=hooks):  # type: ignore[attr-defined]  # leaves hooks of the user's in place
+        model(_probe_tokens(model), return_type=None)
     architecture = str(getattr(model.cfg, "architecture", None) or "unknown")
     for layer in range(n_layers):
         for ins, writes, out in blocks.segments(layer):
@@ -239,3 +240,18 @@ def _check_norm(model: TransformerLensModel, blocks: BlockModel, layer: int, nor
 def rms_inverse(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``1 / sqrt(mean(x^2) + eps)`` over the last dim, in float32, keeping that dim."""
     return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+def attention_output_norm(model: TransformerLensModel) -> tuple[str | None, bool]:
+    """The norm the attention output passes before it enters the residual stream, and whether
+    its gain is ``1 + weight``: ``("ln1_post", True)`` on Gemma 2 / 3, ``(None, False)`` on a
+    model without post-attention norms (no block check is run for those).
+
+    >>> from massact_lens.examples import tiny_model
+    >>> attention_output_norm(tiny_model())
+    (None, False)
+    """
+    if f"blocks.0.{_POST_NORM['attention']}.hook_out" not in model.hook_dict:  # type: ignore[attr-defined]
+        return None, False
+    blocks = block_model(model)
+    return blocks.norm("attention"), blocks.norm_offset
