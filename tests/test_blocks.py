@@ -220,3 +220,9 @@ def test_implicit_bias_is_exact_through_the_post_attention_norm(tmp_path_factory
         real = cache[f"blocks.{layer}.ln1_post.hook_out"]
         scale = float(real.abs().max())
         torch.testing.assert_close(written, real, rtol=1e-5, atol=1e-5 * scale)
+        # the residual-space statistics read the same images (running sums, every input)
+        row = split.to_dataframe().query(f"layer == {layer} and head == -1").iloc[0]
+        queries = split.attention_mask.bool()
+        for term in ("bias", "rest"):
+            norms = split.written(layer, term).sum(2)[queries].norm(dim=-1)
+            assert row[f"{term}_norm"] == pytest.approx(float(norms.mean()), rel=1e-4)

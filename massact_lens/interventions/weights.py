@@ -185,7 +185,7 @@ def edited_weights(
     >>> model = tiny_model()
     >>> before = float(projection_weight(model, 0)[3, 7])
     >>> with edited_weights(model, {(0, "W_down", 3, 7): 0.0, (1, "ln2", 5): 2.0}):
-    ...     float(projection_weight(model, 0)[3, 7]), float(model.blocks[1].ln2.original_component.weight[5])
+    ...     float(projection_weight(model, 0)[3, 7]), float(model.blocks[1].ln2.original_component.weight.detach()[5])
     (0.0, 2.0)
     >>> float(projection_weight(model, 0)[3, 7]) == before
     True
