@@ -12,10 +12,12 @@ import dataclasses
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import massact_lens as ml
+from massact_lens._core.blocks import block_model
 from massact_lens.examples import minilm_dir, tiny_model
 from massact_lens.interventions.weights import edited_weights, edits_from_rows, projection_weight
 from massact_lens.models.load import load_model
@@ -28,8 +30,9 @@ LAYER, DIM, NEURON, VALUE = 1, 5, 11, 1000.0
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def planted_model(request):
     """A 4-layer tiny model: block LAYER's MLP neuron NEURON writes VALUE into DIM on token 0."""
-    model = tiny_model(request.param, n_layers=4)
-    return plant_massive_activation(model, layer=LAYER, dim=DIM, value=VALUE, neuron=NEURON)
+    model = plant_massive_activation(tiny_model(request.param, n_layers=4), layer=LAYER, dim=DIM, value=VALUE, neuron=NEURON)
+    block_model(model)  # its one check pass runs here, not inside a test that counts forward passes
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -335,3 +338,109 @@ def test_mixed_lengths_run_longest_first_with_the_result_of_one_input_at_a_time(
     ]
     assert batched.writers().mlp.tolist() == pytest.approx(alone.writers().mlp.tolist(), rel=1e-5)
     assert batched.super_weights().column.tolist() == alone.super_weights().column.tolist()
+
+
+# --- issue 24 / 25: non-finite states, layers the model lacks, another model, the order ----------
+
+
+def test_a_non_finite_hidden_state_is_reported_once_and_left_out(planted_model, bos_tokens, found):
+    def poison(x, hook):  # noqa: ARG001  (a user hook that overflows on input 2, at the massive entry)
+        x = x.clone()
+        x[2, 0, DIM] = float("inf")
+        return x
+
+    point = planted_model.hook_dict[f"blocks.{LAYER}.hook_resid_post"]
+    point.add_hook(poison)
+    try:
+        with pytest.warns(UserWarning, match=rf"1 input\(s\).*input 2: 1 in blocks\.{LAYER}\.hook_resid_post") as caught:
+            result = lineage(planted_model, bos_tokens, found, top_channels=4, progress=False)
+    finally:
+        point.remove_hooks("fwd")
+    assert sum("NaN or infinite" in str(w.message) for w in caught) == 1
+    clean = lineage(planted_model, bos_tokens[[0, 1, 3, 4, 5, 6, 7]], found, top_channels=4, progress=False)
+    got, want = result.writers(), clean.writers()
+    assert got[["dim", "layer", "n_positions", "n_inputs"]].values.tolist() == want[
+        ["dim", "layer", "n_positions", "n_inputs"]].values.tolist()
+    for column in ("value_before", "value_after", "ratio_after", "attention", "mlp", "residual_change"):
+        assert got[column].tolist() == pytest.approx(want[column].tolist(), rel=1e-5), column
+    assert result.super_weights().contribution.tolist() == pytest.approx(
+        clean.super_weights().contribution.tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("layer", [99, -5])
+def test_records_at_layers_the_model_lacks_say_what_is_valid(planted_model, bos_tokens, found, layer):
+    bad = dataclasses.replace(found, records=(dataclasses.replace(found[0], layer=layer),))
+    with ForwardCounter(planted_model) as counter, pytest.raises(ValueError, match=r"valid layers are 0\.\.3"):
+        lineage(planted_model, bos_tokens, bad, progress=False)
+    assert counter.calls == 0
+
+
+def test_a_massive_set_of_a_same_shape_model_with_another_name_warns(planted_model, bos_tokens, found):
+    kind = str(planted_model.cfg.model_name).removeprefix("tiny-")
+    other = tiny_model(kind, n_layers=4, seed=1)
+    other.cfg.model_name = "another-tiny-model"  # same shape, other weights, another name
+    with pytest.warns(UserWarning, match="same shape"):
+        lineage(other, bos_tokens, found, progress=False)
+
+
+def test_super_weights_are_sorted_by_contribution_strongest_first(bos_tokens):
+    model = plant_massive_activation(tiny_model("llama", n_layers=4), layer=1, dim=5, value=1000.0, neuron=11)
+    model = plant_massive_activation(model, layer=2, dim=7, value=3000.0, neuron=3)
+    found = ml.find_massive(ml.scan(model, bos_tokens, progress=False))
+    weights = lineage(model, bos_tokens, found, top_channels=2, progress=False).super_weights()
+    assert weights.contribution.abs().is_monotonic_decreasing
+    assert (weights.iloc[0].layer, weights.iloc[0].row, weights.iloc[0].column) == (2, 7, 3)
+
+
+# --- edited_weights: 1-D weights, dtypes, numpy and 0-d tensor values -----------------------------
+
+
+def test_one_dimensional_weights_are_edited_and_restored(planted_model, bos_tokens):
+    norm = planted_model.blocks[LAYER].ln2.original_component
+    before = [p.clone() for p in planted_model.parameters()]
+    original = _planted_value(planted_model, bos_tokens)
+    edits = {(LAYER, "ln2", DIM): 3.0, (LAYER, "ln2.weight", DIM + 1): -1.0}
+    out_bias = getattr(planted_model.blocks[LAYER].mlp.out.original_component, "bias", None)
+    if out_bias is not None:
+        edits[(LAYER, "mlp.out.bias", DIM)] = 50.0
+    with edited_weights(planted_model, edits):
+        assert float(norm.weight.detach()[DIM]) == 3.0 and float(norm.weight.detach()[DIM + 1]) == -1.0
+        if out_bias is not None:
+            assert float(out_bias.detach()[DIM]) == 50.0
+    assert all(torch.equal(a, b) for a, b in zip(before, planted_model.parameters(), strict=True))
+    assert torch.equal(_planted_value(planted_model, bos_tokens), original)
+
+
+@pytest.mark.parametrize(
+    ("edits", "match"),
+    [
+        ({(0, "ln2", 32): 1.0}, "index 32"),
+        ({(0, "mlp.out", 3): 1.0}, "no 1-D weight"),
+        ({(0, "ln2", 0, 0): 1.0}, r"\(layer, component, index\)"),
+        ({(0, "ln2", 1): 1.0, (0, "ln2.weight", 1): 2.0}, "same weight entry"),
+    ],
+)
+def test_bad_one_dimensional_edits_change_nothing(planted_model, edits, match):
+    before = [p.clone() for p in planted_model.parameters()]
+    with pytest.raises(ValueError, match=match), edited_weights(planted_model, {(0, "ln2", 2): 9.0, **edits}):
+        pass
+    assert all(torch.equal(a, b) for a, b in zip(before, planted_model.parameters(), strict=True))
+
+
+def test_numpy_and_zero_dim_tensor_values_are_accepted(planted_model):
+    with edited_weights(planted_model, {(0, "mlp.out", 0, 1): np.float32(0.5), (0, "mlp.out", 0, 2): torch.tensor(0.25),
+                                        (0, "ln2", 4): np.int64(2)}):
+        weight = projection_weight(planted_model, 0)
+        assert (float(weight[0, 1]), float(weight[0, 2])) == (0.5, 0.25)
+        assert float(planted_model.blocks[0].ln2.original_component.weight.detach()[4]) == 2.0
+
+
+def test_a_value_beyond_the_dtype_is_refused_with_what_to_do(hf_llama_dir):
+    model = load_model(hf_llama_dir, dtype=torch.float16)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"float16 \(largest 65504\).*float32"), \
+            edited_weights(model, {(0, "mlp.out", 0, 0): 1.0, (0, "mlp.out", 0, 1): 1e5}):
+        pass
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with edited_weights(model, {(0, "mlp.out", 0, 1): 6e4}):  # fits
+        assert float(projection_weight(model, 0)[0, 1]) == pytest.approx(6e4, rel=1e-3)

@@ -118,8 +118,11 @@ def mlp_hook(kind: str, layer: int) -> str:
     ``hidden`` is the down projection's input (GPT-2 / BERT: the post-activation;
     gated LLaMA MLPs: ``act(gate) * up``), the same tensor as ``mlp.hook_post`` on
     the bridges checked (native GPT-2 / LLaMA, HF LLaMA, BERT). ``out`` is the down
-    projection's output, the MLP's direct write into the residual stream (for BERT,
-    before the LayerNorm; equal to ``hook_mlp_out`` on all of those bridges).
+    projection's output. On pre-norm and post-norm blocks that is the MLP's write
+    into the residual stream (for BERT, before the LayerNorm). On sandwich-norm
+    blocks (Gemma 2 / 3) it is not: the write is that output after the
+    post-feed-forward norm, ``ln2_post.hook_out``, and it need not equal
+    ``hook_mlp_out``; :mod:`massact_lens._core.blocks` says where each write enters.
 
     >>> mlp_hook("hidden", 11)
     'blocks.11.mlp.out.hook_in'

@@ -5,7 +5,8 @@ For each layer, query set (``all`` queries / ``outside`` C), term (``bias`` /
 it come out exactly (sums of vectors, of squared norms, of norms, of unit vectors):
 
 * space ``head``: the head-space vector ``z_h`` per head;
-* space ``resid``: its image ``z_h @ W_O[h]`` per head, kept in head coordinates
+* space ``resid``: its image ``z_h @ W_O[h]`` per head (on sandwich blocks through the
+  post-attention norm: ``z_h / rms`` with the gain inside ``W_O``), kept in head coordinates
   (``||z_h W_O[h]||^2 = z_h^T G_h z_h`` with ``G_h = W_O[h] W_O[h]^T``, and means
   map linearly), so nothing of size ``d_model`` is stored per head;
 * space ``total``: the sum over the chosen heads in the residual stream,
@@ -97,8 +98,13 @@ def add_batch(
     mass: Float[torch.Tensor, "batch query_pos head"],
     masks: tuple[Bool[torch.Tensor, "batch query_pos"], Bool[torch.Tensor, "batch query_pos"]],
     g: Float[torch.Tensor, "head d_head d_head"],
+    resid_terms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Add one batch of one layer: both terms in head space and summed over heads, both query sets."""
+    """Add one batch of one layer: both terms in head space and summed over heads, both query sets.
+
+    ``resid_terms``: the head-space vectors whose images through ``g`` are the residual-space
+    ones, when they differ from ``terms`` (sandwich blocks: each query's ``z / rms`` of the
+    full attention output, with the post-attention norm's gain inside ``g``)."""
     nan = float("nan")
     weights = [mask.double() for mask in masks]
     counts = [w.sum(1) for w in weights]
@@ -108,7 +114,8 @@ def add_batch(
         sums["mass"][layer_index, mode] += (mass.double() * w[..., None]).sum((0, 1))
     for term in range(len(TERMS)):
         for space in SPACES:
-            x = (totals[term][:, :, None] if space == "total" else terms[term]).double()  # [b, q, k, m]
+            source = resid_terms if space == "resid" and resid_terms is not None else terms
+            x = (totals[term][:, :, None] if space == "total" else source[term]).double()  # [b, q, k, m]
             norm = _norm(space, x, g)  # [b, q, k]
             for mode, (mask, w, count) in enumerate(zip(masks, weights, counts, strict=True)):
                 at = (layer_index, mode, term)

@@ -22,6 +22,7 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, BatchPlan
+from massact_lens._core.blocks import attention_output_norm, norm_eps, norm_gain, rms_inverse
 from massact_lens._core.hook_names import attention_hook
 from massact_lens._core.loop import measure
 from massact_lens._core.results import (
@@ -61,8 +62,8 @@ __all__ = ["ImplicitBias", "implicit_bias"]
 
 
 #: Per-input tensors of an :class:`ImplicitBias`, input-first, and their position axes.
-_KEPT = {"bias_z": 2, "rest_z": 2, "c_mass": 2, "key_mask": 1, "tokens": 1}
-_LAYER_FIRST = ("bias_z", "rest_z", "c_mass")
+_KEPT = {"bias_z": 2, "rest_z": 2, "c_mass": 2, "out_scale": 2, "key_mask": 1, "tokens": 1}
+_LAYER_FIRST = ("bias_z", "rest_z", "c_mass", "out_scale")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,12 @@ class ImplicitBias(StreamedResult, KeyedFields):
     Both terms are in head space (``hook_z``); their images in the residual stream
     are, per head, ``z_h @ W_O[h]`` (:meth:`written`). The output bias ``b_O``
     belongs to neither: ``sum_h (written(bias) + written(rest)) + b_O`` is the
-    attention output.
+    attention output. On sandwich blocks (Gemma 2 / 3) the attention output passes
+    the post-attention norm before it enters the residual stream, so the images there
+    are ``z_h @ W_O[h] / rms(full output) * gain`` (``out_scale``: ``1 / rms`` per
+    query; ``out_gain``: the norm's gain), and ``sum_h (written(bias) +
+    written(rest)) + b_O / rms * gain`` is the write into the residual stream, exactly.
+    Every residual-space statistic reads these images.
 
     Two kinds of content: running sums over **every** input (``sums``: what
     :meth:`constancy` and :meth:`to_dataframe` read and :meth:`merge` adds), and
@@ -120,6 +126,11 @@ class ImplicitBias(StreamedResult, KeyedFields):
     W_O: Float[torch.Tensor, "layer head d_head d_model"] = field(repr=False)
     #: ``b_O`` per layer.
     b_O: Float[torch.Tensor, "layer d_model"] = field(repr=False)
+    #: Per layer, the post-attention norm's gain (sandwich blocks; ones elsewhere).
+    out_gain: Float[torch.Tensor, "layer d_model"] = field(repr=False)
+    #: ``1 / rms`` of the full attention output per query, of the kept inputs (sandwich
+    #: blocks; ones elsewhere).
+    out_scale: Float[torch.Tensor, "layer n_kept query_pos"] = field(repr=False)
     #: Per layer, max ``|bias + rest - hook_z|`` over real queries and chosen heads (every input).
     z_error: Float[torch.Tensor, " layer"]
     #: Per layer, max ``|sum_h hook_z_h @ W_O[h] + b_O - attention output|`` over
@@ -134,12 +145,18 @@ class ImplicitBias(StreamedResult, KeyedFields):
         return self.layers.index(layer)
 
     def written(self, layer: int, term: Literal["bias", "rest"] = "bias") -> Float[torch.Tensor, "n_kept query_pos head d_model"]:
-        """The term's image in the residual stream, per head: ``z_h @ W_O[h]`` (no ``b_O``), kept inputs."""
+        """The term's image in the residual stream, per head, kept inputs: ``z_h @ W_O[h]`` (no
+        ``b_O``); on sandwich blocks through the post-attention norm, ``/ rms(full output) * gain``."""
         if term not in ("bias", "rest"):
             raise ValueError(f"term must be 'bias' or 'rest', not {term!r}.")
         i = self._layer_index(layer)
         z = (self.bias_z if term == "bias" else self.rest_z)[i]
-        return torch.einsum("nqhd,hdm->nqhm", z, self.W_O[i])
+        scale = self.out_scale[i][:, :, None, None]
+        return torch.einsum("nqhd,hdm->nqhm", z, self._resid_w(i)) * scale
+
+    def _resid_w(self, i: int) -> torch.Tensor:
+        """``W_O`` times the post-attention norm's gain (``W_O`` itself without that norm)."""
+        return self.W_O[i] * self.out_gain[i]
 
     def _mode(self, queries: str) -> int:
         if queries not in MODES:
@@ -167,7 +184,7 @@ class ImplicitBias(StreamedResult, KeyedFields):
         mode = self._mode(queries)
         rows = []
         for i, layer in enumerate(self.layers):
-            g = gram(self.W_O[i])
+            g = gram(self._resid_w(i))
             for t, term in enumerate(TERMS):
                 for space, spaces, heads in (("head", ("head",), list(self.heads)),
                                              ("resid", ("resid", "total"), [*self.heads, -1])):
@@ -190,7 +207,7 @@ class ImplicitBias(StreamedResult, KeyedFields):
         mode = self._mode(queries)
         rows = []
         for i, layer in enumerate(self.layers):
-            g = gram(self.W_O[i])
+            g = gram(self._resid_w(i))
             mass = self.sums["mass"][i, mode] / self.sums["all.n"][i, mode]
             masses = torch.cat([mass, mass.mean()[None]])
             stats = {}
@@ -220,7 +237,7 @@ class ImplicitBias(StreamedResult, KeyedFields):
         return {name: getattr(self, name).transpose(0, 1) if name in _LAYER_FIRST else getattr(self, name)
                 for name in (*_KEPT, "attention_mask")}
 
-    merge_same = ("layers", "heads", "positions", "prepend_bos", "hook_names", "out_hooks", "keep", "W_O", "b_O")
+    merge_same = ("layers", "heads", "positions", "prepend_bos", "hook_names", "out_hooks", "keep", "W_O", "b_O", "out_gain")
 
     @classmethod
     def _merged(cls, parts: list[ImplicitBias]) -> ImplicitBias:
@@ -322,7 +339,10 @@ class _Decomposition(KeyedMeasurement):
         self.out_names = {layer: output_hook(model, layer) for layer in layers}
         self.head_index = torch.tensor(heads, device=self.device)
         self.chosen_w = {layer: self.weights[layer][0][self.head_index] for layer in layers}
-        self.grams = {layer: gram(self.chosen_w[layer]) for layer in layers}
+        self.out_norm, offset = attention_output_norm(model)  # sandwich blocks: the post-attention norm
+        self.out_gain = {layer: (norm_gain(model, layer, self.out_norm, offset) if self.out_norm
+                                 else torch.ones(int(model.cfg.d_model))).to(self.device) for layer in layers}
+        self.grams = {layer: gram(self.chosen_w[layer] * self.out_gain[layer]) for layer in layers}
         self.state: dict[int, dict[str, torch.Tensor]] = {}
         self.z_error = {layer: 0.0 for layer in layers}
         self.out_error = {layer: 0.0 for layer in layers}
@@ -334,6 +354,8 @@ class _Decomposition(KeyedMeasurement):
         hooks: HookList = []
         for layer in self.layers:
             hooks += [(attention_hook(kind, layer), self._store(layer, kind)) for kind in ("pattern", "v", "z")]
+            if self.out_norm is not None:  # the full attention output, whose rms the norm divides by
+                hooks.append((f"blocks.{layer}.{self.out_norm}.hook_in", self._store(layer, "out")))
             hooks.append((self.out_names[layer], self._check_output(layer, real)))
         return hooks
 
@@ -356,7 +378,8 @@ class _Decomposition(KeyedMeasurement):
         return check_output
 
     def _split(self, i: int, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One layer of the batch: ``bias``, ``rest`` ``[b, q, h, d]``, mass on C ``[b, q, h]`` and C,
+        """One layer of the batch: ``bias``, ``rest`` ``[b, q, h, d]``, mass on C ``[b, q, h]``, C and the
+        residual-space scale per query ``[b, q]``,
         folded into the running sums and the error of ``bias + rest = hook_z``."""
         slot = self.state.pop(layer, {})
         if not {"pattern", "v", "z"} <= set(slot):
@@ -381,21 +404,33 @@ class _Decomposition(KeyedMeasurement):
         err = (bias + rest - z).abs()[real]
         self.z_error[layer] = max(self.z_error[layer], float(err.max()) if err.numel() else 0.0)
         mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
-        totals = tuple(torch.einsum("bqhd,hdm->bqm", t, self.chosen_w[layer]) for t in (bias, rest))
+        scale = self._out_scale(layer, slot, bias)  # [b, q]: 1 / rms of the full output (sandwich), else 1
+        resid = tuple(t * scale[:, :, None, None] for t in (bias, rest))
+        w = self.chosen_w[layer] * self.out_gain[layer]
+        totals = tuple(torch.einsum("bqhd,hdm->bqm", t, w) for t in resid)
         outside = real & ~fit_width(in_c, int(real.shape[1]))
-        add_batch(self.sums, i, (bias, rest), totals, mass, (real, outside), self.grams[layer])  # type: ignore[arg-type]
-        return bias, rest, mass, in_c
+        add_batch(self.sums, i, (bias, rest), totals, mass, (real, outside), self.grams[layer],  # type: ignore[arg-type]
+                  resid_terms=None if self.out_norm is None else resid)  # type: ignore[arg-type]
+        return bias, rest, mass, in_c, scale
+
+    def _out_scale(self, layer: int, slot: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Per query, ``1 / rms`` of the full attention output the post-attention norm divides by."""
+        if self.out_norm is None:
+            return torch.ones(like.shape[:2], device=like.device)
+        if "out" not in slot:
+            raise RuntimeError(f"Layer {layer}: the post-attention norm's input hook did not fire.")
+        return rms_inverse(slot["out"], norm_eps(self.model, layer, self.out_norm))[..., 0]
 
     def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
         real = batch.attention_mask.bool()
         rows, inputs = self.kept.choose(batch.input_indices)
         chosen_rows = torch.tensor(rows, dtype=torch.long, device=real.device)
-        parts: dict[str, list[torch.Tensor]] = {"bias_z": [], "rest_z": [], "c_mass": []}
+        parts: dict[str, list[torch.Tensor]] = {"bias_z": [], "rest_z": [], "c_mass": [], "out_scale": []}
         in_c = None
         for i, layer in enumerate(self.layers):
-            bias, rest, mass, in_c = self._split(i, layer, real, c_mask)
+            bias, rest, mass, in_c, scale = self._split(i, layer, real, c_mask)
             if rows:
-                for name, t in zip(parts, (bias, rest, mass), strict=True):
+                for name, t in zip(parts, (bias, rest, mass, scale), strict=True):
                     parts[name].append(t[chosen_rows].cpu())
         assert in_c is not None
         if rows:
@@ -405,7 +440,8 @@ class _Decomposition(KeyedMeasurement):
     def result(self) -> ImplicitBias:
         n_layers, n_chosen, d_head = len(self.layers), len(self.heads), self.d_head
         empty = {"bias_z": torch.zeros(0, n_layers, 0, n_chosen, d_head), "rest_z": torch.zeros(0, n_layers, 0, n_chosen, d_head),
-                 "c_mass": torch.zeros(0, n_layers, 0, n_chosen), "key_mask": torch.zeros(0, 0, dtype=torch.bool),
+                 "c_mass": torch.zeros(0, n_layers, 0, n_chosen), "out_scale": torch.zeros(0, n_layers, 0),
+                 "key_mask": torch.zeros(0, 0, dtype=torch.bool),
                  "attention_mask": torch.zeros(0, 0, dtype=torch.long), "tokens": torch.zeros(0, 0, dtype=torch.long)}
         full = self.kept.tensors(empty)
         return ImplicitBias(
@@ -417,11 +453,13 @@ class _Decomposition(KeyedMeasurement):
             bias_z=full["bias_z"].transpose(0, 1),  # normal tensors already: no copy
             rest_z=full["rest_z"].transpose(0, 1),
             c_mass=full["c_mass"].transpose(0, 1),
+            out_scale=full["out_scale"].transpose(0, 1),
             key_mask=full["key_mask"].bool(),
             attention_mask=full["attention_mask"].long(),
             tokens=full["tokens"].long(),
             W_O=detached(torch.stack([self.chosen_w[layer] for layer in self.layers])),
             b_O=detached(torch.stack([self.weights[layer][1] for layer in self.layers])),
+            out_gain=detached(torch.stack([self.out_gain[layer] for layer in self.layers])),
             z_error=torch.tensor([self.z_error[layer] for layer in self.layers]),
             out_error=torch.tensor([self.out_error[layer] for layer in self.layers]),
             sums={name: detached(t) for name, t in self.sums.items()},

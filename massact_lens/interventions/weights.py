@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ __all__ = ["edited_weights", "edits_from_rows", "projection_weight"]
 
 #: One weight entry: (layer, component inside the block, row = output dim, column = input channel).
 WeightEntry = tuple[int, str, int, int]
+#: One entry of a 1-D weight (a norm's gain, a bias): (layer, component, index).
+VectorEntry = tuple[int, str, int]
 
 #: Other names accepted for a component (``W_down`` is the MLP down projection).
 _ALIASES = {"W_down": "mlp.out"}
@@ -81,7 +84,8 @@ def projection_weight(
     module = _module(model, layer, component)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError(f"Component {component!r} of block {layer} has no 2-D weight ({type(module).__name__}).")
+        hint = " (a 1-D weight: edit it with the key (layer, component, index))" if isinstance(weight, torch.Tensor) and weight.ndim == 1 else ""
+        raise ValueError(f"Component {component!r} of block {layer} has no 2-D weight ({type(module).__name__}){hint}.")
     if not any(weight is p for p in model.parameters()):  # type: ignore[attr-defined]
         raise ValueError(
             f"The weight of {component!r} in block {layer} is not a parameter of the model "
@@ -97,66 +101,118 @@ def projection_weight(
     )
 
 
-def _check_value(value: Any, entry: Any) -> float:
+def _check_value(value: Any, entry: Any, dtype: torch.dtype) -> float:
+    """A finite number (Python, numpy or 0-d tensor) that fits ``dtype``."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and hasattr(value, "item"):
+        value = value.item()  # numpy scalars
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"The value for {entry} must be a finite number, not {value!r}.")
+        raise ValueError(
+            f"The value for {entry} must be a finite number (a Python, numpy or 0-d torch scalar), not {value!r}."
+        )
+    if dtype.is_floating_point and abs(value) > torch.finfo(dtype).max:
+        largest = torch.finfo(dtype).max
+        raise ValueError(
+            f"The value {value:g} for {entry} does not fit the weight's dtype {str(dtype).replace('torch.', '')} "
+            f"(largest {largest:g}): the model would run with inf. Choose a value within +-{largest:g}, or "
+            "load the model in float32 (load_model(..., dtype=torch.float32))."
+        )
     return float(value)
+
+
+def _vector(model: TransformerLensModel, layer: int, component: Any) -> torch.Tensor:
+    """The 1-D parameter a 3-part key names: ``component``'s weight, or ``"<module>.bias"`` / ``".weight"``."""
+    name, part = component, "weight"
+    if isinstance(component, str) and component.rsplit(".", 1)[-1] in ("weight", "bias") and "." in component:
+        name, part = component.rsplit(".", 1)
+    module = _module(model, layer, name)
+    tensor = getattr(module, part, None)
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 1:
+        raise ValueError(
+            f"Component {component!r} of block {layer} has no 1-D {part}: a key (layer, component, index) "
+            "edits a 1-D weight, such as a norm's gain ('ln2_post') or a bias ('mlp.out.bias'); a matrix "
+            "takes (layer, component, row, column)."
+        )
+    if not any(tensor is p for p in model.parameters()):  # type: ignore[attr-defined]
+        raise ValueError(f"The {part} of {component!r} in block {layer} is not a parameter of the model: editing it would not change the forward pass.")
+    return tensor.detach()
+
+
+def _plan(model: TransformerLensModel, entry: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The tensor a key edits and the index in it, checked."""
+    if not isinstance(entry, tuple) or len(entry) not in (3, 4):
+        raise ValueError(
+            f"Each edit key must be (layer, component, row, column) for a matrix or (layer, component, index) "
+            f"for a 1-D weight (a norm's gain, a bias), not {entry!r}."
+        )
+    layer, component, *index = entry
+    tensor = projection_weight(model, layer, component) if len(index) == 2 else _vector(model, layer, component)
+    axes = ("row", "column") if len(index) == 2 else ("index",)
+    for axis, (name, i) in enumerate(zip(axes, index, strict=True)):
+        size = int(tensor.shape[axis])
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size:
+            raise ValueError(f"{name} {i!r} of {entry} is out of range: {component!r} has {size} {name}s.")
+    return tensor, tuple(index)
 
 
 @contextlib.contextmanager
 def edited_weights(
-    model: TransformerLensModel, edits: Mapping[WeightEntry, float | int]
+    model: TransformerLensModel, edits: Mapping[WeightEntry | VectorEntry, Any]
 ) -> Iterator[None]:
     """Set single weight entries for the length of a ``with`` block, then restore them.
 
-    ``edits`` maps ``(layer, component, row, column)`` to the value to set, with
-    ``row`` = output dim and ``column`` = input channel (see :func:`projection_weight`).
-    Every entry is checked before anything changes; the original values are put
-    back when the block ends, also when it raises. Works with or without grad mode.
+    Two key forms:
+
+    * ``(layer, component, row, column)`` for a matrix, with ``row`` = output dim and
+      ``column`` = input channel (see :func:`projection_weight`), e.g.
+      ``(11, "mlp.out", 507, 1229)``, a super weight;
+    * ``(layer, component, index)`` for a 1-D weight: a norm's gain, e.g.
+      ``(3, "ln2_post", 163)`` (Gemma's post-feed-forward norm; the stored weight,
+      whose gain is ``1 + weight`` there: see ``Lineage.amplifiers()``'s ``weight``), or
+      a bias, ``(3, "mlp.out.bias", 163)`` (``"<module>.weight"`` / ``".bias"`` name the
+      parameter; a bare component means its ``weight``).
+
+    A value is a finite Python, numpy or 0-d torch number that fits the weight's
+    dtype. Every entry is checked before anything changes; the original values are
+    put back when the block ends, also when it raises. Works with or without grad mode.
 
     Raises:
-        ValueError: no edits, a layer / component / row / column out of range, a
-            non-finite value, or the same entry twice (under two names).
+        ValueError: no edits, a layer / component / index out of range, a non-finite
+            value or one beyond the dtype's range, or the same entry twice (under two names).
 
     >>> from massact_lens.examples import tiny_model
     >>> model = tiny_model()
     >>> before = float(projection_weight(model, 0)[3, 7])
-    >>> with edited_weights(model, {(0, "W_down", 3, 7): 0.0}):
-    ...     float(projection_weight(model, 0)[3, 7])
-    0.0
+    >>> with edited_weights(model, {(0, "W_down", 3, 7): 0.0, (1, "ln2", 5): 2.0}):
+    ...     float(projection_weight(model, 0)[3, 7]), float(model.blocks[1].ln2.original_component.weight.detach()[5])
+    (0.0, 2.0)
     >>> float(projection_weight(model, 0)[3, 7]) == before
     True
     """
     if not isinstance(edits, Mapping) or len(edits) == 0:
         raise ValueError("No edits: pass a mapping {(layer, 'mlp.out', row, column): value, ...}.")
-    planned: list[tuple[torch.Tensor, int, int, float]] = []
+    planned: list[tuple[torch.Tensor, tuple[int, ...], float]] = []
     seen: dict[tuple[int, int], Any] = {}
     for entry, value in edits.items():
-        if not isinstance(entry, tuple) or len(entry) != 4:
-            raise ValueError(f"Each edit key must be (layer, component, row, column), not {entry!r}.")
-        layer, component, row, column = entry
-        weight = projection_weight(model, layer, component)
-        for axis, (name, index) in enumerate((("row", row), ("column", column))):
-            size = int(weight.shape[axis])
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
-                raise ValueError(f"{name} {index!r} of {entry} is out of range: {component!r} has {size} {name}s.")
-        offset = int(weight.storage_offset() + row * weight.stride(0) + column * weight.stride(1))
-        key = (weight.untyped_storage().data_ptr(), offset)
+        tensor, index = _plan(model, entry)
+        offset = int(tensor.storage_offset() + sum(i * s for i, s in zip(index, tensor.stride(), strict=False)))
+        key = (tensor.untyped_storage().data_ptr(), offset)
         if key in seen:
             raise ValueError(f"The edits {seen[key]} and {entry} set the same weight entry.")
         seen[key] = entry
-        planned.append((weight, row, column, _check_value(value, entry)))
-    originals: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
+        planned.append((tensor, index, _check_value(value, entry, tensor.dtype)))
+    originals: list[tuple[torch.Tensor, tuple[int, ...], torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for weight, row, column, value in planned:
-                originals.append((weight, row, column, weight[row, column].clone()))
-                weight[row, column] = value
+            for tensor, index, value in planned:
+                originals.append((tensor, index, tensor[index].clone()))
+                tensor[index] = value
         yield
     finally:
         with torch.no_grad():
-            for weight, row, column, old in reversed(originals):
-                weight[row, column] = old
+            for tensor, index, old in reversed(originals):
+                tensor[index] = old
 
 
 def edits_from_rows(rows: pd.DataFrame, value: float | int = 0.0) -> dict[WeightEntry, float | int]:

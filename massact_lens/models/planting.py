@@ -75,12 +75,19 @@ def plant_massive_activation(
     """Make ``token_id`` carry ``value`` at residual ``dim`` from block ``layer`` on.
 
     Edits the model in place and returns it. ``marker_dim`` (default: the last dim)
-    is reserved as the token's marker and must differ from ``dim``.
+    is reserved as the token's marker and must differ from ``dim``. A sandwich-norm
+    model (Gemma 2 / 3 bridged from HuggingFace, with ``blocks.{l}.ln2_post``) is
+    planted through the post-feed-forward norm's gain instead, as real Gemma models
+    carry theirs: the neuron writes a modest value and the gain at ``dim`` amplifies
+    it to ``value``.
 
     Raises:
         ValueError: a layer, dim, token or neuron out of range.
         TypeError: not a TransformerLens-native model.
     """
+    if getattr(model.blocks[0], "ln2_post", None) is not None:  # type: ignore[attr-defined]  # sandwich norms
+        return _plant_through_gain(model, layer=layer, dim=dim, value=value, token_id=token_id,
+                                   marker_dim=marker_dim, neuron=neuron)
     params = _params(model)
     cfg = model.cfg
     d_model, n_layers = int(cfg.d_model), int(cfg.n_layers)
@@ -142,4 +149,81 @@ def plant_massive_activation(
     if per_unit <= 1e-3:
         raise RuntimeError("The planted neuron did not fire on the token; the model's norms may be unusual.")
     out[dim, neuron] = (value - without) / per_unit
+    return model
+
+
+def _weight(model: TransformerBridge, layer: int, component: str) -> torch.Tensor:
+    module = model.blocks[layer]  # type: ignore[attr-defined]
+    for part in component.split("."):
+        module = getattr(module, part)
+    return getattr(module, "original_component", module).weight
+
+
+@torch.no_grad()
+def _plant_through_gain(
+    model: TransformerBridge,
+    *,
+    layer: int = 1,
+    dim: int = 3,
+    value: float | int = 1000.0,
+    token_id: int = 0,
+    marker_dim: int | None = None,
+    neuron: int = 0,
+) -> TransformerBridge:
+    """Make ``token_id`` carry ``value`` at residual ``dim`` of a sandwich-norm model (Gemma 2 / 3),
+    through the post-feed-forward norm's gain, as in the real Gemma models.
+
+    The token's embedding is a marker dim only (no attention or MLP writes to it);
+    in block ``layer`` one MLP neuron reads the normalised marker, and the down
+    projection's row ``dim`` keeps that neuron only, so the MLP output at ``dim`` is 0
+    on every other token. The post-feed-forward norm caps what it passes at about
+    ``sqrt(d_model) * gain``: its gain at ``dim`` is calibrated (the write is linear
+    in the gain) so that the planted entry is ``value``. Edits the model in place.
+
+    Raises:
+        ValueError: a layer, dim, token or neuron out of range, or a model without
+            post-sublayer norms (``blocks.{l}.ln2_post``).
+    """
+    cfg = model.cfg
+    d_model, n_layers = int(cfg.d_model), int(cfg.n_layers)
+    marker = d_model - 1 if marker_dim is None else marker_dim
+    if getattr(model.blocks[0], "ln2_post", None) is None:  # type: ignore[attr-defined]
+        raise ValueError("Planting through a gain needs sandwich-norm blocks (ln2_post).")
+    if not 0 <= layer < n_layers or not 0 <= dim < d_model or not 0 <= marker < d_model or dim == marker:
+        raise ValueError(f"layer {layer} (0..{n_layers - 1}), dim {dim} and marker_dim {marker} (distinct, 0..{d_model - 1}).")
+    if not 0 <= token_id < int(cfg.d_vocab) or not 0 <= neuron < int(cfg.d_mlp or 0):
+        raise ValueError(f"token_id {token_id} or neuron {neuron} is out of range.")
+    embed = model.embed.original_component.weight  # type: ignore[attr-defined]
+    embed[:, marker] = 0.0
+    embed[token_id] = 0.0
+    embed[token_id, marker] = 1.0
+    for block in range(n_layers):
+        for writer in ("attn.o", "mlp.out"):
+            _weight(model, block, writer)[marker] = 0.0
+    hook = f"blocks.{layer}.ln2.hook_out"
+    _, cache = model.run_with_cache(torch.tensor([[token_id]], device=embed.device), names_filter=[hook])
+    on = float(cache[hook][0, 0, marker])
+    if abs(on) < 1e-6:
+        raise RuntimeError("The token's marker does not reach the MLP of this block.")
+    for reader in ("mlp.gate", "mlp.in"):
+        weight = _weight(model, layer, reader)
+        weight[neuron] = 0.0
+        weight[neuron, marker] = 3.0 / on
+    out = _weight(model, layer, "mlp.out")
+    out[dim] = 0.0
+    out[dim, neuron] = 1.0
+    gain = _weight(model, layer, "ln2_post")
+    offset = 1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0
+    resid = f"blocks.{layer}.hook_resid_post"
+    probe = torch.tensor([[token_id]], device=embed.device)
+
+    def planted(g: float) -> float:
+        gain[dim] = g - offset
+        _, cache = model.run_with_cache(probe, names_filter=[resid])
+        return float(cache[resid][0, 0, dim])
+
+    at_one, at_two = planted(1.0), planted(2.0)
+    if at_two - at_one <= 1e-3:
+        raise RuntimeError("The planted neuron did not fire on the token; the model's norms may be unusual.")
+    planted(1.0 + (float(value) - at_one) / (at_two - at_one))
     return model

@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import plan_batches
+from massact_lens._core.blocks import block_model
 from massact_lens._core.loop import measure
 from massact_lens._core.types import Inputs, Provenance, warn_if_processed
 from massact_lens.find.criterion import TOKEN_KINDS, MassiveActivations, MassiveSet
 from massact_lens.find.profiles import MassiveProfile
+from massact_lens.interventions.coerce import check_profile_matches
 from massact_lens.interventions.weights import projection_weight
 from massact_lens.trace._measurement import FirstWriters, block_hook_names
 from massact_lens.trace._tables import lineage_records
@@ -47,6 +50,14 @@ __all__ = ["BlockWrite", "ChannelContribution", "Lineage", "lineage"]
 
 #: What ``Lineage.weight`` says ``super_weights`` reads.
 _WEIGHT = "blocks.{layer}.mlp.out weight, as W_down[row = output dim, column = input channel]"
+
+
+def _massive_layers(massive: MassiveSet) -> list[int]:
+    """Every layer the massive set names (its records', or its profile's first and last layers)."""
+    if massive.per_input:
+        return sorted({int(r.layer) for r in massive})  # type: ignore[attr-defined]
+    dims: Any = getattr(massive, "dims", ())
+    return sorted({int(x) for d in dims for x in (d.first_layer, d.last_layer)})
 
 
 def _targets(model: TransformerLensModel, massive: MassiveSet) -> tuple[tuple[int, str], ...]:
@@ -65,6 +76,15 @@ def _targets(model: TransformerLensModel, massive: MassiveSet) -> tuple[tuple[in
             + "; ".join(differ)
             + "). Trace them on the model they came from, or measure this model first."
         )
+    n_layers = int(model.cfg.n_layers)
+    outside = [layer for layer in _massive_layers(massive) if not 0 <= layer < n_layers]
+    if outside:
+        raise ValueError(
+            f"The massive set names layers {outside[:5]}, but this model has {n_layers} layers: valid "
+            f"layers are 0..{n_layers - 1}. It describes another model or was edited: trace a massive set "
+            "measured on this model (find_massive(scan(model, inputs)) or profile(model, inputs))."
+        )
+    check_profile_matches(model, massive)  # another model name (same shape) warns, as ablation and attention do
     if not pairs:
         raise ValueError(
             "The massive set is empty: there is nothing to trace. Lower min_value / min_ratio "
@@ -81,17 +101,11 @@ def _targets(model: TransformerLensModel, massive: MassiveSet) -> tuple[tuple[in
 
 
 def _check_model(model: TransformerLensModel, n_layers: int) -> tuple[str, ...]:
-    """The hook templates to read; every name and down projection checked to exist."""
-    known = model.hook_dict  # type: ignore[attr-defined]
+    """The hook templates to read, once the block model is checked (:func:`block_model`) and
+    every down projection read as ``[d_model, d_mlp]``."""
+    block_model(model)  # an architecture outside the block models raises, naming the block and family
     d_model, d_mlp = int(model.cfg.d_model), model.cfg.d_mlp
     for layer in range(n_layers):
-        missing = [name for name in block_hook_names(model, layer) if name not in known]
-        if missing:
-            raise ValueError(
-                f"lineage needs the hook points {missing}, which this model lacks: it traces "
-                "dense blocks with an attention output projection and an MLP down projection "
-                "(mixture-of-experts and other MLPs are not supported)."
-            )
         shape = tuple(projection_weight(model, layer, "mlp.out").shape)
         if shape[0] != d_model or (d_mlp is not None and shape[1] != int(d_mlp)):
             raise ValueError(
@@ -119,12 +133,18 @@ def lineage(
     position of the target's token kind, the entry is tested with the massive set's
     own criterion (its ``criterion``, against the median of its hidden
     state) at the embedding output and at each residual point of each block
-    (pre-norm: the block output; post-norm: the two pre-LayerNorm sums); the first
-    block where it passes is its writer. Running sums per (target, writing block)
-    then give the block's attention and MLP writes, the mean input of every MLP
-    hidden channel to the down projection there and elsewhere, and, with the
-    down-projection weights, each channel's contribution. Memory does not grow with
-    the number of inputs. Inputs may differ from those the massive set came from.
+    (pre-norm and sandwich: the block output; post-norm: the two pre-LayerNorm sums);
+    the first block where it passes is its writer. Running sums per (target, writing
+    block) then give the block's attention and MLP writes as they enter the residual
+    stream (:mod:`massact_lens._core.blocks`: after the post-sublayer norms on
+    sandwich blocks, which add up to the block's ``residual_change``), the mean input
+    of every MLP hidden channel to the down projection there and elsewhere, and, with
+    the down-projection weights, each channel's contribution to the write; on
+    sandwich blocks also each norm's gain at the dim and its share of the write
+    (:meth:`~massact_lens.trace.records.Lineage.amplifiers`). Memory does not grow
+    with the number of inputs. Inputs may differ from those the massive set came
+    from. An input whose hidden states hold a NaN or an infinite value is left out
+    of every statistic, with one warning naming it, the hook and how many values.
 
     Args:
         model: the model the massive set was measured on (same name, n_layers, d_model).
@@ -142,9 +162,10 @@ def lineage(
 
     Raises:
         TypeError: ``massive`` is not a massive set (neither a profile nor records).
-        ValueError: the massive set comes from another model, is empty, has dims out
-            of range; the model lacks an attention output or an MLP down projection;
-            bad inputs; all before any forward pass.
+        ValueError: the massive set comes from another model, is empty, has dims or
+            layers out of range; bad inputs: all before any forward pass. The model
+            is not one of the block models (:data:`massact_lens._core.blocks.FAMILIES`)
+            or its writes do not add up (checked on one tiny forward pass).
 
     >>> import torch
     >>> from massact_lens import profile
@@ -164,15 +185,16 @@ def lineage(
         raise ValueError(f"top_channels must be a positive integer, not {top_channels!r}.")
     targets = _targets(model, massive)
     n_layers = massive.last_layer() + 1
-    templates = _check_model(model, n_layers)
     bos = massive.prepend_bos if prepend_bos is None else prepend_bos
     plan = plan_batches(
         model, inputs, batch_size=batch_size, attention_mask=attention_mask, prepend_bos=bos, by_length=True
     )
+    templates = _check_model(model, n_layers)
     warn_if_processed(model)
     writers = FirstWriters(model, targets, massive.criterion, frozenset(massive.delimiters), n_layers)
     n_inputs = measure(model, plan, writers, progress=progress, desc="lineage")
-    blocks, channels = lineage_records(model, targets, writers.result(), top_channels)
+    _warn_nonfinite(writers.nonfinite)
+    blocks, channels, amplifiers = lineage_records(model, targets, writers.result(), top_channels)
     result = Lineage(
         provenance=Provenance.of(model),
         layers=tuple(range(n_layers)),
@@ -185,6 +207,7 @@ def lineage(
         targets=targets,
         blocks=blocks,
         channels=channels,
+        amplifier_rows=amplifiers,
     )
     if result.not_found:
         warnings.warn(
@@ -193,3 +216,19 @@ def lineage(
             stacklevel=2,
         )
     return result
+
+
+def _warn_nonfinite(nonfinite: dict[int, tuple[str, int]]) -> None:
+    """One warning for every input left out because a hidden state held NaN or inf."""
+    if not nonfinite:
+        return
+    listed = "; ".join(f"input {i}: {n} in {hook}" for i, (hook, n) in sorted(nonfinite.items())[:5])
+    more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+    warnings.warn(
+        f"{len(nonfinite)} input(s) hold NaN or infinite values in their hidden states ({listed}{more}; "
+        "first hook where seen, how many values there): they are left out of every lineage statistic. "
+        "Find what produced them (a hook of yours, a float16 overflow: load the model in float32) and "
+        "rerun, or drop those inputs.",
+        UserWarning,
+        stacklevel=3,
+    )
