@@ -14,12 +14,12 @@ from massact_lens._core.batching import BatchPlan, plan_batches
 from massact_lens._core.loop import UserHooks, measure
 from massact_lens.evaluate import (
     PatchHook,
-    PatchRecorder,
     embedding_similarity,
     massive_patching,
     patching_hooks,
     sentence_embeddings,
 )
+from massact_lens.evaluate.patching import PatchRecorder
 from massact_lens.examples import minilm_dir, tiny_model
 from massact_lens.examples.sentences import SENTENCES
 
