@@ -87,7 +87,12 @@ class ImplicitBias(StreamedResult, KeyedFields):
     must come from the same model (provenance and ``W_O``), layers, heads, key set,
     BOS setting and ``keep`` (ValueError otherwise). Key sets tied to input indices
     (an ``[n_inputs, key_pos]`` mask, ``find_massive`` records) describe their own
-    slice and do not merge: use a rule or a profile.
+    slice and do not merge (refused): use a rule or a profile.
+
+    Non-finite values: an input whose pattern, values, ``hook_z`` or key-set residual
+    held a NaN or inf is left out of every statistic (``sums``, ``z_error``,
+    ``out_error``) and reported once by a ``RuntimeWarning`` (input, hook, how many
+    entries); its kept tensors show what was measured.
 
     >>> import torch
     >>> from massact_lens.examples import tiny_model
@@ -227,7 +232,7 @@ class ImplicitBias(StreamedResult, KeyedFields):
         return {name: getattr(self, name).transpose(0, 1) if name in _LAYER_FIRST else getattr(self, name)
                 for name in (*_KEPT, "attention_mask")}
 
-    merge_same = ("layers", "heads", "positions", "prepend_bos", "hook_names", "out_hooks", "keep", "W_O", "b_O")
+    merge_same = ("layers", "heads", "positions", "key_set", "prepend_bos", "hook_names", "out_hooks", "keep", "W_O", "b_O")
 
     @classmethod
     def _merged(cls, parts: list[ImplicitBias]) -> ImplicitBias:
@@ -289,6 +294,11 @@ def implicit_bias(
             ``batch.start + row``); False: in input order (batch boundaries as given, e.g.
             for a merge equal bit for bit to one run).
 
+    Non-finite values (a NaN or inf from a hook of yours upstream, an overflow): an input
+    whose pattern, values, ``hook_z`` or key-set residual held one is left out of every
+    statistic (the pass does not raise) and reported once, after the pass, by a
+    ``RuntimeWarning`` naming the input, the hook and how many entries.
+
     Raises:
         ValueError / TypeError: a layer or head that does not exist, an empty or
             malformed C, bad inputs: before any forward pass.
@@ -311,6 +321,7 @@ def implicit_bias(
     split = _Decomposition(model, plan, keys, chosen, head_list, keep)
     measure(model, plan, keys, split, progress=progress, desc="implicit bias")
     keys.warn_if_empty()
+    keys.nonfinite.warn("implicit_bias")
     return split.result()
 
 
@@ -340,13 +351,14 @@ class _Decomposition(KeyedMeasurement):
         real = batch.attention_mask.to(self.device).bool()
         hooks: HookList = []
         for layer in self.layers:
-            hooks += [(attention_hook(kind, layer), self._store(layer, kind)) for kind in ("pattern", "v", "z")]
+            hooks += [(attention_hook(kind, layer), self._store(layer, kind, real)) for kind in ("pattern", "v", "z")]
             hooks.append((self.out_names[layer], self._check_output(layer, real)))
         return hooks
 
-    def _store(self, layer: int, kind: str) -> Any:
+    def _store(self, layer: int, kind: str, real: torch.Tensor) -> Any:
         def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
             self.state.setdefault(layer, {})[kind] = tensor.detach()
+            self.keys.nonfinite.note(attention_hook(kind, layer), tensor.detach(), real, 2 if kind == "pattern" else 1)
 
         return read
 
@@ -358,6 +370,7 @@ class _Decomposition(KeyedMeasurement):
             w, b = self.weights[layer]
             predicted = torch.einsum("bqhd,hdm->bqm", z.float(), w) + b
             err = (predicted - tensor.detach().float()).abs().amax(-1)[real]
+            err = err[~torch.isnan(err)]  # an input with a NaN is left out (NonFinite)
             self.out_error[layer] = max(self.out_error[layer], float(err.max()) if err.numel() else 0.0)
 
         return check_output
@@ -380,16 +393,24 @@ class _Decomposition(KeyedMeasurement):
                 "the decomposition needs a value for every key (no extra key slots)."
             )
         in_c = fit_width(c_mask, key_len) & real_keys(real, key_len)
+        used = ~self.keys.nonfinite.bad_rows.to(real.device) if self.keys.nonfinite.bad_rows is not None else None
         c = in_c[:, None, None, :].float()
         q_real = real[:, :, None, None]
         bias = torch.einsum("bhqk,bkhd->bqhd", pattern * c, v).where(q_real, 0.0)
         rest = torch.einsum("bhqk,bkhd->bqhd", pattern * (1.0 - c), v).where(q_real, 0.0)
         z = slot["z"].float()[:, :, self.head_index]
-        err = (bias + rest - z).abs()[real]
+        err = (bias + rest - z).abs()[real if used is None else real & used[:, None]]
         self.z_error[layer] = max(self.z_error[layer], float(err.max()) if err.numel() else 0.0)
         mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
         totals = tuple(torch.einsum("bqhd,hdm->bqm", t, self.chosen_w[layer]) for t in (bias, rest))
         outside = real & ~fit_width(in_c, int(real.shape[1]))
+        if used is not None and not bool(used.all()):  # inputs with a NaN / inf: out of every sum
+            keep_q = real & used[:, None]
+            (bias_s, rest_s), totals = ((t.where(keep_q[:, :, None, None], 0.0) for t in (bias, rest)),
+                                        tuple(t.where(keep_q[:, :, None], 0.0) for t in totals))
+            add_batch(self.sums, i, (bias_s, rest_s), totals, mass.where(keep_q[:, :, None], 0.0),  # type: ignore[arg-type]
+                      (keep_q, outside & used[:, None]), self.grams[layer])
+            return bias, rest, mass, in_c
         add_batch(self.sums, i, (bias, rest), totals, mass, (real, outside), self.grams[layer])  # type: ignore[arg-type]
         return bias, rest, mass, in_c
 
