@@ -269,9 +269,9 @@ def test_huggingface_errors_keep_their_own_message(tmp_path):
 
 
 def test_load_model_wraps_a_huggingface_model_and_verbs_point_to_it(minilm_model):
-    from transformers import AutoModel
+    from transformers import AutoModelForMaskedLM
 
-    hf = AutoModel.from_pretrained(minilm_dir())
+    hf = AutoModelForMaskedLM.from_pretrained(minilm_dir())
     inner = getattr(attention_concentration, "__wrapped__", attention_concentration)  # past the test-time type check
     with pytest.raises(TypeError, match=r"load_model\(hf_model\)"):
         inner(hf, ["Hello."], progress=False)

@@ -183,7 +183,7 @@ def _a(name: str) -> str:
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
-def check_parts(parts: Sequence[Any], cls: type, fields: Sequence[str]) -> list[Any]:
+def check_parts(parts: Any, cls: type, fields: Sequence[str]) -> list[Any]:
     """``parts`` as a list, refused (ValueError / TypeError) unless they can merge.
 
     They must all be ``cls`` (checked first, before any part is read), from the same
@@ -253,7 +253,7 @@ class Result:
     merge_same: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def merge(cls: type[R], parts: Sequence[R]) -> R:
+    def merge(cls: type[R], parts: Any) -> R:  # Any: a wrong argument gets check_parts' message
         """One result from results of consecutive slices of a corpus, in corpus order:
         exactly what one run over the whole corpus gives. Parts of another class, model
         or setting are refused (before any is read) with what to do."""

@@ -23,7 +23,6 @@ import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._fingerprint import weights_fingerprint
-from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook, is_post_norm, resolve_hook_names
 from massact_lens._core.types import HookList, Provenance, model_device
@@ -37,9 +36,7 @@ from massact_lens.interventions.positions import (
 
 
 def check_layers(model: TransformerLensModel, layers: Sequence[int] | None, kinds: Sequence[str]) -> tuple[int, ...]:
-    """The chosen layers, sorted; ValueError for a layer or hook point that does not exist
-    (TypeError for a plain HuggingFace model: wrap it with load_model first)."""
-    refuse_plain_hf(model, "This attention measurement")
+    """The chosen layers, sorted; ValueError for a layer or hook point that does not exist."""
     n_layers = int(model.cfg.n_layers)
     if layers is None:
         chosen = list(range(n_layers))
@@ -272,12 +269,11 @@ class KeyPositions:
                          on_device)
         self.found = {leaf: torch.zeros(on_device.tokens.shape, dtype=torch.bool, device=self.device)
                       for leaf in self.points}
-        return [(name, self._reader(leaf, ctx)) for leaf, names in self.points.items() for name in names]
+        return [(name, self._reader(leaf, ctx, name)) for leaf, names in self.points.items() for name in names]
 
-    def _reader(self, leaf: WhereMassive, ctx: RunContext) -> Callable[..., None]:
-        def read(activation: torch.Tensor, hook: Any = None) -> None:
+    def _reader(self, leaf: WhereMassive, ctx: RunContext, name: str) -> Callable[..., None]:
+        def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
             self.found[leaf] |= leaf.select(activation, None, ctx).any(dim=-1)
-            name = getattr(hook, "name", None) or "a key-set hook"
             self.nonfinite.note(name, activation.detach(), ctx.real(activation), 1)
 
         return read

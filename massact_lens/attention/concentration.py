@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook
 from massact_lens._core.loop import measure
@@ -261,6 +262,7 @@ def attention_concentration(
     >>> sinks.layer_mass()["mass"].round(1).tolist()
     [0.4, 0.7, 0.7, 0.6, 0.8, 0.6]
     """
+    refuse_plain_hf(model, "attention_concentration")
     keep = check_keep(keep)
     chosen = check_layers(model, layers, ("pattern",))
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,

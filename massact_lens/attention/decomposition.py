@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook
 from massact_lens._core.loop import measure
@@ -311,6 +312,7 @@ def implicit_bias(
     >>> bool(split.z_error.max() < 1e-4 and split.out_error.max() < 1e-3)
     True
     """
+    refuse_plain_hf(model, "implicit_bias")
     keep = check_keep(keep)
     chosen = check_layers(model, layers, ("pattern", "v", "z"))
     head_list = check_heads(model, heads)

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook, resolve_hook_names
 from massact_lens._core.loop import measure
@@ -208,6 +209,7 @@ def token_features(
     >>> feats.feature_hooks, feats.value_norm.shape
     (('blocks.3.hook_resid_pre',), torch.Size([1, 2, 12]))
     """
+    refuse_plain_hf(model, "token_features")
     chosen = check_layers(model, layers, ("v", "k"))
     resolve_hook_names(model, [feature_hook(model, layer) for layer in chosen])
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
@@ -241,14 +243,14 @@ class _Features(KeyedMeasurement):
         real = batch.attention_mask.to(self.device).bool()
         hooks: HookList = []
         for layer, feature_name in zip(self.layers, self.feature_names, strict=True):
-            hooks += [(attention_hook("v", layer), self._reader(layer, "value", real)),
-                      (attention_hook("k", layer), self._reader(layer, "key", real)),
-                      (feature_name, self._reader(layer, "feature", real))]
+            hooks += [(attention_hook("v", layer), self._reader(layer, "value", real, attention_hook("v", layer))),
+                      (attention_hook("k", layer), self._reader(layer, "key", real, attention_hook("k", layer))),
+                      (feature_name, self._reader(layer, "feature", real, feature_name))]
         return hooks
 
-    def _reader(self, layer: int, kind: str, real: torch.Tensor) -> Any:
-        def read(tensor: torch.Tensor, hook: Any) -> None:
-            self.keys.nonfinite.note(getattr(hook, "name", None) or f"layer {layer} {kind}", tensor.detach(), real, 1)
+    def _reader(self, layer: int, kind: str, real: torch.Tensor, name: str) -> Any:
+        def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            self.keys.nonfinite.note(name, tensor.detach(), real, 1)
             slot = self.state.setdefault(layer, {})
             if kind == "feature":
                 slot["feature"] = tensor.detach().float()

@@ -150,14 +150,12 @@ def _check_records(
     scanned = massive.scan
     same = scanned.n_inputs == len(tokens) and all(
         int(scanned.lengths[i]) == len(t) for i, t in tokens.items()) and plan.prepend_bos == scanned.prepend_bos
-    if same:
-        for r in massive:
-            h = scanned.hook_names.index(r.hook_name)
-            at = (scanned.positions[r.input_index, h] == r.position) & (scanned.dims[r.input_index, h] == r.dim)
-            ids = scanned.token_ids[r.input_index, h][at]
-            if ids.numel() and int(ids[0]) != int(tokens[r.input_index][r.position]):
-                same = False
-                break
+    for i, row in tokens.items() if same else ():  # every scanned entry's token is the input's token there
+        positions = scanned.positions[i].long()
+        valid = (positions >= 0) & (positions < len(row))
+        if not torch.equal(scanned.token_ids[i][valid].long(), row[positions[valid]].long()):
+            same = False
+            break
     if not same:
         raise ValueError(
             f"The records come from a scan of other inputs ({scanned.n_inputs} inputs, BOS {scanned.prepend_bos}) "

@@ -115,7 +115,9 @@ def skeleton(name: str) -> torch.nn.Module | None:
         config = AutoConfig.from_pretrained(name)
         model_class = get_hf_model_class_for_architecture(determine_architecture_from_hf_config(config))
         with init_empty_weights(), contextlib.redirect_stdout(None):
-            return model_class.from_config(config)
+            model = model_class.from_config(config)
+        model.tie_weights()  # as from_pretrained does (outside init_empty_weights, or nothing is tied)
+        return model
     except Exception:  # noqa: BLE001 (a best-effort check: the load itself reports any real problem)
         return None
 
