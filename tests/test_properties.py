@@ -206,7 +206,9 @@ def _run(verb: str, model, tokens, **kwargs):
         return ml.scan(model, tokens, progress=False, **kwargs)
     if verb == "profile":
         return ml.profile(model, tokens, min_value=100, min_ratio=10, progress=False, **kwargs)
-    fn = {"attention": ml.attention_concentration, "bias": ml.implicit_bias, "features": ml.token_features}[verb]
+    from massact_lens.attention import attention_concentration, implicit_bias, token_features
+
+    fn = {"attention": attention_concentration, "bias": implicit_bias, "features": token_features}[verb]
     return fn(model, tokens, kwargs.pop("positions", "start"), progress=False, by_length=False, **kwargs)
 
 
