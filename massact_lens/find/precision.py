@@ -12,6 +12,7 @@ massive value against float32, and warns above 1%.
 >>> from massact_lens.examples import tiny_model
 >>> from massact_lens.models.planting import plant_massive_activation
 >>> from massact_lens.find import scan
+>>> from massact_lens.find.scan_result import check_range
 >>> model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=70000.0)
 >>> import warnings
 >>> with warnings.catch_warnings(record=True) as caught:
