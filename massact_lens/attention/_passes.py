@@ -194,7 +194,8 @@ class NonFinite:
         bad_rows = torch.zeros(n, dtype=torch.bool)
         if self._pending:
             names = [name for name, _ in self._pending]
-            counts = torch.stack([c.to("cpu") for _, c in self._pending], 1)  # [batch, hook]: one sync
+            device = self._pending[0][1].device
+            counts = torch.stack([c.to(device) for _, c in self._pending], 1).cpu()  # [batch, hook]: one copy
             self._pending = []
             bad_rows = (counts > 0).any(1)
             for row, h in (counts > 0).nonzero().tolist():
