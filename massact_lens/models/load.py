@@ -180,6 +180,10 @@ def _wrap(hf: torch.nn.Module, device: Any, tokenizer: Any, hf_model: Any, devic
     name = str(getattr(config, "_name_or_path", "") or "")
     if tokenizer is None:
         tokenizer = _find_tokenizer(name)
+    if device is not None:
+        hf = hf.to(device)
+    elif not getattr(hf, "hf_device_map", None):  # kept where it is (the bridge would record its default)
+        device = next(hf.parameters()).device
     model = TransformerBridge.boot_transformers(name or type(hf).__name__, device=device, tokenizer=tokenizer,
                                                  hf_model=hf, dtype=next(hf.parameters()).dtype)
     model.eval()
