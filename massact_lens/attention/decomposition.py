@@ -372,7 +372,7 @@ class _Decomposition(KeyedMeasurement):
             w, b = self.weights[layer]
             predicted = torch.einsum("bqhd,hdm->bqm", z.float(), w) + b
             err = (predicted - tensor.detach().float()).abs().amax(-1)[real]
-            err = err[~torch.isnan(err)]  # an input with a NaN is left out (NonFinite)
+            err = err[torch.isfinite(err)]  # an input with a NaN / inf is left out (NonFinite)
             self.out_error[layer] = max(self.out_error[layer], float(err.max()) if err.numel() else 0.0)
 
         return check_output
@@ -395,7 +395,8 @@ class _Decomposition(KeyedMeasurement):
                 "the decomposition needs a value for every key (no extra key slots)."
             )
         in_c = fit_width(c_mask, key_len) & real_keys(real, key_len)
-        used = ~self.keys.nonfinite.bad_rows.to(real.device) if self.keys.nonfinite.bad_rows is not None else None
+        bad_rows = self.keys.nonfinite.bad_rows  # on the CPU: no device sync to ask
+        used = ~bad_rows.to(real.device) if bad_rows is not None and bool(bad_rows.any()) else None
         c = in_c[:, None, None, :].float()
         q_real = real[:, :, None, None]
         bias = torch.einsum("bhqk,bkhd->bqhd", pattern * c, v).where(q_real, 0.0)
@@ -406,7 +407,7 @@ class _Decomposition(KeyedMeasurement):
         mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
         totals = tuple(torch.einsum("bqhd,hdm->bqm", t, self.chosen_w[layer]) for t in (bias, rest))
         outside = real & ~fit_width(in_c, int(real.shape[1]))
-        if used is not None and not bool(used.all()):  # inputs with a NaN / inf: out of every sum
+        if used is not None:  # inputs with a NaN / inf: out of every sum
             keep_q = real & used[:, None]
             (bias_s, rest_s), totals = ((t.where(keep_q[:, :, None, None], 0.0) for t in (bias, rest)),
                                         tuple(t.where(keep_q[:, :, None], 0.0) for t in totals))
