@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens._core.types import Provenance
 from massact_lens.find.criterion import MassiveSet
 
@@ -48,35 +49,13 @@ def shard(n_inputs: int, rank: int, world_size: int) -> range:
     ([2, 2, 1], range(1, 1))
     """
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of {world_size}.")
+        raise ValueError(
+            f"rank {rank} is not in a world of {world_size}: pass 0 <= rank < world_size (under torchrun: "
+            "torch.distributed.get_rank() and get_world_size())."
+        )
     base, extra = divmod(n_inputs, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
-
-
-def weights_fingerprint(model: TransformerLensModel, sample: int = 1024) -> str:
-    """A short digest of the first ``sample`` entries of every parameter of the embeddings
-    and the blocks: the weights a residual-stream measurement reads (cheap on any size).
-
-    Two ranks that loaded different weights almost surely get different digests. A
-    head the bridge initialises at random (MiniLM's MLM head) does not count.
-
-    >>> from massact_lens.examples import tiny_model
-    >>> weights_fingerprint(tiny_model(seed=0)) == weights_fingerprint(tiny_model(seed=0))
-    True
-    """
-    digest = hashlib.sha256()
-    parts = [getattr(model, name, None) for name in ("embed", "pos_embed", "blocks")]
-    named = [(f"{i}.{n}", p) for i, part in enumerate(parts) if isinstance(part, torch.nn.Module)
-             for n, p in part.named_parameters()]
-    for name, parameter in named:
-        head = parameter.detach().flatten()[:sample]
-        if head.device.type == "meta":  # offloaded: its shape is what we can see
-            digest.update(f"{name}{tuple(parameter.shape)}".encode())
-            continue
-        digest.update(name.encode())
-        digest.update(head.float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _check_group() -> tuple[int, int]:
@@ -179,7 +158,8 @@ def _run_here(verb: Callable[..., R], model: TransformerLensModel, inputs: Any, 
         raise error
     for rank, failure in enumerate(failures):
         if failure is not None:
-            raise RuntimeError(f"Rank {rank} failed ({failure}): every rank stops.")
+            raise RuntimeError(f"Rank {rank} failed ({failure}): every rank stops. Fix what rank {rank} reports "
+                               "(its own traceback has the details) and launch again.")
     return local
 
 

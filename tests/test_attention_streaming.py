@@ -247,7 +247,7 @@ def test_mismatched_parts_are_refused():
             ImplicitBias.merge([base, other])
     with pytest.raises(ValueError, match="at least one"):
         ImplicitBias.merge([])
-    with pytest.raises(TypeError, match="not a ImplicitBias"):
+    with pytest.raises(TypeError, match="not an ImplicitBias"):
         ImplicitBias.merge([base, attention_concentration(model, tokens, progress=False)])
     conc = attention_concentration(model, tokens, "start", progress=False)
     with pytest.raises(ValueError, match="positions"):

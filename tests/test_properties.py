@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -184,3 +185,107 @@ def test_no_hook_is_left_attached_when_a_hook_raises_anywhere(raise_at, where):
             with ml.ablated(model, None, "zero", dims=[5], layers=[raise_at]):
                 model(tokens)
     assert hook_counts(model) == before
+
+
+# --- merges: any split merges to the whole; any mismatched part is refused ---------------------
+
+MERGE_SETTINGS = settings(
+    max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+VERBS = ("scan", "profile", "attention", "bias", "features")
+
+
+def _corpus(n: int) -> torch.Tensor:
+    tokens = torch.randint(1, 64, (n, 6), generator=torch.Generator().manual_seed(n))
+    tokens[:, 0] = 0
+    return tokens
+
+
+def _run(verb: str, model, tokens, **kwargs):
+    if verb == "scan":
+        return ml.scan(model, tokens, progress=False, **kwargs)
+    if verb == "profile":
+        return ml.profile(model, tokens, min_value=100, min_ratio=10, progress=False, **kwargs)
+    from massact_lens.attention import attention_concentration, implicit_bias, token_features
+
+    fn = {"attention": attention_concentration, "bias": implicit_bias, "features": token_features}[verb]
+    return fn(model, tokens, kwargs.pop("positions", "start"), progress=False, by_length=False, **kwargs)
+
+
+def _assert_same(verb: str, merged, whole) -> None:
+    close = dict(rtol=1e-5, atol=1e-5)
+    assert merged.n_inputs == whole.n_inputs
+    if verb == "scan":
+        torch.testing.assert_close(merged.values, whole.values, equal_nan=True, **close)
+        torch.testing.assert_close(merged.medians, whole.medians, **close)
+    elif verb == "profile":
+        assert merged.massive_dims == whole.massive_dims
+        assert [(s.hook_name, s.dim, s.kind, s.count) for s in merged.stats] == \
+            [(s.hook_name, s.dim, s.kind, s.count) for s in whole.stats]
+    elif verb == "attention":
+        torch.testing.assert_close(merged.mean_mass, whole.mean_mass, **close)
+        torch.testing.assert_close(merged.mass, whole.mass, **close)
+    elif verb == "bias":
+        a, b = merged.constancy(), whole.constancy()
+        columns = ["cos_to_mean", "rel_variation", "mean_norm"]
+        assert np.allclose(a[columns].to_numpy(), b[columns].to_numpy(), rtol=1e-4, atol=1e-5, equal_nan=True)
+    else:
+        assert merged.counts.tolist() == whole.counts.tolist()
+        torch.testing.assert_close(merged.value_norm, whole.value_norm, equal_nan=True, **close)
+
+
+@MERGE_SETTINGS
+@given(verb=st.sampled_from(VERBS), n=st.integers(2, 6), data=st.data())
+def test_any_split_of_a_corpus_merges_to_the_whole(model, verb, n, data):
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=3), label="cuts")))
+    bounds = [0, *cuts, n]
+    tokens = _corpus(n)
+    parts = [_run(verb, model, tokens[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    _assert_same(verb, type(parts[0]).merge(parts), _run(verb, model, tokens))
+
+
+def _mismatched(verb: str, mismatch: str, model, tokens):
+    """Two parts that must not merge, and what the refusal names."""
+    if mismatch == "not a result":
+        return _run(verb, model, tokens), {"values": tokens}, "Part 1 is a dict"
+    if mismatch == "another class":
+        other = "scan" if verb != "scan" else "attention"
+        return _run(verb, model, tokens), _run(other, model, tokens), "pass only"
+    if mismatch == "another model":
+        gpt2 = plant_massive_activation(tiny_model("gpt2", n_layers=3), layer=1, dim=5, value=1000.0)
+        return _run(verb, model, tokens), _run(verb, gpt2, tokens), "different models"
+    if mismatch == "layers":
+        return _run(verb, model, tokens, layers=[0, 1]), _run(verb, model, tokens, layers=[1, 2]), "differ in"
+    if mismatch == "top_k" and verb in ("scan", "profile"):
+        return _run(verb, model, tokens, top_k=10), _run(verb, model, tokens, top_k=1), "top_k"
+    if verb in ("scan", "profile"):  # key sets: not theirs
+        return _run(verb, model, tokens, top_k=3), _run(verb, model, tokens, top_k=4), "top_k"
+    a, b = torch.zeros(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)
+    a[0], b[2] = True, True
+    if mismatch == "key set content":
+        return _run(verb, model, tokens, positions=a), _run(verb, model, tokens, positions=b), "key_set"
+    per_input = torch.zeros(len(tokens), 6, dtype=torch.bool)
+    per_input[:, 0] = True
+    return (_run(verb, model, tokens, positions=per_input), _run(verb, model, tokens, positions=per_input),
+            "names positions by input index")
+
+
+@MERGE_SETTINGS
+@given(verb=st.sampled_from(VERBS),
+       mismatch=st.sampled_from(["not a result", "another class", "another model", "layers", "top_k",
+                                 "key set content", "per-input key set"]))
+def test_any_mismatched_part_is_refused(model, verb, mismatch):
+    tokens = _corpus(3)
+    a, b, match = _mismatched(verb, mismatch, model, tokens)
+    with pytest.raises((ValueError, TypeError), match=match) as caught:
+        type(a).merge([a, b])
+    assert ":" in str(caught.value)  # the problem, then what to do
+
+
+def test_parts_of_another_bos_setting_are_refused(minilm_model):
+    texts = ["The cat sat.", "A dog ran."]
+    for verb in ("scan", "attention"):
+        with_bos = _run(verb, minilm_model, texts, prepend_bos=True)
+        without = _run(verb, minilm_model, texts, prepend_bos=False)
+        with pytest.raises(ValueError, match="prepend_bos"):
+            type(with_bos).merge([with_bos, without])

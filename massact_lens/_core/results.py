@@ -20,7 +20,7 @@ concatenate up to ``keep``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -179,31 +179,64 @@ def add_sums(parts: Sequence[Mapping[str, torch.Tensor]], minimum: Sequence[str]
     return out
 
 
-def check_parts(parts: Sequence[Any], cls: type, fields: Sequence[str]) -> list[Any]:
+def _a(name: str) -> str:
+    """``name`` with its indefinite article: ``a ScanResult``, ``an AttentionConcentration``."""
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def check_parts(parts: Any, cls: type, fields: Sequence[str]) -> list[Any]:
     """``parts`` as a list, refused (ValueError / TypeError) unless they can merge.
 
-    They must all be ``cls``, from the same model (provenance), and equal in ``fields``.
+    They must all be ``cls`` (checked first, before any part is read), from the same
+    model (provenance, and weights where both record a fingerprint), equal in ``fields``, and none may refuse to merge
+    (``_merge_refusal()``: a key set tied to its own inputs, say). Every refusal says
+    what to do.
+
+    >>> check_parts("abc", Result, ())
+    Traceback (most recent call last):
+    ...
+    TypeError: Result.merge takes a list of Result results (one per slice of the corpus, in order), not a str.
     """
-    parts = list(parts)
     name = cls.__name__
+    if isinstance(parts, str | bytes | Mapping) or not isinstance(parts, Sequence | Iterator):
+        raise TypeError(
+            f"{name}.merge takes a list of {name} results (one per slice of the corpus, in order), "
+            f"not {_a(type(parts).__name__)}."
+        )
+    parts = list(parts)
     if not parts:
-        raise ValueError(f"{name}.merge needs at least one result.")
+        raise ValueError(f"{name}.merge needs at least one result: pass the results of the slices, in order.")
+    for i, part in enumerate(parts):  # every part's class first: nothing of a stranger is read
+        if not isinstance(part, cls):
+            raise TypeError(
+                f"Part {i} is {_a(type(part).__name__)}, not {_a(name)}: pass only {name} results to "
+                f"{name}.merge (each measured on one slice of the corpus, with the same call)."
+            )
     first = parts[0]
     for i, part in enumerate(parts):
-        if not isinstance(part, cls):
-            raise TypeError(f"Part {i} is a {type(part).__name__}, not a {name}.")
+        refusal = getattr(part, "_merge_refusal", None)
+        reason = refusal() if callable(refusal) else None
+        if reason:
+            raise ValueError(f"{name} part {i} cannot merge: {reason}")
         if i == 0:
             continue
         first.provenance.check_same(part.provenance, f"{name} parts 0 and {i}")
         for name_ in fields:
             a, b = getattr(first, name_), getattr(part, name_)
-            same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+            same = (isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)) \
+                if isinstance(a, torch.Tensor) else a == b
             if not same:
                 shown = (f"{a!r} != {b!r}") if not isinstance(a, torch.Tensor) else "the tensors differ"
                 raise ValueError(
                     f"{name} parts 0 and {i} differ in {name_} ({shown}): measure every slice of the "
-                    "corpus with the same model, settings and key set."
+                    "corpus with the same model, settings and key set, then merge."
                 )
+        mine, theirs = getattr(first, "weights", ""), getattr(part, "weights", "")
+        if mine and theirs and mine != theirs:
+            raise ValueError(
+                f"{name} parts 0 and {i} were measured on other weights (fingerprints {mine} != {theirs}), though "
+                "the models share name and shape: measure every slice with the same checkpoint, then merge."
+            )
     return parts
 
 
@@ -221,7 +254,7 @@ class Result:
     merge_same: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def merge(cls: type[R], parts: Sequence[R]) -> R:
+    def merge(cls: type[R], parts: Any) -> R:  # Any: a wrong argument gets check_parts' message
         """One result from results of consecutive slices of a corpus, in corpus order:
         exactly what one run over the whole corpus gives. Parts of another class, model
         or setting are refused (before any is read) with what to do."""

@@ -120,7 +120,11 @@ class Provenance:
         """Raise ``ValueError`` unless ``other`` describes the same model (``what`` names the pair)."""
         diff = self.differences(other, ignore=ignore)
         if diff:
-            raise ValueError(f"{what} come from different models ({'; '.join(diff)}).")
+            raise ValueError(
+                f"{what} come from different models ({'; '.join(diff)}): use results and models of one "
+                "model, loaded the same way (same weights, dtype and weight processing), or measure again "
+                "with the model at hand."
+            )
 
 
 def is_causal(model: TransformerLensModel) -> bool:

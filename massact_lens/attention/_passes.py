@@ -13,14 +13,16 @@ that C in its own ``update``.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook, is_post_norm, resolve_hook_names
 from massact_lens._core.types import HookList, Provenance, model_device
@@ -150,6 +152,78 @@ def centred_logits(
     return centred, ok, source
 
 
+class NonFinite:
+    """The one non-finite rule of the attention passes: an input whose hidden state held a
+    NaN or an infinite value at any hook the pass reads (a user hook upstream, an overflow
+    in half precision) is left out of every statistic of the pass, and reported once, after
+    the pass: which input, at which hook, how many entries (:meth:`warn`).
+
+    Hooks call :meth:`note` with what they read (only real positions count); the pass's
+    :class:`KeyPositions` turns the counts of a batch into :attr:`bad_rows` once its forward
+    pass ends, before the attention measurement folds the batch in.
+
+    >>> import torch
+    >>> from massact_lens._core.batching import Batch
+    >>> nonfinite = NonFinite()
+    >>> batch = Batch(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), 0)
+    >>> x = torch.zeros(2, 3, 4); x[1, 2, :2] = float("nan")
+    >>> nonfinite.note("blocks.0.hook_v", x, batch.attention_mask.bool(), 1)
+    >>> nonfinite.end_batch(batch).tolist(), nonfinite.found
+    ([False, True], {(1, 'blocks.0.hook_v'): 2})
+    """
+
+    def __init__(self) -> None:
+        #: (input index, hook name) -> how many non-finite entries, over the whole pass.
+        self.found: dict[tuple[int, str], int] = {}
+        self._pending: list[tuple[str, torch.Tensor]] = []
+        #: Per row of the batch just run: True when the input is left out.
+        self.bad_rows: torch.Tensor | None = None
+
+    def note(self, name: str, tensor: torch.Tensor, real: torch.Tensor, pos_dim: int) -> None:
+        """Count the non-finite entries per row of ``tensor`` at real positions (``real``
+        ``[batch, pos]`` along axis ``pos_dim``); no host sync until :meth:`end_batch`."""
+        bad = ~torch.isfinite(tensor)
+        shape = [1] * tensor.ndim
+        shape[0], shape[pos_dim] = int(real.shape[0]), int(tensor.shape[pos_dim])
+        bad = bad & fit_width(real.to(tensor.device), int(tensor.shape[pos_dim])).view(shape)
+        self._pending.append((name, bad.flatten(1).sum(1)))
+
+    def end_batch(self, batch: Batch) -> torch.Tensor:
+        """Per row, whether its input is left out (also kept in :attr:`bad_rows`)."""
+        n = int(batch.tokens.shape[0])
+        bad_rows = torch.zeros(n, dtype=torch.bool)
+        if self._pending:
+            names = [name for name, _ in self._pending]
+            device = self._pending[0][1].device
+            counts = torch.stack([c.to(device) for _, c in self._pending], 1).cpu()  # [batch, hook]: one copy
+            self._pending = []
+            bad_rows = (counts > 0).any(1)
+            for row, h in (counts > 0).nonzero().tolist():
+                key = (batch.input_index(row), names[h])
+                self.found[key] = self.found.get(key, 0) + int(counts[row, h])
+        self.bad_rows = bad_rows
+        return bad_rows
+
+    def inputs(self) -> list[int]:
+        """The inputs left out, in order."""
+        return sorted({i for i, _ in self.found})
+
+    def warn(self, what: str, stacklevel: int = 3) -> None:
+        """One ``RuntimeWarning`` naming the inputs left out of ``what``, their hooks and counts."""
+        if not self.found:
+            return
+        shown = ", ".join(f"input {i} at {name} ({count} entries)" for (i, name), count in
+                          sorted(self.found.items())[:5])
+        more = f" and {len(self.found) - 5} more" if len(self.found) > 5 else ""
+        warnings.warn(
+            f"{len(self.inputs())} input(s) held NaN or infinite values ({shown}{more}): they are left out "
+            f"of every statistic of {what}. Check the model's dtype (float32 holds what half precision "
+            "overflows) and any hook of yours that runs before these points.",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+
+
 class KeyPositions:
     """The key set C of every batch: a :class:`~massact_lens._core.loop.Measurement` that
     runs first in each attention pass, so that the attention measurement after it reads
@@ -186,6 +260,8 @@ class KeyPositions:
         #: C of that batch, ``[batch, pos]`` (real positions only), once its pass ran.
         self.c_mask: torch.Tensor | None = None
         self._count: torch.Tensor | int = 0
+        #: The non-finite rule of the pass: every hook of the pass notes what it reads here.
+        self.nonfinite = NonFinite()
 
     def hooks(self, batch: Batch) -> HookList:
         self.batch = on_device = batch.to(self.device)
@@ -194,18 +270,20 @@ class KeyPositions:
                          on_device)
         self.found = {leaf: torch.zeros(on_device.tokens.shape, dtype=torch.bool, device=self.device)
                       for leaf in self.points}
-        return [(name, self._reader(leaf, ctx)) for leaf, names in self.points.items() for name in names]
+        return [(name, self._reader(leaf, ctx, name)) for leaf, names in self.points.items() for name in names]
 
-    def _reader(self, leaf: WhereMassive, ctx: RunContext) -> Callable[..., None]:
+    def _reader(self, leaf: WhereMassive, ctx: RunContext, name: str) -> Callable[..., None]:
         def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
             self.found[leaf] |= leaf.select(activation, None, ctx).any(dim=-1)
+            self.nonfinite.note(name, activation.detach(), ctx.real(activation), 1)
 
         return read
 
     def update(self, batch: Batch, output: torch.Tensor | None) -> None:  # noqa: ARG002
         assert self.batch is not None
+        bad = self.nonfinite.end_batch(self.batch).to(self.device)
         self.c_mask = key_mask(self.rule, self.batch, self.found).to(self.device)
-        self._count = self._count + self.c_mask.sum()
+        self._count = self._count + self.c_mask[~bad].sum()
 
     def result(self) -> int:
         """``|C|`` over every input (real key positions only)."""
@@ -236,6 +314,58 @@ class KeyedFields:
     positions: str
     #: BOS / [CLS] prepended to strings (None: token tensors as given).
     prepend_bos: bool | None
+    #: A digest of the key set's content (a mask's entries, a callable's code, ...): two
+    #: key sets with one description but other content do not merge.
+    key_set: str = field(default="", repr=False)
+    #: A digest of the model's weights (:func:`~massact_lens._core._fingerprint.weights_fingerprint`):
+    #: parts of other weights do not merge, even with one name and shape.
+    weights: str = field(default="", repr=False)
+    #: True when the key set names positions by input index (an ``[n_inputs, key_pos]``
+    #: mask, ``find_massive`` records): such a result describes its own slice only.
+    per_input_keys: bool = field(default=False, repr=False)
+
+    def _merge_refusal(self) -> str | None:
+        """Why this result cannot merge (None: it can), with what to do."""
+        if not self.per_input_keys:
+            return None
+        return (f"its key set ({self.positions}) names positions by input index (an [n_inputs, key_pos] mask "
+                "or find_massive records), so it describes its own slice of the corpus only. Measure the whole "
+                "corpus in one call, or use a key set that does not depend on the input index (a rule such as "
+                "'start', a [key_pos] mask, or a MassiveProfile).")
+
+
+def key_set_identity(rule: PositionRule) -> tuple[str, bool]:
+    """A digest of what ``rule`` selects (its description and each leaf's content), and
+    whether it names positions by input index.
+
+    >>> from massact_lens.examples import tiny_model
+    >>> from massact_lens.attention.keys import as_rule
+    >>> model = tiny_model()
+    >>> a, b = (as_rule(model, torch.tensor(m), None) for m in ([True, False], [False, True]))
+    >>> key_set_identity(a) != key_set_identity(b), key_set_identity(as_rule(model, torch.ones(3, 4, dtype=torch.bool), None))[1]
+    (True, True)
+    """
+    digest = hashlib.sha256(rule.describe().encode())
+    per_input = False
+    for leaf in rule.leaves():
+        own = getattr(leaf, "__dict__", {})
+        digest.update(f"|{type(leaf).__qualname__}:{leaf.describe()}".encode())
+        tensor = own.get("tensor")
+        if isinstance(tensor, torch.Tensor):
+            per_input |= tensor.ndim == 2
+            digest.update(f"{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().bool().numpy().tobytes())
+        found = own.get("found")
+        if getattr(found, "per_input", False):
+            per_input = True
+            digest.update(repr([(r.input_index, r.position) for r in found]).encode())
+        fn = own.get("fn")
+        if callable(fn):
+            digest.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                digest.update(code.co_code + repr(code.co_consts).encode())
+    return digest.hexdigest()[:16], per_input
 
 
 class KeyedMeasurement:
@@ -271,6 +401,9 @@ class KeyedMeasurement:
         self.n_inputs += int(batch.tokens.shape[0])
 
     def base_fields(self) -> dict[str, Any]:
-        """``provenance``, ``layers``, ``n_inputs``, ``positions``, ``prepend_bos`` of the result."""
+        """``provenance``, ``layers``, ``n_inputs``, ``positions``, ``prepend_bos``, ``key_set``,
+        ``per_input_keys``, ``weights`` of the result."""
+        key_set, per_input = key_set_identity(self.keys.rule)
         return {"provenance": Provenance.of(self.model), "layers": self.layers, "n_inputs": self.n_inputs,
-                "positions": self.keys.rule.describe(), "prepend_bos": self.prepend_bos}
+                "positions": self.keys.rule.describe(), "prepend_bos": self.prepend_bos,
+                "key_set": key_set, "per_input_keys": per_input, "weights": weights_fingerprint(self.model)}

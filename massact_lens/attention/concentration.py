@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook
 from massact_lens._core.loop import measure
@@ -65,6 +66,11 @@ class AttentionConcentration(StreamedResult, KeyedFields):
     rounding. The parts must come from the same model, layers, key set, hooks,
     BOS setting and ``keep`` (ValueError otherwise).
 
+    Non-finite values: an input whose attention pattern (or key-set residual) held a
+    NaN or inf is left out of every statistic over inputs (``sums``: the means divide
+    by :attr:`n_used`, not ``n_inputs``) and reported once by a ``RuntimeWarning``
+    (input, hook, how many entries); its kept per-input rows show what was measured.
+
     >>> import torch
     >>> from massact_lens.examples import tiny_model
     >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
@@ -98,14 +104,19 @@ class AttentionConcentration(StreamedResult, KeyedFields):
 
 
     @property
+    def n_used(self) -> int:
+        """How many inputs the statistics cover: every input but those that held a NaN or inf."""
+        return int(self.sums["n_used"]) if "n_used" in self.sums else self.n_inputs
+
+    @property
     def mean_mass(self) -> Float[torch.Tensor, "layer head_index"]:
-        """The attention on C per layer and head, averaged over every input."""
-        return (self.sums["mass"] / self.n_inputs).float()
+        """The attention on C per layer and head, averaged over every (finite) input."""
+        return (self.sums["mass"] / self.n_used).float()
 
     @property
     def mean_uniform_mass(self) -> float:
-        """What uniform attention would put on C, averaged over every input."""
-        return float(self.sums["uniform"]) / self.n_inputs
+        """What uniform attention would put on C, averaged over every (finite) input."""
+        return float(self.sums["uniform"]) / self.n_used if self.n_used else math.nan
 
     def sink_scores(self) -> pd.DataFrame:
         """One row per (layer, head), sorted by ``mass`` (the sink score), largest first.
@@ -114,7 +125,7 @@ class AttentionConcentration(StreamedResult, KeyedFields):
         ``mass_min``, ``uniform`` (mean uniform baseline), ``lift`` (mass / uniform),
         ``logit_gap`` (mean over inputs with a gap), ``positions``.
         """
-        n = self.n_inputs
+        n = self.n_used
         mean = self.sums["mass"] / n
         std = ((self.sums["mass_sq"] - n * mean**2).clamp_min(0) / max(n - 1, 1)).sqrt() if n > 1 else torch.zeros_like(mean)
         gap = self.sums["gap"] / self.sums["gap_n"]
@@ -141,7 +152,7 @@ class AttentionConcentration(StreamedResult, KeyedFields):
     def layer_mass(self) -> pd.DataFrame:
         """Per layer: mass on C averaged over heads and every input, and the most concentrated head."""
         rows = []
-        mean = self.sums["mass"] / self.n_inputs
+        mean = self.sums["mass"] / self.n_used
         for i, layer in enumerate(self.layers):
             per_head = mean[i]
             rows.append(
@@ -175,7 +186,7 @@ class AttentionConcentration(StreamedResult, KeyedFields):
             }
         )
 
-    merge_same = ("layers", "n_heads", "positions", "prepend_bos", "hook_names", "logit_source", "keep")
+    merge_same = ("layers", "n_heads", "positions", "key_set", "prepend_bos", "hook_names", "logit_source", "keep")
 
     @classmethod
     def _merged(cls, parts: list[AttentionConcentration]) -> AttentionConcentration:
@@ -229,6 +240,11 @@ def attention_concentration(
             ``batch.start + row``); False: in input order (batch boundaries as given, e.g.
             for a merge equal bit for bit to one run).
 
+    Non-finite values (a NaN or inf from a hook of yours upstream, an overflow): an input
+    whose pattern or key-set residual held one is left out of every statistic (the pass
+    does not raise) and reported once, after the pass, by a ``RuntimeWarning`` naming the
+    input, the hook and how many entries.
+
     Raises:
         ValueError / TypeError: a layer that does not exist, an empty or malformed C,
             bad inputs: before any forward pass.
@@ -239,6 +255,7 @@ def attention_concentration(
     >>> sinks.layer_mass()["mass"].round(1).tolist()
     [0.4, 0.7, 0.7, 0.6, 0.8, 0.6]
     """
+    refuse_plain_hf(model, "attention_concentration")
     keep = check_keep(keep)
     chosen = check_layers(model, layers, ("pattern",))
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
@@ -247,6 +264,7 @@ def attention_concentration(
     sinks = _Concentration(model, plan, keys, chosen, keep)
     measure(model, plan, keys, sinks, progress=progress, desc="attention")
     keys.warn_if_empty()
+    keys.nonfinite.warn("attention_concentration")
     return sinks.result()
 
 
@@ -268,7 +286,8 @@ class _Concentration(KeyedMeasurement):
         n_layers = len(layers)
         sums = {name: torch.zeros(n_layers, self.n_heads, dtype=torch.float64) for name in ("mass", "mass_sq", "gap", "gap_n")}
         sums["mass_min"] = torch.full((n_layers, self.n_heads), math.inf, dtype=torch.float64)
-        self.sums = sums | {name: torch.zeros((), dtype=torch.float64) for name in ("uniform", "n_positions", "lengths")}
+        self.sums = sums | {name: torch.zeros((), dtype=torch.float64)
+                            for name in ("uniform", "n_positions", "lengths", "n_used")}
         self.kept = KeptInputs(keep_limit(keep), _KEPT)
 
     def hooks(self, batch: Batch) -> HookList:
@@ -280,6 +299,8 @@ class _Concentration(KeyedMeasurement):
         def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
             slot = self.pending.setdefault(layer, {})
             slot[kind] = tensor.detach()
+            if kind == "pattern":  # scores hold -inf by design; a NaN there reaches the pattern
+                self.keys.nonfinite.note(attention_hook(kind, layer), slot[kind], real, 2)
             if "pattern" in slot and ("scores" in slot or not self.has_scores):
                 self._reduce(layer, real)
 
@@ -291,7 +312,7 @@ class _Concentration(KeyedMeasurement):
         key_len = int(pattern.shape[-1])
         allowed = allowed_keys(real, key_len, self.causal)
         n_queries = real.sum(1).clamp_min(1).float()
-        p = pattern.float() * real[:, None, :, None]
+        p = pattern.float().where(real[:, None, :, None], 0.0)
         centred, ok, source = centred_logits(pattern, slot.get("scores"), allowed)
         self.sources[layer] = source
         visible = allowed.float()
@@ -333,16 +354,20 @@ class _Concentration(KeyedMeasurement):
     def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
         mass, gap, uniform, n_positions = self._rows(batch.attention_mask.bool(), c_mask)
         sums = self.sums
-        m64, g64 = mass.double(), gap.double()
+        used = ~self.keys.nonfinite.bad_rows if self.keys.nonfinite.bad_rows is not None else torch.ones(len(mass), dtype=torch.bool)
+        m64, g64 = mass.double()[used], gap.double()[used]
         finite = ~torch.isnan(g64)
         sums["mass"] += m64.sum(0)
         sums["mass_sq"] += (m64**2).sum(0)
-        sums["mass_min"] = torch.minimum(sums["mass_min"], m64.amin(0))
+        if len(m64):
+            sums["mass_min"] = torch.minimum(sums["mass_min"], m64.amin(0))
         sums["gap"] += g64.masked_fill(~finite, 0.0).sum(0)
         sums["gap_n"] += finite.sum(0)
-        sums["uniform"] += uniform.double().sum().cpu()
-        sums["n_positions"] += n_positions.sum().cpu()
-        sums["lengths"] += batch.lengths.sum().cpu()
+        on_device = used.to(uniform.device)
+        sums["uniform"] += uniform.double()[on_device].sum().cpu()
+        sums["n_positions"] += n_positions[on_device].sum().cpu()
+        sums["lengths"] += batch.lengths[used.to(batch.lengths.device)].sum().cpu()
+        sums["n_used"] += int(used.sum())
         rows, inputs = self.kept.choose(batch.input_indices)
         if rows:
             take = torch.tensor(rows, dtype=torch.long)

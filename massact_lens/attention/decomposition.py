@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.blocks import attention_output_norm, norm_eps, norm_gain, rms_inverse
 from massact_lens._core.hook_names import attention_hook
@@ -93,7 +94,12 @@ class ImplicitBias(StreamedResult, KeyedFields):
     must come from the same model (provenance and ``W_O``), layers, heads, key set,
     BOS setting and ``keep`` (ValueError otherwise). Key sets tied to input indices
     (an ``[n_inputs, key_pos]`` mask, ``find_massive`` records) describe their own
-    slice and do not merge: use a rule or a profile.
+    slice and do not merge (refused): use a rule or a profile.
+
+    Non-finite values: an input whose pattern, values, ``hook_z`` or key-set residual
+    held a NaN or inf is left out of every statistic (``sums``, ``z_error``,
+    ``out_error``) and reported once by a ``RuntimeWarning`` (input, hook, how many
+    entries); its kept tensors show what was measured.
 
     >>> import torch
     >>> from massact_lens.examples import tiny_model
@@ -237,7 +243,8 @@ class ImplicitBias(StreamedResult, KeyedFields):
         return {name: getattr(self, name).transpose(0, 1) if name in _LAYER_FIRST else getattr(self, name)
                 for name in (*_KEPT, "attention_mask")}
 
-    merge_same = ("layers", "heads", "positions", "prepend_bos", "hook_names", "out_hooks", "keep", "W_O", "b_O", "out_gain")
+    merge_same = ("layers", "heads", "positions", "key_set", "prepend_bos", "hook_names", "out_hooks", "keep", "W_O",
+                  "b_O", "out_gain")
 
     @classmethod
     def _merged(cls, parts: list[ImplicitBias]) -> ImplicitBias:
@@ -299,6 +306,11 @@ def implicit_bias(
             ``batch.start + row``); False: in input order (batch boundaries as given, e.g.
             for a merge equal bit for bit to one run).
 
+    Non-finite values (a NaN or inf from a hook of yours upstream, an overflow): an input
+    whose pattern, values, ``hook_z`` or key-set residual held one is left out of every
+    statistic (the pass does not raise) and reported once, after the pass, by a
+    ``RuntimeWarning`` naming the input, the hook and how many entries.
+
     Raises:
         ValueError / TypeError: a layer or head that does not exist, an empty or
             malformed C, bad inputs: before any forward pass.
@@ -311,6 +323,7 @@ def implicit_bias(
     >>> bool(split.z_error.max() < 1e-4 and split.out_error.max() < 1e-3)
     True
     """
+    refuse_plain_hf(model, "implicit_bias")
     keep = check_keep(keep)
     chosen = check_layers(model, layers, ("pattern", "v", "z"))
     head_list = check_heads(model, heads)
@@ -321,6 +334,7 @@ def implicit_bias(
     split = _Decomposition(model, plan, keys, chosen, head_list, keep)
     measure(model, plan, keys, split, progress=progress, desc="implicit bias")
     keys.warn_if_empty()
+    keys.nonfinite.warn("implicit_bias")
     return split.result()
 
 
@@ -353,15 +367,17 @@ class _Decomposition(KeyedMeasurement):
         real = batch.attention_mask.to(self.device).bool()
         hooks: HookList = []
         for layer in self.layers:
-            hooks += [(attention_hook(kind, layer), self._store(layer, kind)) for kind in ("pattern", "v", "z")]
+            hooks += [(attention_hook(kind, layer), self._store(layer, kind, real)) for kind in ("pattern", "v", "z")]
             if self.out_norm is not None:  # the full attention output, whose rms the norm divides by
-                hooks.append((f"blocks.{layer}.{self.out_norm}.hook_in", self._store(layer, "out")))
+                hooks.append((f"blocks.{layer}.{self.out_norm}.hook_in", self._store(layer, "out", real)))
             hooks.append((self.out_names[layer], self._check_output(layer, real)))
         return hooks
 
-    def _store(self, layer: int, kind: str) -> Any:
+    def _store(self, layer: int, kind: str, real: torch.Tensor) -> Any:
         def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
             self.state.setdefault(layer, {})[kind] = tensor.detach()
+            name = f"blocks.{layer}.{self.out_norm}.hook_in" if kind == "out" else attention_hook(kind, layer)
+            self.keys.nonfinite.note(name, tensor.detach(), real, 2 if kind == "pattern" else 1)
 
         return read
 
@@ -373,6 +389,7 @@ class _Decomposition(KeyedMeasurement):
             w, b = self.weights[layer]
             predicted = torch.einsum("bqhd,hdm->bqm", z.float(), w) + b
             err = (predicted - tensor.detach().float()).abs().amax(-1)[real]
+            err = err[torch.isfinite(err)]  # an input with a NaN / inf is left out (NonFinite)
             self.out_error[layer] = max(self.out_error[layer], float(err.max()) if err.numel() else 0.0)
 
         return check_output
@@ -396,12 +413,14 @@ class _Decomposition(KeyedMeasurement):
                 "the decomposition needs a value for every key (no extra key slots)."
             )
         in_c = fit_width(c_mask, key_len) & real_keys(real, key_len)
+        bad_rows = self.keys.nonfinite.bad_rows  # on the CPU: no device sync to ask
+        used = ~bad_rows.to(real.device) if bad_rows is not None and bool(bad_rows.any()) else None
         c = in_c[:, None, None, :].float()
         q_real = real[:, :, None, None]
         bias = torch.einsum("bhqk,bkhd->bqhd", pattern * c, v).where(q_real, 0.0)
         rest = torch.einsum("bhqk,bkhd->bqhd", pattern * (1.0 - c), v).where(q_real, 0.0)
         z = slot["z"].float()[:, :, self.head_index]
-        err = (bias + rest - z).abs()[real]
+        err = (bias + rest - z).abs()[real if used is None else real & used[:, None]]
         self.z_error[layer] = max(self.z_error[layer], float(err.max()) if err.numel() else 0.0)
         mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
         scale = self._out_scale(layer, slot, bias)  # [b, q]: 1 / rms of the full output (sandwich), else 1
@@ -409,8 +428,18 @@ class _Decomposition(KeyedMeasurement):
         w = self.chosen_w[layer] * self.out_gain[layer]
         totals = tuple(torch.einsum("bqhd,hdm->bqm", t, w) for t in resid)
         outside = real & ~fit_width(in_c, int(real.shape[1]))
+        resid_terms = None if self.out_norm is None else resid
+        if used is not None:  # inputs with a NaN / inf: out of every sum
+            keep_q = real & used[:, None]
+            bias_s, rest_s = (t.where(keep_q[:, :, None, None], 0.0) for t in (bias, rest))
+            totals = tuple(t.where(keep_q[:, :, None], 0.0) for t in totals)
+            if resid_terms is not None:
+                resid_terms = tuple(t.where(keep_q[:, :, None, None], 0.0) for t in resid_terms)
+            add_batch(self.sums, i, (bias_s, rest_s), totals, mass.where(keep_q[:, :, None], 0.0),  # type: ignore[arg-type]
+                      (keep_q, outside & used[:, None]), self.grams[layer], resid_terms=resid_terms)  # type: ignore[arg-type]
+            return bias, rest, mass, in_c, scale
         add_batch(self.sums, i, (bias, rest), totals, mass, (real, outside), self.grams[layer],  # type: ignore[arg-type]
-                  resid_terms=None if self.out_norm is None else resid)  # type: ignore[arg-type]
+                  resid_terms=resid_terms)  # type: ignore[arg-type]
         return bias, rest, mass, in_c, scale
 
     def _out_scale(self, layer: int, slot: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook, resolve_hook_names
 from massact_lens._core.loop import measure
@@ -51,6 +52,10 @@ class TokenFeatures(SummedResult, KeyedFields):
     Equal to one run over the concatenated inputs, to float rounding. The parts
     must come from the same model, layers, key set, feature hooks and BOS setting
     (ValueError otherwise).
+
+    Non-finite values: an input whose keys, values, attention input or key-set
+    residual held a NaN or inf is left out of every statistic (``counts`` and the
+    sums) and reported once by a ``RuntimeWarning`` (input, hook, how many entries).
 
     >>> import torch
     >>> from massact_lens.examples import tiny_model
@@ -94,14 +99,14 @@ class TokenFeatures(SummedResult, KeyedFields):
         top = mean.abs().topk(min(k, mean.shape[0])).indices
         return [(int(d), float(mean[d])) for d in top]
 
-    merge_same = ("layers", "n_heads", "positions", "prepend_bos", "feature_hooks")
+    merge_same = ("layers", "n_heads", "positions", "key_set", "prepend_bos", "feature_hooks")
 
     @classmethod
     def _merged(cls, parts: list[TokenFeatures]) -> TokenFeatures:
         first = parts[0]
         return cls._from_sums(add_sums([p.sums for p in parts]), provenance=first.provenance,
                               n_inputs=sum(p.n_inputs for p in parts),
-                              **{name: getattr(first, name) for name in cls.merge_same})
+                              weights=first.weights, **{name: getattr(first, name) for name in cls.merge_same})
 
     @classmethod
     def _from_sums(cls, sums: dict[str, torch.Tensor], **settings: Any) -> TokenFeatures:
@@ -191,12 +196,18 @@ def token_features(
     hook of each chosen layer; norms are reduced at once, the features of the
     current batch are held until its pass ends; the result is streaming sums.
 
+    Non-finite values (a NaN or inf from a hook of yours upstream, an overflow): an input
+    whose keys, values, attention input or key-set residual held one is left out of every
+    statistic (the pass does not raise) and reported once, after the pass, by a
+    ``RuntimeWarning`` naming the input, the hook and how many entries.
+
     >>> from massact_lens.examples import minilm
     >>> feats = token_features(minilm(), ["The cat sat on the mat.", "Hello world."],
     ...                        "start", layers=[3], progress=False)
     >>> feats.feature_hooks, feats.value_norm.shape
     (('blocks.3.hook_resid_pre',), torch.Size([1, 2, 12]))
     """
+    refuse_plain_hf(model, "token_features")
     chosen = check_layers(model, layers, ("v", "k"))
     resolve_hook_names(model, [feature_hook(model, layer) for layer in chosen])
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
@@ -206,6 +217,7 @@ def token_features(
     features = _Features(model, plan, keys, chosen)
     measure(model, plan, keys, features, progress=progress, desc="token features")
     keys.warn_if_empty()
+    keys.nonfinite.warn("token_features")
     return features.result()
 
 
@@ -225,16 +237,18 @@ class _Features(KeyedMeasurement):
         self.sums |= {name: torch.zeros(n_layers, 2, d_model, dtype=torch.float64) for name in ("vec", "unit")}
         self.counts = torch.zeros(n_layers, 2, dtype=torch.float64)
 
-    def hooks(self, batch: Batch) -> HookList:  # noqa: ARG002
+    def hooks(self, batch: Batch) -> HookList:
+        real = batch.attention_mask.to(self.device).bool()
         hooks: HookList = []
         for layer, feature_name in zip(self.layers, self.feature_names, strict=True):
-            hooks += [(attention_hook("v", layer), self._reader(layer, "value")),
-                      (attention_hook("k", layer), self._reader(layer, "key")),
-                      (feature_name, self._reader(layer, "feature"))]
+            hooks += [(attention_hook("v", layer), self._reader(layer, "value", real, attention_hook("v", layer))),
+                      (attention_hook("k", layer), self._reader(layer, "key", real, attention_hook("k", layer))),
+                      (feature_name, self._reader(layer, "feature", real, feature_name))]
         return hooks
 
-    def _reader(self, layer: int, kind: str) -> Any:
+    def _reader(self, layer: int, kind: str, real: torch.Tensor, name: str) -> Any:
         def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            self.keys.nonfinite.note(name, tensor.detach(), real, 1)
             slot = self.state.setdefault(layer, {})
             if kind == "feature":
                 slot["feature"] = tensor.detach().float()
@@ -249,6 +263,8 @@ class _Features(KeyedMeasurement):
 
     def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
         real = batch.attention_mask.bool()
+        if self.keys.nonfinite.bad_rows is not None:  # inputs with a NaN / inf: out of every sum
+            real = real & ~self.keys.nonfinite.bad_rows.to(real.device)[:, None]
         in_c = fit_width(c_mask, real.shape[1]) & real
         groups = (in_c, ~in_c & real)
         sums = self.sums

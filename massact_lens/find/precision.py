@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, plan_batches
 from massact_lens._core.loop import measure
 from massact_lens._core.types import HookList, Inputs, Provenance
@@ -61,15 +62,43 @@ def compare_precision(
     up at the same (input, hook, position, dim) in the half model's hidden state.
     Returns one row per entry with both values and the relative difference, and warns
     (``RuntimeWarning``) when any moves by more than ``tolerance`` (1%).
+
+    Checked before any pass: ``reference`` runs in float32, ``half`` in float16 or
+    bfloat16 with the same shape; ``massive`` (when given) are find_massive's records of
+    a scan of ``reference`` on these ``inputs`` (same model, same inputs and BOS; their
+    values are checked against the reference's scan before the half model runs).
     """
+    refuse_plain_hf(reference, "compare_precision")
+    refuse_plain_hf(half, "compare_precision")
     ref_p, half_p = (Provenance.of(m) for m in (reference, half))
+    if ref_p.dtype != "float32":
+        raise ValueError(
+            f"reference must run in float32, not {ref_p.dtype}: load it in full precision "
+            "(load_model(folder), float32 by default) and pass the half-precision copy as half."
+        )
     if half_p.dtype not in _HALF:
-        raise ValueError(f"half must run in float16 or bfloat16, not {half_p.dtype}.")
+        raise ValueError(
+            f"half must run in float16 or bfloat16, not {half_p.dtype}: load the same weights with "
+            "load_model(folder, dtype=torch.bfloat16) (or torch.float16)."
+        )
     ref_p.check_same(half_p, "reference and half", ignore=("dtype",))
+    if not isinstance(inputs, str | Sequence | torch.Tensor):
+        raise TypeError(
+            "compare_precision reads the inputs three times (a scan, each model's values): pass a list of "
+            f"strings or a token tensor, not {type(inputs).__name__}."
+        )
+    if massive is not None:
+        _check_records(reference, inputs, massive, hooks, batch_size, prepend_bos)
+        hooks = hooks if hooks is not None else massive.hook_names
     ref = scan(reference, inputs, hooks=hooks, batch_size=batch_size, prepend_bos=prepend_bos, progress=False)
     found = massive if massive is not None else find_massive(ref)
     if len(found) == 0:
-        raise ValueError("The reference has no massive activation on these inputs: nothing to compare.")
+        raise ValueError(
+            "The reference has no massive activation on these inputs: nothing to compare. Pass longer or "
+            "more inputs, or records of find_massive with lower thresholds (massive=...)."
+        )
+    if massive is not None:
+        _check_values(ref, massive)
     values = _values_at(half, inputs, found, ref.hook_names, batch_size, prepend_bos)
     frame = pd.DataFrame(
         [
@@ -89,6 +118,63 @@ def compare_precision(
             stacklevel=2,
         )
     return frame
+
+
+def _check_records(
+    reference: TransformerLensModel,
+    inputs: Inputs,
+    massive: Any,
+    hooks: str | Sequence[str] | None,
+    batch_size: int,
+    prepend_bos: bool | None,
+) -> None:
+    """Refuse, before any pass, records that are not find_massive's on ``reference`` and ``inputs``."""
+    if not isinstance(massive, MassiveActivations):
+        raise TypeError(
+            f"massive must be find_massive's records of a scan of these inputs, not {type(massive).__name__}: "
+            "records name (input, position) entries, which a profile does not."
+        )
+    what = "massive (records) and reference"
+    Provenance.check_same(massive.provenance, Provenance.of(reference), what)
+    if hooks is not None:
+        wanted = {hooks} if isinstance(hooks, str) else set(hooks)
+        missing = sorted({r.hook_name for r in massive} - wanted)
+        if missing:
+            raise ValueError(f"The records are at hooks {missing[:3]} that hooks= leaves out: add them, or leave hooks=None.")
+    plan = plan_batches(reference, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
+    tokens: dict[int, torch.Tensor] = {}
+    for batch in plan.batches:
+        for row in range(int(batch.tokens.shape[0])):
+            tokens[batch.input_index(row)] = batch.tokens[row, : int(batch.lengths[row])]
+    scanned = massive.scan
+    same = scanned.n_inputs == len(tokens) and all(
+        int(scanned.lengths[i]) == len(t) for i, t in tokens.items()) and plan.prepend_bos == scanned.prepend_bos
+    for i, row in tokens.items() if same else ():  # every scanned entry's token is the input's token there
+        positions = scanned.positions[i].long()
+        valid = (positions >= 0) & (positions < len(row))
+        if not torch.equal(scanned.token_ids[i][valid].long(), row[positions[valid]].long()):
+            same = False
+            break
+    if not same:
+        raise ValueError(
+            f"The records come from a scan of other inputs ({scanned.n_inputs} inputs, BOS {scanned.prepend_bos}) "
+            f"than these ({len(tokens)} inputs, BOS {plan.prepend_bos}): pass the inputs (and prepend_bos) that "
+            "were scanned, or leave massive=None to find the massive activations on these inputs."
+        )
+
+
+def _check_values(ref: Any, massive: Any) -> None:
+    """Refuse records whose values the reference does not reproduce (other weights of the same shape)."""
+    for r in massive:
+        h = ref.hook_names.index(r.hook_name)
+        at = (ref.positions[r.input_index, h] == r.position) & (ref.dims[r.input_index, h] == r.dim)
+        values = ref.values[r.input_index, h][at]
+        if values.numel() and abs(float(values[0]) - r.value) > 1e-3 * max(1.0, abs(r.value)):
+            raise ValueError(
+                f"The records do not match the reference: {r.hook_name}, input {r.input_index}, position "
+                f"{r.position}, dim {r.dim} is {float(values[0]):,.2f} in the reference but {r.value:,.2f} in "
+                "the records. They were found on other weights: scan the reference itself (massive=None)."
+            )
 
 
 class _ValuesAt:

@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 import pandas as pd
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._fingerprint import weights_fingerprint
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.files import write_atomic
 from massact_lens._core.hook_names import layer_of
 from massact_lens._core.loop import measure
@@ -52,10 +54,17 @@ class MassiveProfile(CorpusResult):
     dims: tuple[DimSummary, ...]
     stats: tuple[ValueStat, ...]
     delimiters: tuple[str, ...] = tuple(sorted(DELIMITERS))
+    #: The scan's top_k (entries kept per hidden state): it decides which entries the
+    #: criterion can see, so profiles of other top_k do not merge. None: a profile saved
+    #: before 0.2.1, which did not record it.
+    top_k: int | None = None
+    #: A digest of the model's weights (:func:`~massact_lens._core._fingerprint.weights_fingerprint`;
+    #: "" when unknown): profiles of other weights do not merge.
+    weights: str = ""
 
     #: A profile pools its inputs (see :class:`~massact_lens.find.criterion.MassiveSet`).
     per_input: ClassVar[bool] = False
-    merge_same: ClassVar[tuple[str, ...]] = ("hook_names", "prepend_bos", "criterion", "delimiters")
+    merge_same: ClassVar[tuple[str, ...]] = ("hook_names", "prepend_bos", "criterion", "delimiters", "top_k")
 
     @property
     def min_value(self) -> float:
@@ -99,7 +108,8 @@ class MassiveProfile(CorpusResult):
 
         The same as profiling the concatenated inputs (counts and maxima exactly; means
         and spreads pooled, equal to float64 rounding). The parts must come from the
-        same model, hooks, criterion, BOS setting and delimiters (ValueError otherwise).
+        same model, hooks, criterion, top_k, BOS setting and delimiters (ValueError
+        otherwise, saying what to do).
         A part with no input (an empty shard) is allowed.
 
         >>> from massact_lens.examples import minilm
@@ -154,6 +164,8 @@ class MassiveProfile(CorpusResult):
             dims=tuple(merged_dims),
             stats=tuple(pooled(stats[k]) for k in keys),
             delimiters=first.delimiters,
+            top_k=first.top_k,
+            weights=first.weights,
         )
 
     def to_json(self) -> str:
@@ -169,6 +181,8 @@ class MassiveProfile(CorpusResult):
             "dims": [asdict(d) for d in self.dims],
             "stats": [asdict(st) for st in self.stats],
             "delimiters": list(self.delimiters),
+            "top_k": self.top_k,
+            "weights": self.weights,
         }
         return json.dumps(data, indent=1)
 
@@ -259,6 +273,12 @@ def _profile_from_dict(data: dict[str, Any], source: str) -> MassiveProfile:
     delimiters = data.get("delimiters", sorted(DELIMITERS))
     if not isinstance(delimiters, list) or not all(isinstance(x, str) for x in delimiters):
         raise ValueError(f"{source}: 'delimiters' must be a list of strings.")
+    top_k = data.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{source}: 'top_k' must be a positive integer or null, not {top_k!r}.")
+    weights = data.get("weights", "")
+    if not isinstance(weights, str):
+        raise ValueError(f"{source}: 'weights' must be a string (a fingerprint), not {weights!r}.")
     try:
         criterion = Criterion(_field(data, "min_value", number, source), _field(data, "min_ratio", number, source))
         layers = tuple(layer_of(h) for h in hooks)
@@ -274,6 +294,8 @@ def _profile_from_dict(data: dict[str, Any], source: str) -> MassiveProfile:
         dims=tuple(dims),
         stats=tuple(stats),
         delimiters=tuple(delimiters),
+        top_k=top_k,
+        weights=weights,
     )
 
 
@@ -309,6 +331,7 @@ def profile(
     >>> p.massive_dims
     (99,)
     """
+    refuse_plain_hf(model, "profile")
     criterion = Criterion(min_value, min_ratio)
     if scan_result is None:
         statistics, plan = scan_plan(model, inputs, hooks=hooks, layers=layers, top_k=top_k, batch_size=batch_size,
@@ -334,4 +357,6 @@ def profile(
         dims=found.dim_summaries(),
         stats=stats,
         delimiters=tuple(sorted(delimiters)),
+        top_k=result.top_k,
+        weights=weights_fingerprint(model),
     )

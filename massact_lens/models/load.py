@@ -45,6 +45,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.types import Provenance, warn_if_processed, weights_processed
+from massact_lens.models._placement import check_map_against_model, check_map_values
 
 __all__ = [
     "hub_reachable",
@@ -56,7 +57,7 @@ __all__ = [
 
 
 def load_model(
-    name_or_dir: str | os.PathLike[str],
+    name_or_dir: str | os.PathLike[str] | torch.nn.Module,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
@@ -70,7 +71,10 @@ def load_model(
 
     Args:
         name_or_dir: a model-hub name (``"gpt2"``) or a local directory holding
-            ``config.json``, the weights and the tokenizer files.
+            ``config.json``, the weights and the tokenizer files; or a HuggingFace model
+            object already loaded (``AutoModelForCausalLM.from_pretrained(...)``): it is
+            wrapped as it is (its dtype, devices and placement kept), with ``tokenizer``
+            or the one found where it was loaded from.
         device: where to put the model (default: TransformerLens' choice).
         dtype: parameter dtype. Half precision is fine: every statistic of this
             library is computed in float32.
@@ -88,12 +92,17 @@ def load_model(
 
     Raises:
         FileNotFoundError: ``name_or_dir`` looks like a path but does not exist.
-        ValueError: ``device`` together with ``device_map``; a ``"disk"`` map without
-            ``offload_folder``; an offload folder that cannot be written (all before
-            any weight is read).
+        ValueError: ``name_or_dir`` is a file, not a folder; ``device`` together with
+            ``device_map``; a ``"disk"`` map without ``offload_folder``; an offload folder
+            that cannot be written; a ``device_map`` naming a module the model does not
+            have or a device this torch does not have; a ``max_memory`` size that is not
+            one; a placement that would offload tied weights to disk (all before any
+            weight is read). HuggingFace's own errors keep their message.
         OSError: the hub is unreachable and the model is not in the local cache;
             the message says what to pass instead.
     """
+    if isinstance(name_or_dir, torch.nn.Module):
+        return _wrap(name_or_dir, device, tokenizer, hf_model, device_map, max_memory, offload_folder)
     offload = _check_placement(device, device_map, max_memory, offload_folder)
     name = os.fspath(name_or_dir)
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
@@ -103,6 +112,11 @@ def load_model(
             f"No directory {name!r}. Pass an existing folder with config.json and weights "
             "(as written by save_pretrained), or a model-hub name such as 'gpt2'."
         )
+    if path.is_file():
+        raise ValueError(
+            f"{name!r} is a file, not a model folder: pass the folder that holds it (config.json + weights + "
+            "tokenizer, as written by save_pretrained), or a model-hub name such as 'gpt2'."
+        )
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(
@@ -110,13 +124,15 @@ def load_model(
                 "Pass the folder written by save_pretrained (config.json + weights + tokenizer)."
             )
         name = str(path.resolve())
+    if device_map is not None:
+        check_map_against_model(name, device_map, max_memory, dtype)
     try:
         model = TransformerBridge.boot_transformers(
             name, device=device, dtype=dtype, tokenizer=tokenizer, hf_model=hf_model, **offload
         )
     except Exception as error:
         if path.is_dir():
-            if not isinstance(error, OSError | ValueError) and "safetensor" not in type(error).__name__.lower():
+            if not _about_weights(error):
                 raise
             raise ValueError(
                 f"Could not load the weights in {name!r} ({type(error).__name__}: {error}). A weights "
@@ -136,6 +152,60 @@ def load_model(
     return model
 
 
+def _about_weights(error: BaseException) -> bool:
+    """True when a load error is about reading the weights files (not a setting HuggingFace refused)."""
+    if "safetensor" in type(error).__name__.lower():
+        return True
+    if not isinstance(error, OSError | ValueError):
+        return False
+    text = str(error).lower()
+    return any(word in text for word in ("safetensors", "header", "deserializ", "truncat", "incomplete metadata",
+                                          "pytorch_model", "model.safetensors", "unable to load weights"))
+
+
+def _wrap(hf: torch.nn.Module, device: Any, tokenizer: Any, hf_model: Any, device_map: Any, max_memory: Any,
+          offload_folder: Any) -> TransformerBridge:
+    """A bridge around a HuggingFace model object, with ``tokenizer`` or the one next to its weights."""
+    config = getattr(hf, "config", None)
+    if config is None or not hasattr(hf, "base_model_prefix"):
+        raise TypeError(
+            f"load_model takes a model name, a folder or a HuggingFace model (a PreTrainedModel), not "
+            f"{type(hf).__name__}."
+        )
+    if hf_model is not None or device_map is not None or max_memory is not None or offload_folder is not None:
+        raise ValueError(
+            "This model is already loaded: its placement is its own. Pass it alone (load_model(model)), or "
+            "pass its name or folder with device_map / hf_model instead."
+        )
+    name = str(getattr(config, "_name_or_path", "") or "")
+    if tokenizer is None:
+        tokenizer = _find_tokenizer(name)
+    if device is not None:
+        hf = hf.to(device)
+    elif not getattr(hf, "hf_device_map", None):  # kept where it is (the bridge would record its default)
+        device = next(hf.parameters()).device
+    model = TransformerBridge.boot_transformers(name or type(hf).__name__, device=device, tokenizer=tokenizer,
+                                                 hf_model=hf, dtype=next(hf.parameters()).dtype)
+    model.eval()
+    warn_if_processed(model)
+    return model
+
+
+def _find_tokenizer(name: str) -> Any:
+    """The tokenizer saved where a model was loaded from; ValueError saying what to pass when there is none."""
+    from transformers import AutoTokenizer
+
+    if name:
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError, KeyError):
+            pass
+    raise ValueError(
+        f"No tokenizer found for this HuggingFace model (loaded from {name or 'a config, not a folder'!r}): pass "
+        "tokenizer=AutoTokenizer.from_pretrained(...) with it."
+    )
+
+
 def _check_placement(
     device: Any, device_map: Any, max_memory: Any, offload_folder: str | os.PathLike[str] | None
 ) -> dict[str, Any]:
@@ -150,6 +220,7 @@ def _check_placement(
         raise ValueError(f"device_map must be a string ('auto', 'balanced', ...) or a dict, not {type(device_map).__name__}.")
     if importlib.util.find_spec("accelerate") is None:
         raise ModuleNotFoundError("device_map needs HuggingFace Accelerate: pip install accelerate")
+    check_map_values(device_map, max_memory)
     out: dict[str, Any] = {"device_map": device_map, "max_memory": max_memory}
     if offload_folder is not None:
         folder = Path(offload_folder).expanduser()
