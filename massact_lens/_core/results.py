@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
+from massact_lens._core.summary import Summarised
 from massact_lens._core.types import Provenance
 
 __all__ = [
@@ -206,10 +207,12 @@ def check_parts(parts: Sequence[Any], cls: type, fields: Sequence[str]) -> list[
     return parts
 
 
-@dataclass(frozen=True, kw_only=True)
-class Result:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class Result(Summarised):
     """The base of every result: the model as it was measured, and the exact merge.
 
+    It shows itself short (:class:`~massact_lens._core.summary.Summarised`): a dataclass
+    subclass says ``repr=False``, or its generated ``__repr__`` prints every tensor.
     A subclass that merges names in :attr:`merge_same` the fields its parts must share
     and implements :meth:`_merged` (the parts already checked).
     """
@@ -231,7 +234,7 @@ class Result:
         raise TypeError(f"{cls.__name__} results do not merge: run the measurement on the whole corpus.")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class CorpusResult(Result):
     """A result over a corpus: the layers measured and how many inputs it covers."""
 
@@ -239,7 +242,7 @@ class CorpusResult(Result):
     n_inputs: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class StreamedResult(CorpusResult):
     """A corpus result that keeps the per-input tensors of its first ``keep`` inputs only."""
 

@@ -80,7 +80,7 @@ class ChannelContribution:
     share: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Lineage(CorpusResult):
     """What writes each massive activation, and how it was measured.
 
