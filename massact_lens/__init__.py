@@ -4,6 +4,7 @@ The verbs a notebook starts with are here; everything else lives one level down,
 subpackages named for their concern (:mod:`~massact_lens.interventions`,
 :mod:`~massact_lens.attention`, :mod:`~massact_lens.evaluate`, :mod:`~massact_lens.viz`,
 :mod:`~massact_lens.examples`, :mod:`~massact_lens.training`).
+``massact_lens.options.progress = False`` (or ``MASSACT_LENS_PROGRESS=0``) turns every progress bar off.
 
 >>> import massact_lens as ml
 >>> from massact_lens.examples import minilm
@@ -17,7 +18,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import massact_lens._core.options  # noqa: F401 (first: it imports tqdm quietly, no "IProgress not found")
 from massact_lens import attention, evaluate, examples, find, interventions
+from massact_lens._core.options import (
+    options as options,  # massact_lens.options.progress (not in __all__: full)
+)
 from massact_lens._core.types import Provenance
 from massact_lens.attention import attention_concentration, implicit_bias
 from massact_lens.evaluate import ablation_table, perplexity

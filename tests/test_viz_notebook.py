@@ -97,7 +97,8 @@ def test_a_real_notebook_session_inlines_each_library_once(tmp_path, browser):
         "from massact_lens import scan\nfrom massact_lens.examples import minilm\nfrom massact_lens import viz\n"
         "model = minilm()\nresult = scan(model, ['Rain fell.', 'The cat sat.'], progress=False)",
         "viz.layer_stats_figure(result)", "viz.tokens_by_activation(model, 'Rain fell.')",
-        "viz.layer_stats_figure(result)", "viz.tokens_by_activation(model, 'The cat sat.')",
+        # a cell of the same source as the first would inline plotly again (nbclient sends no cell ids)
+        "viz.layer_stats_figure(result, title='again')", "viz.tokens_by_activation(model, 'The cat sat.')",
     ]
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3")
@@ -112,4 +113,38 @@ def test_a_real_notebook_session_inlines_each_library_once(tmp_path, browser):
     drawn = ("document.querySelectorAll('.main-svg').length >= 4 && "
              "Array.from(document.querySelectorAll('[id^=circuits-vis-]:not([id$=-static])')).every(d => d.children.length)")
     visit, _ = browser.visit(page.as_uri(), wait_for=drawn, timeout=90)
+    assert visit.network_requests() == []
+
+
+@pytest.mark.slow
+def test_a_saved_notebook_keeps_its_views_after_the_cells_that_held_the_libraries_run_again(tmp_path):
+    """Re-running the cell whose output held plotly.js / circuitsvis replaces that output: the new one holds them."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    cells = [
+        "from massact_lens import scan\nfrom massact_lens.examples import minilm\nfrom massact_lens import viz\n"
+        "model = minilm()\nresult = scan(model, ['Rain fell.', 'The cat sat.'], progress=False)",
+        "viz.layer_stats_figure(result)", "viz.tokens_by_activation(model, 'Rain fell.')",
+        "viz.layer_stats_figure(result, title='again')", "viz.tokens_by_activation(model, 'The cat sat.')",
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3")
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    with client.setup_kernel(env={**os.environ, "PYTHONPATH": pythonpath}):
+        for index in [0, 1, 2, 3, 4, 1, 2, 3]:  # then the two cells that held the libraries, and one that did not
+            client.execute_cell(notebook.cells[index], index)
+    saved = tmp_path / "rerun.ipynb"
+    nbformat.write(notebook, saved)
+    html = [c.outputs[0]["data"]["text/html"] for c in nbformat.read(saved, as_version=4).cells[1:]]
+    assert [h.count('id="massact-plotly-js"') for h in html] == [1, 0, 0, 0]
+    assert [h.count("var CircuitsVis") for h in html] == [0, 1, 0, 0]
+    if Chromium.find() is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the saved notebook was checked, not drawn")
+    page = tmp_path / "rerun.html"
+    page.write_text("<!DOCTYPE html><html><body>" + "\n".join(html) + "</body></html>", encoding="utf-8")
+    drawn = ("document.querySelectorAll('.main-svg').length >= 4 && "
+             "Array.from(document.querySelectorAll('[id^=circuits-vis-]:not([id$=-static])')).every(d => d.children.length)")
+    with Chromium(width=1000) as browser:
+        visit, _ = browser.visit(page.as_uri(), wait_for=drawn, timeout=90)
     assert visit.network_requests() == []

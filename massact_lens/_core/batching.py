@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.options import warn_user
 from massact_lens._core.types import Inputs
 
 __all__ = ["Batch", "BatchPlan", "Inputs", "plan_batches", "token_strings"]
@@ -166,6 +167,37 @@ def _chunks(
             yield offset, chunk, tuple(start + i for i in chunk)
 
 
+def _padding_mask(model: TransformerLensModel, tokens: torch.Tensor) -> torch.Tensor | None:
+    """The mask of a token tensor given without one whose rows end in the tokenizer's pad id.
+
+    ``model.to_tokens([...])`` right-pads the shorter rows with the pad id: rows of
+    different real lengths, some ending in a run of pad ids, the longest not. When the
+    pad id is no token a text holds (not BOS, not EOS) that run is padding, and the mask
+    is returned; when it is also EOS or BOS (SmolLM2, GPT-2) it may be real, so a warning
+    says what to pass and the tokens are used as given (None).
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None or tokens.shape[0] < 2:
+        return None
+    is_pad = tokens == int(pad)
+    run = torch.flip(is_pad.long(), [1]).cumprod(1).sum(1)  # trailing pad ids of each row
+    if int(run.max()) == 0 or int(run.min()) > 0 or bool((run == tokens.shape[1]).any()):
+        return None
+    mask = (torch.arange(tokens.shape[1])[None] < (tokens.shape[1] - run)[:, None]).long()
+    special = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)}
+    if int(pad) not in special:
+        return mask
+    rows = torch.nonzero(run > 0)[:, 0].tolist()
+    warn_user(
+        f"Rows {rows[:5]}{' ...' if len(rows) > 5 else ''} of the token tensor end in the pad id {int(pad)} "
+        f"({tokenizer.convert_ids_to_tokens(int(pad))!r}, also the start / end token), and no attention_mask "  # type: ignore[union-attr]
+        "was given: those positions count as tokens. If they are padding (model.to_tokens([...]) pads "
+        "the shorter texts), pass attention_mask=(tokens != pad) with the real ends, or the strings themselves."
+    )
+    return None
+
+
 def _tensor_batches(
     model: TransformerLensModel,
     tokens: torch.Tensor,
@@ -185,7 +217,8 @@ def _tensor_batches(
         raise ValueError(f"Token tensors must be [batch, pos]; got shape {tuple(tokens.shape)}.")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError("The token tensor is empty: pass at least one input with at least one token.")
-    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(torch.long)
+    inferred = _padding_mask(model, tokens.cpu()) if attention_mask is None else None
+    mask = attention_mask.to(torch.long) if attention_mask is not None else inferred if inferred is not None else torch.ones_like(tokens)
     if mask.ndim == 1:
         mask = mask[None]
     if mask.shape != tokens.shape:

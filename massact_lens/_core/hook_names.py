@@ -32,13 +32,14 @@ Usage
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from transformer_lens.model_protocol import TransformerLensModel
 
 __all__ = [
     "EMBED_OUT",
     "EMBED_TOKENS",
+    "HookSelection",
     "POST_NORM_FAMILIES",
     "RESID_POST",
     "POST_NORM_SUMS",
@@ -75,6 +76,9 @@ POST_NORM_FAMILIES = (
 )
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+#: What ``hooks=`` takes: a hook name or ``{layer}`` template, several, or a names filter.
+HookSelection = str | Sequence[str] | Callable[[str], bool]
 
 _ATTENTION_HOOKS = {
     "pattern": "blocks.{layer}.attn.hook_pattern",
@@ -196,9 +200,24 @@ def residual_hook_names(model: TransformerLensModel, layers: Sequence[int] | Non
     return tuple(t.format(layer=layer) for layer in chosen for t in templates)
 
 
+def _filtered(model: TransformerLensModel, names_filter: Callable[[str], bool]) -> tuple[str, ...]:
+    """The block hook points ``names_filter`` accepts, in forward order (one name per point;
+    points outside the blocks, which have no layer, are left out)."""
+    chosen, points = [], set()
+    for name, point in model.hook_dict.items():  # type: ignore[attr-defined]
+        if _BLOCK_RE.match(name) is None or id(point) in points or not names_filter(name):
+            continue
+        points.add(id(point))
+        chosen.append(name)
+    if not chosen:
+        raise ValueError("hooks= (a names filter) accepts none of the model's block hook points "
+                         "('blocks.<layer>.…'): see sorted(model.hook_dict).")
+    return tuple(sorted(chosen, key=layer_of))
+
+
 def resolve_hook_names(
     model: TransformerLensModel,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     layers: Sequence[int] | None = None,
 ) -> tuple[str, ...]:
     """Validate and expand the hook points a measurement should read.
@@ -206,8 +225,11 @@ def resolve_hook_names(
     Args:
         model: the model whose hook points are checked.
         hooks: ``None`` for the residual points of :func:`residual_hook_names`;
-            else one name or several, each a concrete name or a ``{layer}`` template.
-        layers: restrict templates (and the default points) to these layers.
+            else one name or several, each a concrete name or a ``{layer}`` template;
+            or a TransformerLens-style names filter (``lambda name: name.endswith("resid_post")``),
+            which picks among the model's block hook points (one name per point, in
+            forward order).
+        layers: restrict templates (and the default points, and a filter's picks) to these layers.
 
     Raises:
         ValueError: a layer outside ``[0, n_layers)``, or a hook name the model
@@ -216,6 +238,8 @@ def resolve_hook_names(
     >>> from massact_lens.examples import tiny_model
     >>> resolve_hook_names(tiny_model(), layers=[1])
     ('blocks.1.hook_resid_post',)
+    >>> resolve_hook_names(tiny_model(), lambda name: name.endswith("hook_resid_post"))
+    ('blocks.0.hook_resid_post', 'blocks.1.hook_resid_post')
     """
     n_layers = int(model.cfg.n_layers)
     if layers is not None:
@@ -226,6 +250,10 @@ def resolve_hook_names(
             raise ValueError("layers is empty: pass None for all layers, or a non-empty list.")
     if hooks is None:
         names = residual_hook_names(model, layers)
+    elif callable(hooks):
+        names = tuple(n for n in _filtered(model, hooks) if layers is None or layer_of(n) in set(layers))
+        if not names:
+            raise ValueError(f"hooks= (a names filter) accepts no hook point in layers {list(layers or [])}.")
     else:
         templates = [hooks] if isinstance(hooks, str) else list(hooks)
         if not templates:

@@ -39,12 +39,12 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.fast_paths import attention_for_run, lean_components
 from massact_lens._core.hook_names import RESID_POST, layer_of
+from massact_lens._core.options import progress_bar
 from massact_lens._core.types import HookList, model_device
 
 __all__ = ["Measurement", "UserHooks", "last_block_hook", "measure", "reads_input_index"]
@@ -176,7 +176,7 @@ def measure(
     wants_output = any(getattr(m, "needs_output", False) for m in measurements)
     batches = plan.batches
     total = len(batches) if isinstance(batches, list) else None
-    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(batches, total=total, desc=desc, enabled=progress)
     device = model_device(model)
     seen = 0
     with torch.inference_mode(), lean_components(model), attention_for_run(model) as choose_kernel:  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
+from massact_lens._core.summary import Summarised
 from massact_lens._core.types import Provenance
 
 __all__ = [
@@ -240,10 +241,12 @@ def check_parts(parts: Any, cls: type, fields: Sequence[str]) -> list[Any]:
     return parts
 
 
-@dataclass(frozen=True, kw_only=True)
-class Result:
+@dataclass(frozen=True, kw_only=True, repr=False)
+class Result(Summarised):
     """The base of every result: the model as it was measured, and the exact merge.
 
+    It shows itself short (:class:`~massact_lens._core.summary.Summarised`): a dataclass
+    subclass says ``repr=False``, or its generated ``__repr__`` prints every tensor.
     A subclass that merges names in :attr:`merge_same` the fields its parts must share
     and implements :meth:`_merged` (the parts already checked).
     """
@@ -265,7 +268,7 @@ class Result:
         raise TypeError(f"{cls.__name__} results do not merge: run the measurement on the whole corpus.")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class CorpusResult(Result):
     """A result over a corpus: the layers measured and how many inputs it covers."""
 
@@ -273,7 +276,7 @@ class CorpusResult(Result):
     n_inputs: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class SummedResult(CorpusResult):
     """A corpus result whose tables read float64 running sums over every input (``sums``:
     memory independent of the corpus; a merge adds them)."""
@@ -282,7 +285,7 @@ class SummedResult(CorpusResult):
     sums: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class StreamedResult(SummedResult):
     """A summed result that also keeps the per-input tensors of its first ``keep`` inputs."""
 

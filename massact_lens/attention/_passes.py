@@ -306,7 +306,7 @@ def detached(t: torch.Tensor) -> torch.Tensor:
 
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class KeyedFields:
     """The fields every attention result over a key set adds to its :class:`~massact_lens._core.results.Result` base."""
 

@@ -51,7 +51,7 @@ __all__ = ["AttentionConcentration", "attention_concentration"]
 _KEPT: dict[str, int | None] = {"mass": None, "uniform_mass": None, "logit_gap": None, "n_positions": None, "lengths": None}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AttentionConcentration(StreamedResult, KeyedFields):
     """Attention mass on the key positions C per layer and head: over every input, and per input.
 

@@ -67,7 +67,7 @@ _KEPT = {"bias_z": 2, "rest_z": 2, "c_mass": 2, "out_scale": 2, "key_mask": 1, "
 _LAYER_FIRST = ("bias_z", "rest_z", "c_mass", "out_scale")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ImplicitBias(StreamedResult, KeyedFields):
     """The decomposition ``attn(q) = bias(q) + rest(q)`` per layer and head.
 

@@ -40,7 +40,7 @@ __all__ = ["GROUPS", "TokenFeatures", "token_features"]
 GROUPS: tuple[str, ...] = ("in_c", "other")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TokenFeatures(SummedResult, KeyedFields):
     """Keys, values and post-LayerNorm attention inputs of C tokens vs the other tokens.
 

@@ -33,7 +33,7 @@ from massact_lens.attention._passes import (
 __all__ = ["AttentionLogits", "attention_logits"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AttentionLogits(Result):
     """The pre-softmax attention logits of one input, for heat maps (one input: no merge)."""
 

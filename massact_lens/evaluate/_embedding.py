@@ -91,7 +91,7 @@ def embed(
     return pooled.result()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SimilarityResult(Result):
     """Sentence embeddings under a hook list, compared with the unhooked model."""
 

@@ -49,7 +49,7 @@ Corpus = str | os.PathLike[str] | Sequence[str] | torch.Tensor
 _BLOCK_CHARS = 1 << 16  # text read from a file per tokenizer call
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PerplexityResult(Result):
     """Perplexity of a causal LM on a corpus under a hook list."""
 

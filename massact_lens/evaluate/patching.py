@@ -26,7 +26,7 @@ from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, plan_batches
-from massact_lens._core.hook_names import resolve_hook_names
+from massact_lens._core.hook_names import HookSelection, resolve_hook_names
 from massact_lens._core.loop import UserHooks, measure
 from massact_lens._core.results import Result
 from massact_lens._core.types import HookFn, HookList, Inputs, Provenance
@@ -155,7 +155,7 @@ def patching_hooks(
     source: Inputs,
     profile: MassiveProfile | None = None,
     *,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     layers: Sequence[int] | None = None,
     dims: int | Sequence[int] | None = None,
     positions: PositionRule | None = None,
@@ -261,7 +261,7 @@ class _SourceValues:
         return {name: tuple(values) for name, values in self.recorded.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PatchingResult(Result):
     """How much patching a source's massive entries into targets changed them."""
 

@@ -14,12 +14,15 @@ column a metric: perplexity for a causal LM, embedding cosines for an encoder.
 
 from __future__ import annotations
 
+import html
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pandas as pd
+import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.results import Result
@@ -41,7 +44,7 @@ AblationMode = Literal["zero", "mean"]
 _ROW_NAMES: dict[str, str] = {"zero": ZERO, "mean": MEAN}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AblationTable(Result):
     """The paper's Table 3 for one model: one row per setting, one column per metric."""
 
@@ -61,6 +64,18 @@ class AblationTable(Result):
         frame = pd.DataFrame.from_dict(self.values, orient="index", columns=list(self.metrics))
         frame.index.name = "setting"
         return frame
+
+    def _summary_lines(self) -> list[str]:
+        dims = ", ".join(map(str, self.profile_dims[:10])) or "none"
+        return [*self.to_markdown().splitlines(), f"ablated dims: {dims}; hooks per row: .hook_names"]
+
+    def _field_lines(self) -> list[str]:
+        return []
+
+    def _repr_html_(self) -> str:
+        """The table itself (a notebook shows it as one)."""
+        caption = html.escape(f"{self._headline()}; ablated dims {list(self.profile_dims[:10])}")
+        return f"<div><b>{caption}</b>{self.to_dataframe().to_html(float_format=lambda v: f'{v:.4g}')}</div>"
 
     def to_markdown(self, digits: int = 3) -> str:
         """The table as GitHub markdown (no extra dependency)."""
@@ -112,8 +127,8 @@ def ablation_table(
         settings: extra rows, name -> any hook list.
         prepend_bos: for a text corpus, put the model's start token first (None: the
             model's default). In a causal model the start token's state is the same for
-            every input, so "set to mean" there is the identity: the paper ran LLaMA
-            without it (``prepend_bos=False``).
+            every input, so "set to mean" there is the identity (a warning says so): the
+            paper ran LLaMA without it (``prepend_bos=False``, here and in the profile).
         ablation_kwargs: passed to :func:`massact_lens.ablation_hooks`
             (``layers``, ``dims``, ``kinds``, ``positions``, ``hooks``).
 
@@ -132,7 +147,11 @@ def ablation_table(
     | Set to mean | 1.00 | 0.81 |
     """
     sentences, pairs = _default_inputs(model, sentences, pairs, corpus)
-    hook_lists = _hook_lists(model, profile, modes, settings, ablation_kwargs)
+    with warnings.catch_warnings():
+        if not (model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos) and not isinstance(corpus, torch.Tensor):
+            # texts run without BOS: the mean written on their first token is a real edit
+            warnings.filterwarnings("ignore", message=".*is the identity and tests nothing")
+        hook_lists = _hook_lists(model, profile, modes, settings, ablation_kwargs)
     flat_pairs = check_pairs(pairs)
     metrics = [name for name, used in ((PERPLEXITY, corpus is not None), (COSINE, sentences is not None),
                                        (PAIR_COSINE, bool(flat_pairs))) if used]

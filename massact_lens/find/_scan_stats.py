@@ -28,7 +28,7 @@ import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, BatchPlan, plan_batches, token_strings
-from massact_lens._core.hook_names import layer_of, resolve_hook_names
+from massact_lens._core.hook_names import HookSelection, layer_of, resolve_hook_names
 from massact_lens._core.statistics import HiddenStateStats, RealLayout, grouped_stats
 from massact_lens._core.types import HookList, Inputs, Provenance, model_device, warn_if_processed
 from massact_lens.find.scan_result import ScanResult, check_range
@@ -230,7 +230,7 @@ def scan_plan(
     model: TransformerLensModel,
     inputs: Inputs,
     *,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     layers: Sequence[int] | None = None,
     top_k: int = 10,
     batch_size: int = 16,

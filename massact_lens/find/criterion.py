@@ -44,6 +44,7 @@ from jaxtyping import Bool, Float
 
 from massact_lens._core.checks import check_threshold
 from massact_lens._core.statistics import hidden_state_medians
+from massact_lens._core.summary import Summarised
 from massact_lens._core.types import Provenance
 from massact_lens.find.scan_result import ScanResult
 
@@ -231,8 +232,8 @@ class MassiveSet(Protocol):
     def last_layer(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class MassiveActivations(Sequence[MassiveActivation]):
+@dataclass(frozen=True, repr=False)
+class MassiveActivations(Sequence[MassiveActivation], Summarised):
     """The records :func:`find_massive` returns, with the criterion and the scan they came from."""
 
     records: tuple[MassiveActivation, ...]
@@ -284,6 +285,13 @@ class MassiveActivations(Sequence[MassiveActivation]):
 
     def __iter__(self) -> Iterator[MassiveActivation]:
         return iter(self.records)
+
+    def _summary_lines(self) -> list[str]:
+        inputs = len({r.input_index for r in self.records})
+        dims = ", ".join(f"{d} ({k})" for d, k in self.dim_kinds()[:8]) or "none"
+        return [f"{len(self.records)} massive activations in {inputs} of {self.scan.n_inputs} inputs "
+                f"(|x| > {self.min_value:g}, >= {self.min_ratio:g} x median), last layer {self.last_layer()}",
+                f"dims: {dims}"]
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per record, columns as the :class:`MassiveActivation` fields."""

@@ -32,6 +32,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, plan_batches
+from massact_lens._core.hook_names import HookSelection
 from massact_lens._core.loop import measure
 from massact_lens._core.types import HookList, Inputs, Provenance
 from massact_lens.find.criterion import MassiveActivations, find_massive
@@ -49,7 +50,7 @@ def compare_precision(
     *,
     massive: MassiveActivations | None = None,
     tolerance: float = 0.01,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     batch_size: int = 16,
     prepend_bos: bool | None = None,
 ) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.files import write_atomic
-from massact_lens._core.hook_names import layer_of
+from massact_lens._core.hook_names import HookSelection, layer_of
 from massact_lens._core.loop import measure
 from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import Inputs, Provenance
@@ -38,7 +38,7 @@ from massact_lens.find.scan_result import ScanResult
 __all__ = ["MassiveProfile", "ValueStat", "profile"]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class MassiveProfile(CorpusResult):
     """The cross-input picture of a model's massive activations. Save/load as JSON.
 
@@ -97,6 +97,12 @@ class MassiveProfile(CorpusResult):
         """The per-(hook, dim, kind) statistics as a table."""
         columns = list(ValueStat.__dataclass_fields__)
         return pd.DataFrame([asdict(s) for s in self.stats], columns=columns)
+
+    def _summary_lines(self) -> list[str]:
+        dims = "; ".join(f"{d.dim} (layers {d.first_layer}..{d.last_layer}, {', '.join(d.kinds)})" for d in self.dims[:6])
+        more = f" and {len(self.dims) - 6} more" if len(self.dims) > 6 else ""
+        return [f"{len(self.dims)} massive dims: {dims or 'none'}{more}",
+                f"|x| > {self.min_value:g}, >= {self.min_ratio:g} x median; prepend_bos={self.prepend_bos}"]
 
     def dims_dataframe(self) -> pd.DataFrame:
         """One row per massive dim: layers, token kinds, how often, how large."""
@@ -305,7 +311,7 @@ def profile(
     *,
     min_value: float | int = 100.0,
     min_ratio: float | int = 1000.0,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     layers: Sequence[int] | None = None,
     top_k: int = 10,
     batch_size: int = 16,

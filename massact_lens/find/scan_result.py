@@ -39,7 +39,7 @@ __all__ = ["ScanResult"]
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class ScanResult(CorpusResult):
     """The top-k entries and medians of every (input, hook) hidden state.
 

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.hook_names import HookSelection
 from massact_lens._core.loop import measure
 from massact_lens._core.statistics import hidden_state_medians
 from massact_lens._core.types import Inputs
@@ -50,7 +51,7 @@ def scan(
     model: TransformerLensModel,
     inputs: Inputs,
     *,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     layers: Sequence[int] | None = None,
     top_k: int = 10,
     batch_size: int = 16,

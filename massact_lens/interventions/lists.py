@@ -20,8 +20,10 @@ from typing import Any, Literal
 
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.hook_names import layer_of, resolve_hook_names
-from massact_lens._core.types import HookFn, HookList
+from massact_lens._core.hook_names import HookSelection, layer_of, resolve_hook_names
+from massact_lens._core.options import warn_user
+from massact_lens._core.types import HookFn, HookList, is_causal
+from massact_lens.find.criterion import Criterion, DimSummary, MassiveActivations
 from massact_lens.find.profiles import MassiveProfile
 from massact_lens.interventions._checks import (
     ABLATION_MODES,
@@ -118,7 +120,7 @@ def edit_hooks(
     model: TransformerLensModel,
     edit: EditHook | Sequence[EditHook],
     *,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     layers: Sequence[int] | None = None,
 ) -> HookList:
     """Apply ``edit`` (or several, in order) at every chosen hook point.
@@ -145,12 +147,12 @@ def edit_hooks(
 
 def ablation_hooks(
     model: TransformerLensModel,
-    profile: MassiveProfile | None = None,
+    profile: MassiveProfile | MassiveActivations | None = None,
     mode: AblationMode = "zero",
     *,
     layers: Sequence[int] | Literal["first"] | None = None,
     dims: int | Sequence[int] | None = None,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     kinds: Sequence[TokenKind] | None = None,
     positions: Positions | None = None,
 ) -> HookList:
@@ -164,7 +166,9 @@ def ablation_hooks(
 
     Args:
         model: the model to ablate; the profile must come from a model of its shape.
-        profile: from :func:`massact_lens.profile`. Required for ``"mean"``.
+        profile: from :func:`massact_lens.profile`. Required for ``"mean"``. ``"zero"`` also
+            takes records of one scan (:func:`massact_lens.find_massive`): their dims, where
+            they are massive, on the token kinds they were found on.
             Without one, ``"zero"`` needs ``dims`` (positions default: where massive,
             with the paper's thresholds 100 / 1000).
         mode: ``"zero"`` or ``"mean"``.
@@ -203,10 +207,13 @@ def ablation_hooks(
         if bad or not kinds:
             raise ValueError(f"kinds must be a non-empty subset of {TOKEN_KINDS}, not {kinds!r}.")
     if profile is not None and profile.per_input:
-        raise TypeError(
-            "ablation_hooks reads a profile (massact_lens.profile(model, inputs, ...)): records of one scan "
-            "say where, not what to write. Pass them as positions=... with dims=... instead."
-        )
+        if mode == "mean":
+            raise TypeError(
+                "mode='mean' writes each massive activation's mean over many inputs: records of one scan "
+                "hold no means. Pass a profile: p = massact_lens.profile(model, inputs, ...)."
+            )
+        check_profile_matches(model, profile)
+        profile = _RecordsPlan.of(profile)  # type: ignore[arg-type] (zero needs only where: the records say it)
     if profile is None:
         if mode == "mean":
             raise ValueError(
@@ -221,10 +228,13 @@ def ablation_hooks(
         zero = EditHook("set", (0.0,), chosen, rule or where_massive(), "set to zero")
         return edit_hooks(model, zero, hooks=hooks, layers=layers)  # type: ignore[arg-type]
 
-    check_profile_matches(model, profile)
+    if not isinstance(profile, _RecordsPlan):
+        check_profile_matches(model, profile)
     plan = _ablation_plan(model, profile, layers, as_dims(dims), hooks, kinds)
     if rule is not None and mode == "mean" and len({kind for _, _, kind in plan}) > 1:
         raise ValueError("With mode='mean' and one positions rule, select one token kind: kinds=['start'], for example.")
+    if mode == "mean" and rule is None:
+        _warn_if_identity(model, profile, plan)
     rules: dict[str, PositionRule] = {}
 
     def rule_for(kind: TokenKind) -> PositionRule:
@@ -248,12 +258,52 @@ def ablation_hooks(
     return intervention_hooks(model, pairs)
 
 
+@dataclasses.dataclass(frozen=True)
+class _RecordsPlan:
+    """What :func:`_ablation_plan` reads of a profile, from records of one scan (zero ablation needs only where)."""
+
+    dims: tuple[DimSummary, ...]
+    criterion: Criterion
+    n_inputs: int
+    hook_names: tuple[str, ...]
+    delimiters: frozenset[str]
+
+    @classmethod
+    def of(cls, found: MassiveActivations) -> _RecordsPlan:
+        return cls(found.dim_summaries(), found.criterion, found.scan.n_inputs, found.hook_names, frozenset(found.delimiters))
+
+
+def _warn_if_identity(model: TransformerLensModel, profile: MassiveProfile, plan: list[tuple[str, int, TokenKind]]) -> None:
+    """Warn when mean ablation edits only start tokens whose state was the same in every profiled input.
+
+    A causal model's first state depends on the first token alone: with BOS prepended
+    (or every input starting with the same token) it is the same for every input, so its
+    mean is the value already there and "set to mean" is the identity.
+    """
+    if not is_causal(model) or {kind for _, _, kind in plan} != {"start"}:
+        return
+    stats = {(s.hook_name, s.dim): s for s in profile.stats if s.kind == "start"}
+    edited = [stats.get((name, dim)) for name, dim, _ in plan]
+    if not all(s is not None and s.count >= 2 and s.cv <= 1e-3 for s in edited):
+        return
+    if profile.prepend_bos and not bool(getattr(model.cfg, "default_prepend_bos", True)):
+        return  # profiled with BOS, run without it by default: the mean of BOS's state is a real edit
+    dims = sorted({dim for _, dim, _ in plan})
+    warn_user(
+        f"Mean ablation here edits only the start token (dims {dims}), whose state was the same in every "
+        "profiled input (a causal model's first state depends on the first token alone, and the start "
+        "token (BOS) is prepended): 'set to mean' writes back the value already there, so it is the "
+        "identity and tests nothing. The paper's test runs without BOS: profile(..., prepend_bos=False) "
+        "and run without it (ablation_table(..., prepend_bos=False), model.to_tokens(text, prepend_bos=False))."
+    )
+
+
 def _ablation_plan(
     model: TransformerLensModel,
-    profile: MassiveProfile,
+    profile: MassiveProfile | _RecordsPlan,
     layers: Sequence[int] | Literal["first"] | None,
     dims: tuple[int, ...] | None,
-    hooks: str | Sequence[str] | None,
+    hooks: HookSelection | None,
     kinds: Sequence[TokenKind] | None,
 ) -> list[tuple[str, int, TokenKind]]:
     """(hook, dim, kind) triples to edit, in forward order of the profile's hook points."""
@@ -307,7 +357,7 @@ def _ablation_plan(
 @contextlib.contextmanager
 def ablated(
     model: TransformerLensModel,
-    profile: MassiveProfile | None = None,
+    profile: MassiveProfile | MassiveActivations | None = None,
     mode: AblationMode = "zero",
     **kwargs: Any,
 ) -> Iterator[TransformerLensModel]:
@@ -315,6 +365,8 @@ def ablated(
 
     Works around any call: forward, ``run_with_cache``, ``generate``, and the
     evaluation functions. Other hook contexts nest inside or outside it.
+    Resetting the model's hooks inside the block removes the ablation too: a warning says so
+    when the block ends.
 
     >>> from massact_lens import profile
     >>> from massact_lens.examples import minilm
@@ -326,8 +378,18 @@ def ablated(
     0.0
     """
     hooks = ablation_hooks(model, profile, mode, **kwargs)
+    hook_dict = model.hook_dict  # type: ignore[attr-defined]
+    points = list({id(hook_dict[name]): hook_dict[name] for name, _ in hooks if isinstance(name, str)}.values())
+    before = {id(p): {id(h) for h in getattr(p, "fwd_hooks", [])} for p in points}
     with model.hooks(fwd_hooks=hooks):  # type: ignore[attr-defined]
+        added = [(p, h) for p in points for h in getattr(p, "fwd_hooks", []) if id(h) not in before[id(p)]]
         yield model
+        if any(all(h is not other for other in getattr(p, "fwd_hooks", [])) for p, h in added):
+            warn_user(
+                "The ablation's hooks were removed inside the `with ablated(...)` block (model.reset_hooks() "
+                "removes every hook): what ran after that was not ablated. Add hooks of your own with "
+                "model.hooks(...) or run_with_hooks(...) inside the block instead of resetting."
+            )
 
 
 def hook_names_of(hooks: Sequence[tuple[Any, HookFn]]) -> tuple[str, ...]:

@@ -130,7 +130,7 @@ class Amplifier:
     share: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Lineage(CorpusResult):
     """What writes each massive activation, and how it was measured.
 

@@ -38,7 +38,7 @@ from massact_lens.training.tasks import EVAL_SEED, Task, sequences, task_from_di
 __all__ = ["Evaluation", "results_table", "task_metrics"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Evaluation(CorpusResult):
     """Task metrics, BOS residual peaks and attention masses of one model, per layer.
 

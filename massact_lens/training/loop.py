@@ -38,7 +38,7 @@ from massact_lens.training.tasks import Task, TextFile, sequences
 __all__ = ["TrainResult", "train"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TrainResult(Result):
     """What one training run produced.
 

@@ -26,7 +26,7 @@ from massact_lens.training.tasks import held_out, task_from_dict
 __all__ = ["SnapshotScan", "scan_snapshots"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SnapshotScan(Result):
     """:func:`massact_lens.scan` of every snapshot of one training run.
 

@@ -8,8 +8,12 @@ output also holds a static part, a plain-HTML summary of what it draws (title, a
 titles, the numbers as a table), which the drawing hides: viewers that run no
 JavaScript (GitHub, nbviewer without trust, an exported HTML with scripts off) still
 show something. Colab puts each output in its own frame, so there every output
-inlines its library. :func:`forget_shown_bundles` makes the next output inline again
-(after clearing the output that held them).
+inlines its library. When the cell whose output holds a library runs again (its output
+is replaced), its new output inlines the library again, so a notebook saved after any
+re-run still holds it once (a cell is known by the id JupyterLab sends, else by its source:
+without ids a second cell of the same source inlines it again too, which is heavy but
+safe). :func:`forget_shown_bundles` makes the next output inline again (after clearing
+the output that held them by hand).
 
 >>> import plotly.graph_objects as go
 >>> forget_shown_bundles()
@@ -34,8 +38,13 @@ from massact_lens.viz._scripts import circuitsvis_bundle, plotly_bundle, script_
 
 __all__ = ["NotebookFigure", "forget_shown_bundles", "static_summary", "widget_output"]
 
-#: Libraries already inlined into a notebook output in this Python session.
-_SHOWN: set[str] = set()
+#: Libraries already inlined into a notebook output in this Python session, and the cell
+#: whose output holds each: (cell id or None, cell source).
+_SHOWN: dict[str, tuple[str | None, str]] = {}
+#: The cell running now, as IPython's ``pre_run_cell`` event told it (None: not yet told).
+_RUNNING: list[tuple[str | None, str] | None] = [None]
+#: The IPython shells told to call :func:`_before_cell` (by id).
+_WATCHED: set[int] = set()
 _MAX_ROWS = 40
 _STATIC_STYLE = "font: 12px/1.4 sans-serif; color: #333; border: 1px dashed #bbb; padding: 6px 10px; margin: 6px 0;"
 _PLOTLY_CONFIG = {"responsive": True, "displaylogo": False}
@@ -46,11 +55,53 @@ def forget_shown_bundles() -> None:
     _SHOWN.clear()
 
 
+def _same_cell(a: tuple[str | None, str], b: tuple[str | None, str]) -> bool:
+    """One cell: the same cell id where the front end sends ids (JupyterLab), else the same source (nbclient)."""
+    return a[0] == b[0] if a[0] is not None and b[0] is not None else a[1] == b[1]
+
+
+def _before_cell(info: Any) -> None:
+    """IPython's ``pre_run_cell``: a cell whose output held a library runs again, and its new
+    output replaces the old one, so the library is inlined again (a saved notebook keeps it)."""
+    cell = (getattr(info, "cell_id", None), str(getattr(info, "raw_cell", "") or ""))
+    _RUNNING[0] = cell
+    for name, where in list(_SHOWN.items()):
+        if _same_cell(where, cell):
+            del _SHOWN[name]
+
+
+def _running_cell() -> tuple[str | None, str]:
+    """The cell running now (before the event was registered: the last input of IPython's history)."""
+    if _RUNNING[0] is not None:
+        return _RUNNING[0]
+    shell = _shell()
+    history = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None) or [""]
+    return (None, str(history[-1]))
+
+
+def _shell() -> Any:
+    """The running IPython shell, or None (never imports IPython)."""
+    ipython = sys.modules.get("IPython")
+    return ipython.get_ipython() if ipython is not None else None  # type: ignore[attr-defined]
+
+
+def _watch_cells() -> None:
+    """Register :func:`_before_cell` with the running IPython shell, once."""
+    shell = _shell()
+    if shell is not None and id(shell) not in _WATCHED:
+        shell.events.register("pre_run_cell", _before_cell)
+        _WATCHED.add(id(shell))
+
+
 def _library_once(name: str, source: Callable[[], str]) -> str:
-    """The library's ``<script>`` for the first output of the session (every output in Colab), else ``""``."""
+    """The library's ``<script>`` for the first output of the session (every output in Colab), else ``""``.
+
+    "First" again when the cell whose output held it runs again (its output is replaced).
+    """
     if name in _SHOWN and "google.colab" not in sys.modules:
         return ""
-    _SHOWN.add(name)
+    _watch_cells()
+    _SHOWN[name] = _running_cell()
     return f'<script id="massact-{name}-js">{source()}</script>\n'
 
 

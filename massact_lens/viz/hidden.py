@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, plan_batches, token_strings
-from massact_lens._core.hook_names import layer_of, resolve_hook_names
+from massact_lens._core.hook_names import HookSelection, layer_of, resolve_hook_names
 from massact_lens._core.loop import measure
 from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import HookList, Provenance, warn_if_processed
@@ -54,7 +54,7 @@ def given_criterion(min_value: float | int | None, min_ratio: float | int | None
     return chosen
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class HiddenStates(CorpusResult):
     """The full hidden states of one input (``n_inputs`` is 1) at some hook points.
 
@@ -188,7 +188,7 @@ def hidden_states(
     model: TransformerLensModel,
     text: str | torch.Tensor,
     *,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     layers: Sequence[int] | None = None,
     prepend_bos: bool | None = None,
 ) -> HiddenStates:

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.hook_names import HookSelection
 from massact_lens._core.types import is_causal
 from massact_lens.attention import AttentionLogits, attention_logits
 from massact_lens.find.profiles import MassiveProfile
@@ -383,7 +384,7 @@ def tokens_by_activation(
     text: str | torch.Tensor,
     *,
     dim: int | None = None,
-    hooks: str | Sequence[str] | None = None,
+    hooks: HookSelection | None = None,
     layers: Sequence[int] | None = None,
     prepend_bos: bool | None = None,
     open_on: str | int | None = None,
