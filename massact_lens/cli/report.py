@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.options import tqdm
 from massact_lens._core.types import Provenance, is_causal
 from massact_lens.attention import attention_concentration, attention_logits, implicit_bias
 from massact_lens.cli._args import _check_prompts, _chosen_pairs

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from massact_lens._core.options import tqdm
 from massact_lens._core.results import Result
 from massact_lens._core.types import Provenance
 from massact_lens.models.checkpoints import (

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
+from massact_lens._core.options import tqdm
 from massact_lens._core.results import Result
 from massact_lens._core.types import Provenance
 from massact_lens.find.scanner import ScanResult, scan
