@@ -126,7 +126,7 @@ def test_a_one_token_input_is_never_channel_wide(outlier):
 
 def test_column_medians_merge_like_the_other_fields(outlier):
     tokens = _tokens(5)
-    parts = [ml.scan(outlier, tokens[:2], progress=False), ml.scan(outlier, tokens[2:], progress=False)]
+    parts = [ml.scan(outlier, t, top_k=16, progress=False) for t in (tokens[:2], tokens[2:])]
     merged, whole = ml.ScanResult.merge(parts), ml.scan(outlier, tokens, top_k=16, progress=False)
     assert merged.column_medians is not None and merged.column_medians.shape == whole.values.shape
     torch.testing.assert_close(merged.column_medians, whole.column_medians, rtol=1e-5, atol=1e-4)

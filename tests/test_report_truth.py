@@ -85,9 +85,9 @@ class Direct:
         self.model, self.hooks, self.min_value, self.min_ratio = model, hooks, min_value, min_ratio
         self.n_layers = int(model.cfg.n_layers)
         patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.n_layers)]
-        plan = plan_batches(model, prompts, batch_size=1, prepend_bos=bos, by_length=False)
         self.tokens, self.states, self.patterns = [], [], []
-        for batch in plan.batches:
+        plan = plan_batches(model, prompts, batch_size=1, prepend_bos=bos, by_length=False) if prompts else None
+        for batch in plan.batches if plan is not None else ():
             tokens = batch.tokens[0][batch.attention_mask[0].bool()][None]
             _, cache = model.run_with_cache(tokens, names_filter=[*hooks, *patterns])
             self.tokens.append(tokens[0])
