@@ -39,7 +39,9 @@ def test_warns_when_every_kept_entry_is_massive(planted, bos_tokens):
 def test_records_and_table(planted, bos_tokens):
     found = ml.find_massive(ml.scan(planted, bos_tokens, progress=False))
     table = found.to_dataframe()
-    assert list(table.columns) == ["layer", "hook_name", "input_index", "position", "token", "dim", "value", "ratio", "kind"]
+    assert list(table.columns) == ["layer", "hook_name", "input_index", "position", "token", "dim", "value", "ratio", "kind",
+                                   "channel_wide"]
+    assert not table["channel_wide"].any() and found.channel_wide == ()  # a planted BOS activation: token-sparse
     assert found.massive_dims == (5,)
     record = found[0]
     assert record.hook_name == f"blocks.{record.layer}.hook_resid_post"

@@ -11,7 +11,10 @@ the selection is ``torch.kthvalue``; on the CPU it is numpy's introselect in pla
 order (descending ``|x|``, equal magnitudes by position, then dim); for a long state
 only the entries of the k positions with the largest ``max |x|`` are ranked (see
 :func:`_top_entries`), for a short one every entry, in one copy of ``|x|`` that the
-median reuses. :func:`grouped_stats` does several hidden states of one batch (several
+median reuses. Each top-k entry also gets its column's median: the median ``|x|`` of
+its dim over the state's real positions (``k`` floats per state), which tells a dim
+large on a few tokens (a massive activation) from one large on most of them (an outlier
+channel). :func:`grouped_stats` does several hidden states of one batch (several
 hooks) in one call: a short batch's statistics are a few dozen small operations
 whatever their size.
 
@@ -167,6 +170,10 @@ class HiddenStateStats(NamedTuple):
     medians: torch.Tensor
     #: True where the hidden state holds a NaN or an infinite entry.
     nonfinite: torch.Tensor
+    #: Per top-k entry, the median ``|x|`` of its dim over the state's real positions
+    #: (its column), ``[batch, k]`` (NaN where missing or non-finite): whether the dim
+    #: is large on a few tokens or on most of them (:func:`_column_medians`).
+    column_medians: torch.Tensor
 
 
 def hidden_state_stats(
@@ -336,6 +343,7 @@ def _stats(
         nonfinite = ~torch.isfinite(top[..., 0])
     else:
         nonfinite = torch.zeros(group, batch, dtype=torch.bool, device=flat.device)
+    columns = _column_medians(magnitude, index % max(d_model, 1), layout.counts)  # before flat is overwritten
     kth = _equalise_ranks(flat, entries)
     if kth == 0:
         medians = torch.full((group, batch), float("nan"), device=flat.device)
@@ -351,13 +359,41 @@ def _stats(
         missing = torch.nn.functional.pad(missing, (0, pad), value=True)
         positions = torch.nn.functional.pad(positions, (0, pad))
         dims = torch.nn.functional.pad(dims, (0, pad))
+        columns = torch.nn.functional.pad(columns, (0, pad))
     return HiddenStateStats(
         values=signed.masked_fill(missing, float("nan")),
         positions=positions.masked_fill(missing, -1).to(torch.int32),
         dims=dims.masked_fill(missing, -1).to(torch.int32),
         medians=medians,
         nonfinite=nonfinite,
+        column_medians=columns.masked_fill(missing | nonfinite[..., None], float("nan")),
     )
+
+
+def _column_medians(
+    magnitude: Float[torch.Tensor, "group batch pos d_model"], dims: Int[torch.Tensor, "group batch k"],
+    counts: tuple[int, ...],
+) -> Float[torch.Tensor, "group batch k"]:
+    """Per entry ``[g, i, r]``, the lower median of ``magnitude[g, i, :, dims[g, i, r]]`` over
+    the first ``counts[i]`` positions (the real ones: ``magnitude`` holds them first; its
+    padding is not read). One gather of ``k`` columns and one selection for the whole
+    group: ``k x pos`` numbers per state, a small part of the state's own statistics.
+
+    >>> m = torch.tensor([[[[1.0, 9.0], [2.0, 8.0], [3.0, 7.0], [0.0, 0.0]]]])  # 3 real positions
+    >>> _column_medians(m, torch.tensor([[[1, 0]]]), (3,)).tolist()
+    [[[8.0, 2.0]]]
+    """
+    group, batch, pos = (int(s) for s in magnitude.shape[:3])
+    k = int(dims.shape[-1])
+    if k == 0 or pos == 0:
+        return torch.full((group, batch, k), float("nan"), device=magnitude.device)
+    columns = magnitude.gather(3, dims[:, :, None, :].expand(group, batch, pos, k))  # [g, b, pos, k]: a copy
+    rows = columns.permute(0, 3, 1, 2).contiguous().view(group * k, batch, pos)
+    kth = _equalise_ranks(rows, counts)
+    if kth == 0:
+        return torch.full((group, batch, k), float("nan"), device=magnitude.device)
+    medians = _kth_smallest(rows.view(group * k * batch, pos), kth).to(magnitude.device).view(group, k, batch)
+    return _with_empty_rows_nan(medians, counts).permute(0, 2, 1)
 
 
 def grouped_stats(

@@ -111,16 +111,66 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(n_heads // n_kv, dim=2)
 
 
-def allowed_keys(real: torch.Tensor, key_len: int, causal: bool) -> torch.Tensor:
-    """Bool ``[batch, query_pos, key_pos]``: which keys each real query may attend to."""
+def allowed_keys(real: torch.Tensor, key_len: int, causal: bool, window: int | None = None) -> torch.Tensor:
+    """Bool ``[batch, query_pos, key_pos]``: which keys each real query may attend to.
+
+    ``window`` (a sliding-window layer, :func:`attention_windows`): a causal query ``q``
+    sees only the keys ``q - window < k <= q`` (HF's sliding-window mask); a
+    bidirectional one the keys ``|q - k| < window`` (Gemma 3's bidirectional window).
+    Keys past the inputs' width (an always-present extra slot) are always visible.
+
+    >>> allowed_keys(torch.ones(1, 4, dtype=torch.bool), 4, True, window=2)[0].int().tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    """
     n, t = real.shape
     real_k = fit_width(real, key_len) | (torch.arange(key_len, device=real.device) >= t)[None]
     out = real[:, :, None] & real_k[:, None, :]
+    q = torch.arange(t, device=real.device)[:, None]
+    k = torch.arange(key_len, device=real.device)[None, :]
     if causal:
-        q = torch.arange(t, device=real.device)[:, None]
-        k = torch.arange(key_len, device=real.device)[None, :]
         out = out & ((k <= q) | (k >= t))[None]
+    if window is not None:
+        near = (k > q - window) if causal else ((k - q).abs() < window)
+        out = out & (near | (k >= t))[None]
     return out
+
+
+def attention_windows(model: TransformerLensModel) -> tuple[int | None, ...]:
+    """Per layer, the sliding window of its attention (None: a full layer), from the HF
+    config (the bridge's ``cfg.window_size`` stays None): ``sliding_window`` with the
+    per-layer ``layer_types``, or the older forms (Gemma 3's ``sliding_window_pattern``,
+    Gemma 2's alternation: even layers slide; else every layer, as Mistral's).
+
+    ValueError for a layer type that is neither full nor sliding while a window is set:
+    which keys it sees is not known here.
+
+    >>> from massact_lens.examples import tiny_model
+    >>> attention_windows(tiny_model())
+    (None, None)
+    """
+    n_layers = int(model.cfg.n_layers)
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    text_config = getattr(config, "get_text_config", None)
+    config = text_config() if callable(text_config) else (config if config is not None else model.cfg)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) is not False else None
+    if window is None:
+        return (None,) * n_layers
+    window = int(window)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        unknown = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+        if unknown or len(types) != n_layers:
+            raise ValueError(
+                f"The model's layer_types {list(types)} hold {unknown or f'{len(types)} layers, not {n_layers}'}: "
+                "which keys each layer sees is not known, so no uniform baseline or logit gap is given."
+            )
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    pattern = getattr(config, "sliding_window_pattern", None) or getattr(config, "_sliding_window_pattern", None)
+    if pattern:
+        return tuple(window if (i + 1) % int(pattern) else None for i in range(n_layers))
+    if getattr(config, "model_type", None) == "gemma2":
+        return tuple(window if i % 2 == 0 else None for i in range(n_layers))
+    return (window,) * n_layers
 
 
 

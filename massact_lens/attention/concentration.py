@@ -37,6 +37,7 @@ from massact_lens.attention._passes import (
     KeyedMeasurement,
     KeyPositions,
     allowed_keys,
+    attention_windows,
     centred_logits,
     check_layers,
     detached,
@@ -48,7 +49,8 @@ __all__ = ["AttentionConcentration", "attention_concentration"]
 
 
 #: Per-input tensors of an :class:`AttentionConcentration` and their position axes (none).
-_KEPT: dict[str, int | None] = {"mass": None, "uniform_mass": None, "logit_gap": None, "n_positions": None, "lengths": None}
+_KEPT: dict[str, int | None] = {"mass": None, "uniform_mass": None, "logit_gap": None, "n_positions": None, "lengths": None,
+                                "layer_uniform_mass": None}
 
 
 @dataclass(frozen=True, repr=False)
@@ -90,7 +92,9 @@ class AttentionConcentration(StreamedResult, KeyedFields):
     logit_source: tuple[str, ...]
     #: Per kept input, the mean over its real queries of the attention probability on C.
     mass: Float[torch.Tensor, "n_kept layer head_index"]
-    #: What uniform attention over each query's visible keys would put on C (kept inputs).
+    #: What uniform attention over each query's visible keys would put on C (kept inputs),
+    #: averaged over the layers (they differ only where some layers have a sliding
+    #: window: :attr:`layer_uniform_mass` has each).
     uniform_mass: Float[torch.Tensor, " n_kept"]
     #: Mean centred logit of (query, C key) pairs minus that of (query, other key)
     #: pairs, per kept input; NaN when a group is empty.
@@ -99,8 +103,13 @@ class AttentionConcentration(StreamedResult, KeyedFields):
     n_positions: Int[torch.Tensor, " n_kept"]
     #: Real tokens per kept input.
     lengths: Int[torch.Tensor, " n_kept"]
-    #: Float64 sums over every input: ``mass``, ``mass_sq``, ``mass_min``, ``gap``,
-    #: ``gap_n`` (inputs with a finite gap) ``[layer, head]``; ``uniform``,
+    # ``sums`` (from SummedResult), float64 over every input: ``mass``, ``mass_sq``, ``mass_min``,
+    # ``gap``, ``gap_n`` (inputs with a finite gap) ``[layer, head]``; ``uniform_layer``
+    # ``[layer]``; ``uniform``, ``n_positions``, ``lengths``, ``n_used`` (scalars).
+    #: The uniform baseline per kept input and layer: a query of a sliding-window layer
+    #: sees only the keys in its window (``sliding_window`` / ``layer_types`` of the HF
+    #: config), so uniform attention over them puts a different share on C.
+    layer_uniform_mass: Float[torch.Tensor, "n_kept layer"] | None = None
 
 
     @property
@@ -115,8 +124,14 @@ class AttentionConcentration(StreamedResult, KeyedFields):
 
     @property
     def mean_uniform_mass(self) -> float:
-        """What uniform attention would put on C, averaged over every (finite) input."""
+        """What uniform attention would put on C, averaged over every (finite) input (and over layers)."""
         return float(self.sums["uniform"]) / self.n_used if self.n_used else math.nan
+
+    def layer_uniform(self, i: int) -> float:
+        """The uniform baseline of the ``i``-th measured layer, averaged over every input."""
+        if "uniform_layer" not in self.sums:
+            return self.mean_uniform_mass
+        return float(self.sums["uniform_layer"][i]) / self.n_used if self.n_used else math.nan
 
     def sink_scores(self) -> pd.DataFrame:
         """One row per (layer, head), sorted by ``mass`` (the sink score), largest first.
@@ -129,9 +144,9 @@ class AttentionConcentration(StreamedResult, KeyedFields):
         mean = self.sums["mass"] / n
         std = ((self.sums["mass_sq"] - n * mean**2).clamp_min(0) / max(n - 1, 1)).sqrt() if n > 1 else torch.zeros_like(mean)
         gap = self.sums["gap"] / self.sums["gap_n"]
-        uniform = self.mean_uniform_mass
         rows = []
         for i, layer in enumerate(self.layers):
+            uniform = self.layer_uniform(i)
             for head in range(self.n_heads):
                 m = float(mean[i, head])
                 rows.append(
@@ -161,7 +176,7 @@ class AttentionConcentration(StreamedResult, KeyedFields):
                     "mass": float(per_head.mean()),
                     "max_head_mass": float(per_head.max()),
                     "max_head": int(per_head.argmax()),
-                    "uniform": self.mean_uniform_mass,
+                    "uniform": self.layer_uniform(i),
                     "positions": self.positions,
                 }
             )
@@ -179,7 +194,8 @@ class AttentionConcentration(StreamedResult, KeyedFields):
                 "layer": [self.layers[x] for x in j.tolist()],
                 "head": k.numpy(),
                 "mass": self.mass.flatten().numpy(),
-                "uniform": self.uniform_mass[i].numpy(),
+                "uniform": (self.uniform_mass[i] if self.layer_uniform_mass is None
+                            else self.layer_uniform_mass[i, j]).numpy(),
                 "logit_gap": self.logit_gap.flatten().numpy(),
                 "n_positions": self.n_positions[i].numpy(),
                 "length": self.lengths[i].numpy(),
@@ -280,6 +296,7 @@ class _Concentration(KeyedMeasurement):
         self.causal = is_causal(model)
         self.has_scores = all(attention_hook("scores", layer) in model.hook_dict for layer in layers)  # type: ignore[attr-defined]
         self.n_heads = int(model.cfg.n_heads)
+        self.windows = attention_windows(model)  # per layer: the keys a query sees
         self.pending: dict[int, dict[str, Any]] = {}
         self.reduced: dict[int, dict[str, torch.Tensor]] = {}
         self.sources: dict[int, str] = {}
@@ -288,6 +305,7 @@ class _Concentration(KeyedMeasurement):
         sums["mass_min"] = torch.full((n_layers, self.n_heads), math.inf, dtype=torch.float64)
         self.sums = sums | {name: torch.zeros((), dtype=torch.float64)
                             for name in ("uniform", "n_positions", "lengths", "n_used")}
+        self.sums["uniform_layer"] = torch.zeros(n_layers, dtype=torch.float64)
         self.kept = KeptInputs(keep_limit(keep), _KEPT)
 
     def hooks(self, batch: Batch) -> HookList:
@@ -310,7 +328,7 @@ class _Concentration(KeyedMeasurement):
         slot = self.pending.pop(layer)
         pattern = slot["pattern"]
         key_len = int(pattern.shape[-1])
-        allowed = allowed_keys(real, key_len, self.causal)
+        allowed = allowed_keys(real, key_len, self.causal, self.windows[layer])
         n_queries = real.sum(1).clamp_min(1).float()
         p = pattern.float().where(real[:, None, :, None], 0.0)
         centred, ok, source = centred_logits(pattern, slot.get("scores"), allowed)
@@ -324,7 +342,8 @@ class _Concentration(KeyedMeasurement):
         }
 
     def _rows(self, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per input of the batch: mass and logit gap ``[batch, layer, head]`` (on the CPU), uniform mass and ``|C|``."""
+        """Per input of the batch: mass and logit gap ``[batch, layer, head]`` (on the CPU), the uniform
+        mass ``[batch, layer]`` and ``|C|``."""
         for layer in list(self.pending):  # a scores hook that never fired
             if "pattern" in self.pending[layer]:
                 self._reduce(layer, real)
@@ -334,7 +353,7 @@ class _Concentration(KeyedMeasurement):
                 f"hook_pattern did not fire in layers {missing}: load the model with eager attention "
                 "(massact_lens.load_model does)."
             )
-        masses, gaps, uniform, n_positions = [], [], None, None
+        masses, gaps, uniforms, n_positions = [], [], [], None
         for layer in self.layers:
             r = self.reduced.pop(layer)
             key_len = int(r["mass"].shape[-1])
@@ -345,14 +364,17 @@ class _Concentration(KeyedMeasurement):
             gap_c = (r["gap_sum"] * c).sum(-1) / (r["gap_count"] * c).sum(-1)
             gap_o = (r["gap_sum"] * o).sum(-1) / (r["gap_count"] * o).sum(-1)
             gaps.append(gap_c - gap_o)
-            if uniform is None:
-                uniform = (r["uniform"] * in_c.float()).sum(-1)
+            uniforms.append((r["uniform"] * in_c.float()).sum(-1))
+            if n_positions is None:
                 n_positions = in_c.sum(-1)
-        assert uniform is not None and n_positions is not None
-        return torch.stack(masses, 1).cpu(), torch.stack(gaps, 1).cpu(), uniform, n_positions
+        assert n_positions is not None
+        return torch.stack(masses, 1).cpu(), torch.stack(gaps, 1).cpu(), torch.stack(uniforms, 1), n_positions
 
     def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
-        mass, gap, uniform, n_positions = self._rows(batch.attention_mask.bool(), c_mask)
+        mass, gap, by_layer, n_positions = self._rows(batch.attention_mask.bool(), c_mask)
+        # one value per input: the layers' mean, or (no layer with a window) the first layer's exactly
+        windowed = len({self.windows[layer] for layer in self.layers}) > 1
+        uniform = by_layer.mean(1) if windowed else by_layer[:, 0]
         sums = self.sums
         used = ~self.keys.nonfinite.bad_rows if self.keys.nonfinite.bad_rows is not None else torch.ones(len(mass), dtype=torch.bool)
         m64, g64 = mass.double()[used], gap.double()[used]
@@ -365,6 +387,7 @@ class _Concentration(KeyedMeasurement):
         sums["gap_n"] += finite.sum(0)
         on_device = used.to(uniform.device)
         sums["uniform"] += uniform.double()[on_device].sum().cpu()
+        sums["uniform_layer"] += by_layer.double()[on_device].sum(0).cpu()
         sums["n_positions"] += n_positions[on_device].sum().cpu()
         sums["lengths"] += batch.lengths[used.to(batch.lengths.device)].sum().cpu()
         sums["n_used"] += int(used.sum())
@@ -373,14 +396,15 @@ class _Concentration(KeyedMeasurement):
             take = torch.tensor(rows, dtype=torch.long)
             self.kept.add(batch.lengths[:, None].cpu()[take], inputs, mass=mass[take], uniform_mass=uniform.cpu()[take],
                           logit_gap=gap[take], n_positions=n_positions.cpu().long()[take],
-                          lengths=batch.lengths.cpu().long()[take])
+                          lengths=batch.lengths.cpu().long()[take], layer_uniform_mass=by_layer.cpu()[take])
 
     def result(self) -> AttentionConcentration:
         n_layers, n_heads = len(self.layers), self.n_heads
         kinds = ("pattern", "scores") if self.has_scores else ("pattern",)
         empty = {"mass": torch.zeros(0, n_layers, n_heads), "uniform_mass": torch.zeros(0),
                  "logit_gap": torch.zeros(0, n_layers, n_heads), "n_positions": torch.zeros(0, dtype=torch.long),
-                 "lengths": torch.zeros(0, dtype=torch.long), "attention_mask": torch.zeros(0, 1, dtype=torch.long)}
+                 "lengths": torch.zeros(0, dtype=torch.long), "attention_mask": torch.zeros(0, 1, dtype=torch.long),
+                 "layer_uniform_mass": torch.zeros(0, n_layers)}
         rows = self.kept.tensors(empty)
         return AttentionConcentration(
             **self.base_fields(),

@@ -36,6 +36,7 @@ from massact_lens._core.options import tqdm
 from massact_lens._core.types import Provenance, is_causal
 from massact_lens.attention import attention_concentration, attention_logits, implicit_bias
 from massact_lens.cli._args import _check_prompts, _chosen_pairs
+from massact_lens.cli._findings import constancy_finding, dim_findings, sink_finding
 from massact_lens.find.criterion import Criterion, MassiveActivations, find_massive
 from massact_lens.find.profiles import MassiveProfile, profile
 from massact_lens.find.scanner import ScanResult, scan
@@ -44,11 +45,13 @@ from massact_lens.viz._document import Report, Section
 from massact_lens.viz._labels import hook_ranges, model_short_name
 from massact_lens.viz._page import Collapsed, Glossary, format_value, package_version
 from massact_lens.viz._tables import (
+    channel_wide_table,
     constancy_summary,
     constancy_table,
     glossary,
     layer_table,
     massive_dims_table,
+    with_entry_counts,
 )
 from massact_lens.viz.figures import (
     ablation_figure,
@@ -116,6 +119,7 @@ class _Run:
     found: MassiveActivations | None = None
     massive_profile: MassiveProfile | None = None
     no_bos: tuple[torch.Tensor, MassiveProfile] | None = None  # a decoder's sequences without BOS, profiled
+    no_bos_skipped: str = "an analysis before them failed"  # why the decoder was not measured without BOS
     marks: dict[int, tuple[int, ...]] | None = None
 
     @property
@@ -208,6 +212,8 @@ def build_report(
         "attention prompts": len(run.attention_inputs),
         "criterion": f"|x| > {min_value:g} and >= {min_ratio:g} x median",
         "massive dims found": dims,
+        **({"outlier channels (listed apart)": ", ".join(str(d) for d in run.found.channel_wide_dims)}
+           if run.found is not None and run.found.channel_wide else {}),
         "BOS prepended": run.result.prepend_bos,
         "top_k": top_k,
         "batch size": batch_size,
@@ -238,46 +244,20 @@ def _where(run: _Run, report: Report) -> None:
         warnings.filterwarnings("ignore", message=".*all top_k", category=UserWarning)  # a note says it instead
         found = find_massive(result, c.min_value, c.min_ratio)
     run.result, run.found = result, found
-    stats = result.layer_stats()
-    counts: dict[str, int] = found.to_dataframe()["hook_name"].value_counts().to_dict()
-    stats["massive entries"] = [int(counts.get(name, 0)) for name in stats["hook_name"]]
+    stats = with_entry_counts(result.layer_stats(), found)
     report.layer_stats = layer_table(stats)
     where.add(layer_stats_figure(result, title=f"Largest |activation| vs median per hidden state ({run.figure_name})"),
               "Log scale. Error bars: std of the top-1 value across prompts.")
     where.add_table(report.layer_stats, "per hidden state, the numbers of the figure")
-    where.add(Glossary(glossary("top1, top2, top3", "median", "ratio", "top1_std", "massive entries")))
-    if len(found):
-        where.add(massive_dims_table(found), "The massive dims: where they appear, on which tokens, and in how many "
-                                             "prompts (counts are prompts, not hidden states).")
-        summaries = sorted(found.dim_summaries(), key=lambda d: (-d.input_fraction, -d.max_ratio))
-        for d in summaries[:3]:
-            layers = f"layers {d.first_layer}-{d.last_layer}" if d.first_layer != d.last_layer else f"layer {d.first_layer}"
-            tokens = ", ".join(list(d.tokens)[:3])
-            report.findings.append(
-                f"Dim {d.dim} is massive in {layers}, on {', '.join(d.kinds)} tokens ({tokens}), up to |x| = "
-                f"{d.max_abs_value:.4g}, {d.max_ratio:.0f}x the median, in {d.input_fraction:.0%} of the prompts."
-            )
-        if len(summaries) > 3:
-            report.findings.append(f"... and {len(summaries) - 3} more dims pass the criterion (see the table).")
-        per_state = found.to_dataframe().groupby(["input_index", "hook_name"]).size().tolist()
-        if per_state and max(per_state) >= run.top_k:
-            where.notes.append(
-                f"In some hidden states all top_k={run.top_k} kept entries pass the criterion: there may be more. "
-                "Raise top_k (--top-k) to see them all."
-            )
-    else:
-        where.notes.append(
-            f"No entry passes the criterion (largest top-1/median ratio {stats['ratio'].max():.0f}x). "
-            "Lower the thresholds to look closer; the views below still show the largest entries."
-        )
-        report.findings.append(
-            f"No massive activation under this criterion: the largest top-1 / median ratio is "
-            f"{stats['ratio'].max():.0f}x, at {stats.loc[stats['ratio'].idxmax(), 'hook_name']}."
-        )
+    where.add(Glossary(glossary("top1, top2, top3", "median", "ratio", "top1_std", "massive entries",
+                                *(("channel-wide entries",) if found.channel_wide else ()))))
+    _dims_findings(run, where, report, stats)
     with _guarded(where, "Reading one prompt's hidden states", run.errors):
         states = hidden_states(run.model, run.prompts[run.example], prepend_bos=run.prepend_bos)
         peak_hook = str(stats.loc[stats["top1"].idxmax(), "hook_name"])
-        run.marks = states.massive(c.min_value, c.min_ratio)
+        kept = set(found.massive_dims)  # outlier channels are not marked as massive tokens
+        run.marks = {p: ds for p, dims in states.massive(c.min_value, c.min_ratio).items()
+                     if (ds := tuple(d for d in dims if d in kept))}
         where.add(
             hidden_state_figure(states, peak_hook, min_ratio=c.min_ratio),
             f"Prompt {run.example}, at {peak_hook} (the hidden state with the largest mean top-1): |x| per token and "
@@ -290,6 +270,33 @@ def _where(run: _Run, report: Report) -> None:
             f"hidden state; it opens on {view.meta['opens_on']}"
             + (", the first where an entry is massive" if states.massive_hooks(c.min_value, c.min_ratio) else "")
             + ". Click another hidden state above the tokens; hover a token for its values.",
+        )
+
+
+def _dims_findings(run: _Run, where: Section, report: Report, stats: pd.DataFrame) -> None:
+    """The massive dims (token-sparse) and the outlier channels (listed apart): tables, notes, findings."""
+    assert run.found is not None
+    found = run.found
+    if len(found):
+        where.add(massive_dims_table(found), "The massive dims: where they appear, on which tokens, and in how many "
+                                             "prompts (counts are prompts, not hidden states).")
+    if found.channel_wide:
+        where.add(channel_wide_table(found), "Outlier channels, listed apart: dims that pass the criterion on more "
+                                             "than half of the tokens of a hidden state (large on most tokens, as "
+                                             "LLM.int8's outlier features, not on a few as massive activations).")
+        where.add(Glossary(glossary("hidden states", "token median |x|")))
+    report.findings.extend(dim_findings(found, len(run.prompts), stats))
+    per_state = found.to_dataframe(include_channel_wide=True).groupby(["input_index", "hook_name"]).size().tolist()
+    if per_state and max(per_state) >= run.top_k:
+        where.notes.append(
+            f"In some hidden states all top_k={run.top_k} kept entries pass the criterion: there may be more. "
+            "Raise top_k (--top-k) to see them all."
+        )
+    if not len(found):
+        where.notes.append(
+            f"No entry passes the criterion on a few tokens (largest top-1/median ratio, averaged over the prompts, "
+            f"{stats['ratio'].max():.0f}x). Lower the thresholds to look closer; the views below still show the "
+            "largest entries."
         )
 
 
@@ -306,7 +313,7 @@ def _no_bos_sequences(run: _Run) -> torch.Tensor | None:
     """The prompts' text as one token stream without BOS, cut into (at most :data:`NO_BOS_ROWS`) rows of
     :data:`NO_BOS_SEQ_LEN` tokens; None when the text gives fewer than two."""
     text = "\n\n".join(run.prompts)
-    ids = run.model.to_tokens(text, prepend_bos=False)[0].cpu()  # type: ignore[operator]
+    ids = run.model.to_tokens(text, prepend_bos=False, truncate=False)[0].cpu()  # type: ignore[operator]  # not cut at n_ctx
     seq_len = min(NO_BOS_SEQ_LEN, int(run.model.cfg.n_ctx))
     n_rows = min(len(ids) // seq_len, NO_BOS_ROWS)
     return ids[: n_rows * seq_len].reshape(n_rows, seq_len) if n_rows >= 2 else None
@@ -322,40 +329,47 @@ def _constant(run: _Run, report: Report) -> None:
     with _guarded(constant, "Profiling", run.errors), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*all top_k", category=UserWarning)
         run.massive_profile = _profile_from_scan(run, run.prompts, run.result, run.prepend_bos)
-        if not len(run.massive_profile.stats):
-            constant.notes.append("No massive activations under this criterion, so nothing to profile.")
-            return
-        table = constancy_table(run.massive_profile, run.found)
-        _constancy_tables(constant, table, "")
-        bos_only = run.causal and bool(run.result.prepend_bos) and set(run.found.to_dataframe()["kind"]) == {"start"}
-        if bos_only:
-            constant.notes.append(
-                "In a causal model the BOS token's hidden states are the same for every input (it sees only itself), "
-                "so a cv of 0% at BOS says nothing. Below: the same without BOS, as the paper ran LLaMA2."
-            )
-            rows = _no_bos_sequences(run)
-            if rows is not None:
-                run.no_bos = (rows, profile(run.model, rows, min_value=run.criterion.min_value,
-                                            min_ratio=run.criterion.min_ratio, top_k=run.top_k,
-                                            batch_size=run.batch_size, progress=run.progress))
-                if run.no_bos[1].stats:
-                    table = constancy_table(run.no_bos[1])
-                    constant.add(f"Without BOS, the first token of each of {rows.shape[0]} sequences of {rows.shape[1]} "
-                                 "tokens cut from the prompts' text (a different token each time):")
-                    _constancy_tables(constant, table, f" without BOS ({rows.shape[0]} sequences of {rows.shape[1]} "
-                                                       "tokens of the prompts' text)")
-        constant.add(Glossary(glossary("cv (%)", "cv (%) median, max", "mean, std", "massive here")))
-        massive_rows = table[table["massive here"] == "yes"]
-        if len(massive_rows):
-            top = massive_rows.sort_values(by=["prompts", "mean"], key=lambda s: s.abs(), ascending=False).iloc[0]
-            cv = float(top["cv (%)"])
-            verdict = "nearly the same for every input" if cv < 10 else "not constant across inputs"
-            where = " without BOS" if bos_only and run.no_bos is not None and run.no_bos[1].stats else ""
-            report.findings.append(
-                f"They are {verdict}{where}: {top['mean']:.4g} ± {top['std']:.2g} (cv {cv:.2f}%) at dim {top['dim']} "
-                f"on the {top['kind']} token, {top['hook_name']}, over {top['prompts']} "
-                f"{'sequences' if where else 'prompts'}."
-            )
+        table = constancy_table(run.massive_profile, run.found) if run.massive_profile.stats else None
+        if table is not None:
+            _constancy_tables(constant, table, "")
+        else:
+            constant.notes.append("No massive activations under this criterion with the prompts as given, so nothing "
+                                  "to profile.")
+        no_bos = _no_bos(run, constant)
+        if table is not None or no_bos is not None:
+            constant.add(Glossary(glossary("entries", "cv (%)", "cv (%) median, max", "mean, std", "massive here")))
+        finding = constancy_finding(table, no_bos, run.causal and bool(run.result.prepend_bos), run.no_bos is not None,
+                                    run.no_bos_skipped)
+        if finding is not None:
+            report.findings.append(finding)
+
+
+def _no_bos(run: _Run, constant: Section) -> pd.DataFrame | None:
+    """A causal model with BOS: the profile without BOS, as the paper ran LLaMA2 (its constancy table,
+    or None with a note saying why there is none)."""
+    assert run.result is not None
+    if not (run.causal and run.result.prepend_bos):
+        return None
+    constant.notes.append(
+        "In a causal model the BOS token's hidden states are the same for every input (it sees only itself), "
+        "so a cv of 0% at BOS says nothing. Below: the same without BOS, as the paper ran LLaMA2."
+    )
+    rows = _no_bos_sequences(run)
+    if rows is None:
+        run.no_bos_skipped = (f"the prompts' text gives fewer than two sequences of "
+                              f"{min(NO_BOS_SEQ_LEN, int(run.model.cfg.n_ctx))} tokens")
+        constant.notes.append(f"The measurements without BOS were not run: {run.no_bos_skipped}.")
+        return None
+    run.no_bos = (rows, profile(run.model, rows, min_value=run.criterion.min_value, min_ratio=run.criterion.min_ratio,
+                                top_k=run.top_k, batch_size=run.batch_size, progress=run.progress))
+    shape = f"{rows.shape[0]} sequences of {rows.shape[1]} tokens cut from the prompts' text"
+    if not run.no_bos[1].stats:
+        constant.notes.append(f"Without BOS ({shape}), nothing is massive under this criterion.")
+        return None
+    table = constancy_table(run.no_bos[1])
+    constant.add(f"Without BOS, the first token of each of {shape} (a different token each time):")
+    _constancy_tables(constant, table, f" without BOS ({shape})")
+    return table
 
 
 def _constancy_tables(section: Section, table: pd.DataFrame, where: str) -> None:
@@ -379,11 +393,13 @@ def _attention(run: _Run, report: Report) -> None:
     has_dims = mp is not None and bool(mp.massive_dims)
     positions: Any = mp if has_dims else "start"
     c_name = "the massive tokens" if has_dims else "the first token (no massive tokens found)"
+    subject = "them" if has_dims else "the first token"
     attention = report.section(
         "What does attention do with them?",
-        f"C = {c_name}. From the layer where massive activations appear, attention concentrates on them (an "
-        f"attention sink). Measured on the first {len(run.attention_inputs)} prompts.",
+        f"C = {c_name}. The paper finds that from the layer where massive activations appear, attention "
+        f"concentrates on them (an attention sink). Measured on the first {len(run.attention_inputs)} prompts.",
     )
+    vacuous = False
     text = run.prompts[run.example]
     with _guarded(attention, "Attention concentration", run.errors):
         sinks = attention_concentration(run.model, run.attention_inputs, positions, batch_size=run.batch_size,
@@ -392,13 +408,11 @@ def _attention(run: _Run, report: Report) -> None:
         layer_mass = sinks.layer_mass()
         attention.add_table(layer_mass.drop(columns=["positions"]), "attention on C per layer")
         attention.add(Glossary(glossary("mass", "max_head_mass, max_head", "uniform")))
-        sink_layer = int(layer_mass.loc[layer_mass["mass"].idxmax(), "layer"])
-        report.findings.append(
-            f"Attention concentrates on them: {layer_mass['mass'].max():.2f} of each query's attention on average in "
-            f"layer {sink_layer} (its most concentrated head: "
-            f"{float(layer_mass.loc[layer_mass['mass'].idxmax(), 'max_head_mass']):.2f}), where uniform attention "
-            f"would give {layer_mass['uniform'].iloc[0]:.2f}."
-        )
+        row = layer_mass.loc[layer_mass["mass"].idxmax()]
+        sink_layer = int(row["layer"])
+        finding, vacuous = sink_finding(subject, float(row["mass"]), float(row["max_head_mass"]), float(row["uniform"]),
+                                        sink_layer)
+        report.findings.append(finding)
         heat = attention_logits(run.model, text, layers=[sink_layer], prepend_bos=run.prepend_bos)
         attention.add(
             attention_heads_widget(heat, sink_layer, massive=run.marks, exclude_bos=True, causal=run.causal),
@@ -416,20 +430,23 @@ def _attention(run: _Run, report: Report) -> None:
                               prepend_bos=run.prepend_bos, progress=run.progress)
         attention.add(
             implicit_bias_figure(split),
-            "Attention output = sum over C of p·v (the bias term) + the rest. The bias term varies much less "
-            "across queries and inputs than the rest: an implicit attention bias.",
+            "Attention output = sum over C of p·v (the bias term) + the rest. The paper finds the bias term varies "
+            "much less across queries and inputs than the rest: an implicit attention bias.",
         )
         frame = split.to_dataframe()
         total = pd.DataFrame(frame[frame["head"] == -1])
         attention.add_table(total.drop(columns=["head", "positions"]), "the decomposition per layer (all heads)")
         attention.add(Glossary(glossary("c_mass", "bias_norm, rest_norm", "bias_cos, rest_cos",
                                         "bias_rel_variation, rest_rel_variation")))
-        if len(total):
+        if vacuous:
+            attention.notes.append("C holds most of the keys a query sees, so splitting the output into C and the "
+                                   "rest says nothing about a bias: no finding is drawn from it.")
+        elif len(total):
             b = statistics.median(total["bias_rel_variation"].tolist())
             r = statistics.median(total["rest_rel_variation"].tolist())
             report.findings.append(
-                f"The part of the attention output that comes from them varies {b:.2f} (std / mean norm, median over "
-                f"layers) against {r:.2f} for the rest: {'an implicit attention bias' if b < r else 'no clear bias'}."
+                f"The part of the attention output that comes from {subject} varies {b:.2f} (std / mean norm, median "
+                f"over layers) against {r:.2f} for the rest: {'an implicit attention bias' if 2 * b <= r else 'no clear bias'}."
             )
 
 
@@ -477,7 +494,7 @@ def _ablation(run: _Run, report: Report) -> None:
         dims = mp.massive_dims
         ablate.add(f"Dim{'s' if len(dims) > 1 else ''} {', '.join(str(d) for d in dims)} edited at {hook_ranges(edited)}.")
         if run.causal and no_bos is None and run.result is not None and run.result.prepend_bos:
-            ablate.notes.append(
-                "In a causal model the BOS state is the same for every input, so 'set to mean' at BOS is the identity "
-                "(the paper ran LLaMA2 without BOS; here nothing is massive without BOS)."
-            )
+            why = (f"the measurements without BOS were not run: {run.no_bos_skipped}" if run.no_bos is None
+                   else "here nothing is massive without BOS")
+            ablate.notes.append("In a causal model the BOS state is the same for every input, so 'set to mean' at BOS is "
+                                f"the identity (the paper ran LLaMA2 without BOS; {why}).")

@@ -44,7 +44,8 @@ __all__ = ["GROUP_BYTES", "ScanStatistics", "check_top_k", "scan_plan"]
 GROUP_BYTES = 2 << 20
 
 #: A batch's statistics on the host: values, positions, dims, token_ids
-#: ``[batch, hook, k]``, medians and nonfinite ``[batch, hook]``.
+#: ``[batch, hook, k]``, medians and nonfinite ``[batch, hook]`` (the column medians
+#: of the entries are kept apart: :attr:`ScanStatistics.batch_columns`).
 BatchStats = tuple[torch.Tensor, ...]
 
 
@@ -102,7 +103,8 @@ class _BatchRun:
         self.parts.append(grouped_stats(states, self.mask.to(states.device), self.top_k, self.layout, overwrite))
 
     def finish(self) -> BatchStats:
-        """The forward pass is over: every hook must have fired; the batch's statistics on the host."""
+        """The forward pass is over: every hook must have fired; the batch's statistics on the
+        host (:data:`BatchStats`, then the column medians ``[batch, hook, k]``)."""
         missing = sorted(set(range(self.n_hooks)) - self.fired)
         if missing:
             raise RuntimeError(
@@ -123,7 +125,8 @@ class _BatchRun:
         tokens = self.tokens.to(device)
         token_ids = tokens.gather(1, positions.clamp(min=0).flatten(1).long()).view_as(positions)
         token_ids = token_ids.masked_fill(positions < 0, -1).to(torch.int32)
-        fields = (stacked("values"), positions, stacked("dims"), token_ids, stacked("medians"), stacked("nonfinite"))
+        fields = (stacked("values"), positions, stacked("dims"), token_ids, stacked("medians"), stacked("nonfinite"),
+                  stacked("column_medians"))
         return tuple(f.contiguous().cpu() for f in fields)
 
 
@@ -144,6 +147,8 @@ class ScanStatistics:
         self.prepend_bos = prepend_bos
         self.device = model_device(model)
         self.batch_stats: BatchStats = ()
+        #: The last batch's column medians ``[batch, hook, k]`` (see :class:`ScanResult`).
+        self.batch_columns: torch.Tensor | None = None
         self._run: _BatchRun | None = None
         self._host: list[BatchStats] = []
         self._lengths: list[torch.Tensor] = []
@@ -158,8 +163,9 @@ class ScanStatistics:
         run, self._run = self._run, None
         if run is None:
             raise RuntimeError("update() before hooks(): the batch's readers were never attached.")
-        self.batch_stats = run.finish()
-        self._host.append(self.batch_stats)
+        *stats, self.batch_columns = run.finish()
+        self.batch_stats = tuple(stats)
+        self._host.append((*self.batch_stats, self.batch_columns))
         self._lengths.append(torch.tensor(run.layout.counts, dtype=torch.long))
         self._rows += batch.input_indices
 
@@ -191,15 +197,15 @@ class ScanStatistics:
             out[order] = rows
             return out
 
-        values, positions, dims, token_ids, medians, nonfinite = (
-            in_input_order(torch.cat([part[i] for part in self._host])) for i in range(6)
+        values, positions, dims, token_ids, medians, nonfinite, columns = (
+            in_input_order(torch.cat([part[i] for part in self._host])) for i in range(7)
         )
         seen = token_ids.flatten()
         self._result = ScanResult(
             provenance=Provenance.of(self.model), layers=tuple(layer_of(n) for n in self.hook_names),
             n_inputs=int(values.shape[0]), hook_names=self.hook_names, prepend_bos=self.prepend_bos,
             top_k=self.top_k, values=values, positions=positions, dims=dims, token_ids=token_ids, medians=medians,
-            lengths=in_input_order(torch.cat(self._lengths)), nonfinite=nonfinite,
+            lengths=in_input_order(torch.cat(self._lengths)), nonfinite=nonfinite, column_medians=columns,
             tokens=token_strings(self.model, seen[seen >= 0].unique().tolist()),  # unique first: 30k ids, 4 ms of Python
         )
         return self._result

@@ -8,6 +8,14 @@ broad"); their code never applies it and only ranks top-k. :func:`find_massive`
 applies it to a :class:`~massact_lens.find.scanner.ScanResult`, with both thresholds
 configurable (a 384-dim encoder needs lower ones than a 4,096-dim LLM).
 
+An entry can pass because its dim is large on a few tokens (the paper's massive
+activations: the start token, delimiters) or because its dim is large on most tokens
+of the hidden state (an outlier channel, the kind LLM.int8 (Dettmers et al. 2022)
+describes: Gemma-3-270m's dim 400 passes on almost every token of blocks 1-3). The
+records say which (:meth:`Criterion.channel_wide`); :func:`find_massive` keeps the
+token-sparse ones as its records (what every key set, profile and table built from
+records uses) and lists the channel-wide ones apart (``found.channel_wide``).
+
 :func:`profile` gives the cross-input picture the paper draws: which feature dims
 carry massive activations, the first and last layer where they do, on which kind of
 token (the start token, a delimiter such as "." or a newline, other), and per
@@ -131,6 +139,26 @@ class Criterion:
         tested = magnitude if dims is None else magnitude[..., dims]
         return self.passes(tested, median[:, None, None]) & real[..., None]
 
+    def channel_wide(
+        self, column_medians: torch.Tensor, medians: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Which entries are channel-wide: their dim passes the criterion on **more than half**
+        of the real tokens of their hidden state (an outlier channel, not a massive
+        activation of a few tokens).
+
+        Exactly: the lower median ``|x|`` of the entry's dim over the state's real
+        positions (a scan's ``column_medians``) passes against the state's median. The
+        criterion is monotone in ``|x|``, so that median passes if and only if more than
+        half of the tokens pass. A state of one real token can't tell the two kinds
+        apart: its entries count as token-sparse. ``column_medians`` ``[*states, k]``,
+        ``medians`` and ``lengths`` (real tokens) ``[*states]``.
+
+        >>> Criterion(100, 1000).channel_wide(torch.tensor([[300.0, 0.5]]), torch.tensor([0.1]), torch.tensor([8])).tolist()
+        [[True, False]]
+        """
+        wide = self.passes(column_medians.nan_to_num(nan=0.0), medians[..., None])
+        return wide & (lengths >= 2)[..., None]
+
     def among_top(
         self, values: Float[torch.Tensor, "*states k"], medians: Float[torch.Tensor, "*states"]
     ) -> Bool[torch.Tensor, "*states k"]:
@@ -161,14 +189,20 @@ class Criterion:
                 UserWarning,
                 stacklevel=stacklevel + 1,
             )
-        records = tuple(_record(scan_result, i, h, r, delimiters) for i, h, r in passes.nonzero().tolist())
-        return MassiveActivations(records, self, scan_result, frozenset(delimiters))
+        wide = torch.zeros_like(passes)
+        if scan_result.column_medians is not None:
+            lengths = scan_result.lengths[:, None].expand(scan_result.medians.shape)
+            wide = self.channel_wide(scan_result.column_medians, scan_result.medians, lengths)
+        records = [_record(scan_result, i, h, r, delimiters, bool(wide[i, h, r])) for i, h, r in passes.nonzero().tolist()]
+        return MassiveActivations(tuple(r for r in records if not r.channel_wide), self, scan_result,
+                                  frozenset(delimiters), tuple(r for r in records if r.channel_wide))
 
     def describe(self) -> str:
         return f"|x| > {self.min_value:g} and >= {self.min_ratio:g} x median"
 
 
-def _record(scan_result: ScanResult, i: int, h: int, r: int, delimiters: frozenset[str]) -> MassiveActivation:
+def _record(scan_result: ScanResult, i: int, h: int, r: int, delimiters: frozenset[str],
+            channel_wide: bool) -> MassiveActivation:
     position = int(scan_result.positions[i, h, r])
     token = scan_result.token(int(scan_result.token_ids[i, h, r]))
     value = float(scan_result.values[i, h, r])
@@ -182,12 +216,15 @@ def _record(scan_result: ScanResult, i: int, h: int, r: int, delimiters: frozens
         value=value,
         ratio=abs(value) / float(scan_result.medians[i, h]),
         kind=token_kind(position, token, delimiters),
+        channel_wide=channel_wide,
     )
 
 
 @dataclass(frozen=True)
 class MassiveActivation:
-    """One hidden-state entry that passes the criterion."""
+    """One hidden-state entry that passes the criterion. ``channel_wide``: its dim passes on
+    more than half of the tokens of this hidden state (an outlier channel, see
+    :meth:`Criterion.channel_wide`), not on a few (a massive activation)."""
 
     layer: int
     hook_name: str
@@ -198,6 +235,7 @@ class MassiveActivation:
     value: float
     ratio: float
     kind: str
+    channel_wide: bool = False
 
 
 @runtime_checkable
@@ -234,12 +272,19 @@ class MassiveSet(Protocol):
 
 @dataclass(frozen=True, repr=False)
 class MassiveActivations(Sequence[MassiveActivation], Summarised):
-    """The records :func:`find_massive` returns, with the criterion and the scan they came from."""
+    """The records :func:`find_massive` returns, with the criterion and the scan they came from.
+
+    ``records`` (what iterating, ``len``, :attr:`massive_dims` and every key set read) are
+    the token-sparse entries, the paper's massive activations; ``channel_wide`` are the
+    entries of outlier channels (a dim that passes on more than half of the tokens of
+    its hidden state, :meth:`Criterion.channel_wide`), listed apart.
+    """
 
     records: tuple[MassiveActivation, ...]
     criterion: Criterion
     scan: ScanResult = field(repr=False)
     delimiters: frozenset[str] = DELIMITERS
+    channel_wide: tuple[MassiveActivation, ...] = ()
 
     #: Records are tied to the inputs of one scan (see :class:`MassiveSet`).
     per_input: ClassVar[bool] = True
@@ -269,6 +314,11 @@ class MassiveActivations(Sequence[MassiveActivation], Summarised):
         """The feature dims that carry at least one massive activation."""
         return tuple(sorted({r.dim for r in self.records}))
 
+    @property
+    def channel_wide_dims(self) -> tuple[int, ...]:
+        """The feature dims of the channel-wide entries (outlier channels), apart from :attr:`massive_dims`."""
+        return tuple(sorted({r.dim for r in self.channel_wide}))
+
     def dim_kinds(self) -> tuple[tuple[int, str], ...]:
         """The (dim, token kind) pairs that are massive somewhere, sorted."""
         return tuple(sorted({(r.dim, r.kind) for r in self.records}))
@@ -293,14 +343,21 @@ class MassiveActivations(Sequence[MassiveActivation], Summarised):
                 f"(|x| > {self.min_value:g}, >= {self.min_ratio:g} x median), last layer {self.last_layer()}",
                 f"dims: {dims}"]
 
-    def to_dataframe(self) -> pd.DataFrame:
-        """One row per record, columns as the :class:`MassiveActivation` fields."""
+    def to_dataframe(self, *, include_channel_wide: bool = False) -> pd.DataFrame:
+        """One row per record, columns as the :class:`MassiveActivation` fields;
+        ``include_channel_wide``: the channel-wide entries too, after them (their
+        ``channel_wide`` column is True)."""
         columns = list(MassiveActivation.__dataclass_fields__)
-        return pd.DataFrame([asdict(r) for r in self.records], columns=columns)
+        rows = self.records + (self.channel_wide if include_channel_wide else ())
+        return pd.DataFrame([asdict(r) for r in rows], columns=columns)
 
     def dim_summaries(self) -> tuple[DimSummary, ...]:
         """Per massive dim: first/last layer, token kinds and texts, how often, how large."""
-        return _dim_summaries(self, self.scan.n_inputs)
+        return _dim_summaries(self.records, self.scan, self.scan.n_inputs)
+
+    def channel_wide_summaries(self) -> tuple[DimSummary, ...]:
+        """:meth:`dim_summaries` of the channel-wide entries (the outlier channels)."""
+        return _dim_summaries(self.channel_wide, self.scan, self.scan.n_inputs)
 
 
 def find_massive(
@@ -315,6 +372,9 @@ def find_massive(
     The median is that of the entry's own hidden state (one input, one hook, real
     positions, all dims). Only the scan's top-k entries are candidates: when all k of
     some hidden state pass, more may exist and a warning says to raise ``top_k``.
+    The records are the token-sparse entries (the paper's kind); entries whose dim
+    passes on more than half of the tokens of their hidden state (outlier channels,
+    :meth:`Criterion.channel_wide`) are listed apart in ``found.channel_wide``.
 
     >>> from massact_lens import scan
     >>> from massact_lens.examples import minilm
@@ -360,11 +420,11 @@ def by_count(counts: dict[str, int]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _dim_summaries(found: MassiveActivations, n_inputs: int) -> tuple[DimSummary, ...]:
+def _dim_summaries(found: Sequence[MassiveActivation], scan: ScanResult, n_inputs: int) -> tuple[DimSummary, ...]:
     by_dim: dict[int, list[MassiveActivation]] = defaultdict(list)
     for record in found:
         by_dim[record.dim].append(record)
-    order = {name: i for i, name in enumerate(found.scan.hook_names)}
+    order = {name: i for i, name in enumerate(scan.hook_names)}
     out = []
     for dim, records in sorted(by_dim.items()):
         kinds: dict[str, int] = defaultdict(int)

@@ -57,6 +57,11 @@ class ScanResult(CorpusResult):
         nonfinite: ``[input, hook]``, True where the hidden state held a NaN or an
             infinite entry: its median is NaN and :func:`find_massive` and
             :meth:`layer_stats` leave it out, saying so.
+        column_medians: ``[input, hook, k]``, per kept entry the median ``|x|`` of its
+            dim over the input's real positions (NaN where the entry is missing): a
+            dim large on most tokens of a hidden state (an outlier channel) shows here,
+            which the top-k entries alone cannot show. :func:`find_massive` lists such
+            entries apart (``channel_wide``). None in a result made without them.
 
     Scans of consecutive slices of a corpus merge (:meth:`merge`) into exactly the result
     one scan of the concatenated inputs gives (input ``i`` of part ``j`` becomes input
@@ -86,6 +91,7 @@ class ScanResult(CorpusResult):
     lengths: Int[torch.Tensor, " n_inputs"]
     tokens: dict[int, str] = field(repr=False)
     nonfinite: Bool[torch.Tensor, "n_inputs n_hooks"] | None = None
+    column_medians: Float[torch.Tensor, "n_inputs n_hooks k"] | None = None
 
     merge_same: ClassVar[tuple[str, ...]] = ("hook_names", "top_k", "prepend_bos")
 
@@ -102,9 +108,11 @@ class ScanResult(CorpusResult):
         )
         first = parts[0]
         fields = {name: cat(name) for name in ("values", "positions", "dims", "token_ids", "medians", "lengths")}
+        with_columns = all(p.column_medians is not None for p in parts)  # else unknown for some inputs: none
         return cls(provenance=first.provenance, layers=first.layers, n_inputs=sum(p.n_inputs for p in parts),
                    hook_names=first.hook_names, prepend_bos=first.prepend_bos, top_k=first.top_k,
-                   tokens=tokens, nonfinite=nonfinite, **fields)
+                   tokens=tokens, nonfinite=nonfinite, column_medians=cat("column_medians") if with_columns else None,
+                   **fields)
 
     @classmethod
     def empty(
@@ -128,6 +136,7 @@ class ScanResult(CorpusResult):
             lengths=torch.zeros(0, dtype=torch.long),
             tokens={},
             nonfinite=torch.zeros(0, n_hooks, dtype=torch.bool),
+            column_medians=torch.zeros(0, n_hooks, top_k),
         )
 
     def nonfinite_states(self) -> list[tuple[int, str]]:
