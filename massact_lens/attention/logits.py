@@ -24,6 +24,7 @@ from massact_lens._core.results import Result
 from massact_lens._core.types import HookList, Provenance, is_causal
 from massact_lens.attention._passes import (
     allowed_keys,
+    attention_windows,
     centred_logits,
     check_layers,
     detached,
@@ -152,7 +153,7 @@ class _Logits:
         cache, n_heads = self.cache, int(self.model.cfg.n_heads)
         pattern = cache[(layer, "pattern")].float()
         key_len = int(pattern.shape[-1])
-        allowed = allowed_keys(real, key_len, causal)[:, None]
+        allowed = allowed_keys(real, key_len, causal, attention_windows(self.model)[layer])[:, None]  # windows too
         scores = cache.get((layer, "scores"))
         if scores is not None and not torch.equal(scores, cache[(layer, "pattern")]):
             logits = scores.float()
