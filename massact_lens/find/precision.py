@@ -15,7 +15,7 @@ massive value against float32, and warns above 1%.
 ...     return plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=3000.0)
 >>> half = planted().to(torch.bfloat16)  # TransformerLens prints the change
 Changing model dtype to torch.bfloat16
->>> table = compare_precision(planted(), half, torch.zeros(1, 4, dtype=torch.long))
+>>> table = compare_precision(planted(), half, torch.tensor([[0, 7, 9, 11]]))  # token 0 carries it
 >>> sorted(set(table["dim"])), list(table.columns)[-3:]
 ([5], ['float32', 'bfloat16', 'relative_difference'])
 """
