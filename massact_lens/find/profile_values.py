@@ -1,7 +1,8 @@
 """The values a profile keeps: every massive (position, dim) followed through every hook.
 
-For each (input, position, dim) found massive anywhere in its input, :func:`profile`
-keeps its signed value at **every** scanned hook (also where it is not massive),
+For each (input, position, dim) found massive anywhere in its input (a token-sparse
+record: the channel-wide entries of outlier channels are listed apart and not followed),
+:func:`profile` keeps its signed value at **every** scanned hook (also where it is not massive),
 summed per (hook, dim, token kind) in float64: count, mean and spread, the means
 "set to mean" ablation writes.
 
@@ -209,9 +210,10 @@ class CandidateValues:
     ``statistics`` (the scan's) in the same :func:`~massact_lens._core.loop.measure` call
     and reads the batch's statistics from it in :meth:`update`.
 
-    Keeps, for each (input, position, dim) that passes the criterion at some hook, its
-    value at every hook (float32, as read): a few numbers per input, like the scan's
-    own records. ``reruns`` counts the batches run a second time for a new dim.
+    Keeps, for each (input, position, dim) that passes the criterion at some hook on a
+    few tokens (a token-sparse record of :func:`~massact_lens.find_massive`; the entries
+    of outlier channels, large on most tokens, are not followed), its value at every hook
+    (float32, as read): a few numbers per input, like the scan's own records. ``reruns`` counts the batches run a second time for a new dim.
     :meth:`result` is the profile's value statistics.
     """
 
@@ -271,12 +273,21 @@ class CandidateValues:
             probe = scan(self.model, batch.tokens[:1, :length], hooks=list(self.hook_names),
                          top_k=self.statistics.top_k, progress=False)
         stats = (probe.values, probe.positions, probe.dims, probe.token_ids, probe.medians, probe.nonfinite)
-        self.dims.extend(sorted(set(self._entries(stats)[:, 2].tolist())))
+        self.dims.extend(sorted(set(self._entries(stats, probe.column_medians, probe.lengths)[:, 2].tolist())))
 
-    def _entries(self, stats: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """(row, position, dim) of every entry of a batch's statistics that passes the criterion."""
+    def _entries(self, stats: tuple[torch.Tensor, ...], columns: torch.Tensor | None,
+                 lengths: torch.Tensor) -> torch.Tensor:
+        """(row, position, dim) of every token-sparse entry of a batch's statistics that passes the
+        criterion: the records :meth:`found` keeps. Channel-wide entries (outlier channels,
+        :meth:`~massact_lens.find.criterion.Criterion.channel_wide`: ``columns``, the entries'
+        column medians, and ``lengths``, real tokens per row, decide) are no profile value:
+        they are not followed. ``columns`` None (unknown): every entry that passes is."""
         values, positions, dims, _, medians, _ = stats
-        rows, hooks, ranks = self.criterion.among_top(values, medians).nonzero(as_tuple=True)
+        passes = self.criterion.among_top(values, medians)
+        if columns is not None:
+            lengths = lengths.to(medians.device)[:, None].expand(medians.shape)
+            passes &= ~self.criterion.channel_wide(columns.to(medians.device), medians, lengths)
+        rows, hooks, ranks = passes.nonzero(as_tuple=True)
         found = torch.stack([rows, positions[rows, hooks, ranks].long(), dims[rows, hooks, ranks].long()], dim=1)
         return torch.unique(found, dim=0)
 
@@ -284,7 +295,8 @@ class CandidateValues:
         if self._open is None:
             raise RuntimeError("update() before hooks(): the batch's readers were never attached.")
         (used, columns), self._open = self._open, None
-        entries = self._entries(self.statistics.batch_stats)
+        lengths = batch.attention_mask.bool().sum(dim=1).cpu()  # real tokens per row, as the scan counts them
+        entries = self._entries(self.statistics.batch_stats, self.statistics.batch_columns, lengths)
         if len(entries) == 0:
             return
         found = set(entries[:, 2].tolist())

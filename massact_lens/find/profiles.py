@@ -46,6 +46,19 @@ class MassiveProfile(CorpusResult):
     massive), the value of each (input, position, dim) that is massive somewhere in
     that input, grouped by token kind: the means "set to mean" ablation uses.
     ``layers``: the blocks of ``hook_names``.
+
+    ``dims`` (and :attr:`massive_dims`, :meth:`dim_kinds`, ``stats`` and every key set
+    built from the profile) are the token-sparse massive activations, the paper's kind;
+    ``channel_wide`` lists apart the outlier channels: dims whose entries pass the
+    criterion on more than half of the tokens of a hidden state
+    (:meth:`~massact_lens.find.criterion.Criterion.channel_wide`, the summaries of
+    ``found.channel_wide_summaries()``). A dim can be in both (massive on a few tokens in
+    some hidden states, channel-wide in others).
+
+    >>> from massact_lens.examples import minilm
+    >>> p = profile(minilm(), ["Rain fell."], min_value=50, min_ratio=200, progress=False)
+    >>> p.massive_dims, p.channel_wide_dims
+    ((99,), ())
     """
 
     hook_names: tuple[str, ...]
@@ -61,6 +74,9 @@ class MassiveProfile(CorpusResult):
     #: A digest of the model's weights (:func:`~massact_lens._core._fingerprint.weights_fingerprint`;
     #: "" when unknown): profiles of other weights do not merge.
     weights: str = ""
+    #: The outlier channels, listed apart from ``dims`` (one summary per dim of the
+    #: channel-wide entries); () in a profile saved before they were kept.
+    channel_wide: tuple[DimSummary, ...] = ()
 
     #: A profile pools its inputs (see :class:`~massact_lens.find.criterion.MassiveSet`).
     per_input: ClassVar[bool] = False
@@ -76,7 +92,13 @@ class MassiveProfile(CorpusResult):
 
     @property
     def massive_dims(self) -> tuple[int, ...]:
+        """The dims with token-sparse massive activations (what key sets and ablations use)."""
         return tuple(d.dim for d in self.dims)
+
+    @property
+    def channel_wide_dims(self) -> tuple[int, ...]:
+        """The dims of the outlier channels (``channel_wide``), apart from :attr:`massive_dims`."""
+        return tuple(d.dim for d in self.channel_wide)
 
     def dim_kinds(self) -> tuple[tuple[int, str], ...]:
         """The (dim, token kind) pairs that are massive somewhere, sorted."""
@@ -101,8 +123,12 @@ class MassiveProfile(CorpusResult):
     def _summary_lines(self) -> list[str]:
         dims = "; ".join(f"{d.dim} (layers {d.first_layer}..{d.last_layer}, {', '.join(d.kinds)})" for d in self.dims[:6])
         more = f" and {len(self.dims) - 6} more" if len(self.dims) > 6 else ""
-        return [f"{len(self.dims)} massive dims: {dims or 'none'}{more}",
-                f"|x| > {self.min_value:g}, >= {self.min_ratio:g} x median; prepend_bos={self.prepend_bos}"]
+        lines = [f"{len(self.dims)} massive dims: {dims or 'none'}{more}"]
+        if self.channel_wide:
+            wide = "; ".join(f"{d.dim} (layers {d.first_layer}..{d.last_layer})" for d in self.channel_wide[:6])
+            wide_more = f" and {len(self.channel_wide) - 6} more" if len(self.channel_wide) > 6 else ""
+            lines.append(f"{len(self.channel_wide)} outlier channels, listed apart: {wide}{wide_more}")
+        return [*lines, f"|x| > {self.min_value:g}, >= {self.min_ratio:g} x median; prepend_bos={self.prepend_bos}"]
 
     def dims_dataframe(self) -> pd.DataFrame:
         """One row per massive dim: layers, token kinds, how often, how large."""
@@ -128,33 +154,6 @@ class MassiveProfile(CorpusResult):
         first = parts[0]
         n_inputs = sum(p.n_inputs for p in parts)
         order = {name: i for i, name in enumerate(first.hook_names)}
-        dims: dict[int, list[tuple[DimSummary, int]]] = defaultdict(list)
-        for p in parts:
-            for d in p.dims:
-                dims[d.dim].append((d, p.n_inputs))
-        merged_dims = []
-        for dim, items in sorted(dims.items()):
-            kinds: dict[str, int] = defaultdict(int)
-            tokens: dict[str, int] = defaultdict(int)
-            for d, _ in items:
-                for k, v in d.kinds.items():
-                    kinds[k] += v
-                for k, v in d.tokens.items():
-                    tokens[k] += v
-            merged_dims.append(
-                DimSummary(
-                    dim=dim,
-                    first_layer=min(d.first_layer for d, _ in items),
-                    last_layer=max(d.last_layer for d, _ in items),
-                    hook_names=tuple(sorted({h for d, _ in items for h in d.hook_names}, key=order.__getitem__)),
-                    kinds={k: kinds[k] for k in TOKEN_KINDS if k in kinds},
-                    tokens=by_count(tokens),
-                    input_fraction=sum(round(d.input_fraction * n) for d, n in items) / n_inputs,
-                    max_abs_value=max(d.max_abs_value for d, _ in items),
-                    max_ratio=max(d.max_ratio for d, _ in items),
-                    hook_inputs=_sum_counts([d.hook_inputs for d, _ in items], order),
-                )
-            )
         stats: dict[tuple[str, int, str], list[ValueStat]] = defaultdict(list)
         for p in parts:
             for st in p.stats:
@@ -167,11 +166,12 @@ class MassiveProfile(CorpusResult):
             hook_names=first.hook_names,
             prepend_bos=first.prepend_bos,
             criterion=first.criterion,
-            dims=tuple(merged_dims),
+            dims=_merged_dims([(p.dims, p.n_inputs) for p in parts], n_inputs, order),
             stats=tuple(pooled(stats[k]) for k in keys),
             delimiters=first.delimiters,
             top_k=first.top_k,
             weights=first.weights,
+            channel_wide=_merged_dims([(p.channel_wide, p.n_inputs) for p in parts], n_inputs, order),
         )
 
     def to_json(self) -> str:
@@ -189,6 +189,7 @@ class MassiveProfile(CorpusResult):
             "delimiters": list(self.delimiters),
             "top_k": self.top_k,
             "weights": self.weights,
+            "channel_wide": [asdict(d) for d in self.channel_wide],
         }
         return json.dumps(data, indent=1)
 
@@ -221,6 +222,39 @@ class MassiveProfile(CorpusResult):
 PROFILE_FORMAT = "massact_lens.profile/1"
 
 
+def _merged_dims(parts: list[tuple[tuple[DimSummary, ...], int]], n_inputs: int,
+                 order: dict[str, int]) -> tuple[DimSummary, ...]:
+    """The summaries of disjoint slices of a corpus (each with its number of inputs) as one, per dim."""
+    dims: dict[int, list[tuple[DimSummary, int]]] = defaultdict(list)
+    for summaries, n in parts:
+        for d in summaries:
+            dims[d.dim].append((d, n))
+    merged = []
+    for dim, items in sorted(dims.items()):
+        kinds: dict[str, int] = defaultdict(int)
+        tokens: dict[str, int] = defaultdict(int)
+        for d, _ in items:
+            for k, v in d.kinds.items():
+                kinds[k] += v
+            for k, v in d.tokens.items():
+                tokens[k] += v
+        merged.append(
+            DimSummary(
+                dim=dim,
+                first_layer=min(d.first_layer for d, _ in items),
+                last_layer=max(d.last_layer for d, _ in items),
+                hook_names=tuple(sorted({h for d, _ in items for h in d.hook_names}, key=order.__getitem__)),
+                kinds={k: kinds[k] for k in TOKEN_KINDS if k in kinds},
+                tokens=by_count(tokens),
+                input_fraction=sum(round(d.input_fraction * n) for d, n in items) / n_inputs,
+                max_abs_value=max(d.max_abs_value for d, _ in items),
+                max_ratio=max(d.max_ratio for d, _ in items),
+                hook_inputs=_sum_counts([d.hook_inputs for d, _ in items], order),
+            )
+        )
+    return tuple(merged)
+
+
 def _sum_counts(parts: list[dict[str, int]], order: dict[str, int]) -> dict[str, int]:
     total: dict[str, int] = defaultdict(int)
     for part in parts:
@@ -240,6 +274,30 @@ def _field(data: dict[str, Any], name: str, kinds: tuple[type, ...], source: str
     return value
 
 
+def _dim_summaries_from(items: list[Any], name: str, hooks: list[str], source: str) -> tuple[DimSummary, ...]:
+    """The :class:`DimSummary` objects of a saved profile's list ``name`` (``dims`` or ``channel_wide``), checked
+    (their hook points among ``hooks``)."""
+    number = (int, float)
+    out = []
+    for i, d in enumerate(items):
+        where = f"{name}[{i}]."
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: {name}[{i}] must be an object.")
+        for field_, kinds in (("dim", (int,)), ("first_layer", (int,)), ("last_layer", (int,)), ("hook_names", (list,)),
+                              ("kinds", (dict,)), ("tokens", (dict,)), ("input_fraction", number),
+                              ("max_abs_value", number), ("max_ratio", number)):
+            _field(d, field_, kinds, source, where)
+        counts = d.get("hook_inputs", {})
+        if not isinstance(counts, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in counts.items()):
+            raise ValueError(f"{source}: {where}'hook_inputs' must map hook names to input counts.")
+        unknown = sorted({str(h) for h in [*d["hook_names"], *counts]} - set(hooks))
+        if unknown:
+            raise ValueError(f"{source}: {where}hook_names {unknown} are not among hook_names.")
+        fields_ = {k: d[k] for k in DimSummary.__dataclass_fields__ if k != "hook_inputs"}
+        out.append(DimSummary(**fields_ | {"hook_names": tuple(d["hook_names"]), "hook_inputs": counts}))
+    return tuple(out)
+
+
 def _profile_from_dict(data: dict[str, Any], source: str) -> MassiveProfile:
     number = (int, float)
     raw = data.get("provenance", data.get("model"))
@@ -250,20 +308,12 @@ def _profile_from_dict(data: dict[str, Any], source: str) -> MassiveProfile:
     bos = data.get("prepend_bos")
     if bos is not None and not isinstance(bos, bool):
         raise ValueError(f"{source}: 'prepend_bos' must be true, false or null, not {bos!r}.")
-    dims, stats = [], []
-    for i, d in enumerate(_field(data, "dims", (list,), source)):
-        where = f"dims[{i}]."
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: dims[{i}] must be an object.")
-        for name, kinds in (("dim", (int,)), ("first_layer", (int,)), ("last_layer", (int,)), ("hook_names", (list,)),
-                            ("kinds", (dict,)), ("tokens", (dict,)), ("input_fraction", number),
-                            ("max_abs_value", number), ("max_ratio", number)):
-            _field(d, name, kinds, source, where)
-        counts = d.get("hook_inputs", {})
-        if not isinstance(counts, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in counts.items()):
-            raise ValueError(f"{source}: {where}'hook_inputs' must map hook names to input counts.")
-        fields_ = {k: d[k] for k in DimSummary.__dataclass_fields__ if k != "hook_inputs"}
-        dims.append(DimSummary(**fields_ | {"hook_names": tuple(d["hook_names"]), "hook_inputs": counts}))
+    dims = _dim_summaries_from(_field(data, "dims", (list,), source), "dims", hooks, source)
+    wide = data.get("channel_wide", [])  # absent from profiles saved before it was kept
+    if not isinstance(wide, list):
+        raise ValueError(f"{source}: 'channel_wide' must be a list of dim summaries, not {wide!r}.")
+    channel_wide = _dim_summaries_from(wide, "channel_wide", hooks, source)
+    stats = []
     for i, st in enumerate(_field(data, "stats", (list,), source)):
         where = f"stats[{i}]."
         if not isinstance(st, dict):
@@ -297,11 +347,12 @@ def _profile_from_dict(data: dict[str, Any], source: str) -> MassiveProfile:
         hook_names=tuple(hooks),
         prepend_bos=bos,
         criterion=criterion,
-        dims=tuple(dims),
+        dims=dims,
         stats=tuple(stats),
         delimiters=tuple(delimiters),
         top_k=top_k,
         weights=weights,
+        channel_wide=channel_wide,
     )
 
 
@@ -330,6 +381,10 @@ def profile(
 
     ``scan_result``: a scan of these same inputs already made; the values are then
     read in one pass of their own (its hooks, top_k and BOS setting are used).
+
+    The profile's dims and values are the token-sparse massive activations; outlier
+    channels (a dim that passes on more than half of the tokens of a hidden state) are
+    summarised apart in ``channel_wide`` and not followed.
 
     >>> from massact_lens.examples import minilm
     >>> p = profile(minilm(), ["A short sentence.", "Another one here."],
@@ -365,4 +420,5 @@ def profile(
         delimiters=tuple(sorted(delimiters)),
         top_k=result.top_k,
         weights=weights_fingerprint(model),
+        channel_wide=found.channel_wide_summaries(),
     )
