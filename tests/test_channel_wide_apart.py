@@ -2,8 +2,9 @@
 
 find_massive lists channel-wide entries (a dim that passes the criterion on more than half
 of the tokens of a hidden state) apart from the token-sparse massive activations. The same
-split holds for the profile (its ``channel_wide`` summaries, saved, merged and shown, never
-in its dims) and the one-pass profile's followers (which no longer follow outlier channels).
+split holds for: the profile (its ``channel_wide`` summaries, saved, merged and shown, never
+in its dims), the one-pass profile's followers (which no longer follow outlier channels),
+``hidden_states(...).massive()`` and ``where_massive`` (edits and attention key sets).
 
 The model: a tiny random LLaMA / GPT-2 with 1000.0 planted at dim 5 on token 0 (the start
 token) and an outlier channel, 300.0 added at dim 7 to every other token's embedding.
@@ -24,6 +25,7 @@ from massact_lens.examples import tiny_model
 from massact_lens.find._scan_stats import scan_plan
 from massact_lens.find.criterion import Criterion
 from massact_lens.find.profile_values import CandidateValues
+from massact_lens.interventions import where_massive, zero_hook
 from massact_lens.models.planting import plant_massive_activation
 
 PLANTED, CHANNEL = 5, 7
@@ -153,3 +155,66 @@ def test_a_probe_that_meets_only_an_outlier_channel_follows_nothing(outlier):
     follower = _follow(outlier, tokens, 2)
     assert follower.found().channel_wide_dims == (CHANNEL,) and len(follower.found()) == 0
     assert follower.dims == [] and follower._keys == [] and follower.result() == ()
+
+
+# ----------------------------------------------------------------------------- hidden_states().massive()
+
+
+def _pairs(records, input_index=0):
+    return {(r.position, r.dim) for r in records if r.input_index == input_index}
+
+
+def _flat(massive):
+    return {(p, d) for p, dims in massive.items() for d in dims}
+
+
+def test_hidden_states_massive_is_token_sparse_as_find_massive(outlier, tokens):
+    found = _found(outlier, tokens, top_k=64)
+    assert {d for _, d in _pairs(found.channel_wide)} == {CHANNEL}
+    states = ml.viz.hidden_states(outlier, tokens[0])
+    assert states.massive(**CRITERION) == {0: (PLANTED,)}  # before: every position, with dim 7
+    assert _flat(states.massive(**CRITERION)) == _pairs(found)
+    every = states.massive(**CRITERION, channel_wide=True)
+    assert _flat(every) == _pairs(found) | _pairs(found.channel_wide)
+    # the hooks: the planted dim from block 1 on (block 0 holds only the channel)
+    assert states.massive_hooks(**CRITERION) == states.hook_names[1:]
+    assert states.massive_hooks(**CRITERION, channel_wide=True) == states.hook_names
+    with pytest.raises(TypeError, match="channel_wide"):  # beartype's, or our own check outside the tests
+        states.massive(**CRITERION, channel_wide="yes")
+
+
+# ----------------------------------------------------------------------------- where_massive
+
+
+def _keep(into):
+    def keep(x, hook):  # noqa: ARG001
+        into.append(x.detach().clone())
+
+    return keep
+
+
+def test_where_massive_edits_only_the_token_sparse_entries(outlier, tokens):
+    hook = "blocks.2.hook_resid_post"
+    _, clean = outlier.run_with_cache(tokens, names_filter=[hook])
+    for channel_wide, zeroed in ((False, {PLANTED}), (True, {PLANTED, CHANNEL})):
+        edit = zero_hook(positions=where_massive(**CRITERION, channel_wide=channel_wide))
+        read = []
+        hooks = [*ml.interventions.edit_hooks(outlier, edit, hooks=[hook]), (hook, _keep(read))]
+        with outlier.hooks(fwd_hooks=hooks):
+            outlier(tokens)
+        changed = (read[0] != clean[hook]).nonzero().tolist()
+        assert {d for _, _, d in changed} == zeroed  # before: dim 7 zeroed by default too
+        assert {(p, d) for _, p, d in changed if d == PLANTED} == {(0, PLANTED)}
+        if channel_wide:  # the channel on every token but the start token
+            assert {p for _, p, d in changed if d == CHANNEL} == set(range(1, tokens.shape[1]))
+
+
+def test_where_massive_as_a_key_set_is_the_start_token(outlier, tokens):
+    sinks = ml.attention_concentration(outlier, tokens, where_massive(**CRITERION), progress=False)
+    assert sinks.n_positions.tolist() == [1] * len(tokens)  # before: 12, every token
+    rule = where_massive(**CRITERION, channel_wide=True)
+    every = ml.attention_concentration(outlier, tokens, rule, progress=False)
+    assert every.n_positions.tolist() == [tokens.shape[1]] * len(tokens)
+    assert where_massive(**CRITERION) != rule
+    with pytest.raises(TypeError, match="channel_wide"):
+        where_massive(channel_wide=1)

@@ -139,6 +139,23 @@ class Criterion:
         tested = magnitude if dims is None else magnitude[..., dims]
         return self.passes(tested, median[:, None, None]) & real[..., None]
 
+    def token_sparse(
+        self, entries: Bool[torch.Tensor, "batch pos n_dims"], real: Bool[torch.Tensor, "batch pos"]
+    ) -> Bool[torch.Tensor, "batch pos n_dims"]:
+        """``entries`` (of :meth:`entries`) without the channel-wide ones: an entry is dropped when
+        its column passes on **more than half** of the real tokens of its hidden state (an outlier
+        channel; the rule of :meth:`channel_wide`, counted directly). What :func:`find_massive`
+        keeps as its records, decided on a full hidden state; a state of one real token keeps all.
+
+        >>> x = torch.zeros(1, 4, 3) + 0.1; x[0, 0, 0] = 500.0; x[0, :, 2] = 400.0   # dim 2: every token
+        >>> c, real = Criterion(100, 1000), torch.ones(1, 4, dtype=torch.bool)
+        >>> c.token_sparse(c.entries(x, real), real).nonzero().tolist()
+        [[0, 0, 0]]
+        """
+        counts = real.sum(dim=1)  # [batch]
+        wide = (2 * entries.sum(dim=1) > counts[:, None]) & (counts >= 2)[:, None]  # [batch, n_dims]
+        return entries & ~wide[:, None, :]
+
     def channel_wide(
         self, column_medians: torch.Tensor, medians: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:

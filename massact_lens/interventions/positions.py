@@ -177,6 +177,11 @@ class WhereMassive(PositionRule):
     residual points of :func:`massact_lens.residual_hook_names`) in the same pass,
     and a position is in the set when one of its entries (in ``dims``, default any)
     is massive at any of those hooks. Build it with :func:`where_massive`.
+
+    Like :func:`~massact_lens.find_massive`, it keeps the token-sparse entries: an entry
+    whose dim passes on more than half of the real tokens of its hidden state belongs to
+    an outlier channel and is left out
+    (:meth:`~massact_lens.find.criterion.Criterion.token_sparse`), unless ``channel_wide``.
     """
 
     reads_input_index = True  # decided from the activation of each row itself
@@ -185,6 +190,7 @@ class WhereMassive(PositionRule):
     min_ratio: float | int = 1000.0
     hooks: Sequence[str] | None = None
     dims: Sequence[int] | None = None
+    channel_wide: bool = False
 
     reads_activation = True
 
@@ -196,9 +202,10 @@ class WhereMassive(PositionRule):
             object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
 
     @classmethod
-    def of(cls, criterion: Criterion, hooks: str | Sequence[str] | None = None, dims: Sequence[int] | None = None) -> WhereMassive:
-        """The rule of ``criterion`` (at ``hooks``, in ``dims``)."""
-        return cls(criterion.min_value, criterion.min_ratio, hooks, dims)
+    def of(cls, criterion: Criterion, hooks: str | Sequence[str] | None = None, dims: Sequence[int] | None = None,
+           channel_wide: bool = False) -> WhereMassive:
+        """The rule of ``criterion`` (at ``hooks``, in ``dims``; outlier channels too if ``channel_wide``)."""
+        return cls(criterion.min_value, criterion.min_ratio, hooks, dims, channel_wide)
 
     @functools.cached_property
     def criterion(self) -> Criterion:
@@ -208,6 +215,8 @@ class WhereMassive(PositionRule):
 
     def check(self, model: TransformerLensModel) -> None:
         self.criterion  # noqa: B018 (validates the thresholds)
+        if not isinstance(self.channel_wide, bool):
+            raise TypeError(f"{type(self).__name__}.channel_wide must be True or False, not {self.channel_wide!r}.")
         if self.dims is not None:
             d_model = int(model.cfg.d_model)
             if not self.dims:
@@ -224,7 +233,10 @@ class WhereMassive(PositionRule):
     def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:
         if ctx.found is not None and self in ctx.found:
             return ctx.found[self].to(activation.device)
-        entries = self.criterion.entries(activation, ctx.real(activation), dims)
+        real = ctx.real(activation)
+        entries = self.criterion.entries(activation, real, dims)
+        if not self.channel_wide:
+            entries = self.criterion.token_sparse(entries, real)
         if self.dims is not None:
             columns = dims if dims is not None else torch.arange(int(activation.shape[-1]), device=activation.device)
             entries = entries & torch.isin(columns, torch.tensor(self.dims, device=columns.device))
@@ -236,6 +248,8 @@ class WhereMassive(PositionRule):
             out += f" at {','.join(self.hooks)}"
         if self.dims is not None:
             out += f" in dims {list(self.dims)}"
+        if self.channel_wide:
+            out += ", outlier channels included"
         return out
 
 
@@ -396,6 +410,7 @@ def where_massive(
     dims: Sequence[int] | None = None,
     *,
     criterion: Criterion | None = None,
+    channel_wide: bool = False,
 ) -> WhereMassive:
     """Entries that are massive in *this* input, decided from the activation at run time.
 
@@ -408,7 +423,16 @@ def where_massive(
     ``criterion``: the thresholds as one :class:`~massact_lens.find.criterion.Criterion`
     (a profile's ``.criterion``, say) instead of ``min_value`` / ``min_ratio``.
 
+    As :func:`~massact_lens.find_massive`, it selects the token-sparse entries (the
+    paper's massive activations): an entry whose dim passes on more than half of the real
+    tokens of its hidden state is an outlier channel and is left out (decided per input
+    and hook point). ``channel_wide=True`` selects those too.
+
     >>> where_massive(50, 200), where_massive(criterion=Criterion(50, 200)) == where_massive(50, 200)
     (where |x| > 50 and >= 200 x median, True)
+    >>> where_massive(50, 200, channel_wide=True)
+    where |x| > 50 and >= 200 x median, outlier channels included
     """
-    return WhereMassive.of(criterion or Criterion(min_value, min_ratio), hooks, dims)
+    if not isinstance(channel_wide, bool):
+        raise TypeError(f"channel_wide must be True or False, not {channel_wide!r}.")
+    return WhereMassive.of(criterion or Criterion(min_value, min_ratio), hooks, dims, channel_wide)

@@ -2,7 +2,9 @@
 
 A scan keeps the top-k entries of each hidden state; a picture of one input needs
 every ``(token, dim)`` entry. :func:`hidden_states` reads them (one forward pass,
-float32 on the CPU); :meth:`HiddenStates.massive` applies the criterion to every entry.
+float32 on the CPU); :meth:`HiddenStates.massive` applies the criterion to every entry
+and, as :func:`~massact_lens.find_massive`, keeps the token-sparse ones (outlier
+channels, large on most tokens of a hidden state, only with ``channel_wide=True``).
 
 >>> from massact_lens.examples import minilm
 >>> states = hidden_states(minilm(), "The cat sat on the mat.")
@@ -102,29 +104,50 @@ class HiddenStates(CorpusResult):
         """Median ``|x|`` of each hidden state (all positions and dims; the lower median, as scan)."""
         return self.values.abs().flatten(1).median(dim=1).values
 
-    def massive(self, min_value: float | int = 100.0, min_ratio: float | int = 1000.0) -> dict[int, tuple[int, ...]]:
-        """Positions with an entry that passes the criterion at some hook -> those entries' dims.
-
-        The criterion of :func:`massact_lens.find_massive`, applied to every entry
-        (:meth:`massact_lens.find.criterion.Criterion.entries`).
-        """
+    def _passes(self, min_value: float | int, min_ratio: float | int, channel_wide: bool) -> torch.Tensor:
+        """``[n_hooks, pos, d_model]``: the entries that pass the criterion (token-sparse unless ``channel_wide``)."""
+        if not isinstance(channel_wide, bool):
+            raise TypeError(f"channel_wide must be True or False, not {channel_wide!r}.")
         criterion = Criterion(min_value, min_ratio)
         real = torch.ones(self.values.shape[:2], dtype=torch.bool)  # hooks as the batch axis; one input, no padding
         passes = criterion.entries(self.values, real)
+        return passes if channel_wide else criterion.token_sparse(passes, real)
+
+    def massive(self, min_value: float | int = 100.0, min_ratio: float | int = 1000.0, *,
+                channel_wide: bool = False) -> dict[int, tuple[int, ...]]:
+        """Positions with an entry that passes the criterion at some hook -> those entries' dims.
+
+        The criterion of :func:`massact_lens.find_massive`, applied to every entry
+        (:meth:`massact_lens.find.criterion.Criterion.entries`), and like it keeping the
+        token-sparse entries: a dim that passes on more than half of the tokens of a hidden
+        state there is an outlier channel, not a massive activation, and is left out of that
+        state (:meth:`~massact_lens.find.criterion.Criterion.token_sparse`).
+        ``channel_wide=True``: every entry that passes, outlier channels included.
+
+        >>> import torch
+        >>> from massact_lens.examples import tiny_model
+        >>> from massact_lens.models.planting import plant_massive_activation
+        >>> model = plant_massive_activation(tiny_model("llama", n_layers=3), layer=1, dim=5, value=1000.0)
+        >>> states = hidden_states(model, torch.tensor([0, 0, 0, 9]))   # the planted token three times of four
+        >>> states.massive(50, 100), states.massive(50, 100, channel_wide=True)
+        ({}, {0: (5,), 1: (5,), 2: (5,)})
+        """
+        passes = self._passes(min_value, min_ratio, channel_wide)
         out: dict[int, set[int]] = {}
         for _, position, dim in passes.nonzero().tolist():
             out.setdefault(position, set()).add(dim)
         return {p: tuple(sorted(d)) for p, d in sorted(out.items())}
 
-    def massive_hooks(self, min_value: float | int = 100.0, min_ratio: float | int = 1000.0) -> tuple[str, ...]:
-        """The hook points (forward order) with at least one entry that passes the criterion.
+    def massive_hooks(self, min_value: float | int = 100.0, min_ratio: float | int = 1000.0, *,
+                      channel_wide: bool = False) -> tuple[str, ...]:
+        """The hook points (forward order) with at least one entry that passes the criterion
+        (token-sparse, as :meth:`massive`; ``channel_wide=True``: outlier channels too).
 
         >>> from massact_lens.examples import minilm
         >>> hidden_states(minilm(), "Hi.", layers=[0, 1]).massive_hooks(50, 200)
         ('blocks.0.ln2.hook_in', 'blocks.1.ln2.hook_in')
         """
-        criterion = Criterion(min_value, min_ratio)
-        passes = criterion.entries(self.values, torch.ones(self.values.shape[:2], dtype=torch.bool))
+        passes = self._passes(min_value, min_ratio, channel_wide)
         return tuple(name for name, hit in zip(self.hook_names, passes.flatten(1).any(1).tolist(), strict=True) if hit)
 
     def criterion(self, min_value: float | int | None = None, min_ratio: float | int | None = None) -> tuple[float, float]:
