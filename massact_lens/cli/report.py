@@ -360,13 +360,13 @@ def _no_bos(run: _Run, constant: Section) -> pd.DataFrame | None:
                               f"{min(NO_BOS_SEQ_LEN, int(run.model.cfg.n_ctx))} tokens")
         constant.notes.append(f"The measurements without BOS were not run: {run.no_bos_skipped}.")
         return None
-    run.no_bos = (rows, profile(run.model, rows, min_value=run.criterion.min_value, min_ratio=run.criterion.min_ratio,
-                                top_k=run.top_k, batch_size=run.batch_size, progress=run.progress))
+    result = scan(run.model, rows, top_k=run.top_k, batch_size=run.batch_size, progress=run.progress)
+    run.no_bos = (rows, _profile_from_scan(run, rows, result, None))
     shape = f"{rows.shape[0]} sequences of {rows.shape[1]} tokens cut from the prompts' text"
     if not run.no_bos[1].stats:
         constant.notes.append(f"Without BOS ({shape}), nothing is massive under this criterion.")
         return None
-    table = constancy_table(run.no_bos[1])
+    table = constancy_table(run.no_bos[1], run.criterion.find(result))  # "massive here" per (hook, dim, kind)
     constant.add(f"Without BOS, the first token of each of {shape} (a different token each time):")
     _constancy_tables(constant, table, f" without BOS ({shape})")
     return table
