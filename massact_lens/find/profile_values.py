@@ -2,9 +2,9 @@
 
 For each (input, position, dim) found massive anywhere in its input (a token-sparse
 record: the channel-wide entries of outlier channels are listed apart and not followed),
-:func:`profile` keeps its signed value at **every** scanned hook (also where it is not massive),
-summed per (hook, dim, token kind) in float64: count, mean and spread, the means
-"set to mean" ablation writes.
+:func:`profile` keeps its signed value at **every** scanned hook (also where it is not
+massive), summed per (hook, dim, token kind) in float64: count, mean and spread, the
+means "set to mean" ablation writes.
 
 Which entries to follow is known only once a batch has gone through all hooks, so
 :class:`CandidateValues` follows them in the scan's own forward pass this way: at
@@ -213,8 +213,9 @@ class CandidateValues:
     Keeps, for each (input, position, dim) that passes the criterion at some hook on a
     few tokens (a token-sparse record of :func:`~massact_lens.find_massive`; the entries
     of outlier channels, large on most tokens, are not followed), its value at every hook
-    (float32, as read): a few numbers per input, like the scan's own records. ``reruns`` counts the batches run a second time for a new dim.
-    :meth:`result` is the profile's value statistics.
+    (float32, as read): a few numbers per input, like the scan's own records. ``reruns``
+    counts the batches run a second time for a new dim. :meth:`result` is the profile's
+    value statistics.
     """
 
     reads_input_index = True  # its rows are named by Batch.input_index: the plan may run longest first
