@@ -22,7 +22,7 @@ from massact_lens import interventions
 from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens.examples import tiny_model
 from massact_lens.find import ScanResult, compare_precision
-from massact_lens.interventions import edit_hooks, zero_hook
+from massact_lens.interventions import edit_hooks, scale_hook, value_hook, zero_hook
 from massact_lens.models.planting import plant_massive_activation
 
 
@@ -196,3 +196,90 @@ def test_a_plain_hf_model_gets_the_clear_message_before_any_pass():
         )
         assert "massact_lens.load_model(hf_model)" in message, verb
         assert passes == 0, verb
+
+
+# ------------------------------------------------------------------- the adversarial run's findings
+
+#: Bad arguments a user may pass, each with the start of the message it must get. Run in a fresh
+#: interpreter for the reason above (beartype would refuse most of them first under pytest).
+_BAD_ARGUMENTS_SCRIPT = """
+import json, torch
+import massact_lens as ml
+from massact_lens import distributed, interventions
+from massact_lens.examples import minilm_dir, tiny_model
+
+model = tiny_model("llama", n_layers=2)
+calls = []
+model.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+t = torch.zeros(2, 5, dtype=torch.long)
+prof = ml.profile(model, t, min_value=0.001, min_ratio=1.0, progress=False)
+calls.clear()
+cases = {
+    "layers=5": lambda: ml.scan(model, t, layers=5, progress=False),
+    "prepend_bos='yes'": lambda: ml.scan(model, t, prepend_bos="yes", progress=False),
+    "dims=1.5": lambda: interventions.zero_hook(dims=1.5),
+    "scale '2'": lambda: interventions.scale_hook("2", dims=1),
+    "ablation of a table": lambda: ml.ablation_hooks(model, prof.to_dataframe()),
+    "modes=[]": lambda: ml.ablation_table(model, prof, modes=[], corpus=t, progress=False),
+    "shard(-1)": lambda: distributed.shard(-1, 0, 1),
+    "distributed generator": lambda: distributed.run_distributed(ml.scan, model, (x for x in t)),
+    "distributed topk=": lambda: distributed.run_distributed(ml.scan, model, t, topk=3),
+    "dtype='float16'": lambda: ml.load_model(minilm_dir(), dtype="float16"),
+    "device='tpu'": lambda: ml.load_model(minilm_dir(), device="tpu"),
+}
+out = {}
+for name, call in cases.items():
+    try:
+        call()
+        out[name] = ["no error", "", len(calls)]
+    except Exception as error:
+        out[name] = [type(error).__name__, str(error), len(calls)]
+print(json.dumps(out))
+"""
+
+_EXPECTED = {
+    "layers=5": ("TypeError", "layers must be a list of layer indices"),
+    "prepend_bos='yes'": ("TypeError", "prepend_bos must be True, False or None"),
+    "dims=1.5": ("TypeError", "dims must be a dim index or a list of them"),
+    "scale '2'": ("TypeError", "Values must be numbers"),
+    "ablation of a table": ("TypeError", "profile must be a MassiveProfile"),
+    "modes=[]": ("ValueError", "modes must be a non-empty list"),
+    "shard(-1)": ("ValueError", "n_inputs must be a count"),
+    "distributed generator": ("TypeError", "run_distributed splits the inputs by index"),
+    "distributed topk=": ("TypeError", "scan(model, inputs, ...) does not take these arguments"),
+    "dtype='float16'": ("TypeError", "dtype must be a torch dtype"),
+    "device='tpu'": ("ValueError", "device 'tpu' is not a device torch knows"),
+}
+
+
+def test_bad_arguments_get_their_own_message_before_any_pass():
+    done = subprocess.run(
+        [sys.executable, "-c", _BAD_ARGUMENTS_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, (kind, start) in _EXPECTED.items():
+        got_kind, message, passes = results[case]
+        assert (got_kind, message[: len(start)]) == (kind, start), (case, got_kind, message)
+        assert passes == 0, case
+
+
+def test_edit_values_may_be_numpy_or_tensor_scalars():
+    import numpy as np
+
+    assert value_hook(np.float32(2.0), dims=1).amount == (2.0,)
+    assert scale_hook(torch.tensor(0.5), dims=[1, 2]).amount == (0.5,)
+
+
+def test_a_hook_point_named_twice_is_read_once():
+    model = tiny_model("llama", n_layers=2)
+    result = ml.scan(model, _tokens(), hooks=["blocks.0.hook_resid_post"] * 2, progress=False)
+    assert result.hook_names == ("blocks.0.hook_resid_post",)
+    assert tuple(result.values.shape[:2]) == (3, 1)
+
+
+def test_the_cli_without_a_command_says_which_to_name():
+    from massact_lens.cli import main
+
+    with pytest.raises(SystemExit, match="name a command: massact scan, ablate, report or train"):
+        main([])

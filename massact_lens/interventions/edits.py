@@ -173,7 +173,7 @@ def as_dims(dims: int | Sequence[int] | None) -> tuple[int, ...] | None:
     if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in values):
         raise ValueError(f"dims must be non-negative integers, not {dims!r}.")
     if len(set(values)) != len(values):
-        raise ValueError(f"dims {values} contain duplicates.")
+        raise ValueError(f"dims {values} contain duplicates: name each dim once (dims={sorted(set(values))}).")
     return tuple(int(d) for d in values)
 
 

@@ -154,7 +154,7 @@ def _plan(model: TransformerLensModel, entry: Any) -> tuple[torch.Tensor, tuple[
     for axis, (name, i) in enumerate(zip(axes, index, strict=True)):
         size = int(tensor.shape[axis])
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size:
-            raise ValueError(f"{name} {i!r} of {entry} is out of range: {component!r} has {size} {name}s.")
+            raise ValueError(f"{name} {i!r} of {entry} is out of range: {component!r} has {size} {name}s: pass a {name} in 0..{size - 1}.")
     return tensor, tuple(index)
 
 
