@@ -31,6 +31,7 @@ import torch.distributed as dist
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._fingerprint import weights_fingerprint
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.types import Provenance
 from massact_lens.find.criterion import MassiveSet
 
@@ -48,6 +49,8 @@ def shard(n_inputs: int, rank: int, world_size: int) -> range:
     >>> [len(shard(5, r, 3)) for r in range(3)], shard(1, 1, 2)
     ([2, 2, 1], range(1, 1))
     """
+    if isinstance(n_inputs, bool) or not isinstance(n_inputs, int) or n_inputs < 0:
+        raise ValueError(f"n_inputs must be a count (an integer >= 0), not {n_inputs!r}: pass len(inputs).")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"rank {rank} is not in a world of {world_size}: pass 0 <= rank < world_size (under torchrun: "
@@ -183,6 +186,19 @@ def run_distributed(verb: Callable[..., R], model: TransformerLensModel, inputs:
     ...
     RuntimeError: No torch.distributed process group: launch with torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first (or call the verb itself).
     """
+    refuse_plain_hf(model, "run_distributed")
+    if not isinstance(inputs, str | Sequence | torch.Tensor):
+        raise TypeError(
+            f"run_distributed splits the inputs by index, so it needs a list of strings or a token tensor, not "
+            f"{type(inputs).__name__}: pass list(inputs) (every rank passes the whole corpus)."
+        )
+    try:
+        inspect.signature(verb).bind(model, inputs, *args, **kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"{getattr(verb, '__name__', verb)}(model, inputs, ...) does not take these arguments ({error}): pass a "
+            "verb of the library (scan, profile, attention_concentration, ...) and its own arguments."
+        ) from None
     rank, world = _check_group()
     if "progress" in inspect.signature(verb).parameters:
         kwargs.setdefault("progress", False)

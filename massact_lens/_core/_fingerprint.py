@@ -8,6 +8,8 @@ the ranks of a distributed run compare it before any pass.
 True
 >>> weights_fingerprint(tiny_model(seed=0)) == weights_fingerprint(tiny_model(seed=1))
 False
+>>> other_weights(tiny_model(seed=1), "float32", weights_fingerprint(tiny_model(seed=0))) is not None
+True
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["weights_fingerprint"]
+__all__ = ["other_weights", "weights_fingerprint"]
 
 
 def weights_fingerprint(model: Any, sample: int = 1024) -> str:
@@ -41,3 +43,20 @@ def weights_fingerprint(model: Any, sample: int = 1024) -> str:
     for device in sorted(heads, key=str):
         digest.update(torch.cat(heads[device]).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def other_weights(model: Any, dtype: str, weights: str) -> str | None:
+    """``"fingerprints <recorded> != <model's>"`` when ``weights`` (a digest recorded by a
+    model running in ``dtype``) is not ``model``'s; None when it is, or when they cannot be
+    compared (nothing recorded, or the model now runs in another dtype: a cast changes the
+    digest, not the checkpoint)."""
+    if not weights:
+        return None
+    with_params = getattr(model, "parameters", None)
+    if not callable(with_params):
+        return None
+    here = next(iter(with_params()), None)
+    if here is None or str(here.dtype).replace("torch.", "") != dtype:
+        return None
+    mine = weights_fingerprint(model)
+    return None if mine == weights else f"fingerprints {weights} != {mine}"

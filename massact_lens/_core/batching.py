@@ -316,6 +316,8 @@ def plan_batches(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
+    if prepend_bos is not None and not isinstance(prepend_bos, bool):
+        raise TypeError(f"prepend_bos must be True, False or None (the model's default), not {prepend_bos!r}.")
     bos = bool(model.cfg.default_prepend_bos) if prepend_bos is None else bool(prepend_bos)
     if isinstance(inputs, str):
         inputs = [inputs]

@@ -31,6 +31,7 @@ Usage
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable, Sequence
 
@@ -242,6 +243,9 @@ def resolve_hook_names(
     ('blocks.0.hook_resid_post', 'blocks.1.hook_resid_post')
     """
     n_layers = int(model.cfg.n_layers)
+    if layers is not None and (isinstance(layers, str) or not isinstance(layers, Sequence | range)
+                               or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in layers)):
+        raise TypeError(f"layers must be a list of layer indices (layers=[{n_layers - 1}]), not {layers!r}.")
     if layers is not None:
         bad = [layer for layer in layers if not 0 <= int(layer) < n_layers]
         if bad:
@@ -270,4 +274,4 @@ def resolve_hook_names(
                 "List them with sorted(model.hook_dict)."
             )
         layer_of(name)
-    return names
+    return tuple(dict.fromkeys(names))  # a point named twice is read once

@@ -360,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from safetensors import SafetensorError
 
+    given = sys.argv[1:] if argv is None else list(argv)
+    if not given:
+        raise SystemExit("massact: name a command: massact scan, ablate, report or train (massact --help lists them).")
     args = build_parser().parse_args(argv)
     args.argv = None if argv is None else list(argv)
     try:

@@ -31,6 +31,7 @@ from massact_lens._core.loop import UserHooks, measure
 from massact_lens._core.results import Result
 from massact_lens._core.types import HookList, Inputs, Provenance
 from massact_lens.interventions import hook_names_of
+from massact_lens.interventions.context import finish_runs
 
 
 class MeanPooled:
@@ -87,7 +88,9 @@ def embed(
     """Sentence embeddings of ``inputs`` under ``hooks`` (checked by the caller): one pass of :class:`MeanPooled`."""
     plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos)
     pooled = MeanPooled(final_hidden_hook(model), normalize=normalize)
+    finish_runs(hooks, warn=False)
     measure(model, plan, UserHooks(hooks), pooled, progress=progress, desc="embeddings")
+    finish_runs(hooks)  # an edit that selected nothing in the whole run is said
     return pooled.result()
 
 

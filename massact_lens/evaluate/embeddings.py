@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens.evaluate._embedding import SimilarityResult, embed, similarity
 from massact_lens.evaluate._hooks import check_hook_list, check_pairs
 
@@ -47,6 +48,7 @@ def sentence_embeddings(
     >>> tuple(e.shape), round(float(e[0].norm()), 4)
     ((2, 384), 1.0)
     """
+    refuse_plain_hf(model, "sentence_embeddings")
     hooks = check_hook_list(model, fwd_hooks)
     return embed(model, sentences, hooks, batch_size=batch_size, normalize=normalize, prepend_bos=prepend_bos,
                  progress=progress)
@@ -68,5 +70,6 @@ def embedding_similarity(
     >>> round(r.mean_cosine, 4), r.pair_cosine == r.pair_cosine_original
     (1.0, True)
     """
+    refuse_plain_hf(model, "embedding_similarity")
     hooks = check_hook_list(model, fwd_hooks)
     return similarity(model, sentences, check_pairs(pairs), hooks, None, batch_size, progress)

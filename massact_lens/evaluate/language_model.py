@@ -34,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, plan_batches
 from massact_lens._core.loop import UserHooks, measure
 from massact_lens._core.results import Result
 from massact_lens._core.types import HookList, Provenance, is_causal, warn_if_processed
 from massact_lens.evaluate._hooks import check_hook_list
 from massact_lens.interventions import hook_names_of
+from massact_lens.interventions.context import finish_runs
 from massact_lens.models.load import hub_reachable
 
 __all__ = ["PerplexityResult", "perplexity"]
@@ -257,6 +259,7 @@ def perplexity(
     >>> r.n_chunks, r.n_tokens, r.finite   # 8 chunks of 8 tokens, 7 predicted in each
     (8, 56, True)
     """
+    refuse_plain_hf(model, "perplexity")
     hooks, seq_len, bos, bos_id = _settings(model, fwd_hooks, seq_len, batch_size, max_tokens, prepend_bos)
     rows = isinstance(corpus, torch.Tensor) and corpus.ndim == 2
     if isinstance(corpus, torch.Tensor):
@@ -277,7 +280,9 @@ def perplexity(
     plan = plan_batches(model, _batched(itertools.chain([first], chunks), batch_size), batch_size=batch_size)
     losses = _NextTokenLosses(provenance=Provenance.of(model), hook_names=hook_names_of(hooks), corpus=label,
                               seq_len=seq_len, prepend_bos=bos)
+    finish_runs(hooks, warn=False)
     measure(model, plan, UserHooks(hooks), losses, progress=progress, desc="perplexity")
+    finish_runs(hooks)  # an edit that selected nothing in the whole run is said
     return losses.result()
 
 

@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, plan_batches
 from massact_lens._core.hook_names import HookSelection, resolve_hook_names
 from massact_lens._core.loop import UserHooks, measure
@@ -185,6 +186,7 @@ def patching_hooks(
     >>> [name for name, _ in hooks]
     ['embed.hook_in', 'pos_embed.hook_in', 'blocks.0.ln2.hook_in']
     """
+    refuse_plain_hf(model, "patching_hooks")
     chosen = as_dims(dims)
     if profile is not None:
         check_profile_matches(model, profile)
@@ -317,6 +319,7 @@ def massive_patching(
     >>> r.mean_output_cosine > 0.999
     True
     """
+    refuse_plain_hf(model, "massive_patching")
     if "recorder" in kwargs:
         raise TypeError("massive_patching records what it wrote itself (result.entries); do not pass recorder=.")
     n_source = _count(model, source, kwargs.get("prepend_bos"))

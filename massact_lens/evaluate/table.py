@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.results import Result
 from massact_lens._core.types import HookList, Provenance, is_causal
 from massact_lens.evaluate._embedding import Reference, similarity
@@ -146,6 +147,7 @@ def ablation_table(
     | Set to zero | 0.64 | 0.75 |
     | Set to mean | 1.00 | 0.81 |
     """
+    refuse_plain_hf(model, "ablation_table")
     sentences, pairs = _default_inputs(model, sentences, pairs, corpus)
     with warnings.catch_warnings():
         if not (model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos) and not isinstance(corpus, torch.Tensor):
@@ -212,6 +214,8 @@ def _hook_lists(
     ablation_kwargs: dict[str, Any],
 ) -> dict[str, HookList]:
     """Every row's hook list, built and checked before any forward pass."""
+    if isinstance(modes, str) or not list(modes):
+        raise ValueError(f"modes must be a non-empty list among 'zero' and 'mean', not {modes!r}: pass modes=['zero', 'mean'].")
     bad = [m for m in modes if m not in _ROW_NAMES]
     if bad:
         raise ValueError(f"modes must be among 'zero' and 'mean', not {bad}.")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens._core.batching import Batch, BatchPlan, plan_batches, token_strings
 from massact_lens._core.hook_names import HookSelection, layer_of, resolve_hook_names
 from massact_lens._core.statistics import HiddenStateStats, RealLayout, grouped_stats
@@ -207,6 +208,7 @@ class ScanStatistics:
             top_k=self.top_k, values=values, positions=positions, dims=dims, token_ids=token_ids, medians=medians,
             lengths=in_input_order(torch.cat(self._lengths)), nonfinite=nonfinite, column_medians=columns,
             tokens=token_strings(self.model, seen[seen >= 0].unique().tolist()),  # unique first: 30k ids, 4 ms of Python
+            weights=weights_fingerprint(self.model),
         )
         return self._result
 

@@ -315,6 +315,11 @@ class MassiveActivations(Sequence[MassiveActivation], Summarised):
         return self.scan.prepend_bos
 
     @property
+    def weights(self) -> str:
+        """The scan's digest of the model's weights ("" when unknown)."""
+        return self.scan.weights
+
+    @property
     def hook_names(self) -> tuple[str, ...]:
         return self.scan.hook_names
 

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._fingerprint import other_weights
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, plan_batches
 from massact_lens._core.hook_names import HookSelection
@@ -137,6 +138,12 @@ def _check_records(
         )
     what = "massive (records) and reference"
     Provenance.check_same(massive.provenance, Provenance.of(reference), what)
+    differ = other_weights(reference, massive.provenance.dtype, massive.weights)
+    if differ:
+        raise ValueError(
+            f"The records were found on other weights than the reference's ({differ}), though name and shape "
+            "agree: scan the reference itself (leave massive=None, or pass find_massive(scan(reference, inputs)))."
+        )
     if hooks is not None:
         wanted = {hooks} if isinstance(hooks, str) else set(hooks)
         missing = sorted({r.hook_name for r in massive} - wanted)

@@ -62,11 +62,15 @@ class ScanResult(CorpusResult):
             dim large on most tokens of a hidden state (an outlier channel) shows here,
             which the top-k entries alone cannot show. :func:`find_massive` lists such
             entries apart (``channel_wide``). None in a result made without them.
+        weights: a digest of the model's weights
+            (:func:`~massact_lens._core._fingerprint.weights_fingerprint`; "" when unknown):
+            scans of a model of the same name and shape but other weights do not merge, and
+            records of this scan used on another model are refused or warned about.
 
     Scans of consecutive slices of a corpus merge (:meth:`merge`) into exactly the result
     one scan of the concatenated inputs gives (input ``i`` of part ``j`` becomes input
     ``sum(n_inputs of parts before j) + i``). The parts must come from the same model,
-    hooks, top_k and BOS setting (ValueError otherwise); parts with no input (empty
+    hooks, top_k and BOS setting, and the same weights (ValueError otherwise); parts with no input (empty
     shards, :meth:`empty`) are allowed.
 
     >>> import torch
@@ -92,6 +96,7 @@ class ScanResult(CorpusResult):
     tokens: dict[int, str] = field(repr=False)
     nonfinite: Bool[torch.Tensor, "n_inputs n_hooks"] | None = None
     column_medians: Float[torch.Tensor, "n_inputs n_hooks k"] | None = None
+    weights: str = ""
 
     merge_same: ClassVar[tuple[str, ...]] = ("hook_names", "top_k", "prepend_bos")
 
@@ -112,11 +117,12 @@ class ScanResult(CorpusResult):
         return cls(provenance=first.provenance, layers=first.layers, n_inputs=sum(p.n_inputs for p in parts),
                    hook_names=first.hook_names, prepend_bos=first.prepend_bos, top_k=first.top_k,
                    tokens=tokens, nonfinite=nonfinite, column_medians=cat("column_medians") if with_columns else None,
-                   **fields)
+                   weights=next((p.weights for p in parts if p.weights), ""), **fields)
 
     @classmethod
     def empty(
-        cls, provenance: Provenance, hook_names: Sequence[str], top_k: int, prepend_bos: bool | None
+        cls, provenance: Provenance, hook_names: Sequence[str], top_k: int, prepend_bos: bool | None,
+        weights: str = "",
     ) -> ScanResult:
         """A result of no input (what a rank with an empty shard contributes to a merge)."""
         n_hooks = len(hook_names)
@@ -137,6 +143,7 @@ class ScanResult(CorpusResult):
             tokens={},
             nonfinite=torch.zeros(0, n_hooks, dtype=torch.bool),
             column_medians=torch.zeros(0, n_hooks, top_k),
+            weights=weights,
         )
 
     def nonfinite_states(self) -> list[tuple[int, str]]:

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.hook_names import HookSelection
 from massact_lens._core.loop import measure
 from massact_lens._core.statistics import hidden_state_medians
@@ -91,6 +92,7 @@ def scan(
         ValueError: empty input, an input longer than the context, an unknown hook
             or layer, ``top_k < 1``: all before any forward pass.
     """
+    refuse_plain_hf(model, "scan")
     statistics, plan = scan_plan(model, inputs, hooks=hooks, layers=layers, top_k=top_k, batch_size=batch_size,
                                  prepend_bos=prepend_bos, attention_mask=attention_mask, by_length=by_length)
     measure(model, plan, statistics, progress=progress, desc="scan")

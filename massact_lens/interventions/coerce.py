@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._fingerprint import other_weights
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.types import Provenance
 from massact_lens.find.criterion import MassiveActivations, MassiveSet
@@ -131,6 +132,14 @@ def check_profile_matches(model: TransformerLensModel, massive: MassiveSet) -> N
         warnings.warn(
             f"The {what} was measured on {theirs.model_name!r}, this model is {mine.model_name!r} "
             "(same shape). Mean values only transfer between identical weights.",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif differ := other_weights(model, theirs.dtype, getattr(massive, "weights", "")):
+        warnings.warn(
+            f"The {what} was measured on other weights than this model's ({differ}), though name and shape "
+            "agree: its dims and mean values may not apply. Measure it on this model "
+            "(massact_lens.profile(model, inputs, ...) or find_massive(scan(model, inputs))).",
             UserWarning,
             stacklevel=3,
         )

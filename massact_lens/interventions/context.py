@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch
 from massact_lens._core.hook_names import EMBED_TOKENS
+from massact_lens._core.options import warn_user
 from massact_lens._core.types import HookList
 
 __all__ = ["RunContext", "TokenTracker"]
@@ -92,6 +93,10 @@ class TokenTracker:
         self.batch: Batch | None = None
         self._announced: Batch | None = None
         self._end: tuple[int, int] | None = None  # (batch, absolute end) of the last pass
+        #: Per edit of the list (its description): whether it selected any entry in the run
+        #: in progress (announced passes; a bool tensor, no sync per call).
+        self._selected: dict[str, torch.Tensor | bool] = {}
+        self._warned: set[str] = set()  # edits already said to select nothing in an unannounced pass
 
     def hooks(self, model: TransformerLensModel) -> HookList:
         """The tracker's hooks for this model (token ids; position ids where the model has them)."""
@@ -129,6 +134,28 @@ class TokenTracker:
         self.batch = announced if fits else None
         self.attention_mask = announced.attention_mask.to(tokens.device) if fits else None  # type: ignore[union-attr]
 
+    def note_edit(self, description: str, selected: torch.Tensor, ctx: RunContext) -> None:
+        """An edit's hook tells what its rule selected in this pass.
+
+        In the library's passes (announced: ``ctx.batch`` is set) it is kept for the run, and
+        :meth:`finish_run` warns about every edit that selected nothing in any of them. A pass
+        not announced (``run_with_hooks``, ``generate``, a plain forward) is a run of its own:
+        a fresh one that selects nothing warns at once, once per edit of the list.
+        """
+        if ctx.batch is not None:
+            self._selected[description] = self._selected.get(description, False) | selected.any()
+        elif ctx.starts_sequence and description not in self._warned and not bool(selected.any()):
+            self._warned.add(description)
+            warn_selected_nothing([description], "this pass")
+
+    def finish_run(self, *, warn: bool = True) -> None:
+        """Warn (once) about the edits that selected nothing in the library's passes so far
+        (``warn=False``: forget them); start a new run."""
+        unused = [d for d, hit in self._selected.items() if not bool(hit)]
+        self._selected = {}
+        if unused and warn:
+            warn_selected_nothing(unused, "any input of the run")
+
     def on_position_ids(self, ids: torch.Tensor) -> None:
         if ids.is_floating_point() or self.tokens is None or ids.shape[-1] != self.tokens.shape[-1]:
             return
@@ -144,6 +171,32 @@ class TokenTracker:
         device = activation.device
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return RunContext(self.positions.to(device), tokens.to(device), mask, self.batch)
+
+
+def warn_selected_nothing(edits: list[str], where: str) -> None:
+    """The UserWarning of edits whose position rule selected no entry (they changed nothing).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_selected_nothing(["set to zero, dims [3], at positions [9]"], "this pass")
+    >>> "selected no entry in this pass" in str(caught[0].message)
+    True
+    """
+    shown = "; ".join(edits[:3]) + (f" and {len(edits) - 3} more" if len(edits) > 3 else "")
+    warn_user(
+        f"The edit ({shown}) selected no entry in {where}: it changed nothing there. Check its "
+        "positions against the inputs (a position past their length, no delimiter in them, a "
+        "where_massive threshold above every value) or choose other positions."
+    )
+
+
+def finish_runs(fwd_hooks: Sequence[tuple[Any, Any]], *, warn: bool = True) -> None:
+    """:meth:`TokenTracker.finish_run` for every tracker of a hook list: what a verb that runs
+    ``fwd_hooks`` in the library's loop calls before its run (``warn=False``) and after it."""
+    trackers = {id(fn.tracker): fn.tracker for _, fn in fwd_hooks if isinstance(fn, TrackerHook)}
+    for tracker in trackers.values():
+        tracker.finish_run(warn=warn)
 
 
 class TrackerHook:

@@ -15,10 +15,12 @@ which case it is cloned first (as TransformerLens' ``direct_path_patching``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
@@ -31,7 +33,7 @@ from massact_lens.interventions._checks import (
     check_choice,
 )
 from massact_lens.interventions.coerce import Positions, as_positions
-from massact_lens.interventions.context import TokenTracker
+from massact_lens.interventions.context import TokenTracker, warn_selected_nothing
 from massact_lens.interventions.positions import (
     PositionRule,
     all_positions,
@@ -140,6 +142,10 @@ class EditHook:
         ctx = run_context(self.tracker, self.positions, activation, "hook")
         index = None if self.dims is None else torch.tensor(self.dims, device=activation.device)
         selected = self.positions.select(activation, index, ctx)
+        if self.tracker is not None:
+            self.tracker.note_edit(self.describe(), selected, ctx)
+        elif not bool(selected.any()):  # a bare hook: every call is a run of its own
+            warn_selected_nothing([self.describe()], "this pass")
         return edit_entries(activation, selected, index, self.operation, self.amount)
 
     def describe(self) -> str:
@@ -159,22 +165,32 @@ def as_dims(dims: int | Sequence[int] | None) -> tuple[int, ...] | None:
     """
     if dims is None:
         return None
-    values = [dims] if isinstance(dims, int) else list(dims)
+    if isinstance(dims, str) or not isinstance(dims, int | Sequence | torch.Tensor):
+        raise TypeError(f"dims must be a dim index or a list of them (dims=[5, 7]), not {dims!r}.")
+    values = [dims] if isinstance(dims, int) else (dims.flatten().tolist() if isinstance(dims, torch.Tensor) else list(dims))
     if not values:
         raise ValueError("dims is empty: pass None for every dim, or one or more dims.")
     if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in values):
         raise ValueError(f"dims must be non-negative integers, not {dims!r}.")
     if len(set(values)) != len(values):
-        raise ValueError(f"dims {values} contain duplicates.")
+        raise ValueError(f"dims {values} contain duplicates: name each dim once (dims={sorted(set(values))}).")
     return tuple(int(d) for d in values)
 
 
-def _amounts(value: float | Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+def _amounts(value: Any) -> tuple[float, ...]:  # Any: a wrong value gets its own message
+    """``value`` as floats: a number (numpy and 0-d tensor scalars too), a list of numbers or a tensor.
+
+    >>> import numpy as np
+    >>> _amounts(np.float32(0.5)), _amounts(torch.tensor([1.0, 2.0])), _amounts([3, 4])
+    ((0.5,), (1.0, 2.0), (3.0, 4.0))
+    """
     if isinstance(value, torch.Tensor):
         return tuple(float(v) for v in value.flatten().tolist())
-    if isinstance(value, int | float):
-        return (float(value),)
-    return tuple(float(v) for v in value)
+    items = [value] if isinstance(value, numbers.Real) else value
+    if isinstance(value, str | bytes) or not isinstance(items, Sequence | np.ndarray) or \
+            not all(isinstance(v, numbers.Real) for v in items):
+        raise TypeError(f"Values must be numbers (one, or one per dim), not {value!r}: pass e.g. 0.5 or [0.5, 2.0].")
+    return tuple(float(v) for v in items)
 
 
 def _rule(positions: Positions | None) -> PositionRule:
@@ -201,7 +217,7 @@ def zero_hook(dims: int | Sequence[int] | None = None, positions: Positions | No
 
 
 def value_hook(
-    value: float | Sequence[float] | torch.Tensor,
+    value: numbers.Real | Sequence[float] | torch.Tensor,  # numbers.Real: numpy scalars too
     dims: int | Sequence[int] | None = None,
     positions: Positions | None = None,
 ) -> EditHook:
@@ -216,7 +232,7 @@ def value_hook(
 
 
 def scale_hook(
-    factor: float | Sequence[float] | torch.Tensor,
+    factor: numbers.Real | Sequence[float] | torch.Tensor,
     dims: int | Sequence[int] | None = None,
     positions: Positions | None = None,
 ) -> EditHook:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.hook_names import HookSelection, layer_of, resolve_hook_names
 from massact_lens._core.options import warn_user
 from massact_lens._core.types import HookFn, HookList, is_causal
@@ -88,6 +89,7 @@ def intervention_hooks(model: TransformerLensModel, edits: Sequence[tuple[str, H
     >>> len(hooks)   # tracker (tokens, positions) + the edit
     3
     """
+    refuse_plain_hf(model, "intervention_hooks")
     if isinstance(edits, tuple) and len(edits) == 2 and isinstance(edits[0], str):
         edits = [edits]  # type: ignore[list-item]
     pairs = list(edits)
@@ -138,6 +140,7 @@ def edit_hooks(
     >>> hooks[-1][0]
     'blocks.1.hook_resid_mid'
     """
+    refuse_plain_hf(model, "edit_hooks")
     edits = [edit] if isinstance(edit, EditHook) else list(edit)
     if not edits or not all(isinstance(e, EditHook) for e in edits):
         raise TypeError("edit must be an EditHook (zero_hook(...), value_hook(...), ...) or a list of them.")
@@ -198,7 +201,13 @@ def ablation_hooks(
     >>> hooks[2][1]
     EditHook(set to mean, dims [99], at start token)
     """
+    refuse_plain_hf(model, "ablation_hooks")
     check_choice("mode", mode, ABLATION_MODES)
+    if profile is not None and not isinstance(profile, MassiveProfile | MassiveActivations):
+        raise TypeError(
+            f"profile must be a MassiveProfile (massact_lens.profile(model, inputs)) or find_massive's records, "
+            f"not {type(profile).__name__}: pass the object itself, not a table made from it."
+        )
     if isinstance(layers, str) and layers != "first":
         raise ValueError(f"layers must be a list of layers, None, or 'first', not {layers!r}.")
     rule = None if positions is None else as_positions(model, positions)
@@ -377,6 +386,7 @@ def ablated(
     >>> float(cache["blocks.0.ln2.hook_in"][0, 0, 99])
     0.0
     """
+    refuse_plain_hf(model, "ablated")
     hooks = ablation_hooks(model, profile, mode, **kwargs)
     hook_dict = model.hook_dict  # type: ignore[attr-defined]
     points = list({id(hook_dict[name]): hook_dict[name] for name, _ in hooks if isinstance(name, str)}.values())

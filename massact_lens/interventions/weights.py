@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
+
 __all__ = ["edited_weights", "edits_from_rows", "projection_weight"]
 
 #: One weight entry: (layer, component inside the block, row = output dim, column = input channel).
@@ -152,7 +154,7 @@ def _plan(model: TransformerLensModel, entry: Any) -> tuple[torch.Tensor, tuple[
     for axis, (name, i) in enumerate(zip(axes, index, strict=True)):
         size = int(tensor.shape[axis])
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size:
-            raise ValueError(f"{name} {i!r} of {entry} is out of range: {component!r} has {size} {name}s.")
+            raise ValueError(f"{name} {i!r} of {entry} is out of range: {component!r} has {size} {name}s: pass a {name} in 0..{size - 1}.")
     return tensor, tuple(index)
 
 
@@ -190,6 +192,7 @@ def edited_weights(
     >>> float(projection_weight(model, 0)[3, 7]) == before
     True
     """
+    refuse_plain_hf(model, "edited_weights")
     if not isinstance(edits, Mapping) or len(edits) == 0:
         raise ValueError("No edits: pass a mapping {(layer, 'mlp.out', row, column): value, ...}.")
     planned: list[tuple[torch.Tensor, tuple[int, ...], float]] = []

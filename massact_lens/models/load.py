@@ -101,6 +101,7 @@ def load_model(
         OSError: the hub is unreachable and the model is not in the local cache;
             the message says what to pass instead.
     """
+    _check_dtype_device(dtype, device)
     if isinstance(name_or_dir, torch.nn.Module):
         return _wrap(name_or_dir, device, tokenizer, hf_model, device_map, max_memory, offload_folder)
     offload = _check_placement(device, device_map, max_memory, offload_folder)
@@ -204,6 +205,24 @@ def _find_tokenizer(name: str) -> Any:
         f"No tokenizer found for this HuggingFace model (loaded from {name or 'a config, not a folder'!r}): pass "
         "tokenizer=AutoTokenizer.from_pretrained(...) with it."
     )
+
+
+def _check_dtype_device(dtype: Any, device: Any) -> None:
+    """TypeError / ValueError, before anything is read, for a dtype that is not a torch dtype or a
+    device this torch cannot name or does not have."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch dtype, not {dtype!r}: pass e.g. dtype=torch.bfloat16.")
+    if device is None:
+        return
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device torch knows: pass 'cpu', 'cuda', 'cuda:1' or 'mps'.") from None
+    if where.type == "cuda" and (not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(
+            f"device {device!r}: this torch sees {torch.cuda.device_count()} CUDA device(s): pass device='cpu' or "
+            "one of those (cuda:0 ...)."
+        )
 
 
 def _check_placement(

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import plan_batches
 from massact_lens._core.blocks import block_model
 from massact_lens._core.loop import measure
@@ -181,6 +182,7 @@ def lineage(
     >>> int(row.layer), round(float(row.mlp)) > 700, abs(float(row.attention)) < 10
     (1, True, True)
     """
+    refuse_plain_hf(model, "lineage")
     if isinstance(top_channels, bool) or not isinstance(top_channels, int) or top_channels < 1:
         raise ValueError(f"top_channels must be a positive integer, not {top_channels!r}.")
     targets = _targets(model, massive)
