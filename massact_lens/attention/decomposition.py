@@ -24,6 +24,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.blocks import attention_output_norm, norm_eps, norm_gain, rms_inverse
+from massact_lens._core.fast_paths import fused_route
 from massact_lens._core.hook_names import attention_hook
 from massact_lens._core.loop import measure
 from massact_lens._core.results import (
@@ -42,9 +43,11 @@ from massact_lens.attention._bias_stats import (
     TERMS,
     add_batch,
     gram,
+    gram_root,
     new_sums,
     spread,
 )
+from massact_lens.attention._fused import SplitProbe
 from massact_lens.attention._passes import (
     KeyedFields,
     KeyedMeasurement,
@@ -61,6 +64,9 @@ from massact_lens.attention.keys import Positions, fit_width, keyed_plan
 
 __all__ = ["ImplicitBias", "implicit_bias"]
 
+
+#: How many query positions of each batch the ``out_error`` check reads (spread evenly).
+_CHECKED = 64
 
 #: Per-input tensors of an :class:`ImplicitBias`, input-first, and their position axes.
 _KEPT = {"bias_z": 2, "rest_z": 2, "c_mass": 2, "out_scale": 2, "key_mask": 1, "tokens": 1}
@@ -140,7 +146,8 @@ class ImplicitBias(StreamedResult, KeyedFields):
     #: Per layer, max ``|bias + rest - hook_z|`` over real queries and chosen heads (every input).
     z_error: Float[torch.Tensor, " layer"]
     #: Per layer, max ``|sum_h hook_z_h @ W_O[h] + b_O - attention output|`` over
-    #: real queries (all heads, every input).
+    #: real queries (all heads, every input; at most 64 query positions per batch,
+    #: spread evenly: a wrong ``W_O`` shows on any of them).
     out_error: Float[torch.Tensor, " layer"]
     #: Float64 running sums over every input, ``[layer, query set, term, head, ...]``
 
@@ -330,8 +337,9 @@ def implicit_bias(
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
                             prepend_bos=prepend_bos, by_length=by_length)
     warn_if_processed(model)
-    keys = KeyPositions(model, rule)
-    split = _Decomposition(model, plan, keys, chosen, head_list, keep)
+    fused = fused_route(model, chosen) is None
+    keys = KeyPositions(model, rule, early=fused)
+    split = _Decomposition(model, plan, keys, chosen, head_list, keep, fused=fused)
     measure(model, plan, keys, split, progress=progress, desc="implicit bias")
     keys.warn_if_empty()
     keys.nonfinite.warn("implicit_bias")
@@ -344,30 +352,47 @@ class _Decomposition(KeyedMeasurement):
     stream), then split against C and folded into the running sums."""
 
     def __init__(self, model: TransformerLensModel, plan: BatchPlan, keys: KeyPositions, layers: tuple[int, ...],
-                 heads: tuple[int, ...], keep: Keep) -> None:
+                 heads: tuple[int, ...], keep: Keep, *, fused: bool = False) -> None:
         super().__init__(model, plan, keys, layers)
         self.heads, self.keep = heads, keep
+        self.fused = fused
+        self.layer_probes: dict[int, SplitProbe] = {}
         self.n_heads = int(model.cfg.n_heads)
         self.d_head = int(model.cfg.d_head)
         self.weights = {layer: tuple(t.to(self.device) for t in w_o(model, layer)) for layer in layers}
-        self.out_names = {layer: output_hook(model, layer) for layer in layers}
+        self.out_names = {layer: output_hook(model, layer, fused=fused) for layer in layers}
         self.head_index = torch.tensor(heads, device=self.device)
         self.chosen_w = {layer: self.weights[layer][0][self.head_index] for layer in layers}
         self.out_norm, offset = attention_output_norm(model)  # sandwich blocks: the post-attention norm
         self.out_gain = {layer: (norm_gain(model, layer, self.out_norm, offset) if self.out_norm
                                  else torch.ones(int(model.cfg.d_model))).to(self.device) for layer in layers}
         self.grams = {layer: gram(self.chosen_w[layer] * self.out_gain[layer]) for layer in layers}
+        self.roots = {layer: gram_root(g) for layer, g in self.grams.items()}
         self.state: dict[int, dict[str, torch.Tensor]] = {}
         self.z_error = {layer: 0.0 for layer in layers}
         self.out_error = {layer: 0.0 for layer in layers}
         self.sums = new_sums(len(layers), len(heads), self.d_head, int(model.cfg.d_model), self.device)
         self.kept = KeptInputs(keep_limit(keep), _KEPT)
 
+    def probes(self, batch: Batch) -> dict[int, SplitProbe]:
+        """The fused route: one :class:`SplitProbe` per layer, with C of this batch."""
+        if not self.fused:
+            return {}
+        assert self.keys.c_mask is not None, "KeyPositions (early) must give C before the pass"
+        real = batch.attention_mask.to(self.device).bool()
+        self.layer_probes = {layer: SplitProbe(self.keys.c_mask, real, self._note(layer)) for layer in self.layers}
+        return dict(self.layer_probes)
+
+    def _note(self, layer: int) -> Any:
+        name = attention_hook("z", layer)
+        return lambda tensor, real: self.keys.nonfinite.note(name, tensor, real, 1)
+
     def hooks(self, batch: Batch) -> HookList:
         real = batch.attention_mask.to(self.device).bool()
         hooks: HookList = []
         for layer in self.layers:
-            hooks += [(attention_hook(kind, layer), self._store(layer, kind, real)) for kind in ("pattern", "v", "z")]
+            if not self.fused:
+                hooks += [(attention_hook(kind, layer), self._store(layer, kind, real)) for kind in ("pattern", "v", "z")]
             if self.out_norm is not None:  # the full attention output, whose rms the norm divides by
                 hooks.append((f"blocks.{layer}.{self.out_norm}.hook_in", self._store(layer, "out", real)))
             hooks.append((self.out_names[layer], self._check_output(layer, real)))
@@ -383,22 +408,24 @@ class _Decomposition(KeyedMeasurement):
 
     def _check_output(self, layer: int, real: torch.Tensor) -> Any:
         def check_output(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-            z = self.state.get(layer, {}).get("z")
+            probe = self.layer_probes.get(layer)
+            z = probe.parts.get("z") if self.fused and probe is not None else self.state.get(layer, {}).get("z")
             if z is None:
                 return
             w, b = self.weights[layer]
-            predicted = torch.einsum("bqhd,hdm->bqm", z.float(), w) + b
-            err = (predicted - tensor.detach().float()).abs().amax(-1)[real]
+            # a wrong W_O shows on any query: up to _CHECKED of them, spread over the input
+            at = torch.linspace(0, int(z.shape[1]) - 1, min(_CHECKED, int(z.shape[1])), device=z.device).round().long()
+            predicted = z[:, at].float().flatten(2) @ w.flatten(0, 1) + b
+            err = (predicted - tensor.detach()[:, at].float()).abs().amax(-1)[real[:, at]]
             err = err[torch.isfinite(err)]  # an input with a NaN / inf is left out (NonFinite)
             self.out_error[layer] = max(self.out_error[layer], float(err.max()) if err.numel() else 0.0)
 
         return check_output
 
-    def _split(self, i: int, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One layer of the batch: ``bias``, ``rest`` ``[b, q, h, d]``, mass on C ``[b, q, h]``, C and the
-        residual-space scale per query ``[b, q]``,
-        folded into the running sums and the error of ``bias + rest = hook_z``."""
-        slot = self.state.pop(layer, {})
+    def _eager_terms(self, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``bias``, ``rest``, ``z`` ``[b, q, h, d]``, the mass on C ``[b, q, h]`` and C of one layer,
+        from ``hook_pattern`` / ``hook_v`` / ``hook_z``."""
+        slot = self.state.get(layer, {})
         if not {"pattern", "v", "z"} <= set(slot):
             raise RuntimeError(
                 f"Layer {layer}: hooks {sorted({'pattern', 'v', 'z'} - set(slot))} did not fire; load the "
@@ -413,20 +440,38 @@ class _Decomposition(KeyedMeasurement):
                 "the decomposition needs a value for every key (no extra key slots)."
             )
         in_c = fit_width(c_mask, key_len) & real_keys(real, key_len)
-        bad_rows = self.keys.nonfinite.bad_rows  # on the CPU: no device sync to ask
-        used = ~bad_rows.to(real.device) if bad_rows is not None and bool(bad_rows.any()) else None
         c = in_c[:, None, None, :].float()
         q_real = real[:, :, None, None]
         bias = torch.einsum("bhqk,bkhd->bqhd", pattern * c, v).where(q_real, 0.0)
         rest = torch.einsum("bhqk,bkhd->bqhd", pattern * (1.0 - c), v).where(q_real, 0.0)
-        z = slot["z"].float()[:, :, self.head_index]
+        mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
+        return bias, rest, slot["z"].float()[:, :, self.head_index], mass, in_c
+
+    def _fused_terms(self, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """As :meth:`_eager_terms`, from the layer's :class:`SplitProbe` (the fused kernel)."""
+        probe = self.layer_probes.get(layer)
+        if probe is None or not probe.ran:
+            raise RuntimeError(f"The attention of layer {layer} did not run through the probe kernel: a hook inside "
+                               "attention was attached during the pass? Run with MASSACT_LENS_EAGER=1.")
+        parts, q_real = probe.parts, real[:, :, None, None]
+        bias, rest, z = (parts[name][:, :, self.head_index].where(q_real, 0.0) for name in ("bias", "rest", "z"))
+        mass = parts["mass"][:, :, self.head_index].where(real[:, :, None], 0.0)
+        return bias, rest, z, mass, fit_width(c_mask, int(real.shape[1])) & real
+
+    def _split(self, i: int, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One layer of the batch: ``bias``, ``rest`` ``[b, q, h, d]``, mass on C ``[b, q, h]``, C and the
+        residual-space scale per query ``[b, q]``,
+        folded into the running sums and the error of ``bias + rest = hook_z``."""
+        bias, rest, z, mass, in_c = (self._fused_terms if self.fused else self._eager_terms)(layer, real, c_mask)
+        slot = self.state.pop(layer, {})
+        bad_rows = self.keys.nonfinite.bad_rows  # on the CPU: no device sync to ask
+        used = ~bad_rows.to(real.device) if bad_rows is not None and bool(bad_rows.any()) else None
         err = (bias + rest - z).abs()[real if used is None else real & used[:, None]]
         self.z_error[layer] = max(self.z_error[layer], float(err.max()) if err.numel() else 0.0)
-        mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
         scale = self._out_scale(layer, slot, bias)  # [b, q]: 1 / rms of the full output (sandwich), else 1
         resid = tuple(t * scale[:, :, None, None] for t in (bias, rest))
         w = self.chosen_w[layer] * self.out_gain[layer]
-        totals = tuple(torch.einsum("bqhd,hdm->bqm", t, w) for t in resid)
+        totals = tuple(t.flatten(2) @ w.flatten(0, 1) for t in resid)
         outside = real & ~fit_width(in_c, int(real.shape[1]))
         resid_terms = None if self.out_norm is None else resid
         if used is not None:  # inputs with a NaN / inf: out of every sum
@@ -436,10 +481,11 @@ class _Decomposition(KeyedMeasurement):
             if resid_terms is not None:
                 resid_terms = tuple(t.where(keep_q[:, :, None, None], 0.0) for t in resid_terms)
             add_batch(self.sums, i, (bias_s, rest_s), totals, mass.where(keep_q[:, :, None], 0.0),  # type: ignore[arg-type]
-                      (keep_q, outside & used[:, None]), self.grams[layer], resid_terms=resid_terms)  # type: ignore[arg-type]
+                      (keep_q, outside & used[:, None]), self.grams[layer], resid_terms=resid_terms,  # type: ignore[arg-type]
+                      root=self.roots[layer])
             return bias, rest, mass, in_c, scale
         add_batch(self.sums, i, (bias, rest), totals, mass, (real, outside), self.grams[layer],  # type: ignore[arg-type]
-                  resid_terms=resid_terms)  # type: ignore[arg-type]
+                  resid_terms=resid_terms, root=self.roots[layer])  # type: ignore[arg-type]
         return bias, rest, mass, in_c, scale
 
     def _out_scale(self, layer: int, slot: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -476,7 +522,8 @@ class _Decomposition(KeyedMeasurement):
         return ImplicitBias(
             **self.base_fields(),
             heads=self.heads,
-            hook_names=tuple(attention_hook(k, layer) for layer in self.layers for k in ("pattern", "v", "z")),
+            hook_names=tuple(f"blocks.{layer}.attn (fused kernel)" for layer in self.layers) if self.fused
+            else tuple(attention_hook(k, layer) for layer in self.layers for k in ("pattern", "v", "z")),
             out_hooks=tuple(self.out_names[layer] for layer in self.layers),
             keep=self.keep,
             bias_z=full["bias_z"].transpose(0, 1),  # normal tensors already: no copy
