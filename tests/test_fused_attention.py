@@ -210,3 +210,28 @@ def test_a_nan_from_a_hook_upstream_is_left_out_on_the_fused_route():
     assert "fused kernel" in sinks.hook_names[0]
     assert sinks.n_used == 1 and torch.isfinite(torch.tensor(sinks.sink_scores()["mass"].to_numpy())).all()
     assert any("input 1" in str(w.message) for w in caught)
+
+
+def test_implicit_bias_folds_a_batch_again_without_an_input_that_met_a_nan(monkeypatch):
+    """The fused route folds each layer as it runs: a NaN found later rolls the batch back."""
+    model = minilm()
+    texts = ["The cat sat on the mat.", "Hello world.", "A third, longer sentence for the batch."]
+
+    def poison(x, hook):
+        x[1, 1, 0] = float("nan")
+        return x
+
+    results = {}
+    for eager in ("1", "0"):
+        monkeypatch.setenv("MASSACT_LENS_EAGER", eager)
+        with model.hooks(fwd_hooks=[("blocks.3.hook_resid_post", poison)]), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results[eager] = implicit_bias(model, texts, "start", layers=[1, 4], progress=False)
+        assert any("input 1" in str(w.message) for w in caught)
+    eager, fused = results["1"], results["0"]
+    assert "fused kernel" in fused.hook_names[0]
+    table_e, table_f = (r.constancy().select_dtypes("number").to_numpy() for r in (eager, fused))
+    assert torch.isfinite(torch.tensor(table_f)).all()
+    _close(torch.tensor(table_e), torch.tensor(table_f), 1e-4)
+    clean = implicit_bias(model, [texts[0], texts[2]], "start", layers=[1, 4], progress=False)
+    _close(torch.tensor(clean.constancy().select_dtypes("number").to_numpy()), torch.tensor(table_f), 1e-4)

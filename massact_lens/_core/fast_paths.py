@@ -65,17 +65,15 @@ import torch
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_protocol import TransformerLensModel
 
-from massact_lens._core.probes import PROBE_KERNEL, register_probe_kernel
+from massact_lens._core.probes import PROBE_KERNEL, delegates_attention, register_probe_kernel
 from massact_lens._core.types import weights_processed
 
 __all__ = [
     "VERIFIED_TRANSFORMER_LENS",
     "attention_for_run",
     "attention_implementation",
-    "delegates_attention",
     "fast_attention",
     "fused_route",
-    "hf_attention",
     "lean_components",
     "reads_attention_pattern",
     "wants_fast_attention",
@@ -452,22 +450,6 @@ def wants_fast_attention(model: TransformerLensModel, hook_names: Iterable[str] 
 # --- the fused route of the attention analyses -------------------------------------------
 
 
-def delegates_attention(model: TransformerLensModel, layer: int) -> bool:
-    """True when ``layer``'s attention is the bridge's generic component, which calls its
-    HuggingFace module as it is (BERT-style), hooks inside it or not."""
-    return _delegates(model.blocks[layer].attn)  # type: ignore[index]
-
-
-def _delegates(attention: Any) -> bool:
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    kind = type(attention)
-    original = attention._modules.get("_original_component")
-    return (kind.forward is AttentionBridge.forward and original is not None
-            and not getattr(original, "accepts_pattern_fn", False)
-            and not getattr(attention, "requires_relative_position_bias", False))
-
-
 def fused_route(model: TransformerLensModel, layers: Iterable[int]) -> str | None:
     """None when the attention of every layer in ``layers`` runs HuggingFace's own module
     through the kernel its config names, so that a pass can measure inside the fused
@@ -495,7 +477,7 @@ def fused_route(model: TransformerLensModel, layers: Iterable[int]) -> str | Non
         return "this transformers has no AttentionInterface"
     for layer in layers:
         attention = model.blocks[layer].attn  # type: ignore[index]
-        if _delegates(attention):
+        if delegates_attention(model, layer):
             continue
         bridge = None if weights_processed(model) else _bridge()  # type: ignore[arg-type]
         if bridge is None or "forward" not in _lean_methods(attention, bridge):
@@ -504,8 +486,3 @@ def fused_route(model: TransformerLensModel, layers: Iterable[int]) -> str | Non
         if _read_inside(attention) or any(bool(getattr(attention.config, m, False)) for m in _PER_HEAD_MODES):
             return f"a hook is attached inside layer {layer}'s attention (or a per-head mode is on)"
     return None
-
-
-def hf_attention(model: TransformerLensModel, layer: int) -> torch.nn.Module:
-    """The HuggingFace attention module of ``layer`` (what the kernel gets as ``module``)."""
-    return model.blocks[layer].attn.original_component  # type: ignore[index]

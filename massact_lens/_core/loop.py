@@ -42,10 +42,10 @@ import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, BatchPlan
-from massact_lens._core.fast_paths import attention_for_run, hf_attention, lean_components
+from massact_lens._core.fast_paths import attention_for_run, lean_components
 from massact_lens._core.hook_names import RESID_POST, layer_of
 from massact_lens._core.options import progress_bar
-from massact_lens._core.probes import probing
+from massact_lens._core.probes import hf_attention, probing
 from massact_lens._core.types import HookList, model_device
 
 __all__ = ["Measurement", "UserHooks", "last_block_hook", "measure", "reads_input_index"]

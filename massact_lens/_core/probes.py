@@ -25,6 +25,7 @@ HuggingFace module, not re-implement attention) is decided by
 pass checks it (:meth:`AttentionProbe.ran`).
 
 >>> import torch
+from transformer_lens.model_protocol import TransformerLensModel
 >>> from massact_lens.examples import minilm
 >>> from massact_lens._core.fast_paths import attention_implementation
 >>> model = minilm()
@@ -34,7 +35,6 @@ pass checks it (:meth:`AttentionProbe.ran`).
 ...     def read(self, extra, output):
 ...         self.total = extra
 >>> probe = Mass()
->>> from massact_lens._core.fast_paths import hf_attention
 >>> with torch.no_grad(), attention_implementation(model, PROBE_KERNEL), probing({m: probe for m in hf_attention(model, 0).modules()}):
 ...     _ = model("The cat sat.")
 >>> bool(torch.allclose(probe.total, torch.ones_like(probe.total)))   # softmax sums to 1
@@ -50,7 +50,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["PROBE_KERNEL", "AttentionProbe", "probing", "register_probe_kernel"]
+__all__ = ["PROBE_KERNEL", "AttentionProbe", "delegates_attention", "hf_attention", "probing", "register_probe_kernel"]
 
 #: The name of the probe kernel in HuggingFace's attention registry.
 PROBE_KERNEL = "massact_lens_probe"
@@ -150,3 +150,24 @@ def probing(probes: Mapping[torch.nn.Module, AttentionProbe]) -> Iterator[None]:
     finally:
         for module in added:
             _probes.pop(module, None)
+
+
+def delegates_attention(model: TransformerLensModel, layer: int) -> bool:
+    """True when ``layer``'s attention is the bridge's generic component, which calls its
+    HuggingFace module as it is (BERT-style), hooks inside it or not."""
+    return _delegates(model.blocks[layer].attn)  # type: ignore[index]
+
+
+def _delegates(attention: Any) -> bool:
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    kind = type(attention)
+    original = attention._modules.get("_original_component")
+    return (kind.forward is AttentionBridge.forward and original is not None
+            and not getattr(original, "accepts_pattern_fn", False)
+            and not getattr(attention, "requires_relative_position_bias", False))
+
+
+def hf_attention(model: TransformerLensModel, layer: int) -> torch.nn.Module:
+    """The HuggingFace attention module of ``layer`` (what the kernel gets as ``module``)."""
+    return model.blocks[layer].attn.original_component  # type: ignore[index]

@@ -38,7 +38,7 @@ from massact_lens.attention.decomposition import ImplicitBias, implicit_bias
 from massact_lens.attention.features import GROUPS, TokenFeatures, token_features
 from massact_lens.attention.keys import TOKEN_RULES, MassiveTokens, Positions, as_rule, key_mask
 from massact_lens.attention.logits import AttentionLogits, attention_logits
-from massact_lens.attention.sink_curve import SinkCurve, sink_curve
+from massact_lens.attention.curves import SinkCurve, sink_curve
 
 __all__ = [
     "GROUPS",

@@ -25,9 +25,9 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens._core.batching import Batch, BatchPlan
-from massact_lens._core.fast_paths import delegates_attention
 from massact_lens._core.hook_names import attention_hook, is_post_norm, resolve_hook_names
 from massact_lens._core.loop import last_block_hook
+from massact_lens._core.probes import delegates_attention
 from massact_lens._core.types import HookList, Provenance, model_device
 from massact_lens.attention.keys import fit_width, key_mask
 from massact_lens.interventions.positions import (

@@ -19,9 +19,10 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
-from massact_lens._core.fast_paths import fused_route, hf_attention
+from massact_lens._core.fast_paths import fused_route
 from massact_lens._core.hook_names import attention_hook, resolve_hook_names
 from massact_lens._core.loop import measure
+from massact_lens._core.probes import hf_attention
 from massact_lens._core.results import SummedResult, add_sums
 from massact_lens._core.types import HookList, Inputs, warn_if_processed
 from massact_lens.attention._fused import NormProbe
