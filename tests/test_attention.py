@@ -227,12 +227,16 @@ def test_attention_logits_sources(models):
     assert table.query_token.iloc[0] == "[CLS]"
 
 
-def test_logit_gap_does_not_depend_on_the_logit_source(models):
-    """HF Llama gives real scores, the rest log(pattern): the centred gap is the same."""
+@pytest.mark.parametrize("eager", ["1", "0"])
+def test_logit_gap_does_not_depend_on_the_logit_source(models, monkeypatch, eager):
+    """HF Llama gives real scores on the eager route, q.k sums in the fused kernel, the rest
+    log(pattern): the centred gap is the same."""
     model = models["hf_llama"]
     texts = ["The cat sat on the mat.", "Hello there."]
+    monkeypatch.setenv("MASSACT_LENS_EAGER", eager)
     result = attention_concentration(model, texts, [0, 1], progress=False)
-    assert set(result.logit_source) == {"hook_attn_scores"}
+    assert set(result.logit_source) == {"hook_attn_scores" if eager == "1" else "q.k (fused kernel)"}
+    monkeypatch.setenv("MASSACT_LENS_EAGER", "0")
     cache, real = _cache(model, texts, None, {"blocks.1.attn.hook_pattern"})
     pattern = cache["blocks.1.attn.hook_pattern"]
     n = pattern.shape[-1]

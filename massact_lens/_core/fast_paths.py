@@ -65,6 +65,7 @@ import torch
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.probes import PROBE_KERNEL, delegates_attention, register_probe_kernel
 from massact_lens._core.types import weights_processed
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "attention_for_run",
     "attention_implementation",
     "fast_attention",
+    "fused_route",
     "lean_components",
     "reads_attention_pattern",
     "wants_fast_attention",
@@ -304,6 +306,8 @@ def _set_kernel(hf: Any, implementation: Any) -> Any:
     """
     if implementation == _kernel(hf) or implementation in _refused.get(hf, ()):
         return _kernel(hf)
+    if implementation == PROBE_KERNEL:
+        register_probe_kernel()
     setter = getattr(hf, "set_attn_implementation", None)
     if callable(setter):
         with contextlib.suppress(ValueError, ImportError):  # not supported by this model
@@ -356,8 +360,12 @@ class _KernelChoice:
         self.current = self.original
         self.decided: dict[tuple[str, ...], bool] = {}
 
-    def __call__(self, hook_names: Iterable[Any]) -> None:
+    def __call__(self, hook_names: Iterable[Any], probe: bool = False) -> None:
         if self.hf is None:
+            return
+        if probe:  # a pass measuring inside the kernel (fused_route decided it may)
+            if self.current != PROBE_KERNEL:
+                self.current = _set_kernel(self.hf, PROBE_KERNEL)
             return
         names = list(hook_names)
         if all(isinstance(n, str) for n in names):  # decided once per run for the same names
@@ -381,8 +389,10 @@ def attention_for_run(model: TransformerLensModel) -> Iterator[Callable[[Iterabl
     Yields a function to call before each batch's forward pass with the batch's hook
     names: fused attention (SDPA) unless a name, or a hook already attached, reads an
     attention pattern (:func:`wants_fast_attention`, decided once per run for the same
-    names), else the model's own kernel. A run of batches that all read no pattern
-    switches once, and the model's kernel is restored on exit, also on error.
+    names), else the model's own kernel; ``probe=True``: the probe kernel
+    (:data:`~massact_lens._core.probes.PROBE_KERNEL`) of a pass that measures inside it.
+    A run of batches that all read no pattern switches once, and the model's kernel is
+    restored on exit, also on error.
 
     >>> from massact_lens.examples import minilm
     >>> model = minilm()
@@ -435,3 +445,44 @@ def wants_fast_attention(model: TransformerLensModel, hook_names: Iterable[str] 
     """What :func:`fast_attention` decides: False when ``MASSACT_LENS_EAGER=1`` or a
     hook reads an attention pattern (:func:`reads_attention_pattern`)."""
     return os.environ.get(_EAGER_SETTING) != "1" and not reads_attention_pattern(model, hook_names)
+
+
+# --- the fused route of the attention analyses -------------------------------------------
+
+
+def fused_route(model: TransformerLensModel, layers: Iterable[int]) -> str | None:
+    """None when the attention of every layer in ``layers`` runs HuggingFace's own module
+    through the kernel its config names, so that a pass can measure inside the fused
+    kernel (:mod:`massact_lens._core.probes`); otherwise why not, in a few words.
+
+    Taken: the bridge's generic attention (BERT-style: it always calls the HuggingFace
+    module) and the LLaMA-family attention on its lean path (this TransformerLens is
+    verified, weights not processed, no hook attached inside it). Not taken: GPT-2-style
+    joint-QKV attention (the bridge computes it in its own code), soft-capped logits
+    (SDPA has no soft cap), ``MASSACT_LENS_EAGER=1``.
+
+    >>> from massact_lens.examples import minilm, tiny_model
+    >>> fused_route(minilm(), [0]) is None, fused_route(tiny_model(), [0])
+    (True, 'the model has no HuggingFace attention module (boot_native)')
+    """
+    if os.environ.get(_EAGER_SETTING) == "1":
+        return f"{_EAGER_SETTING}=1 is set"
+    hf = _hf_model(model)
+    if hf is None or not hasattr(model, "blocks"):
+        return "the model has no HuggingFace attention module (boot_native)"
+    config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "its attention logits are soft-capped (the fused kernel has no soft cap)"
+    if not register_probe_kernel():
+        return "this transformers has no AttentionInterface"
+    for layer in layers:
+        attention = model.blocks[layer].attn  # type: ignore[index]
+        if delegates_attention(model, layer):
+            continue
+        bridge = None if weights_processed(model) else _bridge()  # type: ignore[arg-type]
+        if bridge is None or "forward" not in _lean_methods(attention, bridge):
+            return (f"layer {layer}'s attention ({type(attention).__name__}) is computed by the bridge's own code "
+                    "(a joint-QKV or processed-weights model, or a TransformerLens release not verified here)")
+        if _read_inside(attention) or any(bool(getattr(attention.config, m, False)) for m in _PER_HEAD_MODES):
+            return f"a hook is attached inside layer {layer}'s attention (or a per-head mode is on)"
+    return None

@@ -45,6 +45,7 @@ from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.fast_paths import attention_for_run, lean_components
 from massact_lens._core.hook_names import RESID_POST, layer_of
 from massact_lens._core.options import progress_bar
+from massact_lens._core.probes import hf_attention, probing
 from massact_lens._core.types import HookList, model_device
 
 __all__ = ["Measurement", "UserHooks", "last_block_hook", "measure", "reads_input_index"]
@@ -157,6 +158,25 @@ def _stop_point(hooks: HookList) -> str | None:
         return None
 
 
+def _probes(model: TransformerLensModel, measurements: Iterable[Any],
+            batch: Batch) -> tuple[dict[torch.nn.Module, Any], set[int]]:
+    """The attention probes the measurements ask for this batch, by HuggingFace module
+    (every submodule of a layer's attention: the one that calls the kernel gets it), and
+    the layers probed."""
+    probes: dict[torch.nn.Module, Any] = {}
+    layers: set[int] = set()
+    for m in measurements:
+        ask = getattr(m, "probes", None)
+        for layer, probe in (ask(batch) if callable(ask) else {}).items():
+            for module in hf_attention(model, layer).modules():
+                if module in probes:
+                    raise ValueError(f"Two measurements of one pass probe the attention of layer {layer}: run them "
+                                     "in separate passes.")
+                probes[module] = probe
+            layers.add(layer)
+    return probes, layers
+
+
 def measure(
     model: TransformerLensModel,
     plan: BatchPlan,
@@ -169,7 +189,10 @@ def measure(
     For each batch: every measurement's :meth:`~Measurement.hooks`, one forward pass
     with them attached (removed after, also when a hook raises), then every
     measurement's :meth:`~Measurement.update`, in the order given (a later one may read
-    what an earlier one just computed).
+    what an earlier one just computed). A measurement with a ``probes(batch)`` method
+    (``{layer: probe}``) measures inside the attention kernel of those layers
+    (:mod:`massact_lens._core.probes`); it asks only where
+    :func:`~massact_lens._core.fast_paths.fused_route` allowed it.
     """
     if not measurements:
         raise ValueError("measure() needs at least one measurement.")
@@ -182,13 +205,16 @@ def measure(
     with torch.inference_mode(), lean_components(model), attention_for_run(model) as choose_kernel:  # type: ignore[arg-type]
         for batch in bar:
             hooks: HookList = [pair for m in measurements for pair in m.hooks(batch)]
-            stop_here = None if wants_output else _stop_point(hooks)
+            probes, probed = _probes(model, measurements, batch)
+            # the pass ends after the last block a hook reads or a probe measures
+            points = [*hooks, *((RESID_POST.format(layer=layer), _stop) for layer in probed)]
+            stop_here = None if wants_output else _stop_point(points)
             if stop_here is not None:
                 hooks = [*hooks, (stop_here, _stop)]
             tokens = batch.tokens.to(device) if device is not None else batch.tokens
             out = None
-            choose_kernel([name for name, _ in hooks])
-            with model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
+            choose_kernel([name for name, _ in hooks], probe=bool(probes))
+            with probing(probes), model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
                 out = model(tokens, attention_mask=batch.attention_mask.to(tokens.device),  # type: ignore[operator]
                             return_type="logits" if wants_output else None)
             for m in measurements:

@@ -4,7 +4,18 @@ Each function measures attention against a key set C (``positions=``, see
 :func:`~massact_lens.attention.keys.as_rule`): :func:`attention_concentration`
 (the sink), :func:`attention_logits` (heat maps), :func:`implicit_bias` (the exact
 ``bias + rest`` split of each head's output), :func:`token_features` (keys, values
-and attention inputs of C vs the other tokens). The science: ``docs/concepts.md``.
+and attention inputs of C vs the other tokens), :func:`sink_curve` (the mass on C as
+a function of the query's position, over a long context). The science: ``docs/concepts.md``.
+
+**At the cost of a forward pass.** attention_concentration, implicit_bias,
+token_features and sink_curve measure inside the model's fused attention kernel
+wherever the bridge runs HuggingFace's attention (the LLaMA family, Gemma 3, BERT;
+:func:`~massact_lens._core.fast_paths.fused_route`): extra value columns ride along one
+SDPA call, so no ``[query, key]`` tensor exists and a pass over 8,192 tokens costs a
+forward pass (``bench/README.md``). Elsewhere (GPT-2-style joint QKV, soft-capped
+logits, a hook of yours inside attention, ``MASSACT_LENS_EAGER=1``) they read the eager
+``hook_pattern``, equal to float32 rounding. attention_logits and the heads widget
+always read every pattern (what they show is the pattern).
 
 Memory does not grow with the corpus: each result holds float64 running sums over
 every input (what its tables read) and the per-input tensors of only the first
@@ -27,6 +38,7 @@ from massact_lens.attention.decomposition import ImplicitBias, implicit_bias
 from massact_lens.attention.features import GROUPS, TokenFeatures, token_features
 from massact_lens.attention.keys import TOKEN_RULES, MassiveTokens, Positions, as_rule, key_mask
 from massact_lens.attention.logits import AttentionLogits, attention_logits
+from massact_lens.attention.curves import SinkCurve, sink_curve
 
 __all__ = [
     "GROUPS",
@@ -36,11 +48,13 @@ __all__ = [
     "ImplicitBias",
     "MassiveTokens",
     "Positions",
+    "SinkCurve",
     "TokenFeatures",
     "as_rule",
     "attention_concentration",
     "attention_logits",
     "implicit_bias",
     "key_mask",
+    "sink_curve",
     "token_features",
 ]

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import torch
 from jaxtyping import Bool, Float
 
-__all__ = ["MODES", "SCOPES", "SPACES", "TERMS", "add_batch", "gram", "new_sums", "spread"]
+__all__ = ["MODES", "SCOPES", "SPACES", "TERMS", "add_batch", "gram", "gram_root", "new_sums", "spread"]
 
 #: The query sets: every real query, and the real queries outside C.
 MODES: tuple[str, ...] = ("all", "outside")
@@ -37,6 +37,7 @@ SPACES: tuple[str, ...] = ("head", "resid", "total")
 #: Scope names as :meth:`ImplicitBias.constancy` writes them.
 SCOPES: dict[str, str] = {"all": "all", "within": "within_input", "across": "across_inputs"}
 _TINY = torch.finfo(torch.float64).tiny
+_TINY_32 = torch.finfo(torch.float32).tiny
 
 
 def new_sums(n_layers: int, n_heads: int, d_head: int, d_model: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -65,6 +66,20 @@ def gram(w_o: Float[torch.Tensor, "head d_head d_model"]) -> Float[torch.Tensor,
     return torch.einsum("hdm,hem->hde", w, w)
 
 
+def gram_root(g: Float[torch.Tensor, "head d_head d_head"]) -> Float[torch.Tensor, "head d_head d_head"]:
+    """``L_h`` with ``L_h L_h^T = G_h`` (from ``G_h``'s eigenvectors; exact also for a singular
+    ``G_h``): ``x G y^T = (x L) . (y L)``, so the residual-space inner products of a batch
+    are plain dot products of ``x @ L``, one matmul per term instead of one per product.
+
+    >>> g = gram(torch.randn(2, 3, 5))
+    >>> root = gram_root(g)
+    >>> bool(torch.allclose(root @ root.transpose(1, 2), g))
+    True
+    """
+    values, vectors = torch.linalg.eigh(g.double())
+    return vectors * values.clamp_min(0).sqrt()[:, None, :]
+
+
 def _inner(space: str, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The inner product of a space over the last dim (``resid``: through ``G``)."""
     if space == "resid":
@@ -83,10 +98,11 @@ def _add_scope(sums: dict[str, torch.Tensor], key: tuple[str, int, int, int], x:
     w = weight[:, None]
     nonzero = (norm > 0) & (w > 0)
     at = (i, mode, term)
-    sums[f"{name}.vec"][at] += (x * w[..., None]).sum(0)
-    sums[f"{name}.sq"][at] += (norm**2 * w).sum(0)
-    sums[f"{name}.norm"][at] += (norm * w).sum(0)
-    sums[f"{name}.unit"][at] += (x / norm.clamp_min(_TINY)[..., None] * nonzero[..., None]).sum(0)
+    f64 = torch.float64
+    sums[f"{name}.vec"][at] += (x * w[..., None]).sum(0, dtype=f64)
+    sums[f"{name}.sq"][at] += (norm**2 * w).sum(0, dtype=f64)
+    sums[f"{name}.norm"][at] += (norm * w).sum(0, dtype=f64)
+    sums[f"{name}.unit"][at] += (x / norm.clamp_min(_TINY_32)[..., None] * nonzero[..., None]).sum(0, dtype=f64)
     sums[f"{name}.nonzero"][at] += nonzero.sum(0)
 
 
@@ -99,41 +115,49 @@ def add_batch(
     masks: tuple[Bool[torch.Tensor, "batch query_pos"], Bool[torch.Tensor, "batch query_pos"]],
     g: Float[torch.Tensor, "head d_head d_head"],
     resid_terms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    root: Float[torch.Tensor, "head d_head d_head"] | None = None,
 ) -> None:
     """Add one batch of one layer: both terms in head space and summed over heads, both query sets.
 
     ``resid_terms``: the head-space vectors whose images through ``g`` are the residual-space
     ones, when they differ from ``terms`` (sandwich blocks: each query's ``z / rms`` of the
-    full attention output, with the post-attention norm's gain inside ``g``)."""
+    full attention output, with the post-attention norm's gain inside ``g``). ``root``:
+    :func:`gram_root` of ``g`` (computed here when not given)."""
+    root = gram_root(g) if root is None else root
     nan = float("nan")
-    weights = [mask.double() for mask in masks]
+    # per-query arithmetic in float32 (what the model computed), every sum in float64
+    weights = [mask.float() for mask in masks]
     counts = [w.sum(1) for w in weights]
     for mode, w in enumerate(weights):
-        sums["all.n"][layer_index, mode] += w.sum()
+        sums["all.n"][layer_index, mode] += w.sum(dtype=torch.float64)
         sums["across.n"][layer_index, mode] += (counts[mode] > 0).sum()
-        sums["mass"][layer_index, mode] += (mass.double() * w[..., None]).sum((0, 1))
+        sums["mass"][layer_index, mode] += (mass.float() * w[..., None]).sum((0, 1), dtype=torch.float64)
     for term in range(len(TERMS)):
         for space in SPACES:
             source = resid_terms if space == "resid" and resid_terms is not None else terms
-            x = (totals[term][:, :, None] if space == "total" else source[term]).double()  # [b, q, k, m]
-            norm = _norm(space, x, g)  # [b, q, k]
+            x = (totals[term][:, :, None] if space == "total" else source[term]).float()  # [b, q, k, m]
+            # inner products in coordinates where they are plain dot products (resid: x @ L)
+            y = torch.einsum("bqhd,hde->bqhe", x, root.float()) if space == "resid" else x
+            norm = y.square().sum(-1).sqrt()  # [b, q, k]
             for mode, (mask, w, count) in enumerate(zip(masks, weights, counts, strict=True)):
                 at = (layer_index, mode, term)
                 _add_scope(sums, (f"all.{space}", *at), x.flatten(0, 1), norm.flatten(0, 1), w.flatten())
                 has = count > 0
-                mean = (x * w[..., None, None]).sum(1) / count.clamp_min(1)[:, None, None]  # [b, k, m]
-                mean_norm = _norm(space, mean, g)
-                _add_scope(sums, (f"across.{space}", *at), mean, mean_norm, has.double())
+                per_input = count.clamp_min(1)[:, None, None]
+                mean = (x * w[..., None, None]).sum(1) / per_input  # [b, k, m]
+                mean_y = (y * w[..., None, None]).sum(1) / per_input if space == "resid" else mean
+                mean_norm = mean_y.square().sum(-1).sqrt()
+                _add_scope(sums, (f"across.{space}", *at), mean, mean_norm, has.float())
                 # Within each input, exactly (two passes over the batch).
-                diff = x - mean[:, None]
-                var = (_inner(space, diff, diff, g).clamp_min(0) * w[..., None]).sum(1) / count.clamp_min(1)[:, None]
+                diff = y - mean_y[:, None]
+                var = (diff.square().sum(-1) * w[..., None]).sum(1) / count.clamp_min(1)[:, None]
                 rel = (var.sqrt() / mean_norm).masked_fill(~has[:, None], nan)
                 denominator = norm * mean_norm[:, None]
-                cos = _inner(space, x, mean[:, None].expand_as(x), g) / denominator.masked_fill(denominator == 0, nan)
+                cos = (y * mean_y[:, None]).sum(-1) / denominator.masked_fill(denominator == 0, nan)
                 cos = cos.masked_fill(~mask[..., None], nan).nanmean(1).masked_fill(~has[:, None], nan)  # [b, k]
                 for stat, value in (("cos", cos), ("rel", rel)):
                     ok = ~torch.isnan(value)
-                    sums[f"within.{space}.{stat}"][at] += value.masked_fill(~ok, 0.0).sum(0)
+                    sums[f"within.{space}.{stat}"][at] += value.masked_fill(~ok, 0.0).sum(0, dtype=torch.float64)
                     sums[f"within.{space}.{stat}_n"][at] += ok.sum(0)
 
 

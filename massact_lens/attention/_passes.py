@@ -13,6 +13,7 @@ that C in its own ``update``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens._core.batching import Batch, BatchPlan
 from massact_lens._core.hook_names import attention_hook, is_post_norm, resolve_hook_names
+from massact_lens._core.loop import last_block_hook
+from massact_lens._core.probes import delegates_attention
 from massact_lens._core.types import HookList, Provenance, model_device
 from massact_lens.attention.keys import fit_width, key_mask
 from massact_lens.interventions.positions import (
@@ -71,8 +74,14 @@ def check_heads(model: TransformerLensModel, heads: Sequence[int] | None) -> tup
     return tuple(sorted(heads))
 
 
-def output_hook(model: TransformerLensModel, layer: int) -> str:
-    """The hook holding ``z @ W_O + b_O`` (``attn.o.hook_out``; else ``hook_attn_out``)."""
+def output_hook(model: TransformerLensModel, layer: int, *, fused: bool = False) -> str:
+    """The hook holding ``z @ W_O + b_O`` (``attn.o.hook_out``; else ``hook_attn_out``).
+
+    ``fused``: a pass in the probe kernel reads no hook inside an attention the bridge
+    runs by its lean path (a hook there switches it off): the component's own
+    ``hook_out`` holds the same output there."""
+    if fused and not delegates_attention(model, layer):
+        return f"blocks.{layer}.attn.hook_out"
     name = attention_hook("o_out", layer)
     return name if name in model.hook_dict else attention_hook("attn_out", layer)  # type: ignore[attr-defined]
 
@@ -298,8 +307,12 @@ class KeyPositions:
 
     needs_output = False
 
-    def __init__(self, model: TransformerLensModel, rule: PositionRule) -> None:
+    def __init__(self, model: TransformerLensModel, rule: PositionRule, *, early: bool = False) -> None:
         self.rule = rule
+        self.model = model
+        #: C is known before each batch's pass (the fused route reads it inside the
+        #: kernel): a rule that reads the residual stream gets a pass of its own first.
+        self.early = early
         self.reads_input_index = in_any_order(rule)
         self.device = model_device(model)
         leaves = tuple(dict.fromkeys(leaf for leaf in rule.leaves() if isinstance(leaf, WhereMassive)))
@@ -320,7 +333,16 @@ class KeyPositions:
                          on_device)
         self.found = {leaf: torch.zeros(on_device.tokens.shape, dtype=torch.bool, device=self.device)
                       for leaf in self.points}
-        return [(name, self._reader(leaf, ctx, name)) for leaf, names in self.points.items() for name in names]
+        readers = [(name, self._reader(leaf, ctx, name)) for leaf, names in self.points.items() for name in names]
+        if not self.early:
+            return readers
+        if readers:  # C from the residual stream: a pass of its own, stopped after the last point it reads
+            with contextlib.suppress(ValueError):  # a point after the blocks: the pass runs to the end
+                readers.append((last_block_hook([name for name, _ in readers]), _stop))
+            with self.model.hooks(fwd_hooks=readers), contextlib.suppress(_Stopped):  # type: ignore[attr-defined]
+                self.model(on_device.tokens, attention_mask=on_device.attention_mask)  # type: ignore[operator]
+        self.c_mask = key_mask(self.rule, on_device, self.found).to(self.device)
+        return []
 
     def _reader(self, leaf: WhereMassive, ctx: RunContext, name: str) -> Callable[..., None]:
         def read(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
@@ -332,7 +354,9 @@ class KeyPositions:
     def update(self, batch: Batch, output: torch.Tensor | None) -> None:  # noqa: ARG002
         assert self.batch is not None
         bad = self.nonfinite.end_batch(self.batch).to(self.device)
-        self.c_mask = key_mask(self.rule, self.batch, self.found).to(self.device)
+        if not self.early:
+            self.c_mask = key_mask(self.rule, self.batch, self.found).to(self.device)
+        assert self.c_mask is not None
         self._count = self._count + self.c_mask[~bad].sum()
 
     def result(self) -> int:
@@ -348,6 +372,14 @@ class KeyPositions:
                 UserWarning,
                 stacklevel=3,
             )
+
+
+class _Stopped(Exception):
+    """Ends the key set's own pass once the last point it reads has fired."""
+
+
+def _stop(activation: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
+    raise _Stopped
 
 
 def detached(t: torch.Tensor) -> torch.Tensor:

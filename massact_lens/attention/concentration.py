@@ -20,6 +20,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
+from massact_lens._core.fast_paths import fused_route
 from massact_lens._core.hook_names import attention_hook
 from massact_lens._core.loop import measure
 from massact_lens._core.results import (
@@ -32,6 +33,7 @@ from massact_lens._core.results import (
     merge_kept,
 )
 from massact_lens._core.types import HookList, Inputs, is_causal
+from massact_lens.attention._fused import MassProbe
 from massact_lens.attention._passes import (
     KeyedFields,
     KeyedMeasurement,
@@ -276,8 +278,9 @@ def attention_concentration(
     chosen = check_layers(model, layers, ("pattern",))
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
                             prepend_bos=prepend_bos, by_length=by_length)
-    keys = KeyPositions(model, rule)
-    sinks = _Concentration(model, plan, keys, chosen, keep)
+    fused = fused_route(model, chosen) is None
+    keys = KeyPositions(model, rule, early=fused)
+    sinks = _Concentration(model, plan, keys, chosen, keep, fused=fused)
     measure(model, plan, keys, sinks, progress=progress, desc="attention")
     keys.warn_if_empty()
     keys.nonfinite.warn("attention_concentration")
@@ -290,9 +293,11 @@ class _Concentration(KeyedMeasurement):
     against C once the pass ends."""
 
     def __init__(self, model: TransformerLensModel, plan: BatchPlan, keys: KeyPositions, layers: tuple[int, ...],
-                 keep: Keep) -> None:
+                 keep: Keep, *, fused: bool = False) -> None:
         super().__init__(model, plan, keys, layers)
         self.keep = keep
+        self.fused = fused
+        self.layer_probes: dict[int, MassProbe] = {}
         self.causal = is_causal(model)
         self.has_scores = all(attention_hook("scores", layer) in model.hook_dict for layer in layers)  # type: ignore[attr-defined]
         self.n_heads = int(model.cfg.n_heads)
@@ -308,7 +313,23 @@ class _Concentration(KeyedMeasurement):
         self.sums["uniform_layer"] = torch.zeros(n_layers, dtype=torch.float64)
         self.kept = KeptInputs(keep_limit(keep), _KEPT)
 
+    def probes(self, batch: Batch) -> dict[int, MassProbe]:
+        """The fused route: one :class:`MassProbe` per layer, with C of this batch."""
+        if not self.fused:
+            return {}
+        assert self.keys.c_mask is not None, "KeyPositions (early) must give C before the pass"
+        real = batch.attention_mask.to(self.device).bool()
+        self.layer_probes = {layer: MassProbe(self.keys.c_mask, real, self.causal, self.windows[layer], self._note(layer))
+                             for layer in self.layers}
+        return dict(self.layer_probes)
+
+    def _note(self, layer: int) -> Any:
+        name = attention_hook("z", layer)
+        return lambda tensor, real: self.keys.nonfinite.note(name, tensor, real, 1)
+
     def hooks(self, batch: Batch) -> HookList:
+        if self.fused:
+            return []
         real = batch.attention_mask.to(self.device).bool()
         kinds = ("pattern", "scores") if self.has_scores else ("pattern",)
         return [(attention_hook(kind, layer), self._store(layer, kind, real)) for layer in self.layers for kind in kinds]
@@ -341,9 +362,21 @@ class _Concentration(KeyedMeasurement):
             "gap_count": ok.float().sum(2),
         }
 
+    def _fused_rows(self, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        missed = [layer for layer, probe in self.layer_probes.items() if not probe.ran]
+        if missed:
+            raise RuntimeError(f"The attention of layers {missed} did not run through the probe kernel: a hook "
+                               "inside attention was attached during the pass? Run with MASSACT_LENS_EAGER=1.")
+        rows = [self.layer_probes[layer].rows for layer in self.layers]
+        n_positions = (fit_width(c_mask, int(real.shape[1])) & real).sum(-1)
+        return (torch.stack([r["mass"] for r in rows], 1).cpu(), torch.stack([r["gap"] for r in rows], 1).cpu(),
+                torch.stack([r["uniform"] for r in rows], 1), n_positions)
+
     def _rows(self, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per input of the batch: mass and logit gap ``[batch, layer, head]`` (on the CPU), the uniform
         mass ``[batch, layer]`` and ``|C|``."""
+        if self.fused:
+            return self._fused_rows(real, c_mask)
         for layer in list(self.pending):  # a scores hook that never fired
             if "pattern" in self.pending[layer]:
                 self._reduce(layer, real)
@@ -409,8 +442,9 @@ class _Concentration(KeyedMeasurement):
         return AttentionConcentration(
             **self.base_fields(),
             n_heads=n_heads,
-            hook_names=tuple(attention_hook(k, layer) for layer in self.layers for k in kinds),
-            logit_source=tuple(self.sources.get(layer, "") for layer in self.layers),
+            hook_names=tuple(f"blocks.{layer}.attn (fused kernel)" for layer in self.layers) if self.fused
+            else tuple(attention_hook(k, layer) for layer in self.layers for k in kinds),
+            logit_source=tuple("q.k (fused kernel)" if self.fused else self.sources.get(layer, "") for layer in self.layers),
             keep=self.keep,
             **{name: detached(rows[name]) for name in _KEPT},
             sums={name: detached(t) for name, t in self.sums.items()},

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -22,48 +22,38 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._plain_hf import refuse_plain_hf
-from massact_lens._core.batching import Batch, BatchPlan
-from massact_lens._core.blocks import attention_output_norm, norm_eps, norm_gain, rms_inverse
-from massact_lens._core.hook_names import attention_hook
+from massact_lens._core.fast_paths import fused_route
 from massact_lens._core.loop import measure
 from massact_lens._core.results import (
     Keep,
-    KeptInputs,
     StreamedResult,
     add_sums,
     check_keep,
     keep_limit,
     merge_kept,
 )
-from massact_lens._core.types import HookList, Inputs, warn_if_processed
+from massact_lens._core.types import Inputs, warn_if_processed
 from massact_lens.attention._bias_stats import (
     MODES,
     SCOPES,
     TERMS,
-    add_batch,
     gram,
-    new_sums,
     spread,
 )
+from massact_lens.attention._decomposing import KEPT, Decomposition
 from massact_lens.attention._passes import (
     KeyedFields,
-    KeyedMeasurement,
     KeyPositions,
     check_heads,
     check_layers,
-    detached,
-    output_hook,
-    real_keys,
-    repeat_kv,
-    w_o,
 )
-from massact_lens.attention.keys import Positions, fit_width, keyed_plan
+from massact_lens.attention.keys import Positions, keyed_plan
 
 __all__ = ["ImplicitBias", "implicit_bias"]
 
 
 #: Per-input tensors of an :class:`ImplicitBias`, input-first, and their position axes.
-_KEPT = {"bias_z": 2, "rest_z": 2, "c_mass": 2, "out_scale": 2, "key_mask": 1, "tokens": 1}
+_KEPT = KEPT
 _LAYER_FIRST = ("bias_z", "rest_z", "c_mass", "out_scale")
 
 
@@ -140,7 +130,8 @@ class ImplicitBias(StreamedResult, KeyedFields):
     #: Per layer, max ``|bias + rest - hook_z|`` over real queries and chosen heads (every input).
     z_error: Float[torch.Tensor, " layer"]
     #: Per layer, max ``|sum_h hook_z_h @ W_O[h] + b_O - attention output|`` over
-    #: real queries (all heads, every input).
+    #: real queries (all heads, every input; at most 64 query positions per batch,
+    #: spread evenly: a wrong ``W_O`` shows on any of them).
     out_error: Float[torch.Tensor, " layer"]
     #: Float64 running sums over every input, ``[layer, query set, term, head, ...]``
 
@@ -330,166 +321,10 @@ def implicit_bias(
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
                             prepend_bos=prepend_bos, by_length=by_length)
     warn_if_processed(model)
-    keys = KeyPositions(model, rule)
-    split = _Decomposition(model, plan, keys, chosen, head_list, keep)
+    fused = fused_route(model, chosen) is None
+    keys = KeyPositions(model, rule, early=fused)
+    split = Decomposition(model, plan, keys, chosen, head_list, keep, fused=fused)
     measure(model, plan, keys, split, progress=progress, desc="implicit bias")
     keys.warn_if_empty()
     keys.nonfinite.warn("implicit_bias")
-    return split.result()
-
-
-class _Decomposition(KeyedMeasurement):
-    """The measurement behind :func:`implicit_bias`: per layer, ``hook_pattern``, ``hook_v``
-    and ``hook_z`` of the batch held until its pass ends (C may come from its residual
-    stream), then split against C and folded into the running sums."""
-
-    def __init__(self, model: TransformerLensModel, plan: BatchPlan, keys: KeyPositions, layers: tuple[int, ...],
-                 heads: tuple[int, ...], keep: Keep) -> None:
-        super().__init__(model, plan, keys, layers)
-        self.heads, self.keep = heads, keep
-        self.n_heads = int(model.cfg.n_heads)
-        self.d_head = int(model.cfg.d_head)
-        self.weights = {layer: tuple(t.to(self.device) for t in w_o(model, layer)) for layer in layers}
-        self.out_names = {layer: output_hook(model, layer) for layer in layers}
-        self.head_index = torch.tensor(heads, device=self.device)
-        self.chosen_w = {layer: self.weights[layer][0][self.head_index] for layer in layers}
-        self.out_norm, offset = attention_output_norm(model)  # sandwich blocks: the post-attention norm
-        self.out_gain = {layer: (norm_gain(model, layer, self.out_norm, offset) if self.out_norm
-                                 else torch.ones(int(model.cfg.d_model))).to(self.device) for layer in layers}
-        self.grams = {layer: gram(self.chosen_w[layer] * self.out_gain[layer]) for layer in layers}
-        self.state: dict[int, dict[str, torch.Tensor]] = {}
-        self.z_error = {layer: 0.0 for layer in layers}
-        self.out_error = {layer: 0.0 for layer in layers}
-        self.sums = new_sums(len(layers), len(heads), self.d_head, int(model.cfg.d_model), self.device)
-        self.kept = KeptInputs(keep_limit(keep), _KEPT)
-
-    def hooks(self, batch: Batch) -> HookList:
-        real = batch.attention_mask.to(self.device).bool()
-        hooks: HookList = []
-        for layer in self.layers:
-            hooks += [(attention_hook(kind, layer), self._store(layer, kind, real)) for kind in ("pattern", "v", "z")]
-            if self.out_norm is not None:  # the full attention output, whose rms the norm divides by
-                hooks.append((f"blocks.{layer}.{self.out_norm}.hook_in", self._store(layer, "out", real)))
-            hooks.append((self.out_names[layer], self._check_output(layer, real)))
-        return hooks
-
-    def _store(self, layer: int, kind: str, real: torch.Tensor) -> Any:
-        def read(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-            self.state.setdefault(layer, {})[kind] = tensor.detach()
-            name = f"blocks.{layer}.{self.out_norm}.hook_in" if kind == "out" else attention_hook(kind, layer)
-            self.keys.nonfinite.note(name, tensor.detach(), real, 2 if kind == "pattern" else 1)
-
-        return read
-
-    def _check_output(self, layer: int, real: torch.Tensor) -> Any:
-        def check_output(tensor: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
-            z = self.state.get(layer, {}).get("z")
-            if z is None:
-                return
-            w, b = self.weights[layer]
-            predicted = torch.einsum("bqhd,hdm->bqm", z.float(), w) + b
-            err = (predicted - tensor.detach().float()).abs().amax(-1)[real]
-            err = err[torch.isfinite(err)]  # an input with a NaN / inf is left out (NonFinite)
-            self.out_error[layer] = max(self.out_error[layer], float(err.max()) if err.numel() else 0.0)
-
-        return check_output
-
-    def _split(self, i: int, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One layer of the batch: ``bias``, ``rest`` ``[b, q, h, d]``, mass on C ``[b, q, h]``, C and the
-        residual-space scale per query ``[b, q]``,
-        folded into the running sums and the error of ``bias + rest = hook_z``."""
-        slot = self.state.pop(layer, {})
-        if not {"pattern", "v", "z"} <= set(slot):
-            raise RuntimeError(
-                f"Layer {layer}: hooks {sorted({'pattern', 'v', 'z'} - set(slot))} did not fire; load the "
-                "model with eager attention (massact_lens.load_model does)."
-            )
-        pattern = slot["pattern"].float()[:, self.head_index]  # [b, h, q, k]
-        v = repeat_kv(slot["v"].float(), self.n_heads)[:, :, self.head_index]  # [b, k, h, d]
-        key_len = int(pattern.shape[-1])
-        if v.shape[1] != key_len:
-            raise ValueError(
-                f"Layer {layer}: hook_pattern has {key_len} key positions but hook_v has {v.shape[1]}: "
-                "the decomposition needs a value for every key (no extra key slots)."
-            )
-        in_c = fit_width(c_mask, key_len) & real_keys(real, key_len)
-        bad_rows = self.keys.nonfinite.bad_rows  # on the CPU: no device sync to ask
-        used = ~bad_rows.to(real.device) if bad_rows is not None and bool(bad_rows.any()) else None
-        c = in_c[:, None, None, :].float()
-        q_real = real[:, :, None, None]
-        bias = torch.einsum("bhqk,bkhd->bqhd", pattern * c, v).where(q_real, 0.0)
-        rest = torch.einsum("bhqk,bkhd->bqhd", pattern * (1.0 - c), v).where(q_real, 0.0)
-        z = slot["z"].float()[:, :, self.head_index]
-        err = (bias + rest - z).abs()[real if used is None else real & used[:, None]]
-        self.z_error[layer] = max(self.z_error[layer], float(err.max()) if err.numel() else 0.0)
-        mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
-        scale = self._out_scale(layer, slot, bias)  # [b, q]: 1 / rms of the full output (sandwich), else 1
-        resid = tuple(t * scale[:, :, None, None] for t in (bias, rest))
-        w = self.chosen_w[layer] * self.out_gain[layer]
-        totals = tuple(torch.einsum("bqhd,hdm->bqm", t, w) for t in resid)
-        outside = real & ~fit_width(in_c, int(real.shape[1]))
-        resid_terms = None if self.out_norm is None else resid
-        if used is not None:  # inputs with a NaN / inf: out of every sum
-            keep_q = real & used[:, None]
-            bias_s, rest_s = (t.where(keep_q[:, :, None, None], 0.0) for t in (bias, rest))
-            totals = tuple(t.where(keep_q[:, :, None], 0.0) for t in totals)
-            if resid_terms is not None:
-                resid_terms = tuple(t.where(keep_q[:, :, None, None], 0.0) for t in resid_terms)
-            add_batch(self.sums, i, (bias_s, rest_s), totals, mass.where(keep_q[:, :, None], 0.0),  # type: ignore[arg-type]
-                      (keep_q, outside & used[:, None]), self.grams[layer], resid_terms=resid_terms)  # type: ignore[arg-type]
-            return bias, rest, mass, in_c, scale
-        add_batch(self.sums, i, (bias, rest), totals, mass, (real, outside), self.grams[layer],  # type: ignore[arg-type]
-                  resid_terms=resid_terms)  # type: ignore[arg-type]
-        return bias, rest, mass, in_c, scale
-
-    def _out_scale(self, layer: int, slot: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """Per query, ``1 / rms`` of the full attention output the post-attention norm divides by."""
-        if self.out_norm is None:
-            return torch.ones(like.shape[:2], device=like.device)
-        if "out" not in slot:
-            raise RuntimeError(f"Layer {layer}: the post-attention norm's input hook did not fire.")
-        return rms_inverse(slot["out"], norm_eps(self.model, layer, self.out_norm))[..., 0]
-
-    def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
-        real = batch.attention_mask.bool()
-        rows, inputs = self.kept.choose(batch.input_indices)
-        chosen_rows = torch.tensor(rows, dtype=torch.long, device=real.device)
-        parts: dict[str, list[torch.Tensor]] = {"bias_z": [], "rest_z": [], "c_mass": [], "out_scale": []}
-        in_c = None
-        for i, layer in enumerate(self.layers):
-            bias, rest, mass, in_c, scale = self._split(i, layer, real, c_mask)
-            if rows:
-                for name, t in zip(parts, (bias, rest, mass, scale), strict=True):
-                    parts[name].append(t[chosen_rows].cpu())
-        assert in_c is not None
-        if rows:
-            self.kept.add(batch.attention_mask[chosen_rows], inputs, **{name: torch.stack(p, 1) for name, p in parts.items()},
-                          key_mask=in_c[chosen_rows], tokens=batch.tokens[chosen_rows])
-
-    def result(self) -> ImplicitBias:
-        n_layers, n_chosen, d_head = len(self.layers), len(self.heads), self.d_head
-        empty = {"bias_z": torch.zeros(0, n_layers, 0, n_chosen, d_head), "rest_z": torch.zeros(0, n_layers, 0, n_chosen, d_head),
-                 "c_mass": torch.zeros(0, n_layers, 0, n_chosen), "out_scale": torch.zeros(0, n_layers, 0),
-                 "key_mask": torch.zeros(0, 0, dtype=torch.bool),
-                 "attention_mask": torch.zeros(0, 0, dtype=torch.long), "tokens": torch.zeros(0, 0, dtype=torch.long)}
-        full = self.kept.tensors(empty)
-        return ImplicitBias(
-            **self.base_fields(),
-            heads=self.heads,
-            hook_names=tuple(attention_hook(k, layer) for layer in self.layers for k in ("pattern", "v", "z")),
-            out_hooks=tuple(self.out_names[layer] for layer in self.layers),
-            keep=self.keep,
-            bias_z=full["bias_z"].transpose(0, 1),  # normal tensors already: no copy
-            rest_z=full["rest_z"].transpose(0, 1),
-            c_mass=full["c_mass"].transpose(0, 1),
-            out_scale=full["out_scale"].transpose(0, 1),
-            key_mask=full["key_mask"].bool(),
-            attention_mask=full["attention_mask"].long(),
-            tokens=full["tokens"].long(),
-            W_O=detached(torch.stack([self.chosen_w[layer] for layer in self.layers])),
-            b_O=detached(torch.stack([self.weights[layer][1] for layer in self.layers])),
-            out_gain=detached(torch.stack([self.out_gain[layer] for layer in self.layers])),
-            z_error=torch.tensor([self.z_error[layer] for layer in self.layers]),
-            out_error=torch.tensor([self.out_error[layer] for layer in self.layers]),
-            sums={name: detached(t) for name, t in self.sums.items()},
-        )
+    return ImplicitBias(**split.result())

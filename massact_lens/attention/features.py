@@ -19,10 +19,13 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan
+from massact_lens._core.fast_paths import fused_route
 from massact_lens._core.hook_names import attention_hook, resolve_hook_names
 from massact_lens._core.loop import measure
+from massact_lens._core.probes import hf_attention
 from massact_lens._core.results import SummedResult, add_sums
 from massact_lens._core.types import HookList, Inputs, warn_if_processed
+from massact_lens.attention._fused import NormProbe
 from massact_lens.attention._passes import (
     KeyedFields,
     KeyedMeasurement,
@@ -213,8 +216,11 @@ def token_features(
     plan, rule = keyed_plan(model, inputs, positions, batch_size=batch_size, attention_mask=attention_mask,
                             prepend_bos=prepend_bos, by_length=by_length)
     warn_if_processed(model)
-    keys = KeyPositions(model, rule)
-    features = _Features(model, plan, keys, chosen)
+    # keys as the kernel gets them equal hook_k in norm (rotary keeps norms) unless a norm sits between
+    fused = fused_route(model, chosen) is None and not any(
+        hasattr(hf_attention(model, layer), "k_norm") for layer in chosen)
+    keys = KeyPositions(model, rule, early=fused)
+    features = _Features(model, plan, keys, chosen, fused=fused)
     measure(model, plan, keys, features, progress=progress, desc="token features")
     keys.warn_if_empty()
     keys.nonfinite.warn("token_features")
@@ -225,8 +231,11 @@ class _Features(KeyedMeasurement):
     """The measurement behind :func:`token_features`: per layer, key / value norms reduced
     at once and the feature hook held until the pass ends, then summed per group."""
 
-    def __init__(self, model: TransformerLensModel, plan: BatchPlan, keys: KeyPositions, layers: tuple[int, ...]) -> None:
+    def __init__(self, model: TransformerLensModel, plan: BatchPlan, keys: KeyPositions, layers: tuple[int, ...], *,
+                 fused: bool = False) -> None:
         super().__init__(model, plan, keys, layers)
+        self.fused = fused
+        self.layer_probes: dict[int, NormProbe] = {}
         self.n_heads = int(model.cfg.n_heads)
         self.feature_names = tuple(feature_hook(model, layer) for layer in layers)
         self.weights = {layer: w_o(model, layer)[0].to(self.device) for layer in layers}
@@ -237,13 +246,26 @@ class _Features(KeyedMeasurement):
         self.sums |= {name: torch.zeros(n_layers, 2, d_model, dtype=torch.float64) for name in ("vec", "unit")}
         self.counts = torch.zeros(n_layers, 2, dtype=torch.float64)
 
+    def probes(self, batch: Batch) -> dict[int, NormProbe]:
+        """The fused route: one :class:`NormProbe` per layer (keys and values as the kernel gets them)."""
+        if not self.fused:
+            return {}
+        real = batch.attention_mask.to(self.device).bool()
+        self.layer_probes = {layer: NormProbe(self.weights[layer], real, self._note(layer)) for layer in self.layers}
+        return dict(self.layer_probes)
+
+    def _note(self, layer: int) -> Any:
+        names = {"key": attention_hook("k", layer), "value": attention_hook("v", layer)}
+        return lambda kind, tensor, real: self.keys.nonfinite.note(names[kind], tensor, real, 1)
+
     def hooks(self, batch: Batch) -> HookList:
         real = batch.attention_mask.to(self.device).bool()
         hooks: HookList = []
         for layer, feature_name in zip(self.layers, self.feature_names, strict=True):
-            hooks += [(attention_hook("v", layer), self._reader(layer, "value", real, attention_hook("v", layer))),
-                      (attention_hook("k", layer), self._reader(layer, "key", real, attention_hook("k", layer))),
-                      (feature_name, self._reader(layer, "feature", real, feature_name))]
+            if not self.fused:
+                hooks += [(attention_hook("v", layer), self._reader(layer, "value", real, attention_hook("v", layer))),
+                          (attention_hook("k", layer), self._reader(layer, "key", real, attention_hook("k", layer)))]
+            hooks.append((feature_name, self._reader(layer, "feature", real, feature_name)))
         return hooks
 
     def _reader(self, layer: int, kind: str, real: torch.Tensor, name: str) -> Any:
@@ -270,6 +292,9 @@ class _Features(KeyedMeasurement):
         sums = self.sums
         for i, layer in enumerate(self.layers):
             slot = self.state.pop(layer, {})
+            probe = self.layer_probes.get(layer)
+            if self.fused and probe is not None and probe.ran:
+                slot |= probe.norms
             missing = {"value", "key", "feature"} - set(slot)
             if missing:
                 raise RuntimeError(f"Layer {layer}: hooks for {sorted(missing)} did not fire.")

@@ -1,0 +1,150 @@
+"""The attention analyses inside the fused kernel: per layer, one probe (:mod:`massact_lens._core.probes`).
+
+Each probe gets the post-rotary queries and keys and the values of one layer as the
+kernel does, with C of the batch already known (:class:`~massact_lens.attention._passes.KeyPositions`
+in its early mode), and gives the kernel the value columns it needs weighed:
+
+* :class:`MassProbe`: one column, 1 on C: the attention mass on C of every query and
+  head, ``sum_{k in C} p_qk``. The logit gap needs no probability at all: the mean
+  logit of a query over the keys it sees is ``scaling * q . mean(k)``, and the sum of
+  its logits on C is ``scaling * q . sum_{k in C} k``, both from running sums of the
+  keys along the key axis (float64), so nothing of size ``[query, key]`` is formed.
+* :class:`SplitProbe`: ``[v * c, c]``: the term from C and the mass on C, for the
+  implicit bias; the kernel's own output is ``hook_z`` and the rest is ``hook_z`` minus the term.
+* :class:`NormProbe`: no column; the norms of the keys and values as the kernel sees them.
+
+>>> import torch
+>>> visible_sums(torch.ones(1, 1, 4, 1), torch.ones(1, 4, dtype=torch.bool), causal=True, window=None)[1][0, 0].tolist()
+[1.0, 2.0, 3.0, 4.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from massact_lens.attention._passes import repeat_kv
+from massact_lens.attention.keys import fit_width
+
+
+def _window_bounds(t: int, causal: bool, window: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, the keys ``lo <= k < hi`` it may see (before padding)."""
+    q = torch.arange(t, device=device)
+    if causal:
+        hi = q + 1
+        lo = (q - window + 1).clamp_min(0) if window is not None else torch.zeros_like(q)
+    else:
+        hi = (q + window).clamp_max(t) if window is not None else torch.full_like(q, t)
+        lo = (q - window + 1).clamp_min(0) if window is not None else torch.zeros_like(q)
+    return lo, hi
+
+
+def visible_sums(
+    x: torch.Tensor, keys: torch.Tensor, *, causal: bool, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every query: the sum of ``x`` ``[batch, heads, key_pos, d]`` over the keys in
+    ``keys`` ``[batch, key_pos]`` it sees, ``[batch, heads, query_pos, d]``, and how many
+    such keys ``[batch, heads, query_pos]``, from running sums (float64)."""
+    b, h, t, d = x.shape
+    lo, hi = _window_bounds(t, causal, window, x.device)
+    mask = keys[:, None, :, None].to(torch.float64)
+    running = torch.zeros(b, h, t + 1, d + 1, dtype=torch.float64, device=x.device)
+    running[:, :, 1:, :d] = torch.cumsum(x.to(torch.float64) * mask, dim=2)
+    running[:, :, 1:, d] = torch.cumsum(mask[..., 0].expand(b, h, t), dim=2)
+    window_sum = running[:, :, hi] - running[:, :, lo]
+    return window_sum[..., :d], window_sum[..., d]
+
+
+class MassProbe:
+    """One layer of :func:`~massact_lens.attention.attention_concentration` in the kernel:
+    per input and head, the mass on C, the logit-gap pieces and the uniform baseline."""
+
+    def __init__(self, c_mask: torch.Tensor, real: torch.Tensor, causal: bool, window: int | None,
+                 note: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        self.c, self.real, self.causal, self.window = fit_width(c_mask, int(real.shape[1])) & real, real, causal, window
+        self.note = note
+        self.rows: dict[str, torch.Tensor] = {}
+        self.ran = False
+
+    def values(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+        if key.shape[2] != self.real.shape[1] or query.shape[2] != self.real.shape[1]:
+            raise RuntimeError(f"The kernel got {key.shape[2]} keys for {self.real.shape[1]} positions: the fused "
+                               "route measures a pass without a cache or extra key slots.")
+        keys = repeat_kv(key.transpose(1, 2), int(query.shape[1])).transpose(1, 2)
+        q = query.to(torch.float64)
+        all_sum, n = visible_sums(keys, self.real, causal=self.causal, window=self.window)
+        c_sum, n_c = visible_sums(keys, self.c, causal=self.causal, window=self.window)
+        mean = scaling * (q * all_sum).sum(-1) / n.clamp_min(1)
+        centred_c = scaling * (q * c_sum).sum(-1) - n_c * mean  # [b, h, q]: sum over C of centred logits
+        real_q = self.real[:, None, :].to(torch.float64)
+        total_c, count_c, count = ((t * real_q).sum(-1) for t in (centred_c, n_c, n))
+        # centred logits sum to 0 over the keys a query sees: the other keys hold minus C's share
+        gap = total_c / count_c + total_c / (count - count_c)
+        self.rows["gap"] = gap.where((count_c > 0) & (count > count_c), torch.nan).float()  # NaN: a group is empty
+        n_queries = self.real.sum(1).clamp_min(1).to(torch.float64)
+        self.rows["uniform"] = ((n_c[:, 0] / n[:, 0].clamp_min(1)) * real_q[:, 0]).sum(-1).div(n_queries).float()
+        column = self.c[:, None, :, None].to(value.dtype)
+        return column.expand(value.shape[0], value.shape[1], value.shape[2], 1)
+
+    def read(self, extra: torch.Tensor, output: torch.Tensor) -> None:
+        if self.note is not None:  # a NaN / inf upstream reaches the output: the input is left out
+            self.note(output, self.real)
+        mass = extra[..., 0].float().where(self.real[:, :, None], 0.0)  # [b, q, h]
+        self.rows["per_query"] = mass
+        self.rows["mass"] = mass.sum(1) / self.real.sum(1).clamp_min(1)[:, None]
+        self.ran = True
+
+
+class SplitProbe:
+    """One layer of :func:`~massact_lens.attention.implicit_bias` in the kernel: the term
+    from C (``[v * c, c]``: ``sum_{k in C} p_qk v_k`` and the mass on C per query and
+    head), and ``hook_z``, the kernel's own output; the rest is ``hook_z`` minus the term
+    (so ``bias + rest = hook_z`` holds by construction on this route)."""
+
+    def __init__(self, c_mask: torch.Tensor, real: torch.Tensor,
+                 note: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        self.c, self.real, self.note = fit_width(c_mask, int(real.shape[1])) & real, real, note
+        self.parts: dict[str, torch.Tensor] = {}
+        self.ran = False
+
+    def values(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:  # noqa: ARG002
+        if value.shape[2] != self.real.shape[1]:
+            raise RuntimeError(f"The kernel got {value.shape[2]} values for {self.real.shape[1]} positions: the "
+                               "fused route measures a pass without a cache or extra key slots.")
+        c = self.c[:, None, :, None].to(value.dtype)
+        return torch.cat([value * c, c.expand(*value.shape[:3], 1)], dim=-1)
+
+    def read(self, extra: torch.Tensor, output: torch.Tensor) -> None:
+        d = int(output.shape[-1])
+        if self.note is not None:  # a NaN / inf upstream reaches the output: the input is left out
+            self.note(output, self.real)
+        z, bias = output.float(), extra[..., :d].float()
+        self.parts = {"bias": bias, "rest": z - bias, "mass": extra[..., d].float(), "z": z}
+        self.ran = True
+
+
+class NormProbe:
+    """One layer of :func:`~massact_lens.attention.token_features` in the kernel: the
+    norms of keys and values ``[batch, key_pos, heads]`` and of each value's image
+    through ``W_O`` (``w_o`` ``[heads, d_head, d_model]``)."""
+
+    def __init__(self, w_o: torch.Tensor, real: torch.Tensor,
+                 note: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        self.w_o, self.real, self.note = w_o, real, note
+        self.norms: dict[str, torch.Tensor] = {}
+        self.ran = False
+
+    def values(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:  # noqa: ARG002
+        n_heads = int(query.shape[1])
+        k = repeat_kv(key.transpose(1, 2).float(), n_heads)  # [b, pos, h, d]
+        v = repeat_kv(value.transpose(1, 2).float(), n_heads)
+        if self.note is not None:
+            self.note("key", k, self.real)
+            self.note("value", v, self.real)
+        self.norms = {"key": k.norm(dim=-1), "value": v.norm(dim=-1),
+                      "out": torch.einsum("bkhd,hdm->bkhm", v, self.w_o).norm(dim=-1)}
+        self.ran = True
+
+    def read(self, extra: torch.Tensor, output: torch.Tensor) -> None:  # pragma: no cover - no columns asked
+        pass
