@@ -208,7 +208,7 @@ class Decomposition(KeyedMeasurement):
         """Fused route: split and fold one layer of the batch in progress, keep its kept rows."""
         assert self.keys.c_mask is not None
         bias, rest, mass, _, scale = self._split(self.layers.index(layer), layer, real, self.keys.c_mask)
-        self.layer_probes.pop(layer, None)
+        self.layer_probes.pop(layer).parts = {}  # the pass holds the probe until it ends: not its tensors
         rows = self.kept_rows[0]
         if rows and self.exclude is None:
             at = torch.tensor(rows, dtype=torch.long, device=real.device)
