@@ -27,20 +27,26 @@ from massact_lens.attention.decomposition import ImplicitBias, implicit_bias
 from massact_lens.attention.features import GROUPS, TokenFeatures, token_features
 from massact_lens.attention.keys import TOKEN_RULES, MassiveTokens, Positions, as_rule, key_mask
 from massact_lens.attention.logits import AttentionLogits, attention_logits
+from massact_lens.attention.qk import QKMassiveValues, qk_massive_values
+from massact_lens.attention.surgery import BiasSurgery, bias_surgery
 
 __all__ = [
     "GROUPS",
     "TOKEN_RULES",
     "AttentionConcentration",
     "AttentionLogits",
+    "BiasSurgery",
     "ImplicitBias",
     "MassiveTokens",
+    "QKMassiveValues",
     "Positions",
     "TokenFeatures",
     "as_rule",
     "attention_concentration",
     "attention_logits",
+    "bias_surgery",
     "implicit_bias",
     "key_mask",
+    "qk_massive_values",
     "token_features",
 ]
