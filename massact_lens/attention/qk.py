@@ -318,6 +318,9 @@ class _PairNorms:
                 self.sums[kind][i] += norms[real].sum(0)
         self.sums["tokens"] += int(real.sum())
 
+    def result(self) -> dict[str, torch.Tensor]:
+        return self.sums
+
 
 def qk_massive_values(
     model: TransformerLensModel,
@@ -349,10 +352,12 @@ def qk_massive_values(
         ValueError: a model without rotary embeddings (GPT-2, BERT), a bad layer, threshold
             or input: before any forward pass.
 
-    To zero a massive pair afterwards, edit the query projection's output (``[batch, pos,
-    heads x d_head]``): dims ``head * d_head + dim_a`` and ``... + dim_b`` of that layer's
-    ``attn.q.hook_out``, with :func:`~massact_lens.interventions.edit_hooks` and
-    :func:`~massact_lens.interventions.zero_hook` (docs/beyond_the_paper.md has an example).
+    To zero a massive pair afterwards, zero its two rows of the query (key) projection,
+    ``head * d_head + dim_a`` and ``head * d_head + dim_b`` of ``attn.q`` (``attn.k``, per KV
+    head), with :func:`~massact_lens.interventions.edited_weights` (and the bias rows where the
+    model has one): the pair is then 0 before and after the rotation. docs/beyond_the_paper.md
+    has the example; the position edit hooks take ``[batch, pos, d]`` points, not the
+    ``[batch, pos, head, d_head]`` of ``hook_q``.
 
     >>> import torch
     >>> from massact_lens.examples import tiny_model
