@@ -340,3 +340,18 @@ def test_padding_changes_no_number():
         assert one.n_tokens == batched.n_tokens == 11 + 4 + 8 + 1
         assert torch.allclose(one.head_nll, batched.head_nll, rtol=1e-5)
         assert torch.allclose(one.mean_term, batched.mean_term, atol=1e-6)
+
+
+def test_the_figure_carries_the_ratios():
+    from massact_lens.viz import bias_surgery_figure
+
+    r = bias_surgery(tiny_model("llama"), _tokens(3, 10), mode="zero", heads=[0, 3], progress=False)
+    fig = bias_surgery_figure(r)
+    assert list(fig.data[0].x) == [0, 1]
+    assert fig.data[0].y[1] == pytest.approx(
+        float(torch.exp(r.layer_nll[1] - r.baseline_nll)), rel=1e-9
+    )
+    assert fig.data[1].z[1][0] == pytest.approx(
+        float(torch.exp(r.head_nll[1, 0] - r.baseline_nll)), rel=1e-9
+    )
+    assert list(fig.data[1].x) == ["H0", "H3"] and fig.layout.meta["mode"] == "zero"

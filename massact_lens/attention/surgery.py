@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -221,7 +221,7 @@ class BiasSurgery(CorpusResult):
         chosen = {lay: (self.heads if head is None else (head,)) for lay in layers}
         return surgery_hooks(model, chosen, self.mode, self.rule, self._means(chosen))
 
-    def _means(self, chosen: dict[int, Sequence[int]]) -> dict[int, torch.Tensor] | None:
+    def _means(self, chosen: Mapping[int, Sequence[int]]) -> dict[int, torch.Tensor] | None:
         if self.mode != "mean":
             return None
         return {
