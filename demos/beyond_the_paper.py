@@ -1,6 +1,7 @@
 """Beyond the paper on SmolLM2-135M-Instruct: the implicit bias head by head, and q/k massive values.
 
-    python demos/beyond_the_paper.py                          # both parts, one CPU thread
+    python demos/beyond_the_paper.py                          # both parts, one CPU thread: ~25 min
+    python demos/beyond_the_paper.py --part surgery --levels all --sequences 16 --length 64   # ~2 min
     python demos/beyond_the_paper.py --part surgery --modes mean
     python demos/beyond_the_paper.py --json beyond.json --figure surgery.html
 
@@ -97,12 +98,36 @@ def surgery_part(model: Any, args: argparse.Namespace, out: dict[str, Any]) -> l
         results.append(r)
         frame = r.to_dataframe()
         out[f"surgery_{mode}"] = json.loads(frame.to_json(orient="records"))
+    # Every head of the sink layers (mean attention on C >= 0.5) at once: the layers where the
+    # term from the start token is an attention sink's, and the paper's claim applies.
+    sink = [
+        layer
+        for layer, m in zip(results[0].layers, results[0].c_mass.mean(1).tolist(), strict=True)
+        if m >= 0.5
+    ]
+    print(f"\nsink layers (mean attention on C >= 0.5): {sink}")
+    out["sink_layers"] = sink
+    in_sink = {
+        mode: bias_surgery(
+            model,
+            corpus,
+            "start",
+            mode=mode,
+            reference=reference if mode == "mean" else None,
+            layers=sink,
+            levels=["all"],
+            batch_size=args.sequences,
+            progress=False,
+        )
+        for mode in args.modes
+    }
     overview = pd.DataFrame(
         [
             {
                 "mode": r.mode,
                 "unedited": r.baseline_perplexity,
                 "all heads": math.exp(r.all_nll) if "all" in r.levels else float("nan"),
+                f"all heads of the {len(sink)} sink layers": math.exp(in_sink[r.mode].all_nll),
             }
             for r in results
         ]
