@@ -34,27 +34,33 @@ True
 """
 
 from massact_lens.attention.concentration import AttentionConcentration, attention_concentration
+from massact_lens.attention.curves import SinkCurve, sink_curve
 from massact_lens.attention.decomposition import ImplicitBias, implicit_bias
 from massact_lens.attention.features import GROUPS, TokenFeatures, token_features
 from massact_lens.attention.keys import TOKEN_RULES, MassiveTokens, Positions, as_rule, key_mask
 from massact_lens.attention.logits import AttentionLogits, attention_logits
-from massact_lens.attention.curves import SinkCurve, sink_curve
+from massact_lens.attention.qk import QKMassiveValues, qk_massive_values
+from massact_lens.attention.surgery import BiasSurgery, bias_surgery
 
 __all__ = [
     "GROUPS",
     "TOKEN_RULES",
     "AttentionConcentration",
     "AttentionLogits",
+    "BiasSurgery",
     "ImplicitBias",
     "MassiveTokens",
+    "QKMassiveValues",
     "Positions",
     "SinkCurve",
     "TokenFeatures",
     "as_rule",
     "attention_concentration",
     "attention_logits",
+    "bias_surgery",
     "implicit_bias",
     "key_mask",
+    "qk_massive_values",
     "sink_curve",
     "token_features",
 ]

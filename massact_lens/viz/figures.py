@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from massact_lens.attention import AttentionConcentration, AttentionLogits, ImplicitBias
+from massact_lens.attention.surgery import BiasSurgery
 from massact_lens.evaluate import AblationTable
 from massact_lens.find.scanner import ScanResult
 from massact_lens.viz._labels import display_token, layer_labels, model_short_name, short_hook_name
@@ -34,6 +35,7 @@ __all__ = [
     "ablation_figure",
     "attention_logits_figure",
     "attention_sink_figure",
+    "bias_surgery_figure",
     "hidden_state_figure",
     "implicit_bias_figure",
     "layer_stats_figure",
@@ -456,4 +458,40 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
         height=380,
         meta={"settings": settings, "metrics": metrics},
     )
+    return fig
+
+
+def bias_surgery_figure(surgery: BiasSurgery, *, title: str | None = None) -> go.Figure:
+    """Perplexity over the unedited model's per layer (bars, log axis) and per head (heat map).
+
+    ``fig.data[0]``: per layer ``x`` and ``y = ppl_ratio`` (layer runs); ``fig.data[1].z[i][j]``:
+    layer ``surgery.layers[i]``, head ``surgery.heads[j]`` (head runs; NaN where not run).
+
+    >>> import torch
+    >>> from massact_lens.attention import bias_surgery
+    >>> from massact_lens.examples import tiny_model
+    >>> r = bias_surgery(tiny_model("llama"), torch.randint(0, 64, (2, 8)), mode="zero", progress=False)
+    >>> fig = bias_surgery_figure(r)
+    >>> len(fig.data[0].y), len(fig.data[1].z), len(fig.data[1].z[0])   # layers; layers x heads
+    (2, 2, 4)
+    """
+    base = surgery.baseline_nll
+    layer_ratio = [math.exp(v - base) if math.isfinite(v) else None for v in surgery.layer_nll.tolist()]
+    head_ratio = [[math.exp(v - base) if math.isfinite(v) else None for v in row] for row in surgery.head_nll.tolist()]
+    fig = NotebookFigure(make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
+                                       subplot_titles=["each layer's heads edited", "one head edited"]))
+    fig.add_trace(go.Bar(x=list(surgery.layers), y=layer_ratio, name="layer", marker_color="#d62728",
+                         hovertemplate="layer %{x}: x%{y:.3f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Heatmap(z=head_ratio, x=[f"H{h}" for h in surgery.heads], y=[f"L{la}" for la in surgery.layers],
+                             colorscale="Reds", zmin=1.0, colorbar={"title": "perplexity<br>ratio"},
+                             hovertemplate="%{y} %{x}: x%{z:.3f}<extra></extra>"), row=1, col=2)
+    fig.update_yaxes(type="log", title_text="perplexity / unedited", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_xaxes(title_text="layer", row=1, col=1)
+    every = f", all heads x{math.exp(surgery.all_nll - base):.3g}" if math.isfinite(surgery.all_nll) else ""
+    fig.update_layout(template=_TEMPLATE, height=max(380, 18 * len(surgery.layers) + 160), showlegend=False,
+                      title=title or (f"Bias surgery ({html.escape(surgery.mode)}, C = "
+                                      f"{html.escape(_short_positions(surgery.positions))}): unedited perplexity "
+                                      f"{surgery.baseline_perplexity:.4g}{every}"),
+                      meta={"mode": surgery.mode, "positions": surgery.positions, "baseline_nll": base})
     return fig
