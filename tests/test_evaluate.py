@@ -171,7 +171,7 @@ def test_ablation_table_passes_prepend_bos_to_perplexity():
     text = ["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12"]
     counts = {}
     for bos in (True, False):
-        table = ablation_table(model, None, corpus=text, modes=(), prepend_bos=bos, seq_len=32, progress=False)
+        table = ablation_table(model, None, corpus=text, modes=(), settings={"No edit": []}, prepend_bos=bos, seq_len=32, progress=False)
         counts[bos] = table.details["Original"]["perplexity"].n_tokens
     assert counts[True] == counts[False] + 1  # the start token adds one predicted position
 

@@ -282,7 +282,7 @@ def test_viz_views_take_no_model_and_the_report_moved_out(recwarn):
     import massact_lens.viz as viz
 
     views = [name for name in viz.__all__ if name.endswith(("_figure", "_widget"))]
-    assert len(views) == 8
+    assert len(views) == 10
     for name in views:
         assert "model" not in inspect.signature(getattr(viz, name)).parameters, name
     for path in Path(viz.__file__).parent.glob("*.py"):  # the package root imports viz, not the other way

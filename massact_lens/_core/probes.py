@@ -25,7 +25,6 @@ HuggingFace module, not re-implement attention) is decided by
 pass checks it (:meth:`AttentionProbe.ran`).
 
 >>> import torch
-from transformer_lens.model_protocol import TransformerLensModel
 >>> from massact_lens.examples import minilm
 >>> from massact_lens._core.fast_paths import attention_implementation
 >>> model = minilm()

@@ -124,7 +124,7 @@ def ablation_table(
     Args:
         profile: where the massive activations are and their means
             (:func:`massact_lens.profile`); needed for ``"mean"``.
-        modes: which ablations to add after "Original".
+        modes: which ablations to add after "Original" (may be empty when ``settings`` are given).
         settings: extra rows, name -> any hook list.
         prepend_bos: for a text corpus, put the model's start token first (None: the
             model's default). In a causal model the start token's state is the same for
@@ -214,8 +214,11 @@ def _hook_lists(
     ablation_kwargs: dict[str, Any],
 ) -> dict[str, HookList]:
     """Every row's hook list, built and checked before any forward pass."""
-    if isinstance(modes, str) or not list(modes):
-        raise ValueError(f"modes must be a non-empty list among 'zero' and 'mean', not {modes!r}: pass modes=['zero', 'mean'].")
+    if isinstance(modes, str) or not (list(modes) or settings):
+        raise ValueError(
+            f"modes must be a non-empty list among 'zero' and 'mean', not {modes!r}: pass modes=['zero', 'mean'] "
+            "(or settings={name: hooks} for a table of your own edits only)."
+        )
     bad = [m for m in modes if m not in _ROW_NAMES]
     if bad:
         raise ValueError(f"modes must be among 'zero' and 'mean', not {bad}.")

@@ -11,6 +11,7 @@ True
 """
 
 from massact_lens.viz._page import save_html
+from massact_lens.viz.context_figures import sink_curve_figure
 from massact_lens.viz.figures import (
     ablation_figure,
     attention_logits_figure,
@@ -43,6 +44,7 @@ __all__ = [
     "implicit_bias_figure",
     "layer_stats_figure",
     "save_html",
+    "sink_curve_figure",
     "tokens_by_activation",
     "tokens_by_activation_widget",
 ]
