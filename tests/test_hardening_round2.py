@@ -283,3 +283,143 @@ def test_the_cli_without_a_command_says_which_to_name():
 
     with pytest.raises(SystemExit, match="name a command: massact scan, ablate, report or train"):
         main([])
+
+
+# ------------------------------------------------------------------- profile(..., scan_result=...)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("fewer inputs", r"other inputs \(2 inputs here, 3 scanned\).*leave scan_result=None"),
+        ("other tokens", r"other inputs \(input 0 has other tokens .*pass the inputs"),
+        ("longer inputs", r"other inputs \(input 0 has 7 tokens here, 6 in the scan\)"),
+        ("other weights", r"other weights than the model's .*leave scan_result=None"),
+        ("another model", r"come from different models \(n_layers: 3 != 4\).*measure again"),
+    ],
+)
+def test_profile_refuses_a_scan_of_other_inputs_weights_or_model_before_any_pass(case, message):
+    earlier = ml.scan(_planted(0), _tokens(), progress=False)
+    model, tokens = {
+        "fewer inputs": (_planted(0), _tokens(2)),
+        "other tokens": (_planted(0), _tokens(seed=1)),
+        "longer inputs": (_planted(0), _tokens(width=7)),
+        "other weights": (_planted(1), _tokens()),
+        "another model": (
+            plant_massive_activation(tiny_model("llama", n_layers=4), layer=1, dim=5, value=1000.0),
+            _tokens(),
+        ),
+    }[case]
+    with _forward_passes(model) as calls, pytest.raises(ValueError, match=message):
+        ml.profile(model, tokens, min_value=50, min_ratio=100, scan_result=earlier, progress=False)
+    assert calls == []
+
+
+def test_profile_checks_a_stream_of_other_inputs_against_the_scan_too():
+    model, tokens = _planted(0), _tokens()
+    earlier = ml.scan(model, tokens, progress=False)
+    same = ml.profile(model, iter([tokens[:2], tokens[2:]]), min_value=50, min_ratio=100,
+                      scan_result=earlier, progress=False)
+    assert same.massive_dims == (5,) and same.n_inputs == 3
+    other = iter([tokens[:2], _tokens(seed=1)[2:]])
+    with pytest.raises(ValueError, match=r"input 2 has other tokens than the scanned one"):
+        ml.profile(model, other, min_value=50, min_ratio=100, scan_result=earlier, progress=False)
+    with pytest.raises(ValueError, match=r"2 inputs here, 3 scanned"):
+        ml.profile(model, iter([tokens[:2]]), min_value=50, min_ratio=100, scan_result=earlier, progress=False)
+
+
+def test_profile_reads_a_scan_without_bos_without_bos(minilm_model, sentences):
+    """prepend_bos=None takes the scan's BOS setting (the docstring's promise); the pass used
+    the model's default before, reading the values one token off."""
+    earlier = ml.scan(minilm_model, sentences[:2], prepend_bos=False, progress=False)
+    one = ml.profile(minilm_model, sentences[:2], min_value=50, min_ratio=200, prepend_bos=False, progress=False)
+    two = ml.profile(minilm_model, sentences[:2], min_value=50, min_ratio=200, scan_result=earlier, progress=False)
+    assert one.massive_dims and two.dims == one.dims
+    assert [round(s.mean, 3) for s in two.stats] == [round(s.mean, 3) for s in one.stats]
+    with pytest.raises(ValueError, match=r"prepend_bos True here, False in the scan"):
+        ml.profile(minilm_model, sentences[:2], min_value=50, min_ratio=200, scan_result=earlier,
+                   prepend_bos=True, progress=False)
+
+
+def test_mean_value_of_an_unknown_hook_or_kind_says_what_the_profile_has():
+    prof = ml.profile(_planted(0), _tokens(), min_value=50, min_ratio=100, progress=False)
+    hooks = r"\['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post', 'blocks.2.hook_resid_post'\]"
+    with pytest.raises(ValueError, match=rf"no value for hook 'blocks.9.hook_resid_post': pass one of its hooks {hooks}"):
+        prof.mean_value("blocks.9.hook_resid_post", 5, "start")
+    for kind in ("bos", "delimiter"):
+        with pytest.raises(ValueError, match=rf"token kind '{kind}'.*token kinds it has values of \['start'\]"):
+            prof.mean_value("blocks.1.hook_resid_post", 5, kind)
+    with pytest.raises(KeyError, match=r"pass one of its dims \[5\]"):  # a dim never massive: a lookup miss
+        prof.mean_value("blocks.1.hook_resid_post", 6, "start")
+    assert prof.mean_value("blocks.1.hook_resid_post", 5, "start") == pytest.approx(1000.0, abs=1e-2)
+
+
+# ------------------------------------------------------------------- viz: the wrong result
+
+
+#: Each view given another result (or None), in a fresh interpreter: under pytest the type
+#: checker refuses it first, a user's session has no such check and crashed inside the view.
+_VIEWS_SCRIPT = """
+import json, torch
+import massact_lens as ml
+from massact_lens import attention, viz
+
+model = ml.examples.tiny_model("llama", n_layers=2)
+t = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+result = ml.scan(model, t, progress=False)
+concentration = attention.attention_concentration(model, t, progress=False)
+cases = {
+    "attention_sink_figure": lambda: viz.attention_sink_figure(result),
+    "ablation_figure": lambda: viz.ablation_figure(None),
+    "implicit_bias_figure": lambda: viz.implicit_bias_figure(concentration),
+    "hidden_state_figure": lambda: viz.hidden_state_figure(result, 0),
+    "attention_logits_figure": lambda: viz.attention_logits_figure(concentration, 0),
+    "attention_heads_widget": lambda: viz.attention_heads_widget(result, 0),
+    "tokens_by_activation_widget": lambda: viz.tokens_by_activation_widget(None),
+}
+out = {}
+for name, call in cases.items():
+    try:
+        call()
+        out[name] = ["no error", ""]
+    except Exception as error:
+        out[name] = [type(error).__name__, str(error)]
+print(json.dumps(out))
+"""
+
+_VIEWS_EXPECTED = {
+    "attention_sink_figure": "draws an AttentionConcentration (its concentration argument), not a ScanResult: "
+    "make one with massact_lens.attention.attention_concentration(model, inputs)",
+    "ablation_figure": "draws an AblationTable (its table argument), not None: make one with massact_lens.ablation_table(",
+    "implicit_bias_figure": "draws an ImplicitBias (its decomposition argument), not an AttentionConcentration: "
+    "make one with massact_lens.attention.implicit_bias(model, inputs)",
+    "hidden_state_figure": "draws a HiddenStates (its states argument), not a ScanResult: make one with "
+    "massact_lens.viz.hidden_states(model, text)",
+    "attention_logits_figure": "draws an AttentionLogits (its logits argument), not an AttentionConcentration: "
+    "make one with massact_lens.attention.attention_logits(",
+    "attention_heads_widget": "draws an AttentionLogits (its logits argument), not a ScanResult",
+    "tokens_by_activation_widget": "draws a HiddenStates (its states argument), not None",
+}
+
+
+def test_every_view_given_another_result_says_what_it_needs():
+    done = subprocess.run([sys.executable, "-c", _VIEWS_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for view, expected in _VIEWS_EXPECTED.items():
+        kind, message = results[view]
+        assert kind == "TypeError" and message.startswith(f"{view} {expected}"), (view, kind, message)
+
+
+def test_a_layer_not_read_says_what_to_do():
+    from massact_lens import viz
+
+    model = tiny_model("llama", n_layers=3)
+    states = viz.hidden_states(model, _tokens(1)[0], layers=[0])
+    with pytest.raises(ValueError, match=r"Layer 2 was not read; .*\[0\]\. Pass one of them \(or read that layer "
+                                         r"first: hidden_states\(model, text, layers=\[2\]\)\)"):
+        viz.hidden_state_figure(states, 2)
+    with pytest.raises(ValueError, match=r"Layer 99 was not read.*the model has no layer 99 \(its layers are 0\.\.2\)"):
+        viz.hidden_state_figure(states, 99)
+    with pytest.raises(ValueError, match=r"Hook 'x' was not read.*Pass one of them, or read it first"):
+        viz.hidden_state_figure(states, "x")

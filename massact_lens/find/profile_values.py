@@ -47,13 +47,14 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core.batching import Batch, BatchPlan, plan_batches
 from massact_lens._core.loop import UserHooks, measure
-from massact_lens._core.types import HookList, Inputs
+from massact_lens._core._fingerprint import other_weights
+from massact_lens._core.types import HookList, Inputs, Provenance
 from massact_lens.find._scan_stats import ScanStatistics
 from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion, MassiveActivations
 from massact_lens.find.scan_result import ScanResult
 from massact_lens.find.scanner import scan
 
-__all__ = ["ValueStat"]  # CandidateValues, second_pass_values: what profile runs
+__all__ = ["ValueStat"]  # CandidateValues, second_pass_plan, second_pass_values: what profile runs
 
 
 @dataclass(frozen=True)
@@ -181,24 +182,89 @@ class _FollowedValues:
 
 def second_pass_values(
     model: TransformerLensModel,
-    inputs: Inputs,
+    plan: BatchPlan,
     result: ScanResult,
     found: MassiveActivations,
-    batch_size: int,
-    prepend_bos: bool | None,
     progress: bool,
 ) -> tuple[ValueStat, ...]:
-    """The value statistics from a forward pass of its own over ``inputs`` (the ones
-    ``result`` scanned), reading each followed entry at every hook. Batched longest first,
-    as :func:`~massact_lens.scan` batches by default, so that each value is read in a batch
-    of the same shape as in the one-pass profile (the same float32 rounding)."""
+    """The value statistics from a forward pass of its own over ``plan`` (the inputs
+    ``result`` scanned, checked by :func:`second_pass_plan`), reading each followed entry at
+    every hook. Batched longest first, as :func:`~massact_lens.scan` batches by default, so
+    that each value is read in a batch of the same shape as in the one-pass profile (the
+    same float32 rounding)."""
     if len(found) == 0:
+        for _ in plan.batches:  # nothing to read, but a streamed plan's checks still run to its end
+            pass
         return ()
     followed = _Followed.of(found)
     values = _FollowedValues(followed, result.hook_names)
-    plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=prepend_bos, by_length=True)
     measure(model, plan, values, progress=progress, desc="profile")
     return followed.stats(values.result(), result)
+
+
+def second_pass_plan(
+    model: TransformerLensModel,
+    inputs: Inputs,
+    scan_result: ScanResult,
+    batch_size: int,
+    prepend_bos: bool | None,
+) -> BatchPlan:
+    """The batches (longest first) of :func:`second_pass_values` over ``inputs``, refused
+    (``ValueError`` saying what to do, before any forward pass) unless ``scan_result`` is a
+    scan of this model, these weights and these inputs: the same number of inputs, lengths
+    and BOS setting (``prepend_bos=None``: the scan's), and the token of every kept entry.
+    A streamed plan (an iterable of batches) is checked batch by batch, each before its pass."""
+    Provenance.check_same(scan_result.provenance, Provenance.of(model), "scan_result and model")
+    differ = other_weights(model, scan_result.provenance.dtype, scan_result.weights)
+    if differ:
+        raise ValueError(
+            f"scan_result was made on other weights than the model's ({differ}), though name and shape agree: "
+            "scan this model (leave scan_result=None, or pass scan_result=scan(model, inputs))."
+        )
+    bos = scan_result.prepend_bos if prepend_bos is None else prepend_bos
+    plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=bos, by_length=True)
+    if plan.prepend_bos != scan_result.prepend_bos:
+        raise _other_inputs(scan_result, f"prepend_bos {plan.prepend_bos} here, {scan_result.prepend_bos} in the scan")
+    if plan.n_inputs is None:
+        return BatchPlan(_checked_stream(plan.batches, scan_result), None, plan.prepend_bos)
+    if plan.n_inputs != scan_result.n_inputs:
+        raise _other_inputs(scan_result, f"{plan.n_inputs} inputs here, {scan_result.n_inputs} scanned")
+    for batch in plan.batches:  # a list: every input checked before any pass
+        _check_batch(batch, scan_result)
+    return plan
+
+
+def _checked_stream(batches: Any, scan_result: ScanResult) -> Any:
+    seen = 0
+    for batch in batches:
+        _check_batch(batch, scan_result)
+        seen += int(batch.tokens.shape[0])
+        yield batch
+    if seen != scan_result.n_inputs:
+        raise _other_inputs(scan_result, f"{seen} inputs here, {scan_result.n_inputs} scanned")
+
+
+def _check_batch(batch: Batch, scan_result: ScanResult) -> None:
+    """Refuse a batch whose inputs are not the scanned ones (length, and the token at every kept entry)."""
+    for row in range(int(batch.tokens.shape[0])):
+        index, length = batch.input_index(row), int(batch.lengths[row])
+        if index >= scan_result.n_inputs:
+            raise _other_inputs(scan_result, f"more than the {scan_result.n_inputs} inputs scanned")
+        scanned = int(scan_result.lengths[index])
+        if scanned != length:
+            raise _other_inputs(scan_result, f"input {index} has {length} tokens here, {scanned} in the scan")
+        positions = scan_result.positions[index].long().cpu()
+        valid = (positions >= 0) & (positions < length)
+        here = batch.tokens[row].cpu()[positions[valid]].long()
+        if not torch.equal(scan_result.token_ids[index].cpu()[valid].long(), here):
+            raise _other_inputs(scan_result, f"input {index} has other tokens than the scanned one")
+
+
+def _other_inputs(scan_result: ScanResult, detail: str) -> ValueError:
+    return ValueError(
+        f"scan_result is a scan of other inputs ({detail}): pass the inputs (and prepend_bos) that were "
+        "scanned, or leave scan_result=None to scan these inputs in the profile's own pass."
+    )
 
 
 #: Tokens of the first batch's first input the probe scans (the start token and its neighbours).

@@ -32,7 +32,13 @@ from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import Inputs, Provenance
 from massact_lens.find._scan_stats import scan_plan
 from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion, DimSummary, by_count
-from massact_lens.find.profile_values import CandidateValues, ValueStat, pooled, second_pass_values
+from massact_lens.find.profile_values import (
+    CandidateValues,
+    ValueStat,
+    pooled,
+    second_pass_plan,
+    second_pass_values,
+)
 from massact_lens.find.scan_result import ScanResult
 
 __all__ = ["MassiveProfile", "ValueStat", "profile"]
@@ -109,11 +115,23 @@ class MassiveProfile(CorpusResult):
         return max((d.last_layer for d in self.dims), default=-1)
 
     def mean_value(self, hook_name: str, dim: int, kind: str) -> float:
-        """The mean signed value at (hook, dim, token kind); KeyError if never massive there."""
+        """The mean signed value at (hook, dim, token kind).
+
+        ``ValueError`` (listing what the profile has) for a hook it did not scan or a token
+        kind it has no value of; ``KeyError`` for a dim never massive there.
+        """
+        kinds = [k for k in TOKEN_KINDS if any(s.kind == k for s in self.stats)]
+        if hook_name not in self.hook_names or kind not in kinds:
+            what = f"hook {hook_name!r}" if hook_name not in self.hook_names else f"token kind {kind!r}"
+            raise ValueError(
+                f"The profile has no value for {what}: pass one of its hooks {list(self.hook_names)} and one of "
+                f"the token kinds it has values of {kinds} (its dims: {list(self.massive_dims)})."
+            )
         for s in self.stats:
             if s.hook_name == hook_name and s.dim == dim and s.kind == kind:
                 return s.mean
-        raise KeyError(f"The profile has no value for hook {hook_name!r}, dim {dim}, kind {kind!r}.")
+        raise KeyError(f"The profile has no value for hook {hook_name!r}, dim {dim}, kind {kind!r}: pass one of its "
+                       f"dims {list(self.massive_dims)}.")
 
     def to_dataframe(self) -> pd.DataFrame:
         """The per-(hook, dim, kind) statistics as a table."""
@@ -380,7 +398,9 @@ def profile(
     run once more, reading only). ``inputs`` may be a one-shot iterator of batches.
 
     ``scan_result``: a scan of these same inputs already made; the values are then
-    read in one pass of their own (its hooks, top_k and BOS setting are used).
+    read in one pass of their own (its hooks, top_k and BOS setting are used). Before
+    that pass, a scan of another model, of other weights or of other inputs (count,
+    lengths, BOS, the tokens at its kept entries) is refused with ``ValueError``.
 
     The profile's dims and values are the token-sparse massive activations; outlier
     channels (a dim that passes on more than half of the tokens of a hidden state) are
@@ -405,9 +425,10 @@ def profile(
     elif not isinstance(scan_result, ScanResult):
         raise TypeError(f"scan_result must be a ScanResult, not {type(scan_result).__name__}.")
     else:
+        plan = second_pass_plan(model, inputs, scan_result, batch_size, prepend_bos)  # refuses another model/inputs
         result = scan_result
         found = criterion.find(result, delimiters=delimiters, stacklevel=2)
-        stats = second_pass_values(model, inputs, result, found, batch_size, prepend_bos, progress)
+        stats = second_pass_values(model, plan, result, found, progress)
     return MassiveProfile(
         provenance=result.provenance,
         layers=result.layers,

@@ -27,6 +27,7 @@ from massact_lens.attention import AttentionConcentration, AttentionLogits, Impl
 from massact_lens.attention.surgery import BiasSurgery
 from massact_lens.evaluate import AblationTable
 from massact_lens.find.scanner import ScanResult
+from massact_lens.viz._expect import expect_result
 from massact_lens.viz._labels import display_token, layer_labels, model_short_name, short_hook_name
 from massact_lens.viz._notebook import NotebookFigure
 from massact_lens.viz.hidden import HiddenStates
@@ -164,6 +165,7 @@ def hidden_state_figure(
     >>> list(fig.layout.scene.xaxis.ticktext), list(fig.layout.scene.yaxis.ticktext)[:2]
     (['dim 99'], ['[CLS]', 'the'])
     """
+    expect_result(states, HiddenStates, "hidden_state_figure", "states", "massact_lens.viz.hidden_states(model, text)")
     if kind not in ("surface", "heatmap"):
         raise ValueError(f"kind must be 'surface' or 'heatmap', not {kind!r}.")
     index = states.hook_index(hook)
@@ -252,6 +254,8 @@ def attention_logits_figure(
     >>> len(fig.data[0].z), fig.layout.meta["head"]
     (6, 'mean')
     """
+    expect_result(logits, AttentionLogits, "attention_logits_figure", "logits",
+                  "massact_lens.attention.attention_logits(model, text, layers=[...])")
     if values not in ("logits", "pattern"):
         raise ValueError(f"values must be 'logits' or 'pattern', not {values!r}.")
     if layer not in logits.layers:
@@ -306,6 +310,8 @@ def attention_sink_figure(concentration: AttentionConcentration, *, title: str |
     >>> len(fig.data[0].z), len(fig.data[0].z[0])       # layers x heads
     (6, 12)
     """
+    expect_result(concentration, AttentionConcentration, "attention_sink_figure", "concentration",
+                  "massact_lens.attention.attention_concentration(model, inputs)")
     mass = concentration.mean_mass  # [layer, head], over every input (not only the kept ones)
     uniform = float(concentration.mean_uniform_mass)
     fig = NotebookFigure(
@@ -358,6 +364,8 @@ def implicit_bias_figure(
     >>> [t.name for t in implicit_bias_figure(split).data]
     ['attention on C', 'bias norm', 'bias variation', 'rest norm', 'rest variation']
     """
+    expect_result(decomposition, ImplicitBias, "implicit_bias_figure", "decomposition",
+                  "massact_lens.attention.implicit_bias(model, inputs)")
     table = decomposition.to_dataframe(queries)
     total = pd.DataFrame(table[table["head"] == -1]).sort_values(by="layer")
     layers = [int(x) for x in total["layer"]]
@@ -419,6 +427,7 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
     >>> fig.layout.yaxis.title.text, fig.layout.yaxis.type
     ('WikiText ppl', 'linear')
     """
+    expect_result(table, AblationTable, "ablation_figure", "table", "massact_lens.ablation_table(model, profile, ...)")
     settings = list(table.values)
     metrics = list(table.metrics)
     if not metrics:

@@ -86,13 +86,18 @@ class HiddenStates(CorpusResult):
         """
         if isinstance(hook, str):
             if hook not in self.hook_names:
-                raise ValueError(f"Hook {hook!r} was not read; these were: {list(self.hook_names)}.")
+                raise ValueError(f"Hook {hook!r} was not read; these were: {list(self.hook_names)}. Pass one of them, "
+                                 f"or read it first: hidden_states(model, text, hooks=[{hook!r}]).")
             return self.hook_names.index(hook)
         if isinstance(hook, bool) or not isinstance(hook, int):
             raise TypeError(f"hook must be a hook name or a layer index, not {hook!r}.")
         candidates = [i for i, layer in enumerate(self.layers) if layer == hook]
         if not candidates:
-            raise ValueError(f"Layer {hook} was not read; these layers were: {sorted(set(self.layers))}.")
+            n_layers = self.provenance.n_layers
+            remedy = (f"or read that layer first: hidden_states(model, text, layers=[{hook}])" if 0 <= hook < n_layers
+                      else f"the model has no layer {hook} (its layers are 0..{n_layers - 1})")
+            raise ValueError(f"Layer {hook} was not read; these layers were: {sorted(set(self.layers))}. Pass one of "
+                             f"them ({remedy}).")
         peaks = self.values.abs().amax(dim=(1, 2))
         return max(candidates, key=lambda i: float(peaks[i]))
 

@@ -25,6 +25,7 @@ from massact_lens._core.hook_names import HookSelection
 from massact_lens._core.types import is_causal
 from massact_lens.attention import AttentionLogits, attention_logits
 from massact_lens.find.profiles import MassiveProfile
+from massact_lens.viz._expect import expect_result
 from massact_lens.viz._labels import layer_labels
 from massact_lens.viz._rendered import Widget
 from massact_lens.viz.hidden import HiddenStates, given_criterion, hidden_states
@@ -177,6 +178,8 @@ def attention_heads_widget(
     >>> view.props["attentionHeadNames"], view.meta["massive"], view.meta["mask_upper_tri"]
     (['L3H0', 'L3H1'], {0: ()}, False)
     """
+    expect_result(logits, AttentionLogits, "attention_heads_widget", "logits",
+                  "massact_lens.attention.attention_logits(model, text, layers=[...])")
     if layer not in logits.layers:
         raise ValueError(f"Layer {layer} is not in these logits (layers {list(logits.layers)}): pass one of them, or "
                          f"measure it first: attention_logits(model, text, layers=[{layer}]).")
@@ -343,6 +346,8 @@ def tokens_by_activation_widget(
     >>> view.meta["opens_on"]                                       # where [CLS] is massive
     'blocks.0.ln2.hook_in'
     """
+    expect_result(states, HiddenStates, "tokens_by_activation_widget", "states",
+                  "massact_lens.viz.hidden_states(model, text)")
     _check_dim(dim, int(states.values.shape[-1]))
     criterion = states.criterion(min_value, min_ratio)
     if open_on is None:
