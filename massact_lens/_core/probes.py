@@ -48,6 +48,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformer_lens.model_protocol import TransformerLensModel
 
 __all__ = ["PROBE_KERNEL", "AttentionProbe", "delegates_attention", "hf_attention", "probing", "register_probe_kernel"]
 

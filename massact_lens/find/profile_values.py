@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._fingerprint import other_weights
 from massact_lens._core.batching import Batch, BatchPlan, plan_batches
 from massact_lens._core.loop import UserHooks, measure
-from massact_lens._core._fingerprint import other_weights
 from massact_lens._core.types import HookList, Inputs, Provenance
 from massact_lens.find._scan_stats import ScanStatistics
 from massact_lens.find.criterion import DELIMITERS, TOKEN_KINDS, Criterion, MassiveActivations
@@ -224,11 +224,11 @@ def second_pass_plan(
     bos = scan_result.prepend_bos if prepend_bos is None else prepend_bos
     plan = plan_batches(model, inputs, batch_size=batch_size, prepend_bos=bos, by_length=True)
     if plan.prepend_bos != scan_result.prepend_bos:
-        raise _other_inputs(scan_result, f"prepend_bos {plan.prepend_bos} here, {scan_result.prepend_bos} in the scan")
+        raise _other_inputs(f"prepend_bos {plan.prepend_bos} here, {scan_result.prepend_bos} in the scan")
     if plan.n_inputs is None:
         return BatchPlan(_checked_stream(plan.batches, scan_result), None, plan.prepend_bos)
     if plan.n_inputs != scan_result.n_inputs:
-        raise _other_inputs(scan_result, f"{plan.n_inputs} inputs here, {scan_result.n_inputs} scanned")
+        raise _other_inputs(f"{plan.n_inputs} inputs here, {scan_result.n_inputs} scanned")
     for batch in plan.batches:  # a list: every input checked before any pass
         _check_batch(batch, scan_result)
     return plan
@@ -241,7 +241,7 @@ def _checked_stream(batches: Any, scan_result: ScanResult) -> Any:
         seen += int(batch.tokens.shape[0])
         yield batch
     if seen != scan_result.n_inputs:
-        raise _other_inputs(scan_result, f"{seen} inputs here, {scan_result.n_inputs} scanned")
+        raise _other_inputs(f"{seen} inputs here, {scan_result.n_inputs} scanned")
 
 
 def _check_batch(batch: Batch, scan_result: ScanResult) -> None:
@@ -249,18 +249,18 @@ def _check_batch(batch: Batch, scan_result: ScanResult) -> None:
     for row in range(int(batch.tokens.shape[0])):
         index, length = batch.input_index(row), int(batch.lengths[row])
         if index >= scan_result.n_inputs:
-            raise _other_inputs(scan_result, f"more than the {scan_result.n_inputs} inputs scanned")
+            raise _other_inputs(f"more than the {scan_result.n_inputs} inputs scanned")
         scanned = int(scan_result.lengths[index])
         if scanned != length:
-            raise _other_inputs(scan_result, f"input {index} has {length} tokens here, {scanned} in the scan")
+            raise _other_inputs(f"input {index} has {length} tokens here, {scanned} in the scan")
         positions = scan_result.positions[index].long().cpu()
         valid = (positions >= 0) & (positions < length)
         here = batch.tokens[row].cpu()[positions[valid]].long()
         if not torch.equal(scan_result.token_ids[index].cpu()[valid].long(), here):
-            raise _other_inputs(scan_result, f"input {index} has other tokens than the scanned one")
+            raise _other_inputs(f"input {index} has other tokens than the scanned one")
 
 
-def _other_inputs(scan_result: ScanResult, detail: str) -> ValueError:
+def _other_inputs(detail: str) -> ValueError:
     return ValueError(
         f"scan_result is a scan of other inputs ({detail}): pass the inputs (and prepend_bos) that were "
         "scanned, or leave scan_result=None to scan these inputs in the profile's own pass."

@@ -11,12 +11,11 @@ True
 """
 
 from massact_lens.viz._page import save_html
-from massact_lens.viz.context_figures import sink_curve_figure
+from massact_lens.viz.beyond_figures import bias_surgery_figure, sink_curve_figure
 from massact_lens.viz.figures import (
     ablation_figure,
     attention_logits_figure,
     attention_sink_figure,
-    bias_surgery_figure,
     hidden_state_figure,
     implicit_bias_figure,
     layer_stats_figure,

@@ -21,6 +21,7 @@ __all__ = [
     "model_short_name",
     "number_ranges",
     "short_hook_name",
+    "short_positions",
 ]
 
 #: The bundled models' folder names (a prefix) and how views name them (``massact --model`` says the same).
@@ -145,3 +146,10 @@ def model_short_name(provenance: Any) -> str:
     'all-MiniLM-L6-v2'
     """
     return model_label(provenance).split(" (", 1)[0].strip() or "model"
+
+
+def short_positions(description: str) -> str:
+    """A position rule's description short enough for a title."""
+    if description.startswith("massive("):
+        return "the massive tokens"
+    return description if len(description) <= 48 else description[:47] + "…"

@@ -24,11 +24,16 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from massact_lens.attention import AttentionConcentration, AttentionLogits, ImplicitBias
-from massact_lens.attention.surgery import BiasSurgery
 from massact_lens.evaluate import AblationTable
 from massact_lens.find.scanner import ScanResult
 from massact_lens.viz._expect import expect_result
-from massact_lens.viz._labels import display_token, layer_labels, model_short_name, short_hook_name
+from massact_lens.viz._labels import (
+    display_token,
+    layer_labels,
+    model_short_name,
+    short_hook_name,
+    short_positions,
+)
 from massact_lens.viz._notebook import NotebookFigure
 from massact_lens.viz.hidden import HiddenStates
 
@@ -36,7 +41,6 @@ __all__ = [
     "ablation_figure",
     "attention_logits_figure",
     "attention_sink_figure",
-    "bias_surgery_figure",
     "hidden_state_figure",
     "implicit_bias_figure",
     "layer_stats_figure",
@@ -46,13 +50,6 @@ _TEMPLATE = "plotly_white"
 #: A horizontal legend above the plot area, right-aligned: it never covers tick labels or axis titles.
 _LEGEND_ON_TOP = {"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1.0}
 _COLOURS = {"top 1": "#d62728", "top 2": "#ff7f0e", "top 3": "#bcbd22", "median": "#1f77b4", "bias": "#d62728", "rest": "#1f77b4"}
-
-
-def _short_positions(description: str) -> str:
-    """A position rule's description short enough for a title."""
-    if description.startswith("massive("):
-        return "the massive tokens"
-    return description if len(description) <= 48 else description[:47] + "…"
 
 
 def _finite(values: list[float]) -> list[float | None]:
@@ -330,7 +327,7 @@ def attention_sink_figure(concentration: AttentionConcentration, *, title: str |
     fig.update_layout(
         template=_TEMPLATE,
         title=title or (
-            f"Attention on C = {html.escape(_short_positions(concentration.positions))} "
+            f"Attention on C = {html.escape(short_positions(concentration.positions))} "
             f"(uniform attention would give {uniform:.3f})"
         ),
         xaxis_title="head",
@@ -396,7 +393,7 @@ def implicit_bias_figure(
         template=_TEMPLATE,
         title=title or (
             "Implicit attention bias: attention output = term from C "
-            f"({html.escape(_short_positions(decomposition.positions))}) + rest"
+            f"({html.escape(short_positions(decomposition.positions))}) + rest"
         ),
         legend={**_LEGEND_ON_TOP, "y": 1.16},  # above the panels' titles too
         height=450,
@@ -467,40 +464,4 @@ def ablation_figure(table: AblationTable, *, title: str | None = None) -> go.Fig
         height=380,
         meta={"settings": settings, "metrics": metrics},
     )
-    return fig
-
-
-def bias_surgery_figure(surgery: BiasSurgery, *, title: str | None = None) -> go.Figure:
-    """Perplexity over the unedited model's per layer (bars, log axis) and per head (heat map).
-
-    ``fig.data[0]``: per layer ``x`` and ``y = ppl_ratio`` (layer runs); ``fig.data[1].z[i][j]``:
-    layer ``surgery.layers[i]``, head ``surgery.heads[j]`` (head runs; NaN where not run).
-
-    >>> import torch
-    >>> from massact_lens.attention import bias_surgery
-    >>> from massact_lens.examples import tiny_model
-    >>> r = bias_surgery(tiny_model("llama"), torch.randint(0, 64, (2, 8)), mode="zero", progress=False)
-    >>> fig = bias_surgery_figure(r)
-    >>> len(fig.data[0].y), len(fig.data[1].z), len(fig.data[1].z[0])   # layers; layers x heads
-    (2, 2, 4)
-    """
-    base = surgery.baseline_nll
-    layer_ratio = [math.exp(v - base) if math.isfinite(v) else None for v in surgery.layer_nll.tolist()]
-    head_ratio = [[math.exp(v - base) if math.isfinite(v) else None for v in row] for row in surgery.head_nll.tolist()]
-    fig = NotebookFigure(make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
-                                       subplot_titles=["each layer's heads edited", "one head edited"]))
-    fig.add_trace(go.Bar(x=list(surgery.layers), y=layer_ratio, name="layer", marker_color="#d62728",
-                         hovertemplate="layer %{x}: x%{y:.3f}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Heatmap(z=head_ratio, x=[f"H{h}" for h in surgery.heads], y=[f"L{la}" for la in surgery.layers],
-                             colorscale="Reds", zmin=1.0, colorbar={"title": "perplexity<br>ratio"},
-                             hovertemplate="%{y} %{x}: x%{z:.3f}<extra></extra>"), row=1, col=2)
-    fig.update_yaxes(type="log", title_text="perplexity / unedited", row=1, col=1)
-    fig.update_yaxes(autorange="reversed", row=1, col=2)
-    fig.update_xaxes(title_text="layer", row=1, col=1)
-    every = f", all heads x{math.exp(surgery.all_nll - base):.3g}" if math.isfinite(surgery.all_nll) else ""
-    fig.update_layout(template=_TEMPLATE, height=max(380, 18 * len(surgery.layers) + 160), showlegend=False,
-                      title=title or (f"Bias surgery ({html.escape(surgery.mode)}, C = "
-                                      f"{html.escape(_short_positions(surgery.positions))}): unedited perplexity "
-                                      f"{surgery.baseline_perplexity:.4g}{every}"),
-                      meta={"mode": surgery.mode, "positions": surgery.positions, "baseline_nll": base})
     return fig
