@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from massact_lens import examples
 from massact_lens.cli import main
+from massact_lens.models.attention_variants import SoftmaxOffByOne, gate_component
 from massact_lens.models.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
 from massact_lens.models.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
 from massact_lens.training import (
@@ -137,7 +138,10 @@ def test_shipped_models_load_with_a_tokenizer_and_back_copy():
     for variant in VARIANTS:
         model = examples.bigram_backcopy(variant)
         component = prefix_component(model)
-        assert {"default": type(None), "sink_token": SinkToken, "explicit_bias": ExplicitAttentionBias}[variant] is type(component)
+        expected = {"default": type(None), "sink_token": SinkToken, "explicit_bias": ExplicitAttentionBias,
+                    "softmax1": SoftmaxOffByOne, "gated": type(None)}[variant]
+        assert expected is type(component)
+        assert (gate_component(model) is not None) == (variant == "gated")
         logits = model("w7 w9 T1")
         assert model.to_string(logits[0, -1].argmax()) == "w9"
 
