@@ -243,3 +243,30 @@ def test_command_line_names_the_variant_with_attention_or_variant(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "bigram-backcopy", "--attention", "sigmoid", "--out", "x"])
     assert "softmax1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["softmax1", "gated"])
+def test_the_library_passes_see_the_variant(variant, bos_tokens):
+    """scan's pass (fused attention and lean components where nothing reads inside) keeps the
+    variant's hooks in play: its block outputs are run_with_cache's, on a rotary GQA model."""
+    import massact_lens as ml
+
+    model = tiny_model("llama", n_layers=2)
+    if variant == "gated":
+        gate = attach_head_gate(model)
+        with torch.no_grad():
+            gate.w.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+            gate.b.fill_(-3.0)
+    else:
+        attach_softmax_one(model, placeholder_id=PLACEHOLDER)
+    result = ml.scan(model, bos_tokens, progress=False)
+    _, cache = model.run_with_cache(bos_tokens)
+    for layer in range(2):
+        top = cache[f"blocks.{layer}.hook_resid_post"].abs().flatten(1).max(1).values
+        torch.testing.assert_close(
+            result.values[:, layer, 0].abs().float(), top, rtol=1e-5, atol=1e-5
+        )
+    detach_gate(model)
+    detach_prefix(model)
+    plain = ml.scan(model, bos_tokens, progress=False)
+    assert not torch.allclose(plain.values, result.values)  # the variant changed what was measured
