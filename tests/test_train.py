@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from massact_lens import examples
 from massact_lens.cli import main
+from massact_lens.models.attention_variants import SoftmaxOffByOne, gate_component
 from massact_lens.models.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
 from massact_lens.models.explicit_bias import ExplicitAttentionBias, SinkToken, prefix_component
 from massact_lens.training import (
@@ -137,7 +138,10 @@ def test_shipped_models_load_with_a_tokenizer_and_back_copy():
     for variant in VARIANTS:
         model = examples.bigram_backcopy(variant)
         component = prefix_component(model)
-        assert {"default": type(None), "sink_token": SinkToken, "explicit_bias": ExplicitAttentionBias}[variant] is type(component)
+        expected = {"default": type(None), "sink_token": SinkToken, "explicit_bias": ExplicitAttentionBias,
+                    "softmax1": SoftmaxOffByOne, "gated": type(None)}[variant]
+        assert expected is type(component)
+        assert (gate_component(model) is not None) == (variant == "gated")
         logits = model("w7 w9 T1")
         assert model.to_string(logits[0, -1].argmax()) == "w9"
 
@@ -176,6 +180,33 @@ def test_explicit_bias_takes_the_sink(table):
 )
 def test_explicit_bias_keeps_the_bos_peak_at_most_10x(table):
     assert (table.loc["explicit_bias"]["bos_peak_ratio"] <= 10).all()
+
+
+def _sink_layers(table):
+    """The layers where the default model's non-trigger queries attend to BOS (>= 0.9)."""
+    default = table.loc["default"]
+    return default.index[default["attn_bos"] >= 0.9]
+
+
+def test_gating_removes_the_bos_peak_and_the_sink(table):
+    """Issue 27: the gated model has no BOS peak (< 10x everywhere, 27.8x in the default) and its
+    back-copy head, dormant on non-trigger queries, closes its gate there instead of attending to BOS."""
+    gated = table.loc["gated"]
+    assert (gated["bos_peak_ratio"] < 10).all() and (gated["bos_peak_fraction"] == 0).all()
+    sink_layers = _sink_layers(table)
+    assert len(sink_layers) > 0 and (gated.loc[sink_layers, "attn_bos"] <= 0.1).all()
+    copy_layers = gated.index[gated["attn_prev_trigger"] >= 0.9]
+    assert len(copy_layers) > 0
+    assert (gated.loc[copy_layers, "gate_plain"] <= 0.01).all() and (gated.loc[copy_layers, "gate_trigger"] >= 0.9).all()
+
+
+def test_softmax1_keeps_the_bos_peak_and_the_sink(table):
+    """Issue 27, measured: the extra zero logit takes the attention of layer 2 but not the sink of
+    the back-copy head, and the BOS peak stays (>= 25x at one dim in every sequence)."""
+    softmax1 = table.loc["softmax1"]
+    assert ((softmax1["bos_peak_ratio"] >= 25) & (softmax1["bos_peak_fraction"] == 1)).any()
+    assert (softmax1.loc[_sink_layers(table), "attn_bos"] >= 0.9).all()
+    assert (softmax1["attn_prefix"] >= 0.9).any()  # some layer does attend to nothing
 
 
 def test_variants_reach_equal_loss(table):

@@ -3,7 +3,7 @@
 Without ``--model`` it runs on the bundled SmolLM2-135M-Instruct (a LLaMA-family
 decoder; weights dequantised from Q4_1) with the paper's thresholds (100 and 1000x).
 ``--model`` takes a short name (``smollm2``, ``minilm``: 50 and 200x for that 384-dim
-encoder, ``bigram_backcopy[:default|sink_token|explicit_bias]``), a hub name, a
+encoder, ``bigram_backcopy[:default|sink_token|explicit_bias|softmax1|gated]``), a hub name, a
 HuggingFace folder, or a checkpoint folder. Arguments and files are checked before any
 model is loaded. Under ``torchrun`` the scan is split across the ranks.
 
@@ -12,6 +12,7 @@ model is loaded. Under ``torchrun`` the scan is split across the ranks.
     massact ablate                                # the paper's Table 3: zero vs mean
     massact report                                # one offline HTML page: massact_report.html
     massact train bigram-backcopy --variant explicit_bias --out runs/eb --snapshot-every 500
+    massact train bigram-backcopy --attention gated --out runs/gated   # or softmax1
     massact train table                           # the shipped decoders' results table
 
 >>> build_parser().parse_args(["train", "table"]).train_command
@@ -254,7 +255,8 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     from massact_lens.models.checkpoints import VARIANTS
     from massact_lens.training import ModelConfig, TrainConfig
 
-    parser.add_argument("--variant", choices=VARIANTS, default="default")
+    parser.add_argument("--variant", "--attention", dest="variant", choices=VARIANTS, default="default",
+                        help="the attention variant (--attention is the same flag): " + ", ".join(VARIANTS))
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     for config in (TrainConfig(), ModelConfig()):
         for item in fields(config):

@@ -14,10 +14,11 @@
   outputs from block 11 on, ~20,000 and thousands of times the median.
 * :func:`tiny_model` builds a small random ``TransformerBridge`` (no download):
   LayerNorm/GPT-2-like or RMSNorm/rotary/gated/GQA LLaMA-like.
-* :func:`bigram_backcopy` loads one of three small decoders the project trained
+* :func:`bigram_backcopy` loads one of five small decoders the project trained
   on the Bigram-Backcopy task (:mod:`massact_lens.training`): ``default`` (a BOS
   residual peak and BOS attention sink), ``sink_token`` and ``explicit_bias``
-  (:mod:`massact_lens.models.explicit_bias`), with a tokenizer, so string prompts work.
+  (:mod:`massact_lens.models.explicit_bias`), ``softmax1`` and ``gated``
+  (:mod:`massact_lens.models.attention_variants`), with a tokenizer, so string prompts work.
 
 >>> model = tiny_model("llama", n_layers=3)
 >>> model.cfg.n_layers, model.cfg.positional_embedding_type
@@ -269,7 +270,7 @@ def tiny_model(
 
 
 def bigram_backcopy(
-    variant: Literal["default", "sink_token", "explicit_bias"] = "default",
+    variant: Literal["default", "sink_token", "explicit_bias", "softmax1", "gated"] = "default",
     device: str | None = None,
 ) -> TransformerBridge:
     """A small decoder trained by the project on Bigram-Backcopy, shipped in the package.
@@ -278,11 +279,14 @@ def bigram_backcopy(
     ``scripts/train_bigram_backcopy.sh`` (see :mod:`massact_lens.training` for the
     recipe and the results table). Tokens are ``T0 T1 T2`` (triggers: the next
     token copies the one before the trigger) and ``w3 .. w63``; the tokenizer puts
-    BOS ``<s>`` first, behind ``<sink>`` / ``<slot>`` for the two variants.
+    BOS ``<s>`` first, behind ``<sink>`` / ``<slot>`` for the variants with a slot.
 
     Args:
         variant: ``"default"``, ``"sink_token"`` (a learnable sink token at
-            position 0) or ``"explicit_bias"`` (learnable k'/v' at position 0).
+            position 0), ``"explicit_bias"`` (learnable k'/v' at position 0),
+            ``"softmax1"`` (softmax with an extra zero logit: a frozen k' = v' = 0 slot
+            at position 0) or ``"gated"`` (a learnable sigmoid gate on each head's
+            output; :mod:`massact_lens.models.attention_variants`).
         device: where to put the model.
 
     >>> model = bigram_backcopy("explicit_bias")
@@ -290,6 +294,9 @@ def bigram_backcopy(
     ['<slot>', '<s>', 'w7', 'w9', 'T1']
     >>> model.to_string(model("w7 w9 T1")[0, -1].argmax())   # copies the token before T1
     'w9'
+    >>> gated = bigram_backcopy("gated")
+    >>> gated.to_str_tokens("w7 w9 T1"), gated.to_string(gated("w7 w9 T1")[0, -1].argmax())
+    (['<s>', 'w7', 'w9', 'T1'], 'w9')
     """
     from massact_lens.models.checkpoints import CHECKPOINTS, VARIANTS, load_checkpoint
 

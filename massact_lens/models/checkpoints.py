@@ -24,19 +24,22 @@ from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources.native import boot as boot_native
 
+from massact_lens.models.attention_variants import attach_head_gate, attach_softmax_one
 from massact_lens.models.explicit_bias import attach_explicit_bias, attach_sink_token
 
 __all__ = ["CHECKPOINTS", "VARIANTS", "is_checkpoint", "load_checkpoint", "save_checkpoint"]
 
-#: The attention variants a model can be trained in.
-VARIANTS: tuple[str, ...] = ("default", "sink_token", "explicit_bias")
+#: The attention variants a model can be trained in (the last two: :mod:`massact_lens.models.attention_variants`).
+VARIANTS: tuple[str, ...] = ("default", "sink_token", "explicit_bias", "softmax1", "gated")
 #: Where the shipped Bigram-Backcopy models live (one folder per variant).
 CHECKPOINTS = Path(__file__).parent / "checkpoints" / "bigram_backcopy"
 #: Vocabulary layout shared by every checkpoint: these ids, then the task's tokens.
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "<unk>", "<sink>", "<slot>")
 PAD_ID, BOS_ID, UNK_ID, SINK_ID, SLOT_ID = range(5)
 #: The id each variant puts at position 0, before BOS (None: BOS is first).
-PLACEHOLDERS: dict[str, int | None] = {"default": None, "sink_token": SINK_ID, "explicit_bias": SLOT_ID}
+PLACEHOLDERS: dict[str, int | None] = {
+    "default": None, "sink_token": SINK_ID, "explicit_bias": SLOT_ID, "softmax1": SLOT_ID, "gated": None,
+}
 #: ``config.json``'s ``format``: the name the training module had when it was introduced.
 FORMAT = "massact_lens.train/1"
 
@@ -94,6 +97,10 @@ def build_model(bridge_config: dict[str, Any], variant: str, seed: int) -> Trans
         attach_explicit_bias(model, placeholder_id=SLOT_ID, seed=seed)
     elif variant == "sink_token":
         attach_sink_token(model, placeholder_id=SINK_ID, seed=seed)
+    elif variant == "softmax1":
+        attach_softmax_one(model, placeholder_id=SLOT_ID)
+    elif variant == "gated":
+        attach_head_gate(model, seed=seed)
     return model
 
 
@@ -165,7 +172,7 @@ def set_tokenizer(model: TransformerBridge, directory: str | Path) -> None:
 
 
 def save_checkpoint(model: TransformerBridge, directory: str | Path, config: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` (weights, k'/v' or sink embedding included) and ``config.json``.
+    """Write ``model.safetensors`` (weights, k'/v', sink embedding or gates included) and ``config.json``.
 
     ``config`` is the JSON written next to the weights; it must hold ``model``
     (the ``TransformerBridgeConfig`` fields), ``variant`` and ``task``, as

@@ -122,17 +122,60 @@ MODULE_NAME = "massact_prefix"
 HookFn = Callable[..., Any]
 
 
-class _PrefixComponent(nn.Module):
-    """Shared plumbing: the placeholder check and permanent-hook bookkeeping."""
+class HookComponent(nn.Module):
+    """A module that lives in a bridge's hook system: permanent hooks and parameters on
+    ``model.original_model`` under :attr:`module_name` (the bookkeeping every component here
+    and in :mod:`massact_lens.models.attention_variants` shares)."""
 
     kind: str = ""
+    module_name: str = MODULE_NAME
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handles: list[tuple[HookPoint, LensHandle]] = []
+
+    def hook_specs(self) -> list[tuple[str, HookFn]]:  # pragma: no cover - abstract
+        """``(hook name, fn)`` pairs that implement the component."""
+        raise NotImplementedError
+
+    def _attach(self, model: TransformerLensModel) -> None:
+        hook_dict = model.hook_dict  # type: ignore[attr-defined]
+        specs = self.hook_specs()
+        missing = [name for name, _ in specs if name not in hook_dict]
+        if missing:
+            raise ValueError(
+                f"The model has no hook points {missing}: {self.kind} needs them "
+                "(TransformerBridge models with split q/k/v hooks have them)."
+            )
+        original = model.original_model  # type: ignore[attr-defined]
+        original.add_module(self.module_name, self)
+        try:
+            for name, fn in specs:
+                point = hook_dict[name]
+                self._handles.append((point, point.add_hook(fn, is_permanent=True)))
+        except BaseException:
+            self._detach(model)
+            raise
+
+    def _detach(self, model: TransformerLensModel) -> None:
+        for point, handle in self._handles:
+            handle.hook.remove()
+            if handle in point.fwd_hooks:
+                point.fwd_hooks.remove(handle)
+        self._handles.clear()
+        original = model.original_model  # type: ignore[attr-defined]
+        if getattr(original, "_modules", {}).get(self.module_name) is self:
+            del original._modules[self.module_name]
+
+
+class _PrefixComponent(HookComponent):
+    """Shared plumbing: the placeholder check."""
 
     def __init__(self, placeholder_id: int | None) -> None:
         super().__init__()
         if placeholder_id is not None and (not isinstance(placeholder_id, int) or placeholder_id < 0):
             raise ValueError(f"placeholder_id must be a token id (int >= 0) or None, not {placeholder_id!r}.")
         self.placeholder_id = placeholder_id
-        self._handles: list[tuple[HookPoint, LensHandle]] = []
 
     def hook_specs(self) -> list[tuple[str, HookFn]]:
         """``(hook name, fn)`` pairs that implement the component (also usable in ``model.hooks``)."""
@@ -157,35 +200,6 @@ class _PrefixComponent(nn.Module):
                 "Generation with a KV cache feeds inputs without it: generate with "
                 "use_past_kv_cache=False."
             )
-
-    def _attach(self, model: TransformerLensModel) -> None:
-        hook_dict = model.hook_dict  # type: ignore[attr-defined]
-        specs = self.hook_specs()
-        missing = [name for name, _ in specs if name not in hook_dict]
-        if missing:
-            raise ValueError(
-                f"The model has no hook points {missing}: {self.kind} needs them "
-                "(TransformerBridge models with split q/k/v hooks have them)."
-            )
-        original = model.original_model  # type: ignore[attr-defined]
-        original.add_module(MODULE_NAME, self)
-        try:
-            for name, fn in specs:
-                point = hook_dict[name]
-                self._handles.append((point, point.add_hook(fn, is_permanent=True)))
-        except BaseException:
-            self._detach(model)
-            raise
-
-    def _detach(self, model: TransformerLensModel) -> None:
-        for point, handle in self._handles:
-            handle.hook.remove()
-            if handle in point.fwd_hooks:
-                point.fwd_hooks.remove(handle)
-        self._handles.clear()
-        original = model.original_model  # type: ignore[attr-defined]
-        if getattr(original, "_modules", {}).get(MODULE_NAME) is self:
-            del original._modules[MODULE_NAME]
 
 
 def _replace_first(values: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,10 @@ from massact_lens._core.hook_names import RESID_POST, attention_hook
 from massact_lens._core.loop import measure
 from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import HookList, Provenance
+from massact_lens.models.attention_variants import HeadGate, SoftmaxOffByOne, gate_component
 from massact_lens.models.checkpoints import (
     CHECKPOINTS,
+    PLACEHOLDERS,
     SPECIAL_TOKENS,
     VARIANTS,
     load_checkpoint,
@@ -59,7 +61,11 @@ class Evaluation(CorpusResult):
     Attention masses average ``hook_pattern`` over heads and over the task
     queries after BOS: ``attn_bos`` and ``attn_prefix`` over *non-trigger*
     queries (where the model should stay dormant), ``attn_prev_trigger`` over
-    trigger queries, on the token before the trigger (the back-copy).
+    trigger queries, on the token before the trigger (the back-copy). For the
+    ``softmax1`` variant ``attn_prefix`` is the mass on the zero logit ("nothing").
+    ``gate_plain`` / ``gate_trigger``: a gated model's gate values
+    (:class:`~massact_lens.models.attention_variants.HeadGate`), averaged over heads
+    and over the same non-trigger / trigger queries (NaN without a gate).
 
     Attributes:
         layers: every layer of the model, one value of each per-layer field per layer.
@@ -84,12 +90,14 @@ class Evaluation(CorpusResult):
     attn_bos: tuple[float, ...]
     attn_prefix: tuple[float, ...]
     attn_prev_trigger: tuple[float, ...]
+    gate_plain: tuple[float, ...]
+    gate_trigger: tuple[float, ...]
     checkpoint: str | None = field(default=None)
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per layer; the task metrics repeat on every row."""
         columns = ("bos_peak_ratio", "bos_peak_dim", "bos_peak_fraction", "prefix_peak_ratio",
-                   "prefix_peak_dim", "attn_bos", "attn_prefix", "attn_prev_trigger")
+                   "prefix_peak_dim", "attn_bos", "attn_prefix", "attn_prev_trigger", "gate_plain", "gate_trigger")
         rows = [
             {
                 "variant": self.variant,
@@ -108,14 +116,18 @@ class _TaskMeter:
     """Per-layer BOS peaks and attention masses read in hooks, and the task's losses read from
     the logits, one batch at a time (a measurement).
 
-    ``bos``: the BOS position (1 behind a prefix slot); ``trigger_ids``: the task's triggers.
+    ``bos``: the BOS position (1 behind a prefix slot); ``trigger_ids``: the task's triggers;
+    ``gate``: a gated model's head gate (its values are read on ``attn.hook_in``).
     """
 
     reads_input_index = False
     needs_output = True
 
-    def __init__(self, n_layers: int, bos: int, trigger_ids: list[int], peak_threshold: float) -> None:
-        self.n_layers, self.bos, self.peak_threshold = n_layers, bos, peak_threshold
+    def __init__(
+        self, n_layers: int, bos: int, trigger_ids: list[int], peak_threshold: float, gate: HeadGate | None = None
+    ) -> None:
+        self.n_layers, self.bos, self.peak_threshold, self.gate = n_layers, bos, peak_threshold, gate
+        self.gate_sums = torch.zeros(n_layers, 2, dtype=torch.float64)  # non-trigger, trigger queries
         self.triggers = torch.tensor(trigger_ids, dtype=torch.long)
         self.ratio: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
         self.dim: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
@@ -136,7 +148,20 @@ class _TaskMeter:
     def hooks(self, batch: Batch) -> HookList:
         names = self.hook_names
         hooks: HookList = [(name, self._residual(i)) for i, name in enumerate(names[: self.n_layers])]
-        return hooks + [(name, self._attention(i, batch.tokens)) for i, name in enumerate(names[self.n_layers :])]
+        hooks += [(name, self._attention(i, batch.tokens)) for i, name in enumerate(names[self.n_layers :])]
+        if self.gate is not None:
+            hooks += [(f"blocks.{i}.attn.hook_in", self._gate(i, batch.tokens)) for i in range(self.n_layers)]
+        return hooks
+
+    def _gate(self, layer: int, tokens: torch.Tensor) -> Callable[[torch.Tensor, Any], None]:
+        def read(x: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
+            assert self.gate is not None
+            gates = self.gate.gates(x.detach(), layer).detach().double().mean(-1)[:, self.bos + 1 :]
+            is_trigger = torch.isin(tokens[:, self.bos + 1 :], self.triggers.to(tokens.device)).to(gates.device)
+            self.gate_sums[layer, 0] += float((gates * ~is_trigger).sum())
+            self.gate_sums[layer, 1] += float((gates * is_trigger).sum())
+
+        return read
 
     def _residual(self, layer: int) -> Callable[[torch.Tensor, Any], None]:
         def read(x: torch.Tensor, hook: Any) -> None:  # noqa: ARG001
@@ -188,6 +213,7 @@ class _TaskMeter:
         dims = [torch.cat(d) for d in self.dim]
         modes = [most_common(d) for d in dims]
         mass = self.mass / self.count[:, [0, 0, 1]].clamp(min=1)
+        gate = self.gate_sums / self.count.clamp(min=1)
         fraction = [
             float(((r >= self.peak_threshold) & (d == m)).double().mean()) for r, d, m in zip(ratio, dims, modes, strict=True)
         ]
@@ -202,11 +228,20 @@ class _TaskMeter:
             "attn_bos": tuple(float(x) for x in mass[:, 0]),
             "attn_prefix": tuple(float(x) if self.bos else nan for x in mass[:, 1]),
             "attn_prev_trigger": tuple(float(x) if self.count[i, 1] else nan for i, x in enumerate(mass[:, 2])),
+            "gate_plain": tuple(float(x) if self.gate is not None else nan for x in gate[:, 0]),
+            "gate_trigger": tuple(float(x) if self.gate is not None and self.count[i, 1] else nan
+                                  for i, x in enumerate(gate[:, 1])),
         }
 
 
 def _variant(model: TransformerLensModel) -> str:
     component = prefix_component(model)
+    if gate_component(model) is not None:
+        if component is not None:
+            raise ValueError("This model has a head gate and a prefix component: no trained variant has both.")
+        return "gated"
+    if isinstance(component, SoftmaxOffByOne):
+        return "softmax1"
     if isinstance(component, ExplicitAttentionBias):
         return "explicit_bias"
     return "sink_token" if isinstance(component, SinkToken) else "default"
@@ -225,7 +260,7 @@ def task_metrics(
     """Measure a model trained by :mod:`massact_lens.training` on held-out sequences of ``task``.
 
     Named ``evaluate`` before; see :class:`Evaluation` for every definition. The
-    variant is read from the model (its attached bias slot or sink token).
+    variant is read from the model (its attached bias slot, sink token or head gate).
 
     >>> from massact_lens.models.checkpoints import CHECKPOINTS, load_checkpoint
     >>> from massact_lens.training import BigramBackcopy
@@ -239,9 +274,9 @@ def task_metrics(
     tokens = sequences(task, variant, np.random.default_rng(seed), n_sequences)
     if int(tokens.max()) >= int(model.cfg.d_vocab) or tokens.shape[1] > int(model.cfg.n_ctx):
         raise ValueError("This task does not fit the model's vocabulary or context: evaluate it on the task it was trained on.")
-    bos = 0 if variant == "default" else 1
+    bos = 0 if PLACEHOLDERS[variant] is None else 1
     n_layers = int(model.cfg.n_layers)
-    meter = _TaskMeter(n_layers, bos, task.trigger_ids(), peak_threshold)
+    meter = _TaskMeter(n_layers, bos, task.trigger_ids(), peak_threshold, gate_component(model))
     plan = plan_batches(model, tokens, batch_size=batch_size)
     measure(model, plan, meter, progress=progress, desc="evaluate")
     optimal = task.optimal_nll(tokens[:, bos + 1 :].numpy() - len(SPECIAL_TOKENS))
@@ -268,7 +303,7 @@ def results_table(
     """The results table: one row per (checkpoint, layer), as :class:`Evaluation` defines.
 
     Args:
-        directories: checkpoint folders (default: the three shipped Bigram-Backcopy
+        directories: checkpoint folders (default: the five shipped Bigram-Backcopy
             models, in :data:`~massact_lens.models.checkpoints.VARIANTS` order).
         n_sequences: held-out sequences per model.
         peak_threshold: the ratio counted in ``bos_peak_fraction``.
