@@ -215,7 +215,7 @@ def test_shapes_are_checked_at_run_time_in_the_suite():
     """pyproject's --jaxtyping-packages flag instruments massact_lens: a wrong shape is an error."""
     import jaxtyping
 
-    from massact_lens.find.scanner import hidden_state_medians
+    from massact_lens._core.statistics import hidden_state_medians
 
     with pytest.raises(jaxtyping.TypeCheckError):
         hidden_state_medians(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool))  # needs [batch, pos, d_model]

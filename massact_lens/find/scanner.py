@@ -40,12 +40,11 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.hook_names import HookSelection
 from massact_lens._core.loop import measure
-from massact_lens._core.statistics import hidden_state_medians
 from massact_lens._core.types import Inputs
 from massact_lens.find._scan_stats import scan_plan
 from massact_lens.find.scan_result import ScanResult
 
-__all__ = ["ScanResult", "hidden_state_medians", "scan"]  # hidden_state_medians: see statistics
+__all__ = ["ScanResult", "scan"]
 
 
 def scan(

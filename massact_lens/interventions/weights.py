@@ -28,7 +28,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._plain_hf import refuse_plain_hf
 
-__all__ = ["edited_weights", "edits_from_rows", "projection_weight"]
+__all__ = ["edited_weights", "projection_weight"]  # edits_from_rows: what lineage's records build edits with
 
 #: One weight entry: (layer, component inside the block, row = output dim, column = input channel).
 WeightEntry = tuple[int, str, int, int]

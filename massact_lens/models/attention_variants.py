@@ -74,8 +74,7 @@ __all__ = [
     "attach_head_gate",
     "attach_softmax_one",
     "detach_gate",
-    "gate_component",
-]
+]  # gate_component(model): the attached gate, for the trainer's evaluation
 
 #: Attribute name of the gate on ``model.original_model``.
 GATE_NAME = "massact_gate"

@@ -48,7 +48,6 @@ from massact_lens._core.types import Provenance, warn_if_processed, weights_proc
 from massact_lens.models._placement import check_map_against_model, check_map_values
 
 __all__ = [
-    "hub_reachable",
     "load_model",
     "model_description",
     "warn_if_processed",
