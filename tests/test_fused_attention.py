@@ -109,13 +109,31 @@ def test_attention_concentration_equals_the_eager_patterns(fused_family, monkeyp
 def test_implicit_bias_equals_the_eager_patterns(fused_family, monkeypatch, length):
     _, model = fused_family
     tokens, mask = _batch(length, seed=1)
-    for keys in _key_sets(length)[:2]:
+    # every third key: at 40 tokens more keys in C than a head has dims (8), so the probe
+    # takes its [v * c, c] form; the other sets take one column per key of C
+    for keys in [*_key_sets(length)[:2], list(range(0, length, 3))]:
         eager, fused = _both(monkeypatch, implicit_bias, model, tokens, keys, attention_mask=mask, keep="all")
         for name in ("bias_z", "rest_z", "c_mass"):
             _close(getattr(eager, name), getattr(fused, name), 1e-5)
         assert float(fused.z_error.max()) < 1e-5 and float(fused.out_error.max()) < 1e-4
         constancy = [r.constancy().select_dtypes("number").to_numpy() for r in (eager, fused)]
         _close(torch.tensor(constancy[0]), torch.tensor(constancy[1]), 1e-4)
+
+
+def test_the_split_probe_takes_one_column_per_key_of_c_unless_c_is_wider_than_a_head():
+    from massact_lens.attention._fused import SplitProbe
+
+    value = torch.randn(2, 3, 40, 8)  # [batch, kv_heads, key_pos, d_head]
+    real = torch.ones(2, 40, dtype=torch.bool)
+    for positions, width in (([0], 1), ([0, 5, 9], 3), (list(range(0, 40, 3)), 9)):
+        c = torch.zeros(2, 40, dtype=torch.bool)
+        c[0, positions] = True
+        c[1, 0] = True
+        columns = SplitProbe(c, real).values(value, value, value, 1.0)
+        assert columns.shape == (2, 3, 40, width)
+        if width < 8:  # indicator columns: input 0 has one per key of C, input 1 one and zeros
+            assert columns[0, 0].sum(0).tolist() == [1.0] * width
+            assert columns[1, 0, 0, 0] == 1 and columns[1, 0].sum() == 1
 
 
 def test_token_features_and_the_sink_curve_equal_the_eager_patterns(fused_family, monkeypatch):

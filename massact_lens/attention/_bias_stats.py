@@ -91,21 +91,6 @@ def _norm(space: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _inner(space, a, a, g).clamp_min(0).sqrt()
 
 
-def _add_scope(sums: dict[str, torch.Tensor], key: tuple[str, int, int, int], x: torch.Tensor,
-               norm: torch.Tensor, weight: torch.Tensor) -> None:
-    """Add vectors ``x [n, k, m]`` with norms ``[n, k]`` and 0/1 weights ``[n]`` to one scope's sums."""
-    name, i, mode, term = key
-    w = weight[:, None]
-    nonzero = (norm > 0) & (w > 0)
-    at = (i, mode, term)
-    f64 = torch.float64
-    sums[f"{name}.vec"][at] += (x * w[..., None]).sum(0, dtype=f64)
-    sums[f"{name}.sq"][at] += (norm**2 * w).sum(0, dtype=f64)
-    sums[f"{name}.norm"][at] += (norm * w).sum(0, dtype=f64)
-    sums[f"{name}.unit"][at] += (x / norm.clamp_min(_TINY_32)[..., None] * nonzero[..., None]).sum(0, dtype=f64)
-    sums[f"{name}.nonzero"][at] += nonzero.sum(0)
-
-
 def add_batch(
     sums: dict[str, torch.Tensor],
     layer_index: int,
@@ -122,43 +107,68 @@ def add_batch(
     ``resid_terms``: the head-space vectors whose images through ``g`` are the residual-space
     ones, when they differ from ``terms`` (sandwich blocks: each query's ``z / rms`` of the
     full attention output, with the post-attention norm's gain inside ``g``). ``root``:
-    :func:`gram_root` of ``g`` (computed here when not given)."""
+    :func:`gram_root` of ``g`` (computed here when not given).
+
+    Both query sets are summed in one pass over each term (their 0/1 weights stacked, the
+    sums as float64 products with them); each input's spread around its own mean comes
+    from the squared distances to the mean of *all* its queries, shifted exactly
+    (``sum_S |y - a|^2 = sum_S |y - m_S|^2 + n_S |m_S - a|^2``), and its mean cosine from
+    the sum of its unit vectors, so that no per-query tensor is made once per query set."""
     root = gram_root(g) if root is None else root
-    nan = float("nan")
-    # per-query arithmetic in float32 (what the model computed), every sum in float64
-    weights = [mask.float() for mask in masks]
-    counts = [w.sum(1) for w in weights]
-    for mode, w in enumerate(weights):
-        sums["all.n"][layer_index, mode] += w.sum(dtype=torch.float64)
-        sums["across.n"][layer_index, mode] += (counts[mode] > 0).sum()
-        sums["mass"][layer_index, mode] += (mass.float() * w[..., None]).sum((0, 1), dtype=torch.float64)
+    w = torch.stack([mask.to(torch.float64) for mask in masks])  # [mode, b, q]
+    counts = w.sum(2)  # [mode, b]
+    sums["all.n"][layer_index] += counts.sum(1)
+    sums["across.n"][layer_index] += (counts > 0).sum(1)
+    sums["mass"][layer_index] += torch.einsum("mbq,bqh->mh", w, mass.to(torch.float64))
     for term in range(len(TERMS)):
         for space in SPACES:
             source = resid_terms if space == "resid" and resid_terms is not None else terms
             x = (totals[term][:, :, None] if space == "total" else source[term]).float()  # [b, q, k, m]
-            # inner products in coordinates where they are plain dot products (resid: x @ L)
-            y = torch.einsum("bqhd,hde->bqhe", x, root.float()) if space == "resid" else x
-            norm = y.square().sum(-1).sqrt()  # [b, q, k]
-            for mode, (mask, w, count) in enumerate(zip(masks, weights, counts, strict=True)):
-                at = (layer_index, mode, term)
-                _add_scope(sums, (f"all.{space}", *at), x.flatten(0, 1), norm.flatten(0, 1), w.flatten())
-                has = count > 0
-                per_input = count.clamp_min(1)[:, None, None]
-                mean = (x * w[..., None, None]).sum(1) / per_input  # [b, k, m]
-                mean_y = (y * w[..., None, None]).sum(1) / per_input if space == "resid" else mean
-                mean_norm = mean_y.square().sum(-1).sqrt()
-                _add_scope(sums, (f"across.{space}", *at), mean, mean_norm, has.float())
-                # Within each input, exactly (two passes over the batch).
-                diff = y - mean_y[:, None]
-                var = (diff.square().sum(-1) * w[..., None]).sum(1) / count.clamp_min(1)[:, None]
-                rel = (var.sqrt() / mean_norm).masked_fill(~has[:, None], nan)
-                denominator = norm * mean_norm[:, None]
-                cos = (y * mean_y[:, None]).sum(-1) / denominator.masked_fill(denominator == 0, nan)
-                cos = cos.masked_fill(~mask[..., None], nan).nanmean(1).masked_fill(~has[:, None], nan)  # [b, k]
-                for stat, value in (("cos", cos), ("rel", rel)):
-                    ok = ~torch.isnan(value)
-                    sums[f"within.{space}.{stat}"][at] += value.masked_fill(~ok, 0.0).sum(0, dtype=torch.float64)
-                    sums[f"within.{space}.{stat}_n"][at] += ok.sum(0)
+            _add_term(sums, (layer_index, slice(None), term), space, x, w, counts, root if space == "resid" else None)
+
+
+def _add_term(sums: dict[str, torch.Tensor], at: tuple[int, slice, int], space: str, x: torch.Tensor,
+              w: torch.Tensor, counts: torch.Tensor, root: torch.Tensor | None) -> None:
+    """One term in one space, both query sets (``w [mode, b, q]``) at once. Per-query arithmetic
+    in float32 (what the model computed), every sum in float64. Inner products in
+    coordinates where they are plain dot products (``resid``: ``y = x @ L``)."""
+    f64 = torch.float64
+    y = x if root is None else torch.einsum("bqhd,hde->bqhe", x, root.float())
+    norm = y.square().sum(-1).sqrt()  # [b, q, k]
+    nonzero = norm > 0
+    unit = torch.where(nonzero[..., None], x / norm.clamp_min(_TINY_32)[..., None], 0.0)  # x / |y|, x coordinates
+    per_vec = torch.einsum("mbq,bqkd->mbkd", w, x.to(f64))  # per input and query set
+    per_unit = torch.einsum("mbq,bqkd->mbkd", w, unit.to(f64))
+    per_stats = torch.einsum("mbq,bqks->mbks", w, torch.stack([norm.square(), norm, nonzero.float()], -1).to(f64))
+    scope = f"all.{space}"
+    sums[f"{scope}.vec"][at] += per_vec.sum(1)
+    sums[f"{scope}.unit"][at] += per_unit.sum(1)
+    for i, stat in enumerate(("sq", "norm", "nonzero")):
+        sums[f"{scope}.{stat}"][at] += per_stats[..., i].sum(1)
+    # each input's mean (one vector per input with a query in the set)
+    has = counts > 0  # [mode, b]
+    mean = per_vec / counts.clamp_min(1)[..., None, None]  # [mode, b, k, m], x coordinates
+    mean_y = mean if root is None else torch.einsum("mbhd,hde->mbhe", mean, root.to(f64))
+    mean_norm = mean_y.square().sum(-1).sqrt()  # [mode, b, k]
+    scope, kept = f"across.{space}", has[..., None].to(f64)
+    flag = (mean_norm > 0) & has[..., None]
+    sums[f"{scope}.vec"][at] += (mean * kept[..., None]).sum(1)
+    sums[f"{scope}.sq"][at] += (mean_norm.square() * kept).sum(1)
+    sums[f"{scope}.norm"][at] += (mean_norm * kept).sum(1)
+    sums[f"{scope}.unit"][at] += torch.where(flag[..., None], mean / mean_norm.clamp_min(_TINY)[..., None], 0.0).sum(1)
+    sums[f"{scope}.nonzero"][at] += flag.sum(1)
+    # within each input: spread around its own mean, and the mean cosine to it
+    to_all = (y - mean_y[0].float()[:, None]).square().sum(-1)  # [b, q, k]: to the mean of all the input's queries
+    shift = (mean_y - mean_y[:1]).square().sum(-1)  # [mode, b, k]
+    var = (torch.einsum("mbq,bqk->mbk", w, to_all.to(f64)) / counts.clamp_min(1)[..., None] - shift).clamp_min(0)
+    rel = (var.sqrt() / mean_norm).masked_fill(~has[..., None], float("nan"))
+    unit_y = per_unit if root is None else torch.einsum("mbhd,hde->mbhe", per_unit, root.to(f64))
+    denominator = mean_norm * per_stats[..., 2]
+    cos = (unit_y * mean_y).sum(-1) / denominator.masked_fill(denominator == 0, float("nan"))
+    for stat, value in (("cos", cos), ("rel", rel)):
+        ok = ~torch.isnan(value)
+        sums[f"within.{space}.{stat}"][at] += value.masked_fill(~ok, 0.0).sum(1)
+        sums[f"within.{space}.{stat}_n"][at] += ok.sum(1)
 
 
 def spread(sums: Mapping[str, torch.Tensor], scope: str, space: str, layer_index: int, mode: int, term: int,

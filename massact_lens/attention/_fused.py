@@ -98,20 +98,38 @@ class MassProbe:
 
 class SplitProbe:
     """One layer of :func:`~massact_lens.attention.implicit_bias` in the kernel: the term
-    from C (``[v * c, c]``: ``sum_{k in C} p_qk v_k`` and the mass on C per query and
-    head), and ``hook_z``, the kernel's own output; the rest is ``hook_z`` minus the term
-    (so ``bias + rest = hook_z`` holds by construction on this route)."""
+    from C, ``sum_{k in C} p_qk v_k``, the mass on C per query and head, and ``hook_z``,
+    the kernel's own output; the rest is ``hook_z`` minus the term (so ``bias + rest =
+    hook_z`` holds by construction on this route).
+
+    The columns are the narrower of two exact forms: one indicator column per key of C
+    (``p_qk`` for each ``k in C``; the term is then ``sum_k p_qk v_k`` over those few keys,
+    outside the kernel), when no input has more keys in C than a head has dims (the usual
+    case: the start token, a few delimiters); else ``[v * c, c]`` (the term and the mass
+    straight from the kernel)."""
 
     def __init__(self, c_mask: torch.Tensor, real: torch.Tensor,
                  note: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         self.c, self.real, self.note = fit_width(c_mask, int(real.shape[1])) & real, real, note
         self.parts: dict[str, torch.Tensor] = {}
         self.ran = False
+        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # per-key form: the values of C's keys, valid
 
     def values(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:  # noqa: ARG002
         if value.shape[2] != self.real.shape[1]:
             raise RuntimeError(f"The kernel got {value.shape[2]} values for {self.real.shape[1]} positions: the "
                                "fused route measures a pass without a cache or extra key slots.")
+        counts = self.c.sum(1)
+        n_c = int(counts.max()) if counts.numel() else 0
+        if 0 < n_c <= int(value.shape[-1]):  # one column per key of C (padding columns all 0)
+            order = torch.argsort((~self.c).to(torch.int8), dim=1, stable=True)[:, :n_c]  # C's positions first
+            valid = torch.arange(n_c, device=order.device)[None, :] < counts[:, None]  # [b, n_c]
+            columns = torch.zeros(*self.c.shape, n_c, dtype=value.dtype, device=value.device)
+            columns.scatter_(1, order[:, None, :], valid[:, None, :].to(value.dtype))  # [b, key, n_c]
+            at = order[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1])
+            self._keys = (value.gather(2, at), valid)  # [b, kv_heads, n_c, d]
+            return columns[:, None].expand(-1, value.shape[1], -1, -1)
+        self._keys = None
         c = self.c[:, None, :, None].to(value.dtype)
         return torch.cat([value * c, c.expand(*value.shape[:3], 1)], dim=-1)
 
@@ -119,8 +137,16 @@ class SplitProbe:
         d = int(output.shape[-1])
         if self.note is not None:  # a NaN / inf upstream reaches the output: the input is left out
             self.note(output, self.real)
-        z, bias = output.float(), extra[..., :d].float()
-        self.parts = {"bias": bias, "rest": z - bias, "mass": extra[..., d].float(), "z": z}
+        z = output.float()
+        if self._keys is not None:
+            v_c, valid = self._keys
+            v_c = v_c.float().repeat_interleave(int(output.shape[2]) // int(v_c.shape[1]), dim=1)  # HF repeat_kv
+            p = extra.float() * valid[:, None, None, :]  # [b, q, h, n_c]
+            bias, mass = torch.einsum("bqhj,bhjd->bqhd", p, v_c), p.sum(-1)
+            self._keys = None
+        else:
+            bias, mass = extra[..., :d].float(), extra[..., d].float()
+        self.parts = {"bias": bias, "rest": z - bias, "mass": mass, "z": z}
         self.ran = True
 
 
