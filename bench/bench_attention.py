@@ -10,8 +10,12 @@ One input of real text per length (the sentences and paraphrase pairs of
 :mod:`massact_lens.examples.sentences` joined, repeated and cut to the length; SmolLM2's
 context is 8,192 tokens), ``positions="start"``, all layers, one thread. Each
 (method, length) runs in a fresh process (bench/_harness.py): the model is loaded,
-one warm-up call on the first 64 tokens, then the timed call; peak memory is the peak
-resident set above the loaded, warmed model (``VmHWM``). Methods, all public calls:
+one warm-up call on the first 64 tokens, then the timed call. Times come from children
+under the default allocator (what a user's process runs with); peak memory, the peak
+resident set above the loaded, warmed model (``VmHWM``), from one more child per (method,
+length) under ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``, so that freed memory
+goes back and the peak is what was in use (those settings fault every large allocation
+afresh, which would charge allocation-heavy code in time: hence the separate runs). Methods, all public calls:
 ``forward`` (a bare bridge forward, the unit), ``scan``, ``attention_concentration``,
 ``implicit_bias`` (default ``keep=8``: the one input's per-query terms are kept in
 full), ``implicit_bias_keep0`` (``keep=0``: statistics only), ``sink_curve``, and with
@@ -135,15 +139,18 @@ def main() -> None:
         for n in lengths:
             path = Path(folder) / f"tokens_{n}.pt"
             torch.save(_text_tokens(model, n), path)
-            for r in range(args.rounds):
+            for r in range(args.rounds + 1):  # the last round: the memory children
+                memory = r == args.rounds
                 for method in rotated(methods, r):
                     out = run_child(sys.executable, Path(__file__), {"method": method, "corpus": str(path)},
-                                    memory=True, threads=1)
-                    times.setdefault((method, n), []).append(out["seconds"])
-                    peaks.setdefault((method, n), []).append(out["peak_bytes"])
+                                    memory=memory, threads=1)
+                    if memory:
+                        peaks.setdefault((method, n), []).append(out["peak_bytes"])
+                    else:
+                        times.setdefault((method, n), []).append(out["seconds"])
                     routes[method] = str(out["route"])
-                    print(f"  {n:>5} tokens, round {r + 1}: {method:<30} {out['seconds']:8.2f} s "
-                          f"{out['peak_bytes'] / 2**20:8.0f} MiB", file=sys.stderr, flush=True)
+                    what = f"{out['peak_bytes'] / 2**20:8.0f} MiB (memory run)" if memory else f"{out['seconds']:8.2f} s"
+                    print(f"  {n:>5} tokens, round {r + 1}: {method:<30} {what}", file=sys.stderr, flush=True)
     env = environment()
     print(f"\nSmolLM2-135M, one input, one thread; torch {env['torch']}, transformers {env['transformers']}; "
           f"load average at the end {env['load_average'][0]:.1f} on {env['cpu_count']} cores\n")

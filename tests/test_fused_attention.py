@@ -253,3 +253,31 @@ def test_implicit_bias_folds_a_batch_again_without_an_input_that_met_a_nan(monke
     _close(torch.tensor(table_e), torch.tensor(table_f), 1e-4)
     clean = implicit_bias(model, [texts[0], texts[2]], "start", layers=[1, 4], progress=False)
     _close(torch.tensor(clean.constancy().select_dtypes("number").to_numpy()), torch.tensor(table_f), 1e-4)
+
+
+def test_a_pass_asks_for_no_key_value_cache(smollm2_model, monkeypatch):
+    """HF fills a KV cache on a forward of SmolLM2 unless told not to (``config.use_cache`` is
+    True: 2 x kv_heads x length x d_head per layer, held to the end of the pass, 90 MiB at 2,000
+    tokens); the library's passes read each input once and ask for none."""
+    import functools
+
+    import massact_lens as ml
+    from massact_lens._core.batching import plan_batches
+    from massact_lens._core.loop import UserHooks, measure
+
+    hf = smollm2_model.original_model
+    assert hf.config.use_cache
+    asked = []
+    forward = type(hf).forward
+    @functools.wraps(forward)  # the same signature: the library reads it
+    def spy(self, *a, **k):
+        asked.append(k.get("use_cache"))
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(type(hf), "forward", spy)
+    tokens = smollm2_model.to_tokens("The cat sat on the mat, and the dog sat on the rug.")
+    measure(smollm2_model, plan_batches(smollm2_model, tokens), UserHooks([]), progress=False)
+    ml.scan(smollm2_model, tokens, progress=False)
+    attention_concentration(smollm2_model, tokens, "start", progress=False)
+    implicit_bias(smollm2_model, tokens, "start", progress=False)
+    assert asked == [False] * 4

@@ -35,6 +35,7 @@ hook reads unless a measurement asks for the model output (``needs_output``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -158,6 +159,25 @@ def _stop_point(hooks: HookList) -> str | None:
         return None
 
 
+def no_cache(model: TransformerLensModel) -> dict[str, bool]:
+    """``{"use_cache": False}`` where the HuggingFace model takes it: a pass reads each input
+    once, so the key/value cache HF would fill by default (``2 x kv_heads x length x d_head``
+    per layer, kept to the end of the forward) is memory for nothing.
+
+    >>> from massact_lens.examples import tiny_model
+    >>> no_cache(tiny_model("llama"))   # a native TransformerLens model: no HF forward
+    {}
+    """
+    hf = getattr(model, "original_model", None)
+    if hf is None or not hasattr(hf, "forward"):
+        return {}
+    try:
+        parameters = inspect.signature(hf.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in parameters else {}
+
+
 def _probes(model: TransformerLensModel, measurements: Iterable[Any],
             batch: Batch) -> tuple[dict[torch.nn.Module, Any], set[int]]:
     """The attention probes the measurements ask for this batch, by HuggingFace module
@@ -202,6 +222,7 @@ def measure(
     bar = progress_bar(batches, total=total, desc=desc, enabled=progress)
     device = model_device(model)
     seen = 0
+    cache = no_cache(model)
     with torch.inference_mode(), lean_components(model), attention_for_run(model) as choose_kernel:  # type: ignore[arg-type]
         for batch in bar:
             hooks: HookList = [pair for m in measurements for pair in m.hooks(batch)]
@@ -216,7 +237,7 @@ def measure(
             choose_kernel([name for name, _ in hooks], probe=bool(probes))
             with probing(probes), model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):  # type: ignore[attr-defined]
                 out = model(tokens, attention_mask=batch.attention_mask.to(tokens.device),  # type: ignore[operator]
-                            return_type="logits" if wants_output else None)
+                            return_type="logits" if wants_output else None, **cache)
             for m in measurements:
                 m.update(batch, out)
             seen += int(batch.tokens.shape[0])

@@ -127,19 +127,42 @@ def add_batch(
             _add_term(sums, (layer_index, slice(None), term), space, x, w, counts, root if space == "resid" else None)
 
 
+#: Per-query temporaries are made for blocks of queries of about this many elements
+#: (float32), so that the statistics' working memory stays small at any context length.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _blocks(x: torch.Tensor) -> list[slice]:
+    """Query blocks of ``x [b, q, k, m]``."""
+    step = max(1, _BLOCK_ELEMENTS // max(1, int(x.shape[0]) * int(x.shape[2]) * int(x.shape[3])))
+    return [slice(start, start + step) for start in range(0, int(x.shape[1]), step)]
+
+
 def _add_term(sums: dict[str, torch.Tensor], at: tuple[int, slice, int], space: str, x: torch.Tensor,
               w: torch.Tensor, counts: torch.Tensor, root: torch.Tensor | None) -> None:
-    """One term in one space, both query sets (``w [mode, b, q]``) at once. Per-query arithmetic
-    in float32 (what the model computed), every sum in float64. Inner products in
-    coordinates where they are plain dot products (``resid``: ``y = x @ L``)."""
+    """One term in one space, both query sets (``w [mode, b, q]``) at once, a block of queries
+    at a time. Per-query arithmetic in float32 (what the model computed), every sum in
+    float64. Inner products in coordinates where they are plain dot products (``resid``:
+    ``y = x @ L``)."""
     f64 = torch.float64
-    y = x if root is None else torch.einsum("bqhd,hde->bqhe", x, root.float())
-    norm = y.square().sum(-1).sqrt()  # [b, q, k]
-    nonzero = norm > 0
-    unit = torch.where(nonzero[..., None], x / norm.clamp_min(_TINY_32)[..., None], 0.0)  # x / |y|, x coordinates
-    per_vec = torch.einsum("mbq,bqkd->mbkd", w, x.to(f64))  # per input and query set
-    per_unit = torch.einsum("mbq,bqkd->mbkd", w, unit.to(f64))
-    per_stats = torch.einsum("mbq,bqks->mbks", w, torch.stack([norm.square(), norm, nonzero.float()], -1).to(f64))
+    root32 = None if root is None else root.float()
+
+    def image(block: torch.Tensor) -> torch.Tensor:
+        return block if root32 is None else torch.einsum("bqhd,hde->bqhe", block, root32)
+
+    n_modes, b, k, m = int(w.shape[0]), int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
+    per_vec = torch.zeros(n_modes, b, k, m, dtype=f64, device=x.device)  # per input and query set
+    per_unit = torch.zeros_like(per_vec)
+    per_stats = torch.zeros(n_modes, b, k, 3, dtype=f64, device=x.device)  # sq, norm, nonzero
+    blocks = _blocks(x)
+    for block in blocks:
+        xb, wb = x[:, block], w[:, :, block]
+        norm = image(xb).square().sum(-1).sqrt()  # [b, q, k]
+        nonzero = norm > 0
+        unit = torch.where(nonzero[..., None], xb / norm.clamp_min(_TINY_32)[..., None], 0.0)  # x / |y|
+        per_vec += torch.einsum("mbq,bqkd->mbkd", wb, xb.to(f64))
+        per_unit += torch.einsum("mbq,bqkd->mbkd", wb, unit.to(f64))
+        per_stats += torch.einsum("mbq,bqks->mbks", wb, torch.stack([norm.square(), norm, nonzero.float()], -1).to(f64))
     scope = f"all.{space}"
     sums[f"{scope}.vec"][at] += per_vec.sum(1)
     sums[f"{scope}.unit"][at] += per_unit.sum(1)
@@ -157,10 +180,15 @@ def _add_term(sums: dict[str, torch.Tensor], at: tuple[int, slice, int], space: 
     sums[f"{scope}.norm"][at] += (mean_norm * kept).sum(1)
     sums[f"{scope}.unit"][at] += torch.where(flag[..., None], mean / mean_norm.clamp_min(_TINY)[..., None], 0.0).sum(1)
     sums[f"{scope}.nonzero"][at] += flag.sum(1)
-    # within each input: spread around its own mean, and the mean cosine to it
-    to_all = (y - mean_y[0].float()[:, None]).square().sum(-1)  # [b, q, k]: to the mean of all the input's queries
+    # within each input: spread around its own mean (from the squared distances to the mean
+    # of all its queries, shifted exactly to each set's mean), and the mean cosine to it
+    centre = mean_y[0].float()[:, None]  # [b, 1, k, m]
+    to_all = torch.zeros(n_modes, b, k, dtype=f64, device=x.device)
+    for block in blocks:
+        distance = (image(x[:, block]) - centre).square().sum(-1)  # [b, q, k]
+        to_all += torch.einsum("mbq,bqk->mbk", w[:, :, block], distance.to(f64))
     shift = (mean_y - mean_y[:1]).square().sum(-1)  # [mode, b, k]
-    var = (torch.einsum("mbq,bqk->mbk", w, to_all.to(f64)) / counts.clamp_min(1)[..., None] - shift).clamp_min(0)
+    var = (to_all / counts.clamp_min(1)[..., None] - shift).clamp_min(0)
     rel = (var.sqrt() / mean_norm).masked_fill(~has[..., None], float("nan"))
     unit_y = per_unit if root is None else torch.einsum("mbhd,hde->mbhe", per_unit, root.to(f64))
     denominator = mean_norm * per_stats[..., 2]

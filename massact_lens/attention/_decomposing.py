@@ -57,7 +57,11 @@ class Decomposition(KeyedMeasurement):
         self.weights = {layer: tuple(t.to(self.device) for t in w_o(model, layer)) for layer in layers}
         self.out_names = {layer: output_hook(model, layer, fused=fused) for layer in layers}
         self.head_index = torch.tensor(heads, device=self.device)
-        self.chosen_w = {layer: self.weights[layer][0][self.head_index] for layer in layers}
+        # W_O of the chosen heads: views of the model's weights when every head is chosen (the
+        # result's copy is made at the end, when the pass's own memory is free)
+        every = tuple(heads) == tuple(range(self.n_heads))
+        self.chosen_w = {layer: self.weights[layer][0] if every else self.weights[layer][0][self.head_index]
+                         for layer in layers}
         self.out_norm, offset = attention_output_norm(model)  # sandwich blocks: the post-attention norm
         self.out_gain = {layer: (norm_gain(model, layer, self.out_norm, offset) if self.out_norm
                                  else torch.ones(int(model.cfg.d_model))).to(self.device) for layer in layers}
@@ -177,7 +181,7 @@ class Decomposition(KeyedMeasurement):
         err = (bias + rest - z).abs()[real if used is None else real & used[:, None]]
         self.z_error[layer] = max(self.z_error[layer], float(err.max()) if err.numel() else 0.0)
         scale = self._out_scale(layer, slot, bias)  # [b, q]: 1 / rms of the full output (sandwich), else 1
-        resid = tuple(t * scale[:, :, None, None] for t in (bias, rest))
+        resid = (bias, rest) if self.out_norm is None else tuple(t * scale[:, :, None, None] for t in (bias, rest))
         w = self.chosen_w[layer] * self.out_gain[layer]
         totals = tuple(t.flatten(2) @ w.flatten(0, 1) for t in resid)
         outside = real & ~fit_width(in_c, int(real.shape[1]))
@@ -279,7 +283,7 @@ class Decomposition(KeyedMeasurement):
             key_mask=full["key_mask"].bool(),
             attention_mask=full["attention_mask"].long(),
             tokens=full["tokens"].long(),
-            W_O=detached(torch.stack([self.chosen_w[layer] for layer in self.layers])),
+            W_O=torch.stack([self.chosen_w[layer] for layer in self.layers]).detach().cpu(),  # a copy of its own
             b_O=detached(torch.stack([self.weights[layer][1] for layer in self.layers])),
             out_gain=detached(torch.stack([self.out_gain[layer] for layer in self.layers])),
             z_error=torch.tensor([self.z_error[layer] for layer in self.layers]),

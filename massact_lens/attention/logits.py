@@ -103,7 +103,10 @@ def attention_logits(
 
     Cost: one forward pass, stopped after the last chosen layer; caches
     ``hook_pattern``, ``hook_attn_scores``, ``hook_q`` and ``hook_k`` of the chosen
-    layers for this input.
+    layers for this input. Always the eager route (what it returns is pattern-sized):
+    memory ``layers x heads x length^2``; for the sink over a long context use
+    :func:`~massact_lens.attention.sink_curve` or :func:`~massact_lens.attention.attention_concentration`,
+    which run in the fused kernel.
 
     >>> from massact_lens.examples import minilm
     >>> heat = attention_logits(minilm(), "The cat sat.", layers=[2])
