@@ -261,8 +261,9 @@ class _Callable(PositionRule):
                 f"The positions callable must return a bool tensor [batch, key_pos] = [{n}, ...] "
                 f"for a batch of {n} inputs; it returned {shape}."
             )
-        if out.is_floating_point():
-            raise ValueError("The positions callable returned a float tensor: return a bool mask (True = in C).")
+        if out.dtype != torch.bool:
+            raise ValueError(f"The positions callable returned a {out.dtype} tensor: return a bool mask (True = in "
+                             "C), e.g. (batch.tokens == token_id).")
         return fit_width(out.detach().bool(), int(activation.shape[1])).to(activation.device)
 
     def describe(self) -> str:
@@ -370,7 +371,7 @@ def _from_indices(model: TransformerLensModel | None, items: list[int]) -> Posit
         where = "" if n_ctx is None else f" indices must lie in [0, {n_ctx}) (n_ctx);"
         raise ValueError(
             f"Positions {bad} do not exist:{where} negative indices are not supported (padding makes them "
-            "ambiguous; an edit may count from the end with at_positions(-1))."
+            "ambiguous): pass indices >= 0, or count from the end in an edit with at_positions(-1)."
         )
     return at_positions(sorted(set(items)), strict=False)
 
@@ -386,10 +387,11 @@ def _from_list(model: TransformerLensModel | None, items: list[Any]) -> Position
 
 
 def _from_mask(mask: torch.Tensor) -> PositionRule:
-    if mask.is_floating_point() or mask.ndim not in (1, 2):
+    if mask.dtype != torch.bool or mask.ndim not in (1, 2):
         raise ValueError(
             f"A positions tensor must be a bool mask [key_pos] or [n_inputs, key_pos]; got "
-            f"{mask.dtype} {tuple(mask.shape)}."
+            f"{mask.dtype} {tuple(mask.shape)}. For key indices pass a list (tensor.tolist()); for a 0/1 "
+            "mask pass tensor.bool()."
         )
     if not bool(mask.bool().any()):
         raise ValueError("The positions mask is all False: C is empty. Mark at least one key position.")
