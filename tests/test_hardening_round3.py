@@ -110,11 +110,14 @@ def test_surgery_hooks_refuse_another_model_and_warn_on_other_weights():
 
 def test_an_int_tensor_of_positions_is_not_read_as_a_mask():
     model, tokens = _planted(), _tokens()
-    with _forward_passes(model) as calls, pytest.raises(ValueError, match=r"tensor.tolist\(\)"):
-        ml.attention_concentration(model, tokens, torch.tensor([0, 2]), progress=False)
+    with _forward_passes(model) as calls:
+        with pytest.raises(ValueError, match=r"tensor.tolist\(\)"):
+            ml.attention_concentration(model, tokens, torch.tensor([0, 2]), progress=False)
+        with pytest.raises(ValueError, match="bool mask"):  # was read as .bool(): every token id but 0 in C
+            ml.attention_concentration(model, tokens, lambda batch: torch.ones_like(batch.tokens), progress=False)
+        with pytest.raises(ValueError, match="return one row per input"):  # was found in the pass
+            ml.implicit_bias(model, tokens, lambda batch: torch.ones(2, dtype=torch.bool), progress=False)
     assert calls == []
-    with pytest.raises(ValueError, match="bool mask"):
-        ml.attention_concentration(model, tokens, lambda batch: torch.ones_like(batch.tokens), progress=False)
 
 
 def test_profile_refuses_settings_that_disagree_with_its_scan_before_any_pass():

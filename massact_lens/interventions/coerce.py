@@ -253,18 +253,25 @@ class _Callable(PositionRule):
         self.fn = fn
 
     def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
-        out = self.fn(_batch_of(ctx, self))
-        n = int(activation.shape[0])
+        out = self._checked(self.fn(_batch_of(ctx, self)), int(activation.shape[0]))
+        return fit_width(out.detach(), int(activation.shape[1])).to(activation.device)
+
+    def check_batch(self, batch: Batch) -> None:
+        """The callable's answer for one batch, checked before any pass (its shape and dtype)."""
+        self._checked(self.fn(batch), int(batch.tokens.shape[0]))
+
+    @staticmethod
+    def _checked(out: Any, n: int) -> torch.Tensor:
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != n:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
                 f"The positions callable must return a bool tensor [batch, key_pos] = [{n}, ...] "
-                f"for a batch of {n} inputs; it returned {shape}."
+                f"for a batch of {n} inputs; it returned {shape}: make it return one row per input of the batch."
             )
         if out.dtype != torch.bool:
-            raise ValueError(f"The positions callable returned a {out.dtype} tensor: return a bool mask (True = in "
+            raise ValueError(f"The positions callable returned a {out.dtype} tensor: make it return a bool mask (True = in "
                              "C), e.g. (batch.tokens == token_id).")
-        return fit_width(out.detach().bool(), int(activation.shape[1])).to(activation.device)
+        return out
 
     def describe(self) -> str:
         return f"callable:{getattr(self.fn, '__qualname__', type(self.fn).__name__)}"
@@ -323,6 +330,8 @@ def check_plan(rule: PositionRule, plan: BatchPlan) -> None:
             if isinstance(plan.batches, list):
                 for batch in plan.batches:
                     leaf.check_batch(batch)
+        elif isinstance(leaf, _Callable) and isinstance(plan.batches, list) and plan.batches:
+            leaf.check_batch(plan.batches[0])
         elif isinstance(leaf, _Mask) and leaf.tensor.ndim == 2 and plan.n_inputs not in (None, leaf.tensor.shape[0]):
             raise ValueError(
                 f"The positions mask has {leaf.tensor.shape[0]} rows for {plan.n_inputs} inputs: give one row per input."
