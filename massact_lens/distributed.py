@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens._core._plain_hf import refuse_plain_hf
+from massact_lens._core.results import Result
 from massact_lens._core.types import Provenance
 from massact_lens.find.criterion import MassiveSet
 
@@ -51,6 +53,10 @@ def shard(n_inputs: int, rank: int, world_size: int) -> range:
     """
     if isinstance(n_inputs, bool) or not isinstance(n_inputs, int) or n_inputs < 0:
         raise ValueError(f"n_inputs must be a count (an integer >= 0), not {n_inputs!r}: pass len(inputs).")
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, not {value!r}: pass torch.distributed.get_rank() and "
+                            "get_world_size() (or plain integers).")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"rank {rank} is not in a world of {world_size}: pass 0 <= rank < world_size (under torchrun: "
@@ -166,6 +172,19 @@ def _run_here(verb: Callable[..., R], model: TransformerLensModel, inputs: Any, 
     return local
 
 
+def _refuse_unmergeable(verb: Callable[..., Any]) -> None:
+    """TypeError, before any pass, when ``verb`` is annotated to return a result class that does not merge."""
+    try:
+        returned = typing.get_type_hints(verb).get("return")
+    except Exception:  # noqa: BLE001 (an annotation that does not resolve: the merge at the end says so)
+        return
+    if isinstance(returned, type) and issubclass(returned, Result) and "_merged" not in vars(returned) and \
+            not any("_merged" in vars(base) for base in returned.__mro__[1:] if base is not Result):
+        raise TypeError(f"{getattr(verb, '__name__', verb)} returns {returned.__name__}, and those results do not "
+                        "merge: call the verb itself in one process, or run a verb whose result merges (scan, "
+                        "profile, attention_concentration, ...).")
+
+
 def run_distributed(verb: Callable[..., R], model: TransformerLensModel, inputs: Sequence[str] | torch.Tensor,
                     *args: Any, dst: int = 0, **kwargs: Any) -> R | None:
     """``verb(model, inputs, *args, **kwargs)`` split across the ranks of the default process group.
@@ -199,6 +218,7 @@ def run_distributed(verb: Callable[..., R], model: TransformerLensModel, inputs:
             f"{getattr(verb, '__name__', verb)}(model, inputs, ...) does not take these arguments ({error}): pass a "
             "verb of the library (scan, profile, attention_concentration, ...) and its own arguments."
         ) from None
+    _refuse_unmergeable(verb)
     rank, world = _check_group()
     if "progress" in inspect.signature(verb).parameters:
         kwargs.setdefault("progress", False)

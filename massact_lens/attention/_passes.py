@@ -53,7 +53,7 @@ def check_layers(model: TransformerLensModel, layers: Sequence[int] | None, kind
         if bad:
             raise ValueError(f"Layers {bad} do not exist: the model has {n_layers} layers (0..{n_layers - 1}).")
         if len(set(chosen)) != len(chosen):
-            raise ValueError(f"layers {chosen} has duplicates.")
+            raise ValueError(f"layers {chosen} has duplicates: name each layer once.")
     resolve_hook_names(model, [attention_hook(kind, layer) for kind in kinds for layer in chosen])
     return tuple(sorted(chosen))
 
@@ -70,7 +70,7 @@ def check_heads(model: TransformerLensModel, heads: Sequence[int] | None) -> tup
     if bad:
         raise ValueError(f"Heads {bad} do not exist: each layer has {n_heads} heads (0..{n_heads - 1}).")
     if len(set(heads)) != len(heads):
-        raise ValueError(f"heads {list(heads)} has duplicates.")
+        raise ValueError(f"heads {list(heads)} has duplicates: name each head once.")
     return tuple(sorted(heads))
 
 

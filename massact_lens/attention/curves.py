@@ -109,6 +109,11 @@ class SinkCurve(SummedResult, KeyedFields):
 
     def at(self, positions: Sequence[int]) -> pd.DataFrame:
         """The layers' curves (mean over heads) at a few query positions, one column each."""
+        reached = [q for q in range(int(self.count.shape[-1])) if self.count[q] > 0]
+        if isinstance(positions, str) or not isinstance(positions, Sequence) or \
+                any(isinstance(q, bool) or not isinstance(q, int) or q not in reached for q in positions):
+            raise ValueError(f"positions must be a list of query positions the curve reached (0..{len(reached) - 1}), "
+                             f"not {positions!r}: pass e.g. at([1, {max(len(reached) - 1, 0)}]).")
         curve = self.layer_curve()
         table = curve[curve["query_pos"].isin(list(positions))].pivot(index="layer", columns="query_pos", values="mass")
         return table.rename(columns=lambda q: f"q={q}")
@@ -236,7 +241,8 @@ class _Curve(KeyedMeasurement):
             if per_query is None:
                 raise RuntimeError(f"The attention of layer {layer} was not measured in this pass: a hook inside "
                                    "attention was attached during the pass? Run with MASSACT_LENS_EAGER=1.")
-            masses.append((per_query.double() * used[:, :, None]).sum(0).T)  # [head, q]
+            # where(), not a product: NaN * 0 is NaN, and a left-out input must add nothing
+            masses.append(torch.where(used[:, :, None], per_query.double(), 0.0).sum(0).T)  # [head, q]
             ones = torch.ones(real.shape[0], 1, width, 1, device=real.device)
             c = fit_width(c_mask, width) & real
             _, n_c = visible_sums(ones, c, causal=self.causal, window=self.windows[layer])

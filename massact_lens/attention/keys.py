@@ -86,6 +86,8 @@ def keyed_plan(
     >>> [b.input_indices for b in plan.batches]
     [[0, 1], [2]]
     """
+    if by_length is not None and not isinstance(by_length, bool):
+        raise TypeError(f"by_length must be True, False or None (whenever the key set allows it), not {by_length!r}.")
     rule = as_rule(model, positions, None)
     if by_length is None:
         by_length = in_any_order(rule)

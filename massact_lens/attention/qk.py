@@ -25,7 +25,7 @@ rotary and rope scaling; never ``cfg.rotary_base``, which can disagree).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
@@ -33,13 +33,14 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, plan_batches
 from massact_lens._core.hook_names import attention_hook
 from massact_lens._core.loop import measure
 from massact_lens._core.results import SummedResult, add_sums
 from massact_lens._core.types import HookList, Inputs, Provenance, warn_if_processed
-from massact_lens.attention._passes import check_layers
+from massact_lens.attention._passes import NonFinite, check_layers
 
 __all__ = ["QKMassiveValues", "qk_massive_values"]
 
@@ -146,6 +147,8 @@ class QKMassiveValues(SummedResult):
     hook_names: tuple[str, ...]
     #: BOS put first (None: token tensors as given).
     prepend_bos: bool | None
+    #: A digest of the model's weights: parts of other weights do not merge.
+    weights: str = field(default="", repr=False)
 
     merge_same: ClassVar[tuple[str, ...]] = (
         "layers",
@@ -284,9 +287,13 @@ class _PairNorms:
         }
         self.state: dict[tuple[int, str], torch.Tensor] = {}
         self.used: set[str] = set()
+        #: Inputs whose q or k held a NaN / inf: left out of every sum, reported after the pass.
+        self.nonfinite = NonFinite()
+        self.real = torch.zeros(0, 0, dtype=torch.bool)
 
-    def hooks(self, batch: Batch) -> HookList:  # noqa: ARG002
+    def hooks(self, batch: Batch) -> HookList:
         self.state = {}
+        self.real = batch.attention_mask.bool()
         out: HookList = []
         for layer in self.layers:
             for kind in ("q", "k"):
@@ -300,6 +307,7 @@ class _PairNorms:
         def read(tensor: torch.Tensor, hook: Any = None) -> None:  # noqa: ARG001
             pairs = self.pairs.to(tensor.device)
             x = tensor.detach().float()
+            self.nonfinite.note(f"blocks.{layer}.attn.hook_{kind}", x, self.real, 1)
             self.state[(layer, kind)] = torch.sqrt(
                 x[..., pairs[:, 0]] ** 2 + x[..., pairs[:, 1]] ** 2
             )  # [b, pos, h, pair]
@@ -307,7 +315,7 @@ class _PairNorms:
         return read
 
     def update(self, batch: Batch, output: torch.Tensor | None) -> None:  # noqa: ARG002
-        real = batch.attention_mask.bool()
+        real = batch.attention_mask.bool() & ~self.nonfinite.end_batch(batch)[:, None]
         for i, layer in enumerate(self.layers):
             for kind in ("q", "k"):
                 source = (
@@ -391,6 +399,7 @@ def qk_massive_values(
     n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or n_heads)
     norms = _PairNorms(chosen, pairs, n_heads, n_kv, model.hook_dict)  # type: ignore[attr-defined]
     n_inputs = measure(model, plan, norms, progress=progress, desc="q/k pair norms")
+    norms.nonfinite.warn("qk_massive_values")
     return QKMassiveValues(
         provenance=Provenance.of(model),
         layers=chosen,
@@ -402,4 +411,5 @@ def qk_massive_values(
         min_ratio=ratio,
         hook_names=tuple(sorted(norms.used)),
         prepend_bos=plan.prepend_bos,
+        weights=weights_fingerprint(model),
     )

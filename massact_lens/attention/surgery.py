@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._fingerprint import other_weights, weights_fingerprint
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, BatchPlan, plan_batches
 from massact_lens._core.hook_names import resolve_hook_names
@@ -108,6 +109,8 @@ class BiasSurgery(CorpusResult):
     mean_term: Float[torch.Tensor, "layer head d_head"] = field(repr=False)
     #: The key set as a rule (for :meth:`hooks`).
     rule: PositionRule | None = field(default=None, repr=False, compare=False)
+    #: A digest of the model's weights (:meth:`hooks` warns on a model of other weights).
+    weights: str = field(default="", repr=False)
 
     @property
     def baseline_perplexity(self) -> float:
@@ -211,12 +214,16 @@ class BiasSurgery(CorpusResult):
             )
         if layer is not None and layer not in self.layers:
             raise ValueError(
-                f"Layer {layer} was not among this surgery's layers {list(self.layers)}."
+                f"Layer {layer} was not among this surgery's layers {list(self.layers)}: pass one of them."
             )
         if head is not None and (layer is None or head not in self.heads):
             raise ValueError(
                 f"head needs a layer, and must be one of {list(self.heads)}; got layer={layer}, head={head}."
             )
+        self.provenance.check_same(Provenance.of(model), "This surgery and the model")
+        if differ := other_weights(model, self.provenance.dtype, self.weights):
+            warnings.warn(f"This surgery was measured on other weights than this model's ({differ}): its mean terms "
+                          "may not apply. Run bias_surgery on this model.", UserWarning, stacklevel=2)
         layers = list(self.layers) if layer is None else [layer]
         chosen = {lay: (self.heads if head is None else (head,)) for lay in layers}
         return surgery_hooks(model, chosen, self.mode, self.rule, self._means(chosen))
@@ -359,7 +366,8 @@ def bias_surgery(
     rule = _check_keys(model, keys)
     user = _check_hook_list(model, fwd_hooks)
     if reference is not None and mode != "mean":
-        raise ValueError(f"reference gives the means of mode 'mean'; mode {mode!r} uses none.")
+        raise ValueError(f"reference gives the means of mode 'mean'; mode {mode!r} uses none: leave reference out, "
+                         "or pass mode='mean'.")
     plan = _plan(
         model,
         corpus,
@@ -455,4 +463,5 @@ def _run(
         c_mass=c_mass,
         mean_term=mean_term,
         rule=rule,
+        weights=weights_fingerprint(model),
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import html
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +43,8 @@ PERPLEXITY, COSINE, PAIR_COSINE = "perplexity", "cosine to original", "paraphras
 #: An ablation row of :func:`ablation_table` (what :func:`massact_lens.interventions.ablation_hooks` sets).
 AblationMode = Literal["zero", "mean"]
 _ROW_NAMES: dict[str, str] = {"zero": ZERO, "mean": MEAN}
+#: What ``**ablation_kwargs`` may name (the keyword-only arguments of ablation_hooks).
+_ABLATION_KWARGS = frozenset(("layers", "dims", "hooks", "kinds", "positions"))
 
 
 @dataclass(frozen=True, repr=False)
@@ -222,6 +224,13 @@ def _hook_lists(
     bad = [m for m in modes if m not in _ROW_NAMES]
     if bad:
         raise ValueError(f"modes must be among 'zero' and 'mean', not {bad}.")
+    if settings is not None and not isinstance(settings, Mapping):
+        raise TypeError(f"settings must be a dict {{row name: hook list}}, not {type(settings).__name__}: pass e.g. "
+                        "settings={'my edit': [(hook_name, fn)]}.")
+    unknown = sorted(set(ablation_kwargs) - _ABLATION_KWARGS)
+    if unknown:
+        raise TypeError(f"ablation_table got unknown arguments {unknown}: the extra keyword arguments go to "
+                        f"ablation_hooks, which takes {sorted(_ABLATION_KWARGS)}.")
     if profile is not None:
         check_profile_matches(model, profile)
     hook_lists: dict[str, HookList] = {ORIGINAL: []}

@@ -26,7 +26,7 @@ from transformer_lens.model_protocol import TransformerLensModel
 from massact_lens._core._fingerprint import weights_fingerprint
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.files import write_atomic
-from massact_lens._core.hook_names import HookSelection, layer_of
+from massact_lens._core.hook_names import HookSelection, layer_of, resolve_hook_names
 from massact_lens._core.loop import measure
 from massact_lens._core.results import CorpusResult
 from massact_lens._core.types import Inputs, Provenance
@@ -374,6 +374,18 @@ def _profile_from_dict(data: dict[str, Any], source: str) -> MassiveProfile:
     )
 
 
+def _check_scan_settings(model: TransformerLensModel, scan_result: ScanResult, hooks: HookSelection | None,
+                         layers: Sequence[int] | None, top_k: int | None) -> None:
+    """ValueError when ``hooks`` / ``layers`` / ``top_k`` given beside ``scan_result`` disagree with it."""
+    if top_k is not None and top_k != scan_result.top_k:
+        raise ValueError(f"top_k={top_k!r} but scan_result kept top_k={scan_result.top_k}: leave top_k out (the "
+                         "scan's is used), or scan again with this top_k.")
+    if (hooks is not None or layers is not None) and resolve_hook_names(model, hooks, layers) != scan_result.hook_names:
+        raise ValueError("hooks / layers name other hook points than scan_result read "
+                         f"({len(scan_result.hook_names)} hooks, layers {list(scan_result.layers)}): leave them out "
+                         "(the scan's are used), or scan again with them.")
+
+
 def profile(
     model: TransformerLensModel,
     inputs: Inputs,
@@ -382,7 +394,7 @@ def profile(
     min_ratio: float | int = 1000.0,
     hooks: HookSelection | None = None,
     layers: Sequence[int] | None = None,
-    top_k: int = 10,
+    top_k: int | None = None,
     batch_size: int = 16,
     prepend_bos: bool | None = None,
     delimiters: frozenset[str] = DELIMITERS,
@@ -398,7 +410,8 @@ def profile(
     run once more, reading only). ``inputs`` may be a one-shot iterator of batches.
 
     ``scan_result``: a scan of these same inputs already made; the values are then
-    read in one pass of their own (its hooks, top_k and BOS setting are used). Before
+    read in one pass of their own (its hooks, top_k and BOS setting are used; ``hooks``,
+    ``layers`` or ``top_k`` given as well must agree with it). ``top_k`` None: 10. Before
     that pass, a scan of another model, of other weights or of other inputs (count,
     lengths, BOS, the tokens at its kept entries) is refused with ``ValueError``.
 
@@ -415,8 +428,8 @@ def profile(
     refuse_plain_hf(model, "profile")
     criterion = Criterion(min_value, min_ratio)
     if scan_result is None:
-        statistics, plan = scan_plan(model, inputs, hooks=hooks, layers=layers, top_k=top_k, batch_size=batch_size,
-                                     prepend_bos=prepend_bos)
+        statistics, plan = scan_plan(model, inputs, hooks=hooks, layers=layers, top_k=10 if top_k is None else top_k,
+                                     batch_size=batch_size, prepend_bos=prepend_bos)
         values = CandidateValues(model, statistics, criterion, delimiters)
         measure(model, plan, statistics, values, progress=progress, desc="profile")
         result = statistics.checked_result(stacklevel=2)
@@ -425,6 +438,7 @@ def profile(
     elif not isinstance(scan_result, ScanResult):
         raise TypeError(f"scan_result must be a ScanResult, not {type(scan_result).__name__}.")
     else:
+        _check_scan_settings(model, scan_result, hooks, layers, top_k)
         plan = second_pass_plan(model, inputs, scan_result, batch_size, prepend_bos)  # refuses another model/inputs
         result = scan_result
         found = criterion.find(result, delimiters=delimiters, stacklevel=2)

@@ -253,17 +253,25 @@ class _Callable(PositionRule):
         self.fn = fn
 
     def select(self, activation: Float[torch.Tensor, "batch pos ..."], dims: torch.Tensor | None, ctx: RunContext) -> Bool[torch.Tensor, "_ pos *cols"]:  # noqa: ARG002
-        out = self.fn(_batch_of(ctx, self))
-        n = int(activation.shape[0])
+        out = self._checked(self.fn(_batch_of(ctx, self)), int(activation.shape[0]))
+        return fit_width(out.detach(), int(activation.shape[1])).to(activation.device)
+
+    def check_batch(self, batch: Batch) -> None:
+        """The callable's answer for one batch, checked before any pass (its shape and dtype)."""
+        self._checked(self.fn(batch), int(batch.tokens.shape[0]))
+
+    @staticmethod
+    def _checked(out: Any, n: int) -> torch.Tensor:
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != n:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
                 f"The positions callable must return a bool tensor [batch, key_pos] = [{n}, ...] "
-                f"for a batch of {n} inputs; it returned {shape}."
+                f"for a batch of {n} inputs; it returned {shape}: make it return one row per input of the batch."
             )
-        if out.is_floating_point():
-            raise ValueError("The positions callable returned a float tensor: return a bool mask (True = in C).")
-        return fit_width(out.detach().bool(), int(activation.shape[1])).to(activation.device)
+        if out.dtype != torch.bool:
+            raise ValueError(f"The positions callable returned a {out.dtype} tensor: make it return a bool mask (True = in "
+                             "C), e.g. (batch.tokens == token_id).")
+        return out
 
     def describe(self) -> str:
         return f"callable:{getattr(self.fn, '__qualname__', type(self.fn).__name__)}"
@@ -322,6 +330,8 @@ def check_plan(rule: PositionRule, plan: BatchPlan) -> None:
             if isinstance(plan.batches, list):
                 for batch in plan.batches:
                     leaf.check_batch(batch)
+        elif isinstance(leaf, _Callable) and isinstance(plan.batches, list) and plan.batches:
+            leaf.check_batch(plan.batches[0])
         elif isinstance(leaf, _Mask) and leaf.tensor.ndim == 2 and plan.n_inputs not in (None, leaf.tensor.shape[0]):
             raise ValueError(
                 f"The positions mask has {leaf.tensor.shape[0]} rows for {plan.n_inputs} inputs: give one row per input."
@@ -370,7 +380,7 @@ def _from_indices(model: TransformerLensModel | None, items: list[int]) -> Posit
         where = "" if n_ctx is None else f" indices must lie in [0, {n_ctx}) (n_ctx);"
         raise ValueError(
             f"Positions {bad} do not exist:{where} negative indices are not supported (padding makes them "
-            "ambiguous; an edit may count from the end with at_positions(-1))."
+            "ambiguous): pass indices >= 0, or count from the end in an edit with at_positions(-1)."
         )
     return at_positions(sorted(set(items)), strict=False)
 
@@ -386,10 +396,11 @@ def _from_list(model: TransformerLensModel | None, items: list[Any]) -> Position
 
 
 def _from_mask(mask: torch.Tensor) -> PositionRule:
-    if mask.is_floating_point() or mask.ndim not in (1, 2):
+    if mask.dtype != torch.bool or mask.ndim not in (1, 2):
         raise ValueError(
             f"A positions tensor must be a bool mask [key_pos] or [n_inputs, key_pos]; got "
-            f"{mask.dtype} {tuple(mask.shape)}."
+            f"{mask.dtype} {tuple(mask.shape)}. For key indices pass a list (tensor.tolist()); for a 0/1 "
+            "mask pass tensor.bool()."
         )
     if not bool(mask.bool().any()):
         raise ValueError("The positions mask is all False: C is empty. Mark at least one key position.")

@@ -223,7 +223,8 @@ class WhereMassive(PositionRule):
                 raise ValueError(f"{type(self).__name__}.dims is empty: pass None for any dim, or some dims.")
             bad = [d for d in self.dims if not 0 <= d < d_model]
             if bad:
-                raise ValueError(f"{type(self).__name__} dims {bad} do not exist: d_model is {d_model}.")
+                raise ValueError(f"{type(self).__name__} dims {bad} do not exist: d_model is {d_model}; pass dims "
+                                 f"among 0..{d_model - 1}, or None for any dim.")
         self.key_hooks(model)
 
     def key_hooks(self, model: TransformerLensModel) -> tuple[str, ...]:
@@ -435,4 +436,8 @@ def where_massive(
     """
     if not isinstance(channel_wide, bool):
         raise TypeError(f"channel_wide must be True or False, not {channel_wide!r}.")
+    listed = [dims] if isinstance(dims, int) else dims
+    if listed is not None and (isinstance(listed, str) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0
+                                                              for d in listed)):
+        raise ValueError(f"dims must be a list of dims >= 0 (or None for any dim), not {dims!r}.")
     return WhereMassive.of(criterion or Criterion(min_value, min_ratio), hooks, dims, channel_wide)

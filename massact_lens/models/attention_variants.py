@@ -65,6 +65,7 @@ from jaxtyping import Float
 from torch import nn
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.hook_names import attention_hook
 from massact_lens.models.explicit_bias import ExplicitAttentionBias, HookComponent, prefix_component
 
@@ -141,6 +142,7 @@ def attach_softmax_one(
     >>> float(slot.k.abs().sum()), any(p is slot.k for p in model.parameters())
     (0.0, False)
     """
+    _check_bridge(model, "attach_softmax_one")
     existing = prefix_component(model)
     if existing is not None:
         raise ValueError(
@@ -148,6 +150,10 @@ def attach_softmax_one(
             "massact_lens.models.explicit_bias.detach_prefix(model) first."
         )
     cfg = model.cfg
+    vocab = int(cfg.d_vocab)
+    if isinstance(placeholder_id, int) and not isinstance(placeholder_id, bool) and placeholder_id >= vocab:
+        raise ValueError(f"placeholder_id {placeholder_id} is not a token of this model (d_vocab {vocab}): pass "
+                         f"a token id 0..{vocab - 1} that every input carries at position 0.")
     parameter = next(model.parameters())  # type: ignore[attr-defined]
     n_kv_heads = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
     component = SoftmaxOffByOne(
@@ -200,7 +206,8 @@ class HeadGate(HookComponent):
     ) -> Float[torch.Tensor, "batch pos head_index"]:
         """The gate values of ``layer`` for an attention input (``blocks.{layer}.attn.hook_in``)."""
         if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} does not exist: the gate has {self.n_layers} layers.")
+            raise ValueError(f"layer {layer} does not exist: the gate has {self.n_layers} layers; pass "
+                             f"0..{self.n_layers - 1}.")
         if attention_input.shape[-1] != self.w.shape[-1]:
             raise ValueError(
                 f"Expected an attention input [batch, pos, {self.w.shape[-1]}], got "
@@ -263,6 +270,11 @@ def attach_head_gate(
     >>> tuple(attach_head_gate(tiny_model("llama")).w.shape)     # 4 query heads
     (2, 4, 32)
     """
+    _check_bridge(model, "attach_head_gate")
+    if isinstance(init_std, bool) or not isinstance(init_std, int | float) or not 0 <= init_std < float("inf"):
+        raise ValueError(f"init_std must be a finite number >= 0 (the spread of the initial w), not {init_std!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None (the global generator), not {seed!r}.")
     if gate_component(model) is not None:
         raise ValueError(
             "This model already has a head gate. Call massact_lens.models.attention_variants.detach_gate(model) first."
@@ -280,6 +292,14 @@ def attach_head_gate(
     )
     gate._attach(model)
     return gate
+
+
+def _check_bridge(model: Any, verb: str) -> None:
+    """TypeError unless ``model`` is a TransformerBridge (a plain HF model: wrap it with load_model)."""
+    refuse_plain_hf(model, verb)
+    if not (hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "original_model")):
+        raise TypeError(f"{verb} takes a TransformerBridge (massact_lens.load_model(...) or "
+                        f"massact_lens.examples.tiny_model()), not {type(model).__name__}.")
 
 
 def gate_component(model: TransformerLensModel) -> HeadGate | None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +38,15 @@ class ModelConfig:
     normalization_type: str = "LN"
     init: str = "torch"
 
+    def __post_init__(self) -> None:
+        _positive(self, ("n_layers", "d_model", "n_heads", "d_mlp"))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads}): change one.")
+        if self.normalization_type not in NORMALIZATIONS:
+            raise ValueError(f"normalization_type must be one of {list(NORMALIZATIONS)}, not {self.normalization_type!r}.")
+        if self.init not in ("gpt2", "torch"):
+            raise ValueError(f"init must be 'gpt2' or 'torch', not {self.init!r}.")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -60,6 +70,30 @@ class TrainConfig:
     snapshot_every: int = 0
     eval_sequences: int = 256
     threads: int = 1
+
+    def __post_init__(self) -> None:
+        _positive(self, ("steps", "batch_size", "eval_sequences", "threads"))
+        if isinstance(self.snapshot_every, bool) or not isinstance(self.snapshot_every, int) or self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be an integer >= 0 (0: no snapshots), not {self.snapshot_every!r}.")
+        for name, low, high in (("lr", 0.0, math.inf), ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0),
+                                ("weight_decay", 0.0, math.inf)):
+            value = getattr(self, name)
+            ok = low <= value < high and (name != "lr" or value > 0)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
+                raise ValueError(f"{name} must be a number in {'(' if name == 'lr' else '['}{low:g}, {high:g}), "
+                                 f"not {value!r}: the defaults are {name}={getattr(TrainConfig, name)}.")
+
+
+#: The norms a trained decoder may use (TransformerLens' normalization_type).
+NORMALIZATIONS = ("LN", "LNPre", "RMS", "RMSPre")
+
+
+def _positive(config: Any, names: tuple[str, ...]) -> None:
+    """ValueError unless each named field of ``config`` is a positive integer."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}.")
 
 
 def bridge_config(task: Task, variant: str, model_config: ModelConfig, seed: int) -> dict[str, Any]:

@@ -44,6 +44,9 @@ def sink_curve_figure(curve: SinkCurve, *, layers: Sequence[int] | None = None, 
     if not isinstance(curve, SinkCurve):
         raise TypeError(f"sink_curve_figure needs a SinkCurve (massact_lens.attention.sink_curve(...)), "
                         f"not {type(curve).__name__}.")
+    if layers is not None and (isinstance(layers, str) or not isinstance(layers, Sequence) or not layers):
+        raise ValueError(f"layers must be a non-empty list of the curve's layers {list(curve.layers)} (or None for "
+                         f"all), not {layers!r}.")
     chosen = list(curve.layers) if layers is None else list(layers)
     missing = [layer for layer in chosen if layer not in curve.layers]
     if missing:
@@ -83,6 +86,9 @@ def bias_surgery_figure(surgery: BiasSurgery, *, title: str | None = None) -> go
     >>> len(fig.data[0].y), len(fig.data[1].z), len(fig.data[1].z[0])   # layers; layers x heads
     (2, 2, 4)
     """
+    if not isinstance(surgery, BiasSurgery):
+        raise TypeError(f"bias_surgery_figure draws a BiasSurgery (massact_lens.attention.bias_surgery(...)), not "
+                        f"{type(surgery).__name__}: pass the result itself, not its table.")
     base = surgery.baseline_nll
     layer_ratio = [math.exp(v - base) if math.isfinite(v) else None for v in surgery.layer_nll.tolist()]
     head_ratio = [[math.exp(v - base) if math.isfinite(v) else None for v in row] for row in surgery.head_nll.tolist()]

@@ -19,6 +19,7 @@ torch.Size([12, 9, 384])
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -241,20 +242,23 @@ def hidden_states(
     """
     if isinstance(text, torch.Tensor):
         if text.ndim == 2 and text.shape[0] != 1:
-            raise ValueError(f"hidden_states reads one input; got a token tensor of {text.shape[0]} rows.")
+            raise ValueError(f"hidden_states reads one input; got a token tensor of {text.shape[0]} rows: pass one "
+                             "row (tokens[i]), or use massact_lens.scan for many inputs.")
         if text.ndim not in (1, 2):
             raise ValueError(f"Pass one input's token ids as [pos] or [1, pos], not shape {tuple(text.shape)}.")
         inputs: Any = text.reshape(1, -1)
     elif isinstance(text, str):
         inputs = [text]
     else:
-        raise TypeError(f"hidden_states reads one input (a string or a token tensor), not {type(text).__name__}.")
+        raise TypeError(f"hidden_states reads one input (a string or a token tensor), not {type(text).__name__}: "
+                        "pass one string, or torch.tensor(ids) for a list of token ids.")
     names = resolve_hook_names(model, hooks, layers)
     plan = plan_batches(model, inputs, batch_size=1, prepend_bos=prepend_bos)
     warn_if_processed(model)
     states = _FullStates(names)
     measure(model, plan, states, progress=False, desc="hidden states")
     read, ids = states.result()
+    _warn_nonfinite(read)
     strings = token_strings(model, ids.tolist())
     return HiddenStates(
         provenance=Provenance.of(model),
@@ -307,6 +311,17 @@ class _FullStates:
             )
         assert self.token_ids is not None
         return self.read, self.token_ids
+
+
+def _warn_nonfinite(read: dict[str, torch.Tensor]) -> None:
+    """One RuntimeWarning naming the hook points whose state holds a NaN or inf (their medians are then NaN)."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in read.items()}
+    bad = {name: n for name, n in bad.items() if n}
+    if bad:
+        shown = ", ".join(f"{name} ({n} entries)" for name, n in list(bad.items())[:5])
+        warnings.warn(f"The hidden states hold NaN or infinite values at {len(bad)} hook point(s): {shown}. A "
+                      "state with one has no median, so massive() finds nothing there. Check the model's dtype "
+                      "and any hook of yours that runs before these points.", RuntimeWarning, stacklevel=3)
 
 
 def _subword_prefix(model: TransformerLensModel) -> str | None:
