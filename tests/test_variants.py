@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -270,3 +271,24 @@ def test_the_library_passes_see_the_variant(variant, bos_tokens):
     detach_prefix(model)
     plain = ml.scan(model, bos_tokens, progress=False)
     assert not torch.allclose(plain.values, result.values)  # the variant changed what was measured
+
+
+@pytest.mark.parametrize("variant", ["gate", "softmax1"])
+def test_a_pass_says_when_a_variant_lost_its_hooks(variant, bos_tokens):
+    """reset_hooks(including_permanent=True) removes a component's hooks, not its parameters:
+    a pass then measures the plain model, and says so."""
+    import massact_lens as ml
+
+    model = tiny_model("llama")
+    if variant == "gate":
+        attach_head_gate(model)
+    else:
+        attach_softmax_one(model, placeholder_id=PLACEHOLDER)
+    tokens = bos_tokens.clone()
+    tokens[:, 0] = PLACEHOLDER
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # attached: quiet
+        ml.scan(model, tokens, progress=False)
+    model.reset_hooks(including_permanent=True)
+    with pytest.warns(UserWarning, match=r"whose hooks were removed .*reset_hooks\(including_permanent=True\)"):
+        ml.scan(model, tokens, progress=False)

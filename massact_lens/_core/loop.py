@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -178,6 +179,23 @@ def no_cache(model: TransformerLensModel) -> dict[str, bool]:
     return {"use_cache": False} if "use_cache" in parameters else {}
 
 
+def warn_detached_components(model: TransformerLensModel) -> None:
+    """Warn when a component the model carries (a head gate, softmax1, an explicit bias: a
+    module on ``model.original_model`` with ``hooks_attached()``) has lost its hooks, so that
+    a pass would measure the plain model while the component's parameters are still there."""
+    modules = getattr(getattr(model, "original_model", None), "_modules", None) or {}
+    for name, module in modules.items():
+        attached = getattr(module, "hooks_attached", None)
+        if callable(attached) and not attached():
+            warnings.warn(
+                f"The model carries {getattr(module, 'kind', name) or name} ({name!r}) whose hooks were removed "
+                "(model.reset_hooks(including_permanent=True)?): this pass runs without it, so its numbers are "
+                "the plain model's. Attach it again, or remove it (detach_gate / detach_prefix).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
 def _probes(model: TransformerLensModel, measurements: Iterable[Any],
             batch: Batch) -> tuple[dict[torch.nn.Module, Any], set[int]]:
     """The attention probes the measurements ask for this batch, by HuggingFace module
@@ -223,6 +241,7 @@ def measure(
     device = model_device(model)
     seen = 0
     cache = no_cache(model)
+    warn_detached_components(model)
     with torch.inference_mode(), lean_components(model), attention_for_run(model) as choose_kernel:  # type: ignore[arg-type]
         for batch in bar:
             hooks: HookList = [pair for m in measurements for pair in m.hooks(batch)]

@@ -157,6 +157,11 @@ class HookComponent(nn.Module):
             self._detach(model)
             raise
 
+    def hooks_attached(self) -> bool:
+        """Whether every hook of the component is still on its hook point (a user's
+        ``model.reset_hooks(including_permanent=True)`` removes them, the parameters stay)."""
+        return all(handle in point.fwd_hooks for point, handle in self._handles)
+
     def _detach(self, model: TransformerLensModel) -> None:
         for point, handle in self._handles:
             handle.hook.remove()
