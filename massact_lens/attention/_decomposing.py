@@ -60,6 +60,7 @@ class Decomposition(KeyedMeasurement):
         # W_O of the chosen heads: views of the model's weights when every head is chosen (the
         # result's copy is made at the end, when the pass's own memory is free)
         every = tuple(heads) == tuple(range(self.n_heads))
+        self.every_head = every
         self.chosen_w = {layer: self.weights[layer][0] if every else self.weights[layer][0][self.head_index]
                          for layer in layers}
         self.out_norm, offset = attention_output_norm(model)  # sandwich blocks: the post-attention norm
@@ -166,8 +167,13 @@ class Decomposition(KeyedMeasurement):
             raise RuntimeError(f"The attention of layer {layer} did not run through the probe kernel: a hook inside "
                                "attention was attached during the pass? Run with MASSACT_LENS_EAGER=1.")
         parts, q_real = probe.parts, real[:, :, None, None]
-        bias, rest, z = (parts[name][:, :, self.head_index].where(q_real, 0.0) for name in ("bias", "rest", "z"))
-        mass = parts["mass"][:, :, self.head_index].where(real[:, :, None], 0.0)
+        def chosen(t: torch.Tensor) -> torch.Tensor:  # the chosen heads (no copy when every head is)
+            return t if self.every_head else t[:, :, self.head_index]
+
+        padded = not bool(real.all())  # padded queries are zeroed (a copy only then)
+        bias, rest, z = (chosen(parts[name]).where(q_real, 0.0) if padded else chosen(parts[name])
+                         for name in ("bias", "rest", "z"))
+        mass = chosen(parts["mass"]).where(real[:, :, None], 0.0)
         return bias, rest, z, mass, fit_width(c_mask, int(real.shape[1])) & real
 
     def _split(self, i: int, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -178,7 +184,7 @@ class Decomposition(KeyedMeasurement):
         slot = self.state.pop(layer, {})
         bad_rows = self.exclude if self.fused else self.keys.nonfinite.bad_rows  # on the CPU: no device sync
         used = ~bad_rows.to(real.device) if bad_rows is not None and bool(bad_rows.any()) else None
-        err = (bias + rest - z).abs()[real if used is None else real & used[:, None]]
+        err = (bias + rest).sub_(z).abs_()[real if used is None else real & used[:, None]]
         self.z_error[layer] = max(self.z_error[layer], float(err.max()) if err.numel() else 0.0)
         scale = self._out_scale(layer, slot, bias)  # [b, q]: 1 / rms of the full output (sandwich), else 1
         resid = (bias, rest) if self.out_norm is None else tuple(t * scale[:, :, None, None] for t in (bias, rest))

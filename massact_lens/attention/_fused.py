@@ -71,12 +71,18 @@ class MassProbe:
         if key.shape[2] != self.real.shape[1] or query.shape[2] != self.real.shape[1]:
             raise RuntimeError(f"The kernel got {key.shape[2]} keys for {self.real.shape[1]} positions: the fused "
                                "route measures a pass without a cache or extra key slots.")
-        keys = repeat_kv(key.transpose(1, 2), int(query.shape[1])).transpose(1, 2)
-        q = query.to(torch.float64)
-        all_sum, n = visible_sums(keys, self.real, causal=self.causal, window=self.window)
-        c_sum, n_c = visible_sums(keys, self.c, causal=self.causal, window=self.window)
-        mean = scaling * (q * all_sum).sum(-1) / n.clamp_min(1)
-        centred_c = scaling * (q * c_sum).sum(-1) - n_c * mean  # [b, h, q]: sum over C of centred logits
+        # key sums per key/value head; query head g * rep + r reads kv head g (HF repeat_kv order)
+        b, n_heads, t, d = (int(n) for n in query.shape)
+        n_kv = int(key.shape[1])
+        if n_heads % n_kv:
+            raise ValueError(f"{n_kv} key/value heads do not divide {n_heads} query heads.")
+        q = query.to(torch.float64).reshape(b, n_kv, n_heads // n_kv, t, d)
+        all_sum, n = visible_sums(key, self.real, causal=self.causal, window=self.window)  # [b, kv, t, d], [b, kv, t]
+        c_sum, n_c = visible_sums(key, self.c, causal=self.causal, window=self.window)
+        n, n_c = (x[:, :, None].expand(-1, -1, n_heads // n_kv, -1).reshape(b, n_heads, t) for x in (n, n_c))
+        mean = scaling * torch.einsum("bgrtd,bgtd->bgrt", q, all_sum).reshape(b, n_heads, t) / n.clamp_min(1)
+        # [b, h, q]: the sum over C of the centred logits
+        centred_c = scaling * torch.einsum("bgrtd,bgtd->bgrt", q, c_sum).reshape(b, n_heads, t) - n_c * mean
         real_q = self.real[:, None, :].to(torch.float64)
         total_c, count_c, count = ((t * real_q).sum(-1) for t in (centred_c, n_c, n))
         # centred logits sum to 0 over the keys a query sees: the other keys hold minus C's share
