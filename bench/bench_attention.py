@@ -17,8 +17,8 @@ length) under ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``, so that
 goes back and the peak is what was in use (those settings fault every large allocation
 afresh, which would charge allocation-heavy code in time: hence the separate runs). Methods, all public calls:
 ``forward`` (a bare bridge forward, the unit), ``scan``, ``attention_concentration``,
-``implicit_bias`` (default ``keep=8``: the one input's per-query terms are kept in
-full), ``implicit_bias_keep0`` (``keep=0``: statistics only), ``sink_curve``, and with
+``implicit_bias`` (default ``keep=0``: the statistics only), ``implicit_bias_keep8``
+(``keep=8``: the one input's per-query terms are also kept in full), ``sink_curve``, and with
 ``--eager`` the first two attention analyses on the eager-pattern route
 (``MASSACT_LENS_EAGER=1``, what every attention analysis ran before issue 26).
 Rounds interleave the methods in a rotated order; the table gives min times, and each
@@ -51,7 +51,7 @@ from _harness import (  # noqa: E402
     warn_if_busy,
 )
 
-METHODS = ("forward", "scan", "attention_concentration", "implicit_bias", "implicit_bias_keep0", "sink_curve")
+METHODS = ("forward", "scan", "attention_concentration", "implicit_bias", "implicit_bias_keep8", "sink_curve")
 EAGER = ("attention_concentration_eager", "implicit_bias_eager")
 
 
@@ -77,9 +77,10 @@ def _call(method: str, model: Any, tokens: Any) -> Any:
         return ml.scan(model, tokens, batch_size=1, progress=False)
     if name == "attention_concentration":
         return ml.attention_concentration(model, tokens, "start", batch_size=1, progress=False)
-    if name in ("implicit_bias", "implicit_bias_keep0"):
-        return ml.implicit_bias(model, tokens, "start", batch_size=1, progress=False,
-                                keep=0 if name.endswith("keep0") else 8)
+    if name == "implicit_bias":
+        return ml.implicit_bias(model, tokens, "start", batch_size=1, progress=False)
+    if name == "implicit_bias_keep8":
+        return ml.implicit_bias(model, tokens, "start", batch_size=1, keep=8, progress=False)
     if name == "sink_curve":
         return sink_curve(model, tokens, "start", progress=False)
     raise ValueError(method)

@@ -69,7 +69,7 @@ def test_decomposition_is_exact(models, sentences, kind, no_leftover_hooks):
     model = models[kind]
     no_leftover_hooks(model)
     inputs, mask = _inputs(kind, sentences)
-    result = implicit_bias(model, inputs, [0, 2], attention_mask=mask, batch_size=3, progress=False)
+    result = implicit_bias(model, inputs, [0, 2], attention_mask=mask, batch_size=3, keep="all", progress=False)
     no_leftover_hooks(model)
     n_heads = model.cfg.n_heads
     names = set()
@@ -112,8 +112,8 @@ def test_decomposition_is_exact(models, sentences, kind, no_leftover_hooks):
 def test_chosen_heads_are_slices_of_all_heads(models):
     model = models["llama"]
     tokens, mask = _inputs("llama", [])
-    full = implicit_bias(model, tokens, "start", attention_mask=mask, progress=False)
-    part = implicit_bias(model, tokens, "start", attention_mask=mask, layers=[1], heads=[3, 1], progress=False)
+    full = implicit_bias(model, tokens, "start", attention_mask=mask, keep="all", progress=False)
+    part = implicit_bias(model, tokens, "start", attention_mask=mask, layers=[1], heads=[3, 1], keep="all", progress=False)
     assert part.heads == (1, 3) and part.layers == (1,)
     torch.testing.assert_close(part.bias_z[0], full.bias_z[1][:, :, [1, 3]])
     torch.testing.assert_close(part.written(1, "rest"), full.written(1, "rest")[:, :, [1, 3]])
@@ -142,7 +142,7 @@ def test_minilm_cls_sink_matches_hook_pattern(minilm_model, sentences, no_leftov
 
 
 def test_minilm_bias_term_is_the_constant_one(minilm_model, sentences):
-    result = implicit_bias(minilm_model, sentences[:8], "start", progress=False)
+    result = implicit_bias(minilm_model, sentences[:8], "start", keep="all", progress=False)
     summary = result.to_dataframe().set_index(["layer", "head"])
     for layer in (1, 2, 3, 4):
         row = summary.loc[(layer, -1)]
@@ -343,7 +343,7 @@ def test_runtime_failures_leave_no_hooks_and_empty_c_warns(models, no_leftover_h
 def test_results_are_frozen_and_record_how(models):
     model = models["gpt2"]
     tokens, mask = _inputs("gpt2", [])
-    result = implicit_bias(model, tokens, [0], layers=[1], attention_mask=mask, progress=False)
+    result = implicit_bias(model, tokens, [0], layers=[1], attention_mask=mask, keep="all", progress=False)
     assert result.provenance.model_name == "tiny-gpt2" and result.positions == "indices[0]"
     assert result.provenance.model_name == "tiny-gpt2"  # the old spelling, read-only
     assert result.hook_names == ("blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v", "blocks.1.attn.hook_z")

@@ -112,6 +112,40 @@ def test_summary_equals_the_two_pass_statistics_of_the_full_tensors(kind):
         np.testing.assert_allclose(table.loc[layer, "c_mass"].to_numpy()[:-1], mass.numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("block", [1, 200])
+def test_summary_over_query_blocks_equals_the_full_tensors(monkeypatch, block):
+    """The statistics run a block of queries at a time, each input's spread measured from a
+    centre fixed at its first block (one query with ``block=1``): equal to the two-pass
+    reference whatever the blocks, with padding, a query set that skips C, and an input
+    whose terms in a block are all zero (rest of query 0, which sees only C)."""
+    import massact_lens.attention._bias_stats as stats
+
+    monkeypatch.setattr(stats, "_BLOCK_ELEMENTS", block)
+    model = tiny_model("llama", n_layers=2)
+    tokens, mask = _tokens()
+    result = implicit_bias(model, tokens, [0, 2], attention_mask=mask, keep="all", batch_size=3, progress=False)
+    for queries in ("all", "outside"):
+        _same_table(result.constancy(queries), _reference_constancy(result, queries), rtol=1e-5)
+    monkeypatch.undo()
+    whole = implicit_bias(model, tokens, [0, 2], attention_mask=mask, batch_size=3, progress=False)
+    _same_table(result.constancy(), whole.constancy(), rtol=1e-5)
+
+
+def test_statistics_alone_keep_no_weights_of_the_size_of_w_o():
+    """keep=0 (the default) keeps the statistics: the Gram matrices, not W_O; written() says what to do."""
+    model = tiny_model("llama", n_layers=2)
+    tokens, _ = _tokens(4)
+    result = implicit_bias(model, tokens, "start", progress=False)
+    assert result.keep == 0 and result.W_O is None and tuple(result.gram.shape) == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="keep=N"):
+        result.written(0)
+    kept = implicit_bias(model, tokens, "start", keep=1, progress=False)
+    assert kept.W_O is not None and torch.equal(kept.gram, result.gram)
+    w = kept.W_O.double() * kept.out_gain.double()[:, None, None, :]
+    assert torch.allclose(kept.gram, torch.einsum("lhdm,lhem->lhde", w, w))
+    pd.testing.assert_frame_equal(kept.constancy(), result.constancy())
+
+
 def test_minilm_summary_equals_the_full_tensors(minilm_model, sentences):
     result = implicit_bias(minilm_model, sentences[:6], "start", layers=[1, 3], heads=[0, 5, 7], keep="all",
                            batch_size=4, progress=False)
@@ -239,7 +273,7 @@ def test_mismatched_parts_are_refused():
         "heads": implicit_bias(model, tokens, "start", heads=[0, 1], progress=False),
         "positions": implicit_bias(model, tokens, [0, 1], progress=False),
         "keep": implicit_bias(model, tokens, "start", keep=1, progress=False),
-        "W_O": implicit_bias(tiny_model("llama", n_layers=2, seed=1), tokens, "start", progress=False),
+        "gram": implicit_bias(tiny_model("llama", n_layers=2, seed=1), tokens, "start", progress=False),  # other W_O
         "different models": implicit_bias(tiny_model("gpt2", n_layers=2), tokens, "start", progress=False),
     }
     for what, other in others.items():

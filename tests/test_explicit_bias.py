@@ -198,7 +198,7 @@ def test_library_decomposition_with_c_the_slot_is_the_explicit_bias(biased):
     attention = pytest.importorskip("massact_lens.attention")
     model, bias = biased
     inputs = tokens()
-    result = attention.implicit_bias(model, inputs, positions=[PREFIX_POSITION], progress=False)
+    result = attention.implicit_bias(model, inputs, positions=[PREFIX_POSITION], keep="all", progress=False)
     _, cache = model.run_with_cache(inputs)
     for layer in range(2):
         expected = bias.bias_term(model, layer, cache[f"blocks.{layer}.attn.hook_pattern"])

@@ -206,7 +206,7 @@ def test_the_explicit_bias_slot_takes_the_eager_route(tmp_path_factory):
         assert "hook is attached inside" in fused_route(model, [0])
         tokens, mask = _batch(10)
         tokens[:, 0] = 1000
-        split = implicit_bias(model, tokens, [0], attention_mask=mask, progress=False)
+        split = implicit_bias(model, tokens, [0], attention_mask=mask, keep="all", progress=False)
         assert "hook_pattern" in split.hook_names[0] and float(split.z_error.max()) < 1e-5
         assert float(split.c_mass.mean()) > 0  # the slot is attended to
     finally:

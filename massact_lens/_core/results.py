@@ -73,6 +73,8 @@ def pad_cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     for p in parts:
         pad = [0, 0] * (p.ndim - dim - 1) + [0, width - int(p.shape[dim])]
         out.append(torch.nn.functional.pad(p, pad) if pad[-1] else p)
+    if len(out) == 1 and not out[0].is_inference():  # one normal part: itself (no copy of a big kept tensor)
+        return out[0]
     return torch.cat(out, dim=0)
 
 

@@ -23,12 +23,12 @@ around its own mean, computed exactly from the batch, summed over inputs).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from jaxtyping import Bool, Float
 
-__all__ = ["MODES", "SCOPES", "SPACES", "TERMS", "add_batch", "gram", "gram_root", "new_sums", "spread"]
+__all__ = ["MODES", "SCOPES", "SPACES", "TERMS", "Source", "add_batch", "gram", "gram_root", "new_sums", "query_blocks", "spread"]
 
 #: The query sets: every real query, and the real queries outside C.
 MODES: tuple[str, ...] = ("all", "outside")
@@ -91,112 +91,142 @@ def _norm(space: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _inner(space, a, a, g).clamp_min(0).sqrt()
 
 
-def add_batch(
-    sums: dict[str, torch.Tensor],
-    layer_index: int,
-    terms: tuple[Float[torch.Tensor, "batch query_pos head d_head"], Float[torch.Tensor, "batch query_pos head d_head"]],
-    totals: tuple[Float[torch.Tensor, "batch query_pos d_model"], Float[torch.Tensor, "batch query_pos d_model"]],
-    mass: Float[torch.Tensor, "batch query_pos head"],
-    masks: tuple[Bool[torch.Tensor, "batch query_pos"], Bool[torch.Tensor, "batch query_pos"]],
-    g: Float[torch.Tensor, "head d_head d_head"],
-    resid_terms: tuple[torch.Tensor, torch.Tensor] | None = None,
-    root: Float[torch.Tensor, "head d_head d_head"] | None = None,
-) -> None:
-    """Add one batch of one layer: both terms in head space and summed over heads, both query sets.
-
-    ``resid_terms``: the head-space vectors whose images through ``g`` are the residual-space
-    ones, when they differ from ``terms`` (sandwich blocks: each query's ``z / rms`` of the
-    full attention output, with the post-attention norm's gain inside ``g``). ``root``:
-    :func:`gram_root` of ``g`` (computed here when not given).
-
-    Both query sets are summed in one pass over each term (their 0/1 weights stacked, the
-    sums as float64 products with them); each input's spread around its own mean comes
-    from the squared distances to the mean of *all* its queries, shifted exactly
-    (``sum_S |y - a|^2 = sum_S |y - m_S|^2 + n_S |m_S - a|^2``), and its mean cosine from
-    the sum of its unit vectors, so that no per-query tensor is made once per query set."""
-    root = gram_root(g) if root is None else root
-    w = torch.stack([mask.to(torch.float64) for mask in masks])  # [mode, b, q]
-    counts = w.sum(2)  # [mode, b]
-    sums["all.n"][layer_index] += counts.sum(1)
-    sums["across.n"][layer_index] += (counts > 0).sum(1)
-    sums["mass"][layer_index] += torch.einsum("mbq,bqh->mh", w, mass.to(torch.float64))
-    for term in range(len(TERMS)):
-        for space in SPACES:
-            source = resid_terms if space == "resid" and resid_terms is not None else terms
-            x = (totals[term][:, :, None] if space == "total" else source[term]).float()  # [b, q, k, m]
-            _add_term(sums, (layer_index, slice(None), term), space, x, w, counts, root if space == "resid" else None)
-
+#: A term of one batch, a block of queries at a time: ``block -> [batch, block, head, d_head]``
+#: (float32; zero at queries left out of every sum), so that no per-query tensor of the
+#: whole batch need exist for a term that is cheap to make (``rest = z - bias``).
+Source = Callable[[slice], torch.Tensor]
 
 #: Per-query temporaries are made for blocks of queries of about this many elements
 #: (float32), so that the statistics' working memory stays small at any context length.
 _BLOCK_ELEMENTS = 1 << 18
 
 
-def _blocks(x: torch.Tensor) -> list[slice]:
-    """Query blocks of ``x [b, q, k, m]``."""
-    step = max(1, _BLOCK_ELEMENTS // max(1, int(x.shape[0]) * int(x.shape[2]) * int(x.shape[3])))
-    return [slice(start, start + step) for start in range(0, int(x.shape[1]), step)]
+def query_blocks(n_queries: int, width: int) -> list[slice]:
+    """Blocks of queries for per-query temporaries of ``width`` elements per query.
+
+    >>> query_blocks(5, 1 << 17)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 6, None)]
+    """
+    step = max(1, _BLOCK_ELEMENTS // max(1, width))
+    return [slice(start, start + step) for start in range(0, n_queries, step)]
 
 
-def _add_term(sums: dict[str, torch.Tensor], at: tuple[int, slice, int], space: str, x: torch.Tensor,
-              w: torch.Tensor, counts: torch.Tensor, root: torch.Tensor | None) -> None:
-    """One term in one space, both query sets (``w [mode, b, q]``) at once, a block of queries
-    at a time. Per-query arithmetic in float32 (what the model computed), every sum in
-    float64. Inner products in coordinates where they are plain dot products (``resid``:
-    ``y = x @ L``)."""
-    f64 = torch.float64
-    root32 = None if root is None else root.float()
+def add_batch(
+    sums: dict[str, torch.Tensor],
+    layer_index: int,
+    terms: tuple[Source, Source],
+    mass: Float[torch.Tensor, "batch query_pos head"],
+    masks: tuple[Bool[torch.Tensor, "batch query_pos"], Bool[torch.Tensor, "batch query_pos"]],
+    w_total: Float[torch.Tensor, "head_x_d_head d_model"],
+    root: Float[torch.Tensor, "head d_head d_head"],
+    resid_terms: tuple[Source, Source] | None = None,
+) -> None:
+    """Add one batch of one layer: both terms in head space, in the residual stream per head and
+    summed over heads (``total``: ``x.flatten(2) @ w_total``), both query sets.
 
-    def image(block: torch.Tensor) -> torch.Tensor:
-        return block if root32 is None else torch.einsum("bqhd,hde->bqhe", block, root32)
+    ``resid_terms``: the head-space vectors whose images through ``root`` / ``w_total`` are the
+    residual-space ones, when they differ from ``terms`` (sandwich blocks: each query's
+    ``z / rms`` of the full attention output, with the post-attention norm's gain inside
+    ``root`` and ``w_total``). ``root``: :func:`gram_root` of the layer's Gram matrices.
 
-    n_modes, b, k, m = int(w.shape[0]), int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
-    per_vec = torch.zeros(n_modes, b, k, m, dtype=f64, device=x.device)  # per input and query set
-    per_unit = torch.zeros_like(per_vec)
-    per_stats = torch.zeros(n_modes, b, k, 3, dtype=f64, device=x.device)  # sq, norm, nonzero
-    blocks = _blocks(x)
-    for block in blocks:
-        xb, wb = x[:, block], w[:, :, block]
-        norm = image(xb).square().sum(-1).sqrt()  # [b, q, k]
+    One pass over blocks of queries: both query sets are summed together (their 0/1 weights
+    stacked, the sums as float64 products with them), and each input's spread around its own
+    mean comes from the squared distances to a centre fixed at the input's first block of
+    queries, shifted exactly (``sum_S |y - a|^2 = sum_S |y - m_S|^2 + n_S |m_S - a|^2``; a is
+    near the mean, so the shift loses nothing), so no per-query tensor of the whole batch is made."""
+    w = torch.stack([mask.to(torch.float64) for mask in masks])  # [mode, b, q]
+    counts = w.sum(2)  # [mode, b]
+    sums["all.n"][layer_index] += counts.sum(1)
+    sums["across.n"][layer_index] += (counts > 0).sum(1)
+    sums["mass"][layer_index] += torch.einsum("mbq,bqh->mh", w, mass.to(torch.float64))
+    n_modes, b, n_q = (int(n) for n in w.shape)
+    n_heads, d_head = int(root.shape[0]), int(root.shape[1])
+    d_model = int(w_total.shape[1])
+    root32, w32 = root.float(), w_total.float()
+    moments = {(term, space): _Moments(n_modes, b, 1 if space == "total" else n_heads,
+                                       d_model if space == "total" else d_head, w.device)
+               for term in range(len(TERMS)) for space in SPACES}
+    for block in query_blocks(n_q, b * max(n_heads * d_head, d_model)):
+        wb = w[:, :, block]
+        for term in range(len(TERMS)):
+            x = terms[term](block).float()  # [b, qb, h, d]
+            r = x if resid_terms is None else resid_terms[term](block).float()
+            moments[term, "head"].add(x, x, wb)
+            moments[term, "resid"].add(r, torch.einsum("bqhd,hde->bqhe", r, root32), wb)
+            total = (r.flatten(2) @ w32)[:, :, None]  # [b, qb, 1, d_model]
+            moments[term, "total"].add(total, total, wb)
+    for (term, space), m in moments.items():
+        m.finish(sums, (layer_index, slice(None), term), space, counts, root if space == "resid" else None)
+
+
+class _Moments:
+    """The per-input float64 sums of one term in one space, block by block: ``x`` the
+    coordinates summed (head coordinates for ``resid``), ``y`` those of the inner product
+    (``x @ L``; ``x`` itself elsewhere)."""
+
+    def __init__(self, n_modes: int, b: int, k: int, width: int, device: torch.device) -> None:
+        f64 = torch.float64
+        self.vec = torch.zeros(n_modes, b, k, width, dtype=f64, device=device)  # per input and query set
+        self.unit = torch.zeros_like(self.vec)
+        self.stats = torch.zeros(n_modes, b, k, 3, dtype=f64, device=device)  # sq, norm, nonzero
+        self.to_centre = torch.zeros(n_modes, b, k, dtype=f64, device=device)
+        self.centre: torch.Tensor | None = None  # [b, k, width of y], float32
+        self.has_centre = torch.zeros(b, dtype=torch.bool, device=device)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, wb: torch.Tensor) -> None:
+        f64 = torch.float64
+        norm = y.square().sum(-1).sqrt()  # [b, qb, k]
         nonzero = norm > 0
-        unit = torch.where(nonzero[..., None], xb / norm.clamp_min(_TINY_32)[..., None], 0.0)  # x / |y|
-        per_vec += torch.einsum("mbq,bqkd->mbkd", wb, xb.to(f64))
-        per_unit += torch.einsum("mbq,bqkd->mbkd", wb, unit.to(f64))
-        per_stats += torch.einsum("mbq,bqks->mbks", wb, torch.stack([norm.square(), norm, nonzero.float()], -1).to(f64))
-    scope = f"all.{space}"
-    sums[f"{scope}.vec"][at] += per_vec.sum(1)
-    sums[f"{scope}.unit"][at] += per_unit.sum(1)
-    for i, stat in enumerate(("sq", "norm", "nonzero")):
-        sums[f"{scope}.{stat}"][at] += per_stats[..., i].sum(1)
-    # each input's mean (one vector per input with a query in the set)
-    has = counts > 0  # [mode, b]
-    mean = per_vec / counts.clamp_min(1)[..., None, None]  # [mode, b, k, m], x coordinates
-    mean_y = mean if root is None else torch.einsum("mbhd,hde->mbhe", mean, root.to(f64))
-    mean_norm = mean_y.square().sum(-1).sqrt()  # [mode, b, k]
-    scope, kept = f"across.{space}", has[..., None].to(f64)
-    flag = (mean_norm > 0) & has[..., None]
-    sums[f"{scope}.vec"][at] += (mean * kept[..., None]).sum(1)
-    sums[f"{scope}.sq"][at] += (mean_norm.square() * kept).sum(1)
-    sums[f"{scope}.norm"][at] += (mean_norm * kept).sum(1)
-    sums[f"{scope}.unit"][at] += torch.where(flag[..., None], mean / mean_norm.clamp_min(_TINY)[..., None], 0.0).sum(1)
-    sums[f"{scope}.nonzero"][at] += flag.sum(1)
-    # within each input: spread around its own mean (from the squared distances to the mean
-    # of all its queries, shifted exactly to each set's mean), and the mean cosine to it
-    centre = mean_y[0].float()[:, None]  # [b, 1, k, m]
-    to_all = torch.zeros(n_modes, b, k, dtype=f64, device=x.device)
-    for block in blocks:
-        distance = (image(x[:, block]) - centre).square().sum(-1)  # [b, q, k]
-        to_all += torch.einsum("mbq,bqk->mbk", w[:, :, block], distance.to(f64))
-    shift = (mean_y - mean_y[:1]).square().sum(-1)  # [mode, b, k]
-    var = (to_all / counts.clamp_min(1)[..., None] - shift).clamp_min(0)
-    rel = (var.sqrt() / mean_norm).masked_fill(~has[..., None], float("nan"))
-    unit_y = per_unit if root is None else torch.einsum("mbhd,hde->mbhe", per_unit, root.to(f64))
-    denominator = mean_norm * per_stats[..., 2]
-    cos = (unit_y * mean_y).sum(-1) / denominator.masked_fill(denominator == 0, float("nan"))
-    for stat, value in (("cos", cos), ("rel", rel)):
-        ok = ~torch.isnan(value)
-        sums[f"within.{space}.{stat}"][at] += value.masked_fill(~ok, 0.0).sum(1)
-        sums[f"within.{space}.{stat}_n"][at] += ok.sum(1)
+        unit = torch.where(nonzero[..., None], x / norm.clamp_min(_TINY_32)[..., None], 0.0)  # x / |y|
+        self.vec += torch.einsum("mbq,bqkd->mbkd", wb, x.to(f64))
+        self.unit += torch.einsum("mbq,bqkd->mbkd", wb, unit.to(f64))
+        self.stats += torch.einsum("mbq,bqks->mbks", wb, torch.stack([norm.square(), norm, nonzero.float()], -1).to(f64))
+        # an input's centre: the mean of its first block with a real query (no query before it counted)
+        n_block = wb[0].sum(1)  # [b]
+        new = ~self.has_centre & (n_block > 0)
+        if self.centre is None:
+            self.centre = torch.zeros(y.shape[0], y.shape[2], y.shape[3], dtype=y.dtype, device=y.device)
+        if bool(new.any()):
+            block_mean = torch.einsum("bq,bqkd->bkd", wb[0].to(y.dtype), y) / n_block.clamp_min(1).to(y.dtype)[:, None, None]
+            self.centre = torch.where(new[:, None, None], block_mean, self.centre)
+            self.has_centre |= new
+        distance = (y - self.centre[:, None]).square().sum(-1)  # [b, qb, k]
+        self.to_centre += torch.einsum("mbq,bqk->mbk", wb, distance.to(f64))
+
+    def finish(self, sums: dict[str, torch.Tensor], at: tuple[int, slice, int], space: str, counts: torch.Tensor,
+               root: torch.Tensor | None) -> None:
+        """Fold the batch's per-input sums into ``sums`` (scopes ``all``, ``across``, ``within``)."""
+        f64 = torch.float64
+        scope = f"all.{space}"
+        sums[f"{scope}.vec"][at] += self.vec.sum(1)
+        sums[f"{scope}.unit"][at] += self.unit.sum(1)
+        for i, stat in enumerate(("sq", "norm", "nonzero")):
+            sums[f"{scope}.{stat}"][at] += self.stats[..., i].sum(1)
+        # each input's mean (one vector per input with a query in the set)
+        has = counts > 0  # [mode, b]
+        mean = self.vec / counts.clamp_min(1)[..., None, None]  # [mode, b, k, m], x coordinates
+        mean_y = mean if root is None else torch.einsum("mbhd,hde->mbhe", mean, root.to(f64))
+        mean_norm = mean_y.square().sum(-1).sqrt()  # [mode, b, k]
+        scope, kept = f"across.{space}", has[..., None].to(f64)
+        flag = (mean_norm > 0) & has[..., None]
+        sums[f"{scope}.vec"][at] += (mean * kept[..., None]).sum(1)
+        sums[f"{scope}.sq"][at] += (mean_norm.square() * kept).sum(1)
+        sums[f"{scope}.norm"][at] += (mean_norm * kept).sum(1)
+        sums[f"{scope}.unit"][at] += torch.where(flag[..., None], mean / mean_norm.clamp_min(_TINY)[..., None], 0.0).sum(1)
+        sums[f"{scope}.nonzero"][at] += flag.sum(1)
+        # within each input: spread around its own mean (the distances to its centre, shifted
+        # exactly to each set's mean), and the mean cosine to it
+        assert self.centre is not None
+        shift = (mean_y - self.centre.to(f64)[None]).square().sum(-1)  # [mode, b, k]
+        var = (self.to_centre / counts.clamp_min(1)[..., None] - shift).clamp_min(0)
+        rel = (var.sqrt() / mean_norm).masked_fill(~has[..., None], float("nan"))
+        unit_y = self.unit if root is None else torch.einsum("mbhd,hde->mbhe", self.unit, root.to(f64))
+        denominator = mean_norm * self.stats[..., 2]
+        cos = (unit_y * mean_y).sum(-1) / denominator.masked_fill(denominator == 0, float("nan"))
+        for stat, value in (("cos", cos), ("rel", rel)):
+            ok = ~torch.isnan(value)
+            sums[f"within.{space}.{stat}"][at] += value.masked_fill(~ok, 0.0).sum(1)
+            sums[f"within.{space}.{stat}_n"][at] += ok.sum(1)
 
 
 def spread(sums: Mapping[str, torch.Tensor], scope: str, space: str, layer_index: int, mode: int, term: int,

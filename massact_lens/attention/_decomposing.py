@@ -13,7 +13,7 @@ from massact_lens._core.hook_names import attention_hook
 from massact_lens._core.loop import measure
 from massact_lens._core.results import Keep, KeptInputs, keep_limit
 from massact_lens._core.types import HookList
-from massact_lens.attention._bias_stats import add_batch, gram, gram_root, new_sums
+from massact_lens.attention._bias_stats import add_batch, gram, gram_root, new_sums, query_blocks
 from massact_lens.attention._fused import SplitProbe
 from massact_lens.attention._passes import (
     KeyedMeasurement,
@@ -66,16 +66,17 @@ class Decomposition(KeyedMeasurement):
         self.out_norm, offset = attention_output_norm(model)  # sandwich blocks: the post-attention norm
         self.out_gain = {layer: (norm_gain(model, layer, self.out_norm, offset) if self.out_norm
                                  else torch.ones(int(model.cfg.d_model))).to(self.device) for layer in layers}
-        self.grams = {layer: gram(self.chosen_w[layer] * self.out_gain[layer]) for layer in layers}
-        self.roots = {layer: gram_root(g) for layer, g in self.grams.items()}
+        # the residual-space inner product per head, as a float32 root of its Gram matrix (the
+        # per-query images are float32 anyway; the Gram matrices themselves are made at the end)
+        self.roots = {layer: gram_root(gram(self.chosen_w[layer] * self.out_gain[layer])).float() for layer in layers}
         self.state: dict[int, dict[str, torch.Tensor]] = {}
         self.z_error = {layer: 0.0 for layer in layers}
         self.out_error = {layer: 0.0 for layer in layers}
         self.sums = new_sums(len(layers), len(heads), self.d_head, int(model.cfg.d_model), self.device)
         self.kept = KeptInputs(keep_limit(keep), KEPT)
-        #: Fused route: the kept rows of the batch in progress (layer by layer), the sums
-        #: as they were at its start, and the rows left out when it is run again.
-        self.batch_parts: dict[str, list[torch.Tensor]] = {}
+        #: The kept rows of the batch in progress (written layer by layer) and, on the fused
+        #: route, the sums as they were at its start and the rows left out when it is run again.
+        self.buffer: dict[str, torch.Tensor] = {}
         self.kept_rows: tuple[list[int], list[int]] = ([], [])
         self.snapshot: tuple[dict[str, torch.Tensor], dict[int, float], dict[int, float]] | None = None
         self.exclude: torch.Tensor | None = None
@@ -88,8 +89,7 @@ class Decomposition(KeyedMeasurement):
         real = batch.attention_mask.to(self.device).bool()
         if self.exclude is None:  # a first run of the batch: remember where its sums started
             self.snapshot = ({k: v.clone() for k, v in self.sums.items()}, dict(self.z_error), dict(self.out_error))
-            self.kept_rows = self.kept.choose(batch.input_indices)
-            self.batch_parts = {"bias_z": [], "rest_z": [], "c_mass": [], "out_scale": []}
+            self.kept_rows, self.buffer = self.kept.choose(batch.input_indices), {}
         self.layer_probes = {layer: SplitProbe(self.keys.c_mask, real, self._note(layer)) for layer in self.layers}
         return dict(self.layer_probes)
 
@@ -160,51 +160,52 @@ class Decomposition(KeyedMeasurement):
         mass = (pattern * c).sum(-1).transpose(1, 2).where(real[:, :, None], 0.0)  # [b, q, h]
         return bias, rest, slot["z"].float()[:, :, self.head_index], mass, in_c
 
-    def _fused_terms(self, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """As :meth:`_eager_terms`, from the layer's :class:`SplitProbe` (the fused kernel)."""
+    def _fused_terms(self, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[Any, ...]:
+        """As :meth:`_eager_terms`, from the layer's :class:`SplitProbe` (the fused kernel); ``rest``
+        is ``None``: it is ``z - bias`` by construction, made a block of queries at a time."""
         probe = self.layer_probes.get(layer)
         if probe is None or not probe.ran:
             raise RuntimeError(f"The attention of layer {layer} did not run through the probe kernel: a hook inside "
                                "attention was attached during the pass? Run with MASSACT_LENS_EAGER=1.")
-        parts, q_real = probe.parts, real[:, :, None, None]
+        parts = probe.parts
+
         def chosen(t: torch.Tensor) -> torch.Tensor:  # the chosen heads (no copy when every head is)
             return t if self.every_head else t[:, :, self.head_index]
 
-        padded = not bool(real.all())  # padded queries are zeroed (a copy only then)
-        bias, rest, z = (chosen(parts[name]).where(q_real, 0.0) if padded else chosen(parts[name])
-                         for name in ("bias", "rest", "z"))
         mass = chosen(parts["mass"]).where(real[:, :, None], 0.0)
-        return bias, rest, z, mass, fit_width(c_mask, int(real.shape[1])) & real
+        return chosen(parts["bias"]), None, chosen(parts["z"]), mass, fit_width(c_mask, int(real.shape[1])) & real
 
-    def _split(self, i: int, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One layer of the batch: ``bias``, ``rest`` ``[b, q, h, d]``, mass on C ``[b, q, h]``, C and the
-        residual-space scale per query ``[b, q]``,
-        folded into the running sums and the error of ``bias + rest = hook_z``."""
-        bias, rest, z, mass, in_c = (self._fused_terms if self.fused else self._eager_terms)(layer, real, c_mask)
+    def _split(self, i: int, layer: int, real: torch.Tensor, c_mask: torch.Tensor) -> dict[str, Any]:
+        """One layer of the batch, folded into the running sums and the error of ``bias + rest =
+        hook_z``: returns a source of each term per query (``bias``, ``rest``: a block of queries
+        -> ``[b, block, h, d]``, zero on padding), the mass on C ``[b, q, h]`` and the
+        residual-space scale per query ``[b, q]``. Nothing of size ``[b, q, d_model]`` is made."""
+        bias, rest, z, mass, _ = (self._fused_terms if self.fused else self._eager_terms)(layer, real, c_mask)
         slot = self.state.pop(layer, {})
         bad_rows = self.exclude if self.fused else self.keys.nonfinite.bad_rows  # on the CPU: no device sync
         used = ~bad_rows.to(real.device) if bad_rows is not None and bool(bad_rows.any()) else None
-        err = (bias + rest).sub_(z).abs_()[real if used is None else real & used[:, None]]
-        self.z_error[layer] = max(self.z_error[layer], float(err.max()) if err.numel() else 0.0)
+        valid = real if used is None else real & used[:, None]  # the queries every sum reads
+        clean = bool(valid.all())
+
+        def source(get: Any, mask: torch.Tensor) -> Any:  # zero outside ``mask`` (NaN * 0 is NaN)
+            return get if clean else (lambda blk: get(blk).where(mask[:, blk, None, None], 0.0))
+
+        rest_of = (lambda blk: rest[:, blk]) if rest is not None else (lambda blk: z[:, blk] - bias[:, blk])
+        terms = (source(lambda blk: bias[:, blk], valid), source(rest_of, valid))
+        err = 0.0
+        for blk in query_blocks(int(real.shape[1]), int(real.shape[0]) * int(bias.shape[2]) * int(bias.shape[3])):
+            e = (bias[:, blk] + rest_of(blk) - z[:, blk]).abs().flatten(2).amax(-1)[valid[:, blk]]
+            err = max(err, float(e.max()) if e.numel() else 0.0)
+        self.z_error[layer] = max(self.z_error[layer], err)
         scale = self._out_scale(layer, slot, bias)  # [b, q]: 1 / rms of the full output (sandwich), else 1
-        resid = (bias, rest) if self.out_norm is None else tuple(t * scale[:, :, None, None] for t in (bias, rest))
+        resid_terms = None if self.out_norm is None else tuple(
+            (lambda blk, t=t: t(blk) * scale[:, blk, None, None]) for t in terms)
+        outside = real & ~fit_width(c_mask, int(real.shape[1]))
         w = self.chosen_w[layer] * self.out_gain[layer]
-        totals = tuple(t.flatten(2) @ w.flatten(0, 1) for t in resid)
-        outside = real & ~fit_width(in_c, int(real.shape[1]))
-        resid_terms = None if self.out_norm is None else resid
-        if used is not None:  # inputs with a NaN / inf: out of every sum
-            keep_q = real & used[:, None]
-            bias_s, rest_s = (t.where(keep_q[:, :, None, None], 0.0) for t in (bias, rest))
-            totals = tuple(t.where(keep_q[:, :, None], 0.0) for t in totals)
-            if resid_terms is not None:
-                resid_terms = tuple(t.where(keep_q[:, :, None, None], 0.0) for t in resid_terms)
-            add_batch(self.sums, i, (bias_s, rest_s), totals, mass.where(keep_q[:, :, None], 0.0),  # type: ignore[arg-type]
-                      (keep_q, outside & used[:, None]), self.grams[layer], resid_terms=resid_terms,  # type: ignore[arg-type]
-                      root=self.roots[layer])
-            return bias, rest, mass, in_c, scale
-        add_batch(self.sums, i, (bias, rest), totals, mass, (real, outside), self.grams[layer],  # type: ignore[arg-type]
-                  resid_terms=resid_terms, root=self.roots[layer])  # type: ignore[arg-type]
-        return bias, rest, mass, in_c, scale
+        add_batch(self.sums, i, terms, mass if clean else mass.where(valid[:, :, None], 0.0),
+                  (valid, outside & valid), w.flatten(0, 1), self.roots[layer], resid_terms=resid_terms)  # type: ignore[arg-type]
+        padded = source(lambda blk: bias[:, blk], real), source(rest_of, real)  # kept inputs: zero on padding
+        return {"bias_z": padded[0], "rest_z": padded[1], "c_mass": mass, "out_scale": scale}
 
     def _out_scale(self, layer: int, slot: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """Per query, ``1 / rms`` of the full attention output the post-attention norm divides by."""
@@ -217,27 +218,41 @@ class Decomposition(KeyedMeasurement):
     def _fold(self, layer: int, real: torch.Tensor) -> None:
         """Fused route: split and fold one layer of the batch in progress, keep its kept rows."""
         assert self.keys.c_mask is not None
-        bias, rest, mass, _, scale = self._split(self.layers.index(layer), layer, real, self.keys.c_mask)
+        i = self.layers.index(layer)
+        terms = self._split(i, layer, real, self.keys.c_mask)
+        if self.exclude is None:
+            self._keep_layer(i, terms)
         self.layer_probes.pop(layer).parts = {}  # the pass holds the probe until it ends: not its tensors
+
+    def _keep_layer(self, i: int, terms: dict[str, Any]) -> None:
+        """Write layer ``i``'s kept rows into the batch's buffer, a block of queries at a time
+        (the buffer is made at the batch's first layer: no per-layer pieces and a stacked copy
+        side by side, no whole-batch temporary)."""
         rows = self.kept_rows[0]
-        if rows and self.exclude is None:
-            at = torch.tensor(rows, dtype=torch.long, device=real.device)
-            for name, t in zip(self.batch_parts, (bias, rest, mass, scale), strict=True):
-                self.batch_parts[name].append(t[at].cpu())
+        if not rows:
+            return
+        mass = terms["c_mass"]
+        at = torch.tensor(rows, dtype=torch.long, device=mass.device)
+        n_q, n_h = int(mass.shape[1]), int(mass.shape[2])
+        if not self.buffer:
+            shapes = {"bias_z": (n_q, n_h, self.d_head), "rest_z": (n_q, n_h, self.d_head), "c_mass": (n_q, n_h),
+                      "out_scale": (n_q,)}
+            with torch.inference_mode(False):  # normal tensors, which the result holds without a copy
+                self.buffer = {name: torch.zeros(len(rows), len(self.layers), *shape) for name, shape in shapes.items()}
+        for blk in query_blocks(n_q, len(rows) * n_h * self.d_head):
+            for name in ("bias_z", "rest_z"):
+                self.buffer[name][:, i, blk] = terms[name](blk)[at].cpu()
+        self.buffer["c_mass"][:, i] = mass[at].cpu()
+        self.buffer["out_scale"][:, i] = terms["out_scale"][at].cpu()
 
     def add(self, batch: Batch, c_mask: torch.Tensor) -> None:
         real = batch.attention_mask.bool()
         if self.fused:
             return self._add_fused(batch, c_mask, real)
-        rows, inputs = self.kept.choose(batch.input_indices)
-        chosen_rows = torch.tensor(rows, dtype=torch.long, device=real.device)
-        parts: dict[str, list[torch.Tensor]] = {"bias_z": [], "rest_z": [], "c_mass": [], "out_scale": []}
+        self.kept_rows, self.buffer = self.kept.choose(batch.input_indices), {}
         for i, layer in enumerate(self.layers):
-            bias, rest, mass, _, scale = self._split(i, layer, real, c_mask)
-            if rows:
-                for name, t in zip(parts, (bias, rest, mass, scale), strict=True):
-                    parts[name].append(t[chosen_rows].cpu())
-        self._keep(batch, c_mask, rows, inputs, parts)
+            self._keep_layer(i, self._split(i, layer, real, c_mask))
+        self._keep(batch, c_mask)
         return None
 
     def _add_fused(self, batch: Batch, c_mask: torch.Tensor, real: torch.Tensor) -> None:
@@ -256,16 +271,16 @@ class Decomposition(KeyedMeasurement):
                         progress=False)
             finally:
                 self.exclude = None
-        self._keep(batch, c_mask, *self.kept_rows, self.batch_parts)
+        self._keep(batch, c_mask)
 
-    def _keep(self, batch: Batch, c_mask: torch.Tensor, rows: list[int], inputs: list[int],
-              parts: dict[str, list[torch.Tensor]]) -> None:
+    def _keep(self, batch: Batch, c_mask: torch.Tensor) -> None:
+        rows, inputs = self.kept_rows
         if not rows:
             return
         at = torch.tensor(rows, dtype=torch.long)
         in_c = fit_width(c_mask, int(batch.tokens.shape[1])).cpu() & batch.attention_mask.bool().cpu()
-        self.kept.add(batch.attention_mask.cpu()[at], inputs, **{name: torch.stack(p, 1) for name, p in parts.items()},
-                      key_mask=in_c[at], tokens=batch.tokens.cpu()[at])
+        buffer, self.buffer = self.buffer, {}
+        self.kept.add(batch.attention_mask.cpu()[at], inputs, **buffer, key_mask=in_c[at], tokens=batch.tokens.cpu()[at])
 
     def result(self) -> dict[str, Any]:
         """The fields of :class:`~massact_lens.attention.ImplicitBias`."""
@@ -289,7 +304,9 @@ class Decomposition(KeyedMeasurement):
             key_mask=full["key_mask"].bool(),
             attention_mask=full["attention_mask"].long(),
             tokens=full["tokens"].long(),
-            W_O=torch.stack([self.chosen_w[layer] for layer in self.layers]).detach().cpu(),  # a copy of its own
+            gram=detached(torch.stack([gram(self.chosen_w[layer] * self.out_gain[layer]) for layer in self.layers])),
+            W_O=None if keep_limit(self.keep) == 0 else  # a copy of its own, for written()
+            torch.stack([self.chosen_w[layer] for layer in self.layers]).detach().cpu(),
             b_O=detached(torch.stack([self.weights[layer][1] for layer in self.layers])),
             out_gain=detached(torch.stack([self.out_gain[layer] for layer in self.layers])),
             z_error=torch.tensor([self.z_error[layer] for layer in self.layers]),

@@ -37,7 +37,6 @@ from massact_lens.attention._bias_stats import (
     MODES,
     SCOPES,
     TERMS,
-    gram,
     spread,
 )
 from massact_lens.attention._decomposing import KEPT, Decomposition
@@ -94,8 +93,8 @@ class ImplicitBias(StreamedResult, KeyedFields):
     >>> import torch
     >>> from massact_lens.examples import tiny_model
     >>> model, tokens = tiny_model(), torch.randint(0, 64, (4, 6))
-    >>> parts = [implicit_bias(model, tokens[:2], progress=False), implicit_bias(model, tokens[2:], progress=False)]
-    >>> merged, whole = ImplicitBias.merge(parts), implicit_bias(model, tokens, progress=False)
+    >>> parts = [implicit_bias(model, tokens[:2], keep=4, progress=False), implicit_bias(model, tokens[2:], keep=4, progress=False)]
+    >>> merged, whole = ImplicitBias.merge(parts), implicit_bias(model, tokens, keep=4, progress=False)
     >>> merged.n_inputs, torch.allclose(merged.bias_z, whole.bias_z, rtol=1e-5, atol=1e-7)
     (4, True)
     """
@@ -118,8 +117,14 @@ class ImplicitBias(StreamedResult, KeyedFields):
     attention_mask: Int[torch.Tensor, "n_kept query_pos"]
     #: The token ids of the kept inputs.
     tokens: Int[torch.Tensor, "n_kept query_pos"]
-    #: ``W_O`` of the chosen heads.
-    W_O: Float[torch.Tensor, "layer head d_head d_model"] = field(repr=False)
+    #: ``G_h = W'_O[h] W'_O[h]^T`` per layer and chosen head (float64), with ``W'_O`` the
+    #: head's ``W_O`` times the post-attention norm's gain: the residual-space inner
+    #: product in head coordinates, all the statistics need (``d_head^2`` per head, not
+    #: ``d_head x d_model``).
+    gram: Float[torch.Tensor, "layer head d_head d_head"] = field(repr=False)
+    #: ``W_O`` of the chosen heads, for :meth:`written`; ``None`` with ``keep=0`` (no
+    #: per-query terms to write: on a 70B model it would be ~21 GB in float32).
+    W_O: Float[torch.Tensor, "layer head d_head d_model"] | None = field(repr=False)
     #: ``b_O`` per layer.
     b_O: Float[torch.Tensor, "layer d_model"] = field(repr=False)
     #: Per layer, the post-attention norm's gain (sandwich blocks; ones elsewhere).
@@ -147,13 +152,12 @@ class ImplicitBias(StreamedResult, KeyedFields):
         if term not in ("bias", "rest"):
             raise ValueError(f"term must be 'bias' or 'rest', not {term!r}.")
         i = self._layer_index(layer)
+        if self.W_O is None:
+            raise ValueError("This result kept no per-query terms (keep=0): run implicit_bias(..., keep=N) to keep "
+                             "the first N inputs' terms.")
         z = (self.bias_z if term == "bias" else self.rest_z)[i]
         scale = self.out_scale[i][:, :, None, None]
-        return torch.einsum("nqhd,hdm->nqhm", z, self._resid_w(i)) * scale
-
-    def _resid_w(self, i: int) -> torch.Tensor:
-        """``W_O`` times the post-attention norm's gain (``W_O`` itself without that norm)."""
-        return self.W_O[i] * self.out_gain[i]
+        return torch.einsum("nqhd,hdm->nqhm", z, self.W_O[i] * self.out_gain[i]) * scale
 
     def _mode(self, queries: str) -> int:
         if queries not in MODES:
@@ -181,7 +185,7 @@ class ImplicitBias(StreamedResult, KeyedFields):
         mode = self._mode(queries)
         rows = []
         for i, layer in enumerate(self.layers):
-            g = gram(self._resid_w(i))
+            g = self.gram[i]
             for t, term in enumerate(TERMS):
                 for space, spaces, heads in (("head", ("head",), list(self.heads)),
                                              ("resid", ("resid", "total"), [*self.heads, -1])):
@@ -204,7 +208,7 @@ class ImplicitBias(StreamedResult, KeyedFields):
         mode = self._mode(queries)
         rows = []
         for i, layer in enumerate(self.layers):
-            g = gram(self._resid_w(i))
+            g = self.gram[i]
             mass = self.sums["mass"][i, mode] / self.sums["all.n"][i, mode]
             masses = torch.cat([mass, mass.mean()[None]])
             stats = {}
@@ -234,7 +238,7 @@ class ImplicitBias(StreamedResult, KeyedFields):
         return {name: getattr(self, name).transpose(0, 1) if name in _LAYER_FIRST else getattr(self, name)
                 for name in (*_KEPT, "attention_mask")}
 
-    merge_same = ("layers", "heads", "positions", "key_set", "prepend_bos", "hook_names", "out_hooks", "keep", "W_O",
+    merge_same = ("layers", "heads", "positions", "key_set", "prepend_bos", "hook_names", "out_hooks", "keep", "gram", "W_O",
                   "b_O", "out_gain")
 
     @classmethod
@@ -258,7 +262,7 @@ def implicit_bias(
     *,
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
-    keep: Keep = 8,
+    keep: Keep = 0,
     batch_size: int = 16,
     prepend_bos: bool | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -275,21 +279,31 @@ def implicit_bias(
     measured errors of both identities (``z_error``, ``out_error``) and
     :meth:`ImplicitBias.constancy` gives the paper's contrast.
 
-    Cost: one forward pass per batch. Per chosen layer it holds ``hook_pattern``,
-    ``hook_v`` and ``hook_z`` of the current batch until the pass ends (C may come
-    from the residual stream of the same pass) and reads the attention output once
-    for the check. What it keeps does not grow with the corpus: float64 running sums
-    of ``~(12 x heads x d_head + d_model)`` numbers per layer and term, and the full
-    ``2 x layers x pos x heads x d_head`` head-space floats of the first ``keep``
-    inputs only; residual-space images are computed on demand (:meth:`ImplicitBias.written`).
+    Cost: one forward pass per batch. Fused route (the default wherever C is known before
+    the pass and the model's attention runs through HF's kernel registry): the attention
+    kernel itself weighs the keys of C (one extra value column per key of C, or ``[v * c,
+    c]`` when C is wider than a head), so no ``[query, key]`` tensor exists; each layer is
+    split and folded as its attention output appears, a block of queries at a time
+    (SmolLM2-135M, one input of 2,000 tokens: about 1.3x the scan's time and peak memory;
+    bench/README.md, "Attention at forward cost"). Eager route (C read from the same
+    pass's residual stream, a bridge whose attention is not HF's, or
+    ``MASSACT_LENS_EAGER=1``): per chosen layer ``hook_pattern``, ``hook_v`` and
+    ``hook_z`` of the batch are held until the pass ends (memory ~ length^2). The route
+    taken is in ``result.hook_names``. What it keeps does not grow with the corpus:
+    float64 running sums of ``~(12 x heads x d_head + d_model)`` numbers per layer and
+    term, and, with ``keep=N``, the ``2 x layers x pos x heads x d_head`` head-space
+    floats of the first N inputs (276 MB per input of 2,000 tokens on SmolLM2-135M);
+    residual-space images are computed on demand (:meth:`ImplicitBias.written`).
 
     Args:
         positions: the key positions C (anything :func:`~massact_lens.attention.keys.as_rule` accepts); they must be
             token positions (``hook_v`` has no entry for extra key slots).
         layers, heads: what to decompose (default all).
-        keep: how many inputs (the first ones) keep their full per-input tensors
-            (``bias_z``, ``rest_z``, ``c_mass``, ...); ``"all"`` for every input, 0 for
-            none. The statistics cover every input either way.
+        keep: how many inputs (the first ones) keep their full per-query tensors
+            (``bias_z``, ``rest_z``, ``c_mass``, ...) for :meth:`ImplicitBias.written` and
+            your own plots; ``"all"`` for every input. Default 0: the statistics only
+            (:meth:`~ImplicitBias.constancy`, :meth:`~ImplicitBias.to_dataframe`, the
+            figures), which cover every input either way.
         batch_size, prepend_bos, attention_mask, progress: as in :func:`attention_concentration`.
         by_length: batch the inputs longest first (little padding computed; results in
             input order). None (default): whenever the key set allows it (the library's
