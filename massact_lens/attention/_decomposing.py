@@ -191,20 +191,21 @@ class Decomposition(KeyedMeasurement):
             return get if clean else (lambda blk: get(blk).where(mask[:, blk, None, None], 0.0))
 
         rest_of = (lambda blk: rest[:, blk]) if rest is not None else (lambda blk: z[:, blk] - bias[:, blk])
-        terms = (source(lambda blk: bias[:, blk], valid), source(rest_of, valid))
+        raw = (lambda blk: bias[:, blk], rest_of)
+        terms = tuple(source(get, valid) for get in raw)
         err = 0.0
         for blk in query_blocks(int(real.shape[1]), int(real.shape[0]) * int(bias.shape[2]) * int(bias.shape[3])):
             e = (bias[:, blk] + rest_of(blk) - z[:, blk]).abs().flatten(2).amax(-1)[valid[:, blk]]
             err = max(err, float(e.max()) if e.numel() else 0.0)
         self.z_error[layer] = max(self.z_error[layer], err)
         scale = self._out_scale(layer, slot, bias)  # [b, q]: 1 / rms of the full output (sandwich), else 1
-        resid_terms = None if self.out_norm is None else tuple(
-            (lambda blk, t=t: t(blk) * scale[:, blk, None, None]) for t in terms)
+        resid_terms = None if self.out_norm is None else tuple(  # scaled, then masked (a NaN scale stays out)
+            source(lambda blk, get=get: get(blk) * scale[:, blk, None, None], valid) for get in raw)
         outside = real & ~fit_width(c_mask, int(real.shape[1]))
         w = self.chosen_w[layer] * self.out_gain[layer]
         add_batch(self.sums, i, terms, mass if clean else mass.where(valid[:, :, None], 0.0),
                   (valid, outside & valid), w.flatten(0, 1), self.roots[layer], resid_terms=resid_terms)  # type: ignore[arg-type]
-        padded = source(lambda blk: bias[:, blk], real), source(rest_of, real)  # kept inputs: zero on padding
+        padded = tuple(source(get, real) for get in raw)  # kept inputs: zero on padding
         return {"bias_z": padded[0], "rest_z": padded[1], "c_mass": mass, "out_scale": scale}
 
     def _out_scale(self, layer: int, slot: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
