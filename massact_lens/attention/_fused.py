@@ -106,7 +106,8 @@ class SplitProbe:
     """One layer of :func:`~massact_lens.attention.implicit_bias` in the kernel: the term
     from C, ``sum_{k in C} p_qk v_k``, the mass on C per query and head, and ``hook_z``,
     the kernel's own output; the rest is ``hook_z`` minus the term (so ``bias + rest =
-    hook_z`` holds by construction on this route).
+    hook_z`` holds by construction on this route), made by the reader a block of queries at
+    a time.
 
     The columns are the narrower of two exact forms: one indicator column per key of C
     (``p_qk`` for each ``k in C``; the term is then ``sum_k p_qk v_k`` over those few keys,
@@ -119,7 +120,7 @@ class SplitProbe:
         self.c, self.real, self.note = fit_width(c_mask, int(real.shape[1])) & real, real, note
         self.parts: dict[str, torch.Tensor] = {}
         self.ran = False
-        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # per-key form: the values of C's keys, valid
+        self._keys: torch.Tensor | None = None  # per-key form: the values of C's keys
 
     def values(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:  # noqa: ARG002
         if value.shape[2] != self.real.shape[1]:
@@ -133,7 +134,7 @@ class SplitProbe:
             columns = torch.zeros(*self.c.shape, n_c, dtype=value.dtype, device=value.device)
             columns.scatter_(1, order[:, None, :], valid[:, None, :].to(value.dtype))  # [b, key, n_c]
             at = order[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1])
-            self._keys = (value.gather(2, at), valid)  # [b, kv_heads, n_c, d]
+            self._keys = value.gather(2, at)  # [b, kv_heads, n_c, d]
             return columns[:, None].expand(-1, value.shape[1], -1, -1)
         self._keys = None
         c = self.c[:, None, :, None].to(value.dtype)
@@ -145,14 +146,14 @@ class SplitProbe:
             self.note(output, self.real)
         z = output.float()
         if self._keys is not None:
-            v_c, valid = self._keys
-            v_c = v_c.float().repeat_interleave(int(output.shape[2]) // int(v_c.shape[1]), dim=1)  # HF repeat_kv
-            p = extra.float() * valid[:, None, None, :]  # [b, q, h, n_c]
+            v_c = self._keys.float()
+            v_c = v_c.repeat_interleave(int(output.shape[2]) // int(v_c.shape[1]), dim=1)  # HF repeat_kv
+            p = extra.float()  # [b, q, h, n_c]: an input's columns past its own keys of C are all 0
             bias, mass = torch.einsum("bqhj,bhjd->bqhd", p, v_c), p.sum(-1)
             self._keys = None
         else:
             bias, mass = extra[..., :d].float(), extra[..., d].float()
-        self.parts = {"bias": bias, "rest": z - bias, "mass": mass, "z": z}
+        self.parts = {"bias": bias, "mass": mass, "z": z}  # the rest, z - bias, is made where it is read
         self.ran = True
 
 

@@ -141,6 +141,11 @@ class ImplicitBias(StreamedResult, KeyedFields):
     #: Float64 running sums over every input, ``[layer, query set, term, head, ...]``
 
 
+    def _next_steps(self) -> str:
+        """As every result's, less :meth:`written` when no per-query terms were kept (keep=0)."""
+        steps = super()._next_steps().split()
+        return " ".join(step for step in steps if self.W_O is not None or step != ".written()")
+
     def _layer_index(self, layer: int) -> int:
         if layer not in self.layers:
             raise ValueError(f"Layer {layer} was not decomposed; this result has layers {list(self.layers)}.")
