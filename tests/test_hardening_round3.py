@@ -196,6 +196,7 @@ def test_shard_and_run_distributed_refuse_before_any_pass():
     (TrainConfig, {"snapshot_every": -1}, "snapshot_every must be"),
     (ModelConfig, {"normalization_type": "nope"}, "normalization_type must be"),
     (ModelConfig, {"n_heads": 3}, "multiple of n_heads"),
+    (ModelConfig, {"act_fn": "nope"}, "act_fn must be one of .*'gelu'.*: choose one"),
 ])
 def test_training_settings_are_checked_when_made(config, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -236,11 +236,18 @@ def attention_concentration(
     over C and averaged over the input's real (non-padding) queries (all of them,
     also queries in C); averaged over inputs in :meth:`AttentionConcentration.sink_scores`.
 
-    Cost: one forward pass per batch. Per layer it reads ``hook_pattern`` and
-    ``hook_attn_scores`` and reduces them at once to ``[batch, head, key_pos]``
-    sums; no cache. A :class:`MassiveTokens` rule also reads the residual stream
-    (reduced to one bool per position). It keeps running sums over every input and
-    the per-input rows (``2 x layers x heads`` floats each) of the first ``keep``.
+    Cost: one forward pass per batch. Fused route (the default wherever C is known before
+    the pass and the model's attention runs through HF's kernel registry: the LLaMA family,
+    Gemma 3, BERT): the attention kernel weighs one extra value column, 1 on C, so the mass
+    on C comes out of the kernel with the output, and the logit gap from running sums of
+    the keys; no ``[query, key]`` tensor exists (SmolLM2-135M, 2,000 tokens: about the scan's
+    time and peak memory; bench/README.md, "Attention at forward cost"). Eager route (C read
+    from the same pass's residual stream, GPT-2-style joint QKV, soft-capped logits, a hook
+    of yours inside attention, ``MASSACT_LENS_EAGER=1``): per layer it reads ``hook_pattern``
+    and ``hook_attn_scores`` and reduces them at once to ``[batch, head, key_pos]`` sums
+    (memory ~ length^2). ``result.hook_names`` says which route ran. It keeps running sums
+    over every input and the per-input rows (``2 x layers x heads`` floats each) of the
+    first ``keep``.
 
     Args:
         model: a TransformerBridge (eager attention, so ``hook_pattern`` fires).

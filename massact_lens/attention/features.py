@@ -195,9 +195,12 @@ def token_features(
     ``by_length``: as in :func:`massact_lens.implicit_bias` (the sums do not depend on
     the order; only float32 rounding may differ with the batches' shapes).
 
-    Cost: one forward pass per batch reading ``hook_k``, ``hook_v`` and the feature
-    hook of each chosen layer; norms are reduced at once, the features of the
-    current batch are held until its pass ends; the result is streaming sums.
+    Cost: one forward pass per batch. Fused route (attention through HF's kernel registry
+    with no norm on the keys inside it, so not Gemma 3's ``k_norm``): the norms of the keys and values are read as the kernel
+    gets them, with no extra column and no pattern. Eager route (otherwise, or
+    ``MASSACT_LENS_EAGER=1``): it reads ``hook_k``, ``hook_v`` of each chosen layer. Both
+    read the feature hook; norms are reduced at once, the features of the current batch are
+    held until its pass ends; the result is streaming sums.
 
     Non-finite values (a NaN or inf from a hook of yours upstream, an overflow): an input
     whose keys, values, attention input or key-set residual held one is left out of every

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from transformer_lens.utilities import SUPPORTED_ACTIVATIONS
+
 from massact_lens.models.checkpoints import PLACEHOLDERS, SPECIAL_TOKENS
 from massact_lens.training.tasks import Task
 
@@ -46,6 +48,9 @@ class ModelConfig:
             raise ValueError(f"normalization_type must be one of {list(NORMALIZATIONS)}, not {self.normalization_type!r}.")
         if self.init not in ("gpt2", "torch"):
             raise ValueError(f"init must be 'gpt2' or 'torch', not {self.init!r}.")
+        if self.act_fn not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"act_fn must be one of TransformerLens' activations {sorted(SUPPORTED_ACTIVATIONS)}, "
+                             f"not {self.act_fn!r}: choose one of them.")
 
 
 @dataclass(frozen=True)
