@@ -186,10 +186,10 @@ class _Moments:
         new = ~self.has_centre & (n_block > 0)
         if self.centre is None:
             self.centre = torch.zeros(y.shape[0], y.shape[2], y.shape[3], dtype=y.dtype, device=y.device)
-        if bool(new.any()):
-            block_mean = torch.einsum("bq,bqkd->bkd", wb[0].to(y.dtype), y) / n_block.clamp_min(1).to(y.dtype)[:, None, None]
-            self.centre = torch.where(new[:, None, None], block_mean, self.centre)
-            self.has_centre |= new
+        # (no test of ``new`` on the host: on a GPU that would wait for the device at every block)
+        block_mean = torch.einsum("bq,bqkd->bkd", wb[0].to(y.dtype), y) / n_block.clamp_min(1).to(y.dtype)[:, None, None]
+        self.centre = torch.where(new[:, None, None], block_mean, self.centre)
+        self.has_centre |= new
         distance = (y - self.centre[:, None]).square().sum(-1)  # [b, qb, k]
         self.to_centre += torch.einsum("mbq,bqk->mbk", wb, distance.to(f64))
 

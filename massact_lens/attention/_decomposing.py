@@ -193,11 +193,11 @@ class Decomposition(KeyedMeasurement):
         rest_of = (lambda blk: rest[:, blk]) if rest is not None else (lambda blk: z[:, blk] - bias[:, blk])
         raw = (lambda blk: bias[:, blk], rest_of)
         terms = tuple(source(get, valid) for get in raw)
-        err = 0.0
+        err = torch.zeros((), device=bias.device)  # read back once per layer, not per block
         for blk in query_blocks(int(real.shape[1]), int(real.shape[0]) * int(bias.shape[2]) * int(bias.shape[3])):
-            e = (bias[:, blk] + rest_of(blk) - z[:, blk]).abs().flatten(2).amax(-1)[valid[:, blk]]
-            err = max(err, float(e.max()) if e.numel() else 0.0)
-        self.z_error[layer] = max(self.z_error[layer], err)
+            e = (bias[:, blk] + rest_of(blk) - z[:, blk]).abs().flatten(2).amax(-1).where(valid[:, blk], 0.0)
+            err = torch.maximum(err, e.amax()) if e.numel() else err
+        self.z_error[layer] = max(self.z_error[layer], float(err))
         scale = self._out_scale(layer, slot, bias)  # [b, q]: 1 / rms of the full output (sandwich), else 1
         resid_terms = None if self.out_norm is None else tuple(  # scaled, then masked (a NaN scale stays out)
             source(lambda blk, get=get: get(blk) * scale[:, blk, None, None], valid) for get in raw)
