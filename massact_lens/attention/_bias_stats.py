@@ -170,7 +170,7 @@ class _Moments:
         self.unit = torch.zeros_like(self.vec)
         self.stats = torch.zeros(n_modes, b, k, 3, dtype=f64, device=device)  # sq, norm, nonzero
         self.to_centre = torch.zeros(n_modes, b, k, dtype=f64, device=device)
-        self.centre: torch.Tensor | None = None  # [b, k, width of y], float32
+        self.centre = torch.zeros(b, k, width, device=device)  # in y coordinates (as wide as x: L is square)
         self.has_centre = torch.zeros(b, dtype=torch.bool, device=device)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, wb: torch.Tensor) -> None:
@@ -184,8 +184,6 @@ class _Moments:
         # an input's centre: the mean of its first block with a real query (no query before it counted)
         n_block = wb[0].sum(1)  # [b]
         new = ~self.has_centre & (n_block > 0)
-        if self.centre is None:
-            self.centre = torch.zeros(y.shape[0], y.shape[2], y.shape[3], dtype=y.dtype, device=y.device)
         # (no test of ``new`` on the host: on a GPU that would wait for the device at every block)
         block_mean = torch.einsum("bq,bqkd->bkd", wb[0].to(y.dtype), y) / n_block.clamp_min(1).to(y.dtype)[:, None, None]
         self.centre = torch.where(new[:, None, None], block_mean, self.centre)
@@ -216,7 +214,6 @@ class _Moments:
         sums[f"{scope}.nonzero"][at] += flag.sum(1)
         # within each input: spread around its own mean (the distances to its centre, shifted
         # exactly to each set's mean), and the mean cosine to it
-        assert self.centre is not None
         shift = (mean_y - self.centre.to(f64)[None]).square().sum(-1)  # [mode, b, k]
         var = (self.to_centre / counts.clamp_min(1)[..., None] - shift).clamp_min(0)
         rel = (var.sqrt() / mean_norm).masked_fill(~has[..., None], float("nan"))

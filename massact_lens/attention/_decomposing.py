@@ -68,7 +68,7 @@ class Decomposition(KeyedMeasurement):
                                  else torch.ones(int(model.cfg.d_model))).to(self.device) for layer in layers}
         # the residual-space inner product per head, as a float32 root of its Gram matrix (the
         # per-query images are float32 anyway; the Gram matrices themselves are made at the end)
-        self.roots = {layer: gram_root(gram(self.chosen_w[layer] * self.out_gain[layer])).float() for layer in layers}
+        self.roots = {layer: gram_root(gram(self._resid_w(layer))).float() for layer in layers}
         self.state: dict[int, dict[str, torch.Tensor]] = {}
         self.z_error = {layer: 0.0 for layer in layers}
         self.out_error = {layer: 0.0 for layer in layers}
@@ -80,6 +80,12 @@ class Decomposition(KeyedMeasurement):
         self.kept_rows: tuple[list[int], list[int]] = ([], [])
         self.snapshot: tuple[dict[str, torch.Tensor], dict[int, float], dict[int, float]] | None = None
         self.exclude: torch.Tensor | None = None
+
+    def _resid_w(self, layer: int) -> torch.Tensor:
+        """``W_O`` of the chosen heads times the post-attention norm's gain (sandwich blocks), or
+        ``W_O`` itself: what takes a head's output into the residual stream."""
+        w = self.chosen_w[layer]
+        return w if self.out_norm is None else w * self.out_gain[layer]
 
     def probes(self, batch: Batch) -> dict[int, SplitProbe]:
         """The fused route: one :class:`SplitProbe` per layer, with C of this batch."""
@@ -202,9 +208,9 @@ class Decomposition(KeyedMeasurement):
         resid_terms = None if self.out_norm is None else tuple(  # scaled, then masked (a NaN scale stays out)
             source(lambda blk, get=get: get(blk) * scale[:, blk, None, None], valid) for get in raw)
         outside = real & ~fit_width(c_mask, int(real.shape[1]))
-        w = self.chosen_w[layer] * self.out_gain[layer]
         add_batch(self.sums, i, terms, mass if clean else mass.where(valid[:, :, None], 0.0),
-                  (valid, outside & valid), w.flatten(0, 1), self.roots[layer], resid_terms=resid_terms)  # type: ignore[arg-type]
+                  (valid, outside & valid), self._resid_w(layer).flatten(0, 1), self.roots[layer],  # type: ignore[arg-type]
+                  resid_terms=resid_terms)  # type: ignore[arg-type]
         padded = tuple(source(get, real) for get in raw)  # kept inputs: zero on padding
         return {"bias_z": padded[0], "rest_z": padded[1], "c_mass": mass, "out_scale": scale}
 
@@ -305,7 +311,7 @@ class Decomposition(KeyedMeasurement):
             key_mask=full["key_mask"].bool(),
             attention_mask=full["attention_mask"].long(),
             tokens=full["tokens"].long(),
-            gram=detached(torch.stack([gram(self.chosen_w[layer] * self.out_gain[layer]) for layer in self.layers])),
+            gram=detached(torch.stack([gram(self._resid_w(layer)) for layer in self.layers])),
             W_O=None if keep_limit(self.keep) == 0 else  # a copy of its own, for written()
             torch.stack([self.chosen_w[layer] for layer in self.layers]).detach().cpu(),
             b_O=detached(torch.stack([self.weights[layer][1] for layer in self.layers])),

@@ -80,7 +80,7 @@ class ImplicitBias(StreamedResult, KeyedFields):
     sums add and the kept inputs concatenate (up to ``keep``), so the result is the
     one a single run over the concatenated inputs gives, to float rounding (a
     forward pass over other batches can differ in float32's last bits). The parts
-    must come from the same model (provenance and ``W_O``), layers, heads, key set,
+    must come from the same model (provenance, ``gram`` and ``W_O``), layers, heads, key set,
     BOS setting and ``keep`` (ValueError otherwise). Key sets tied to input indices
     (an ``[n_inputs, key_pos]`` mask, ``find_massive`` records) describe their own
     slice and do not merge (refused): use a rule or a profile.
