@@ -8,6 +8,7 @@ Run from the repository root, on a quiet machine (timings on a shared one are no
                                                          # under the memory settings for time and memory
     python bench/bench_routes.py --json out.json --threads 4
     python bench/bench_routes.py --setup-nnsight         # once: nnsight into bench/.nnsight-venv
+    python bench/bench_routes.py --against ../v02         # adds route 7': the scan of another checkout
 
 What every route computes (except 1 and 2): for each input and each hidden state the
 scan reads, the top-k ``|x|`` entries (signed value, position, dim) and the exact lower
@@ -40,6 +41,10 @@ everywhere unless ``--eager``, for HF routes and for the bridge routes, which ru
     8 run_with_cache  bridge run_with_cache(names_filter=the points) + statistics. It runs the
                       whole model, head included: the bridge's stop_at_layer=n_layers still
                       runs the head, and the last block is read.
+    7' against        with ``--against DIR``: ``massact_lens.scan`` imported from the checkout
+                      in DIR (an older commit, in a git worktree), in the same interleaved
+                      rounds, so that its paired ratio compares two versions of the scan on
+                      one machine state. Checked like routes 3-8.
 
 Everything runs on the CPU (models pinned to "cpu", also where a GPU exists), so RSS is
 the memory that counts. Method: tokens are made once by the parent (see
@@ -105,7 +110,7 @@ from _harness import (  # noqa: E402
     warn_if_busy,
 )
 
-ROUTES = ("hf", "bridge", "hf_hidden", "hf_hooks", "nnsight", "paper", "scan", "run_with_cache")
+ROUTES = ("hf", "bridge", "hf_hidden", "hf_hooks", "nnsight", "paper", "scan", "against", "run_with_cache")
 LABELS = {
     "hf": "1 HF forward (floor)",
     "bridge": "2 bridge, stopped after last block",
@@ -114,10 +119,11 @@ LABELS = {
     "nnsight": "5 nnsight trace + stats",
     "paper": "6 paper: float64 CPU copies + stats",
     "scan": "7 massact_lens.scan",
+    "against": "7' the scan of --against",
     "run_with_cache": "8 run_with_cache + stats",
 }
 HF_ROUTES = {"hf", "hf_hidden", "hf_hooks", "nnsight", "paper"}
-CHECKED = ("hf_hidden", "hf_hooks", "nnsight", "paper", "run_with_cache")
+CHECKED = ("hf_hidden", "hf_hooks", "nnsight", "paper", "against", "run_with_cache")
 NNSIGHT_VENV = ROOT / "bench" / ".nnsight-venv"
 RTOL = 1e-4
 MODEL_NAMES = {"minilm": "MiniLM (all-MiniLM-L6-v2, 6 layers, d_model 384)",
@@ -274,17 +280,19 @@ def route_nnsight(ctx: HFContext, batches: list, top_k: int) -> tuple:
 class BridgeContext:
     """The library's TransformerBridge of the model and the hook names the scan reads."""
 
-    def __init__(self, kind: str) -> None:
-        sys.path.insert(0, str(ROOT))
+    def __init__(self, kind: str, root: str | None = None) -> None:
+        sys.path.insert(0, root or str(ROOT))  # --against: another checkout's package
         import massact_lens as ml
         from massact_lens import examples
-        from massact_lens._core.hook_names import residual_hook_names
-        from massact_lens._core.statistics import hidden_state_stats
 
         self.ml = ml
         self.model = examples.minilm("cpu") if kind == "minilm" else examples.smollm2("cpu")
-        self.names = residual_hook_names(self.model)
-        self.stats = hidden_state_stats
+        if root is None:  # the routes other than the scan read this checkout's helpers
+            from massact_lens._core.hook_names import residual_hook_names
+            from massact_lens._core.statistics import hidden_state_stats
+
+            self.names = residual_hook_names(self.model)
+            self.stats = hidden_state_stats
 
 
 def _batch_size(batches: list) -> int:
@@ -333,6 +341,7 @@ RUN = {
     "nnsight": route_nnsight,
     "paper": route_paper,
     "scan": route_scan,
+    "against": route_scan,
     "run_with_cache": route_run_with_cache,
 }
 
@@ -356,7 +365,9 @@ def child(spec: dict[str, Any]) -> None:
         if method in HF_ROUTES:
             ctx: Any = HFContext(spec["model"], spec["folder"], "eager" if spec["eager"] else "sdpa", method == "nnsight")
         else:
-            ctx = BridgeContext(spec["model"])
+            ctx = BridgeContext(spec["model"], spec.get("against") if method == "against" else None)
+            if method == "against" and not str(Path(ctx.ml.__file__).resolve()).startswith(spec["against"]):
+                raise SystemExit(f"--against: imported massact_lens from {ctx.ml.__file__}, not {spec['against']}")
     fn = RUN[method]
     results = []
     for config in data["configs"]:
@@ -475,6 +486,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, one round under the memory settings giving both time and memory")
     parser.add_argument("--json", type=Path, help="write every measurement here")
+    parser.add_argument("--against", type=Path, help="another checkout (a git worktree of an older commit): adds "
+                        "route 7', its scan, to the same rounds")
     parser.add_argument("--setup-nnsight", action="store_true", help="make bench/.nnsight-venv and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -495,6 +508,13 @@ def main() -> None:
         parser.error(f"unknown routes {sorted(unknown)}; choose from {','.join(ROUTES)}")
     if "scan" not in routes:
         routes.append("scan")  # the reference of every ratio and check
+    if args.against is not None:
+        routes = [r for r in routes if r != "against"]
+        if not (args.against / "massact_lens" / "__init__.py").is_file():
+            parser.error(f"--against {args.against}: no massact_lens package there (pass a checkout's root)")
+        routes.append("against")
+    elif "against" in routes:
+        parser.error("route 'against' needs --against DIR (another checkout's root)")
     notes = []
     if args.model == "minilm" and "hf_hidden" in routes:
         routes.remove("hf_hidden")
@@ -537,7 +557,8 @@ def main() -> None:
     corpus_file = workdir / "corpus.pt"
     torch.save({"configs": [{"batches": c["batches"]} for c in configs]}, corpus_file)
     base_spec = {"model": args.model, "folder": folder, "corpus": str(corpus_file), "threads": args.threads,
-                 "top_k": args.top_k, "eager": args.eager}
+                 "top_k": args.top_k, "eager": args.eager,
+                 "against": None if args.against is None else str(args.against.resolve())}
     env_eager = {"MASSACT_LENS_EAGER": "1"} if args.eager else {}
     os.environ.update(env_eager)
 
