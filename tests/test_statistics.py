@@ -151,13 +151,14 @@ def test_statistics_of_a_batch_read_nothing_back_per_hook(monkeypatch):
     (kthvalue) runs on the CPU here in place of numpy's, and the device ranking (unique
     int64 keys) in place of the checked topk; both give the same numbers."""
     from massact_lens._core import statistics
+    from massact_lens._core.selection import kth_on_device
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 9, 6, generator=gen)
     real = torch.arange(9)[None] < torch.tensor([9, 4, 7, 1, 9])[:, None]
     layout = statistics.RealLayout.of(real)
     on_host = hidden_state_stats(x, real, 4, layout)
-    monkeypatch.setattr(statistics, "_kth_smallest", statistics._kth_on_device)
+    monkeypatch.setattr(statistics, "kth_smallest", kth_on_device)
     monkeypatch.setattr(statistics, "_canonical_topk", statistics._canonical_topk_on_device)
     with _HostReads() as mode:
         on_device = hidden_state_stats(x, real, 4, layout)

@@ -7,7 +7,8 @@ entries are filled so that every row's median sits at the same rank (see
 :func:`lower_medians`; one slice per padded input, touching only padding). On a GPU
 the selection is ``torch.kthvalue``; on the CPU it is numpy's introselect in place
 (``ndarray.partition``, about 10x faster than ``torch.kthvalue`` there, measured by
-``bench/bench_scan.py``'s microbenchmark). Its top-k entries come in one canonical
+``bench/bench_scan.py``'s microbenchmark), inside a sampled bracket on long rows
+(:mod:`~massact_lens._core.selection`). Its top-k entries come in one canonical
 order (descending ``|x|``, equal magnitudes by position, then dim); for a long state
 only the entries of the k positions with the largest ``max |x|`` are ranked (see
 :func:`_top_entries`), for a short one every entry, in one copy of ``|x|`` that the
@@ -29,6 +30,8 @@ from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
+
+from massact_lens._core.selection import kth_smallest, topk_in_blocks
 
 __all__ = [
     "HiddenStateStats",
@@ -90,7 +93,7 @@ def lower_medians(
     k = _equalise_ranks(magnitude[None], counts)
     if k == 0:
         return torch.full((magnitude.shape[0],), float("nan"), device=magnitude.device)
-    return _with_empty_rows_nan(_kth_smallest(magnitude, k).to(magnitude.device), counts)
+    return _with_empty_rows_nan(kth_smallest(magnitude, k).to(magnitude.device), counts)
 
 
 def _equalise_ranks(flat: Float[torch.Tensor, "group batch entries"], counts: tuple[int, ...]) -> int:
@@ -114,20 +117,6 @@ def _with_empty_rows_nan(medians: torch.Tensor, counts: tuple[int, ...]) -> torc
     if empty:
         medians[..., empty] = float("nan")
     return medians
-
-
-def _kth_smallest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, the k-th smallest entry: numpy's introselect on the CPU, in place (the
-    rows are reordered: no copy of the batch), ``torch.kthvalue`` elsewhere."""
-    if magnitude.device.type == "cpu":
-        rows = magnitude.numpy()
-        rows.partition(k - 1, axis=1)
-        return torch.from_numpy(rows[:, k - 1].copy())
-    return _kth_on_device(magnitude, k)
-
-
-def _kth_on_device(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    return magnitude.kthvalue(k, dim=1).values
 
 
 def hidden_state_medians(
@@ -270,7 +259,7 @@ def _canonical_topk(magnitude: Float[torch.Tensor, "group batch n"], k: int) -> 
     check would wait for the device), :func:`_canonical_topk_on_device`."""
     n = int(magnitude.shape[-1])
     if magnitude.device.type == "cpu":
-        top, best = magnitude.topk(min(k + 1, n), dim=2)  # one more: a tie at the k-th shows
+        top, best = topk_in_blocks(magnitude, min(k + 1, n))  # one more: a tie at the k-th shows
         tie = (top[..., 1:] == top[..., :-1]) & (top[..., 1:] >= 0)
         if not (tie.any() or not torch.isfinite(top[..., 0]).all()):
             return best[..., :k]
@@ -348,7 +337,7 @@ def _stats(
     if kth == 0:
         medians = torch.full((group, batch), float("nan"), device=flat.device)
     else:
-        medians = _kth_smallest(flat.view(group * batch, n_total), kth).to(flat.device).view(group, batch)
+        medians = kth_smallest(flat.view(group * batch, n_total), kth).to(flat.device).view(group, batch)
         medians = _with_empty_rows_nan(medians, entries)
     medians = medians.masked_fill(nonfinite, float("nan"))
     positions = torch.div(index, d_model, rounding_mode="floor")
@@ -392,7 +381,7 @@ def _column_medians(
     kth = _equalise_ranks(rows, counts)
     if kth == 0:
         return torch.full((group, batch, k), float("nan"), device=magnitude.device)
-    medians = _kth_smallest(rows.view(group * k * batch, pos), kth).to(magnitude.device).view(group, k, batch)
+    medians = kth_smallest(rows.view(group * k * batch, pos), kth).to(magnitude.device).view(group, k, batch)
     return _with_empty_rows_nan(medians, counts).permute(0, 2, 1)
 
 
