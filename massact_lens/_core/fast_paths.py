@@ -183,9 +183,7 @@ def _lean_norm(self: Any, hidden_states: torch.Tensor, **kwargs: Any) -> torch.T
         return type(self).forward(self, hidden_states, **kwargs)
     hidden_states = self.hook_in(hidden_states)
     result = self.original_component(hidden_states)
-    if result.dtype != hidden_states.dtype:
-        result = result.to(hidden_states.dtype)
-    return self.hook_out(result)
+    return self.hook_out(result.to(hidden_states.dtype))  # no copy when the dtype is the same
 
 
 def _native_norm(component: Any) -> bool:
@@ -239,6 +237,19 @@ def _lean_methods(module: torch.nn.Module, bridge: _Bridge) -> dict[str, Callabl
     return {}
 
 
+def _modules_but_hook_points(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Every submodule once but hook points (no lean path replaces them): 760 of SmolLM2's 2,002."""
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        for child in stack.pop()._modules.values():
+            if child is None or isinstance(child, HookPoint) or id(child) in seen:
+                continue
+            seen.add(id(child))
+            stack.append(child)
+            yield child
+
+
 @contextlib.contextmanager
 def lean_components(model: torch.nn.Module) -> Iterator[int]:
     """Inside: the bridge's attention and norm components take the HuggingFace path
@@ -254,8 +265,8 @@ def lean_components(model: torch.nn.Module) -> Iterator[int]:
         yield 0
         return
     touched: list[tuple[torch.nn.Module, tuple[str, ...]]] = []
-    try:
-        for module in model.modules():
+    try:  # not model.modules(): its 1,242 hook points made that walk 3x as long on SmolLM2
+        for module in _modules_but_hook_points(model):
             lean = _lean_methods(module, bridge)
             if not lean or module._modules.get("_original_component") is None:
                 continue
