@@ -64,19 +64,21 @@ def kth_bracketed(rows: np.ndarray, k: int) -> np.ndarray:
     below = rows < sample[:, low_rank, None]
     inside = (rows <= sample[:, high_rank, None]) & ~below
     inside_values = rows[inside]  # row after row
+    n_inside = np.count_nonzero(inside, axis=1)
+    wanted = (k - 1) - np.count_nonzero(below, axis=1)  # its rank among the row's entries inside
+    ends = np.cumsum(n_inside).tolist()
+    hit = ((wanted >= 0) & (wanted < n_inside)).tolist()
     out = np.empty(n_rows, dtype=rows.dtype)
     start = 0
-    for r in range(n_rows):
-        n_in = int(np.count_nonzero(inside[r]))
-        want = k - 1 - int(np.count_nonzero(below[r]))
-        if 0 <= want < n_in:
-            part = inside_values[start:start + n_in]
+    for r, (end, want) in enumerate(zip(ends, wanted.tolist(), strict=True)):
+        if hit[r]:
+            part = inside_values[start:end]
             part.partition(want)
             out[r] = part[want]
         else:  # the bracket missed: the whole row
             rows[r].partition(k - 1)
             out[r] = rows[r, k - 1]
-        start += n_in
+        start = end
     return out
 
 
