@@ -22,10 +22,12 @@ not the method, decides the numbers).
 
 Retention: the bytes a ScanResult keeps, at two corpus sizes, per input.
 
-Median microbenchmark (``--micro`` runs only this): the lower median of each row of a
+Selection microbenchmark (``--micro`` runs only this): the lower median of each row of a
 ``[batch, pos x d_model]`` float32 magnitude matrix, as massact_lens._core.statistics finds it
-on the CPU (one ``np.partition`` per batch) against ``torch.kthvalue`` and
-``torch.median``, best of several calls, after checking that all three agree.
+on the CPU (inside a sampled bracket, ``_core/selection.py``) against a whole-row
+``np.partition`` (what it did before), ``torch.kthvalue`` and ``torch.median``; and the
+top 11 of each row, in blocks (``topk_in_blocks``) against ``torch.topk``. Best of several
+calls, after checking that all agree.
 
 The scan against seven other ways to the same statistics (HF forward, hooks,
 output_hidden_states, nnsight, the paper's float64 copies, run_with_cache), one fresh
@@ -54,6 +56,7 @@ import massact_lens as ml  # noqa: E402
 from massact_lens._core.batching import plan_batches  # noqa: E402
 from massact_lens._core.hook_names import residual_hook_names  # noqa: E402
 from massact_lens._core.loop import UserHooks, last_block_hook, measure  # noqa: E402
+from massact_lens._core.selection import topk_in_blocks  # noqa: E402
 from massact_lens._core.statistics import hidden_state_stats, lower_medians  # noqa: E402
 from massact_lens.examples import minilm  # noqa: E402
 
@@ -144,13 +147,15 @@ def retained_bytes(result: ml.ScanResult) -> int:
 
 
 def median_micro(quick: bool) -> None:
-    """Lower median per row: the library's one-selection np.partition vs torch.kthvalue / median."""
+    """Lower median and top 11 per row: the library's selection against numpy's and torch's own."""
     batch, d_model = 16, 384
     lengths = (16, 128) if quick else (16, 128, 512)
     repeats = 3 if quick else 7
-    print(f"\nLower median of each row of [{batch}, pos x {d_model}] float32 |x| "
-          f"({torch.get_num_threads()} thread(s), best of {repeats}):")
-    print(f"{'pos':>6}{'np.partition (library) ms':>28}{'torch.kthvalue ms':>20}{'torch.median ms':>18}{'kthvalue / partition':>22}")
+    print(f"\nLower median and top 11 of each row of [{batch}, pos x {d_model}] float32 |x| "
+          f"({torch.get_num_threads()} thread(s), best of {repeats}), ms:")
+    header = ("pos", "library", "np.partition", "torch.kthvalue", "torch.median", "partition / library",
+              "top-11 blocks", "torch.topk", "topk / blocks")
+    print("".join(f"{h:>{max(len(h) + 2, 8)}}" for h in header))
     generator = torch.Generator().manual_seed(0)
     for pos in lengths:
         x = torch.randn(batch, pos * d_model, generator=generator).abs()
@@ -160,26 +165,41 @@ def median_micro(quick: bool) -> None:
         def library(x=x, n_real=n_real):
             return lower_medians(x.clone(), n_real)
 
+        def partition(x=x, k=k):
+            rows = x.clone().numpy()
+            rows.partition(k - 1, axis=1)
+            return torch.from_numpy(rows[:, k - 1].copy())
+
         def kth(x=x, k=k):
             return x.kthvalue(k, dim=1).values
 
         def med(x=x):
             return x.median(dim=1).values
 
+        def blocks(x=x):
+            return topk_in_blocks(x[None], 11)[0][0]
+
+        def topk(x=x):
+            return x.topk(11, dim=1).values
+
         reference = med()
-        for fn in (library, kth):
+        for fn in (library, partition, kth):
             if not torch.equal(fn(), reference):
                 raise AssertionError(f"{fn.__name__} disagrees with torch.median at pos {pos}")
+        if not torch.equal(blocks(), topk()):
+            raise AssertionError(f"the blocks' top 11 disagrees with torch.topk at pos {pos}")
         best = {}
-        for fn in (library, kth, med):
+        for fn in (library, partition, kth, med, blocks, topk):
             runs = []
             for _ in range(repeats):
                 start = time.perf_counter()
                 fn()
                 runs.append(time.perf_counter() - start)
-            best[fn.__name__] = min(runs)
-        print(f"{pos:>6}{best['library'] * 1e3:>28.2f}{best['kth'] * 1e3:>20.2f}{best['med'] * 1e3:>18.2f}"
-              f"{best['kth'] / best['library']:>22.1f}")
+            best[fn.__name__] = min(runs) * 1e3
+        cells = (pos, best["library"], best["partition"], best["kth"], best["med"], best["partition"] / best["library"],
+                 best["blocks"], best["topk"], best["topk"] / best["blocks"])
+        print("".join(f"{c:>{max(len(h) + 2, 8)}.2f}" if isinstance(c, float) else f"{c:>{max(len(h) + 2, 8)}}"
+                      for c, h in zip(cells, header, strict=True)))
 
 
 def main() -> None:
