@@ -566,3 +566,36 @@ def test_bad_positions_and_modes_are_named():
     with pytest.raises(ValueError, match="operation must be 'set' or 'scale'"):
         iv.EditHook("add", (1.0,), None, iv.all_positions())
 
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_position_edits_on_per_head_hooks_edit_every_head_at_those_positions(arch):
+    """hook_k is [batch, pos, head, d_head]. A position mask used to broadcast one axis off:
+    with as many positions as heads (tiny GPT-2: 4 and 4) it zeroed head 0 at every position,
+    silently; otherwise a shape error. Now a position edit takes every head and d_head entry
+    there (``dims``: d_head entries)."""
+    model = tiny_model(arch)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    for dims in (None, [1, 3]):
+        seen = {}
+
+        def keep(x, hook, seen=seen):  # noqa: ARG001
+            seen["k"] = x.clone()
+
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_k", iv.zero_hook(dims=dims, positions="start")),
+                                                ("blocks.0.attn.hook_k", keep)])
+        k = seen["k"]
+        assert k.ndim == 4
+        edited = k[:, 0] if dims is None else k[:, 0, :, dims]
+        assert (edited == 0).all()
+        assert (k[:, 1:] != 0).all()  # the other positions, every head
+        if dims is not None:
+            assert (k[:, 0, :, [0, 2]] != 0).all()
+
+
+def test_rules_that_read_hidden_states_refuse_per_head_hooks():
+    model = tiny_model("llama")
+    hook = iv.zero_hook(positions=iv.where_massive(min_value=1.0, min_ratio=2.0))
+    with pytest.raises(ValueError, match="per head"):
+        model.run_with_hooks(torch.tensor([[5, 6, 7, 8]]), fwd_hooks=[("blocks.0.attn.hook_q", hook)])
+    assert not any(p.has_hooks() for p in model.hook_dict.values())  # nothing left attached

@@ -59,25 +59,27 @@ class RuleHook(Protocol):
 
 
 def edit_entries(
-    activation: Float[torch.Tensor, "batch pos d_model"],
+    activation: Float[torch.Tensor, "batch pos *entry"],
     selected: Bool[torch.Tensor, "_ pos *cols"],
     dims: Int[torch.Tensor, " n_dims"] | None,
     operation: Operation,
     amount: Sequence[float],
-) -> Float[torch.Tensor, "batch pos d_model"]:
+) -> Float[torch.Tensor, "batch pos *entry"]:
     """Set (or scale) the ``selected`` entries of columns ``dims`` to (by) ``amount``.
 
     ``selected`` is a position mask ``[1 or batch, pos]`` or an entry mask
     ``[1 or batch, pos, n_dims]`` over ``dims`` (all columns when None); ``amount``
-    holds one number or one per dim. Writes in place and returns ``activation``,
+    holds one number or one per dim. On a per-head activation ``[batch, pos, head,
+    d_head]`` (hook_q/k/v/z) a position mask takes every head there, and ``dims`` are
+    d_head entries. Writes in place and returns ``activation``,
     unless it requires grad: then a clone is edited and returned.
 
     >>> x = torch.zeros(1, 2, 3)
     >>> edit_entries(x, torch.tensor([[True, False]]), torch.tensor([0, 2]), "set", [7.0, 8.0])[0].tolist()
     [[7.0, 0.0, 8.0], [0.0, 0.0, 0.0]]
     """
-    if selected.ndim == 2:
-        selected = selected[..., None]
+    if selected.ndim == 2:  # positions: every entry there ([batch, pos, head, d_head] too, not one axis off)
+        selected = selected.reshape(*selected.shape, *([1] * (activation.ndim - 2)))
     target = activation.clone() if activation.requires_grad else activation
     columns = target if dims is None else target[..., dims]
     values = torch.tensor(amount, device=activation.device, dtype=activation.dtype)
@@ -136,9 +138,14 @@ class EditHook:
         if activation.ndim == 2:  # run_with_hooks(remove_batch_dim=True) dropped a batch of one
             return self(activation[None], hook)[0]
         d_model = int(activation.shape[-1])
+        where = f" at {hook.name!r}" if getattr(hook, "name", None) else ""
         if self.dims is not None and max(self.dims) >= d_model:
-            where = f" at {hook.name!r}" if getattr(hook, "name", None) else ""
             raise ValueError(f"Dim {max(self.dims)} does not exist{where}: the hidden state has {d_model} dims.")
+        if activation.ndim > 3 and self.positions.reads_activation:
+            raise ValueError(
+                f"{self.positions.describe()} reads a hidden state [batch, pos, d_model], but the activation{where} "
+                f"is {list(activation.shape)} (per head: hook_q/k/v/z). Edit it at positions (start_token(), "
+                "at_positions(...), a mask), or apply this rule to the residual stream.")
         ctx = run_context(self.tracker, self.positions, activation, "hook")
         index = None if self.dims is None else torch.tensor(self.dims, device=activation.device)
         selected = self.positions.select(activation, index, ctx)
