@@ -61,11 +61,13 @@ def kth_bracketed(rows: np.ndarray, k: int) -> np.ndarray:
     centre = (k - 1) * s // n
     low_rank, high_rank = max(centre - margin, 0), min(centre + margin, s - 1)
     sample.partition([low_rank, high_rank], axis=1)
-    below = rows < sample[:, low_rank, None]
-    inside = (rows <= sample[:, high_rank, None]) & ~below
+    low, high = sample[:, low_rank, None], sample[:, high_rank, None]
+    # its rank among the row's entries inside; at most two [rows, n] masks live at once
+    wanted = (k - 1) - np.count_nonzero(rows < low, axis=1)
+    inside = rows >= low  # NaN is in neither: numpy ranks it last, above every bracket
+    inside &= rows <= high
     inside_values = rows[inside]  # row after row
     n_inside = np.count_nonzero(inside, axis=1)
-    wanted = (k - 1) - np.count_nonzero(below, axis=1)  # its rank among the row's entries inside
     ends = np.cumsum(n_inside).tolist()
     hit = ((wanted >= 0) & (wanted < n_inside)).tolist()
     out = np.empty(n_rows, dtype=rows.dtype)
