@@ -50,12 +50,22 @@ def test_the_bracketed_kth_smallest_is_numpys(kind):
             assert np.array_equal(got, want, equal_nan=True), (kind, n, k)
 
 
-def test_kth_smallest_takes_the_bracket_on_long_rows_only():
+def test_kth_smallest_takes_the_bracket_on_long_rows_only(monkeypatch):
+    from massact_lens._core import selection
+
+    calls = []
+
+    def counted(rows, k):
+        calls.append(rows.shape)
+        return kth_bracketed(rows, k)
+
+    monkeypatch.setattr(selection, "kth_bracketed", counted)
     x = torch.rand(4, 3000)
     for rows in (x, x[:, :100]):
         k = rows.shape[1] // 2
         want = rows.kthvalue(k, dim=1).values
         assert torch.equal(kth_smallest(rows.clone(), k), want)
+    assert calls == [(4, 3000)]  # the long rows only
 
 
 def test_long_hidden_states_keep_the_exact_lower_median_with_padding():

@@ -44,9 +44,10 @@ def kth_bracketed(rows: np.ndarray, k: int) -> np.ndarray:
     bracket instead of the whole row. A strided sample's order statistics around rank
     ``k`` give each row a bracket ``[lo, hi]``; with ``c`` entries below ``lo`` and the
     k-th inside it (``c < k <= c + n_in``), the answer is the ``(k - c)``-th smallest
-    inside, a few percent of the row. A row whose bracket misses (or is NaN) is
-    partitioned whole. Exact either way; about two thirds of a full partition's time
-    on 576-wide hidden states of a dozen tokens. ``rows`` is overwritten.
+    inside, about a tenth of the row on a dozen tokens and less on longer rows. A row
+    whose bracket misses (or is NaN) is partitioned whole. Exact either way; 0.85x a
+    whole-row partition's time on 16 tokens of 384 dims, 0.4x on 128 and 512
+    (``python bench/bench_scan.py --micro``). ``rows`` is overwritten.
 
     >>> rows = np.random.default_rng(0).random((3, 5000), dtype=np.float32)
     >>> bool((kth_bracketed(rows.copy(), 2500) == np.partition(rows, 2499, axis=1)[:, 2499]).all())
@@ -69,11 +70,11 @@ def kth_bracketed(rows: np.ndarray, k: int) -> np.ndarray:
     inside_values = rows[inside]  # row after row
     n_inside = np.count_nonzero(inside, axis=1)
     ends = np.cumsum(n_inside).tolist()
-    hit = ((wanted >= 0) & (wanted < n_inside)).tolist()
+    hits = ((wanted >= 0) & (wanted < n_inside)).tolist()
     out = np.empty(n_rows, dtype=rows.dtype)
     start = 0
-    for r, (end, want) in enumerate(zip(ends, wanted.tolist(), strict=True)):
-        if hit[r]:
+    for r, (end, want, hit) in enumerate(zip(ends, wanted.tolist(), hits, strict=True)):
+        if hit:
             part = inside_values[start:end]
             part.partition(want)
             out[r] = part[want]
@@ -102,8 +103,9 @@ def topk_in_blocks(
     When a row's ``(j-1)``-th and ``j``-th largest values differ, the ``j - 1`` entries
     above lie in at most ``j - 1`` blocks, each with a larger maximum than any other
     block: the ``j`` blocks with the largest maxima (and the tail after the last whole
-    block) hold them, so one ``amax`` pass and a ``topk`` over those blocks find them,
-    in about half a plain ``topk``'s time on a dozen tokens of 576 dims. When those two
+    block) hold them, so one ``amax`` pass and a ``topk`` over those blocks find them:
+    0.6x a plain ``topk``'s time on 16 tokens of 384 dims, 0.2x on 128 and 512
+    (``python bench/bench_scan.py --micro``). When those two
     values tie, the blocks may miss an equal entry of lower index, but then what this
     returns ties too (and a NaN or infinity comes back first): the caller,
     ``statistics._canonical_topk``, sees that and ranks the row canonically. Short or

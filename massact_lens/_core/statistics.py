@@ -6,9 +6,9 @@ for an even count), found for a whole padded batch with **one** selection: paddi
 entries are filled so that every row's median sits at the same rank (see
 :func:`lower_medians`; one slice per padded input, touching only padding). On a GPU
 the selection is ``torch.kthvalue``; on the CPU it is numpy's introselect in place
-(``ndarray.partition``, about 10x faster than ``torch.kthvalue`` there, measured by
-``bench/bench_scan.py``'s microbenchmark), inside a sampled bracket on long rows
-(:mod:`~massact_lens._core.selection`). Its top-k entries come in one canonical
+(``ndarray.partition``), inside a sampled bracket on long rows
+(:mod:`~massact_lens._core.selection`): 2.5-5x faster than ``torch.kthvalue`` there
+(``python bench/bench_scan.py --micro``). Its top-k entries come in one canonical
 order (descending ``|x|``, equal magnitudes by position, then dim); for a long state
 only the entries of the k positions with the largest ``max |x|`` are ranked (see
 :func:`_top_entries`), for a short one every entry, in one copy of ``|x|`` that the
