@@ -4,7 +4,7 @@ Run from the repository root:
 
     python bench/bench_scan.py            # MiniLM, 128 inputs of ~100 tokens
     python bench/bench_scan.py --quick    # fewer inputs, for a smoke run
-    python bench/bench_scan.py --micro    # only the median microbenchmark (seconds)
+    python bench/bench_scan.py --micro    # only the selection microbenchmark and the statistics' share (seconds)
 
 Time: the methods run interleaved in one process, ``--repeats`` rounds, and
 the median wall time of each is reported with its ratio to the bare pass (ratios
@@ -27,7 +27,8 @@ Selection microbenchmark (``--micro`` runs only this): the lower median of each 
 on the CPU (inside a sampled bracket, ``_core/selection.py``) against a whole-row
 ``np.partition`` (what it did before), ``torch.kthvalue`` and ``torch.median``; and the
 top 11 of each row, in blocks (``topk_in_blocks``) against ``torch.topk``. Best of several
-calls, after checking that all agree.
+calls, after checking that all agree. Then the scan of MiniLM on 256 short sentences and the
+statistics' own share of its time.
 
 The scan against seven other ways to the same statistics (HF forward, hooks,
 output_hidden_states, nnsight, the paper's float64 copies, run_with_cache), one fresh
@@ -202,6 +203,39 @@ def median_micro(quick: bool) -> None:
                       for c, h in zip(cells, header, strict=True)))
 
 
+def scan_share(quick: bool) -> None:
+    """The scan of MiniLM on 256 short sentences (bench_routes' short row): its wall time and
+    the statistics' own (every ``grouped_stats`` call, timed inside the scan), in one process."""
+    from massact_lens.examples.sentences import SENTENCES
+    from massact_lens.find import _scan_stats
+
+    model = minilm("cpu")
+    texts = [SENTENCES[i % len(SENTENCES)] for i in range(64 if quick else 256)]
+    grouped, spent = _scan_stats.grouped_stats, [0.0]
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = grouped(*args, **kwargs)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    _scan_stats.grouped_stats = timed
+    runs = []
+    try:
+        ml.scan(model, texts[:16], progress=False)  # warm-up
+        for _ in range(3 if quick else 7):
+            spent[0], start = 0.0, time.perf_counter()
+            ml.scan(model, texts, progress=False)
+            runs.append((time.perf_counter() - start, spent[0]))
+    finally:
+        _scan_stats.grouped_stats = grouped
+    wall, stats = (sorted(column) for column in zip(*runs, strict=True))
+    middle = len(runs) // 2
+    print(f"\nScan of MiniLM, {len(texts)} short sentences ({torch.get_num_threads()} thread(s), {len(runs)} runs), "
+          f"min / median: scan {wall[0]:.3f} / {wall[middle]:.3f} s, its statistics {stats[0] * 1e3:.0f} / "
+          f"{stats[middle] * 1e3:.0f} ms ({stats[middle] / wall[middle]:.1%} of the median scan)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", type=int, default=128)
@@ -217,6 +251,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.micro:
         median_micro(args.quick)
+        scan_share(args.quick)
         return
     if args.quick:
         args.inputs, args.words, args.repeats = 32, 40, 2
