@@ -593,6 +593,53 @@ def test_position_edits_on_per_head_hooks_edit_every_head_at_those_positions(arc
             assert (k[:, 0, :, [0, 2]] != 0).all()
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_position_edits_on_per_head_hooks_survive_remove_batch_dim(arch):
+    """run_with_hooks(remove_batch_dim=True) hands a batch of one per head as [pos, head,
+    d_head]. The edit once read that as [batch, pos, d_model]: "start" zeroed head 0 at
+    every position (5 positions, 4 heads: no error). It reads the point's layout from
+    hook.name now, so the edit is the batched one."""
+    model = tiny_model(arch)
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    runs = []
+    for squeeze in (False, True):
+        seen = {}
+
+        def keep(x, hook, seen=seen):  # noqa: ARG001
+            seen["k"] = x.clone()
+
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_k", iv.zero_hook(dims=[1, 3], positions="start")),
+                                                ("blocks.0.attn.hook_k", keep)], remove_batch_dim=squeeze)
+        runs.append(seen["k"] if seen["k"].ndim == 4 else seen["k"][None])
+    batched, squeezed = runs
+    assert torch.equal(batched, squeezed)
+    assert (squeezed[0, 0, :, [1, 3]] == 0).all() and (squeezed[0, 1:] != 0).all()
+
+
+@pytest.mark.parametrize("name", ["blocks.0.attn.hook_pattern", "blocks.0.attn.hook_attn_scores"])
+def test_edits_refuse_attention_patterns(name):
+    """A pattern is [batch, head, query, key]: an edit's positions would pick heads (it once
+    zeroed head 0's whole pattern for "start"). Refused before any pass in a hook list,
+    and when called bare, with nothing left attached."""
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="pick heads"):
+        iv.edit_hooks(model, iv.zero_hook(positions="start"), hooks=name)
+    with pytest.raises(ValueError, match="pick heads"):
+        model.run_with_hooks(torch.tensor([[5, 6, 7]]), fwd_hooks=[(name, iv.zero_hook(positions="start"))])
+    assert not any(p.has_hooks() for p in model.hook_dict.values())
+
+
+def test_patches_refuse_per_head_points_before_running():
+    """A patch writes d_model-wide entries: on hook_k its dims once picked heads (dims=[1]
+    copied head 1's whole key). Refused before the source is run."""
+    from massact_lens.evaluate import patching_hooks
+
+    model = tiny_model("llama")
+    for name in ("blocks.0.attn.hook_k", "blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern"):
+        with pytest.raises(ValueError, match="cannot go at"):
+            patching_hooks(model, torch.tensor([[5, 6, 7, 8]]), dims=[1], hooks=name)
+
+
 def test_rules_that_read_hidden_states_refuse_per_head_hooks():
     model = tiny_model("llama")
     hook = iv.zero_hook(positions=iv.where_massive(min_value=1.0, min_ratio=2.0))

@@ -18,7 +18,11 @@ different hook point depending on where the model puts its LayerNorms:
 
 A hook function sees ``hook.name`` = the *underlying* name of the point
 (``blocks.0.hook_out``), not the alias asked for (``blocks.0.hook_resid_post``):
-the library never routes on ``hook.name``; it closes over its own labels.
+the library's measurements never route on ``hook.name``; they close over their own
+labels. Only the edit and patch hooks read one thing from it, the point's layout
+(:func:`point_layout`): called by TransformerLens, with the batch dropped by
+``run_with_hooks(remove_batch_dim=True)``, nothing else tells a per-head
+``[pos, head, d_head]`` from a residual ``[batch, pos, d_model]``.
 
 Usage
 -----
@@ -34,6 +38,7 @@ from __future__ import annotations
 import numbers
 import re
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from transformer_lens.model_protocol import TransformerLensModel
 
@@ -45,11 +50,13 @@ __all__ = [
     "RESID_POST",
     "POST_NORM_SUMS",
     "attention_hook",
+    "check_edit_point",
     "expand_hook_names",
     "final_hidden_hook",
     "is_post_norm",
     "layer_of",
     "mlp_hook",
+    "point_layout",
     "residual_hook_names",
     "resolve_hook_names",
 ]
@@ -93,6 +100,62 @@ _ATTENTION_HOOKS = {
     "ln1_out": "blocks.{layer}.ln1.hook_out",
     "resid_pre": "blocks.{layer}.hook_resid_pre",
 }
+
+
+#: Points whose activation is per head, ``[batch, pos, head, d_head]`` (``d_model`` for the
+#: split inputs and the per-head results): the bridge's names and TransformerLens' aliases.
+_PER_HEAD_POINTS = (
+    "attn.q.hook_out", "attn.k.hook_out", "attn.v.hook_out", "attn.o.hook_in",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_result", "attn.hook_attn_in", "attn.hook_q_input", "attn.hook_k_input", "attn.hook_v_input",
+)
+#: Attention scores and patterns, ``[batch, head, query, key]``.
+_PATTERN_POINTS = ("attn.hook_attn_scores", "attn.hook_pattern")
+
+
+def point_layout(name: str | None) -> Literal["residual", "head", "pattern"]:
+    """How a hook point's activation is laid out, from its name (a bridge name or an alias):
+    ``"head"`` ``[batch, pos, head, d_head]``, ``"pattern"`` ``[batch, head, query, key]``,
+    else ``"residual"`` ``[batch, pos, width]`` (also for no name).
+
+    >>> point_layout("blocks.0.attn.hook_k"), point_layout("blocks.0.attn.o.hook_in")
+    ('head', 'head')
+    >>> point_layout("blocks.3.attn.hook_pattern"), point_layout("blocks.3.hook_resid_post")
+    ('pattern', 'residual')
+    """
+    if name is None:
+        return "residual"
+    tail = name.split(".", 2)[-1] if _BLOCK_RE.match(name) else name
+    if tail in _PER_HEAD_POINTS:
+        return "head"
+    if tail in _PATTERN_POINTS:
+        return "pattern"
+    return "residual"
+
+
+def check_edit_point(name: str | None, what: str, per_head: bool = True) -> None:
+    """ValueError when ``what`` (an edit, a patch) cannot write at the point ``name``: never at
+    an attention pattern or score (``[batch, head, query, key]``: positions would pick
+    heads), and at a per-head point only when ``per_head``.
+
+    >>> check_edit_point("blocks.0.attn.hook_pattern", "An edit")
+    Traceback (most recent call last):
+    ...
+    ValueError: An edit cannot go at 'blocks.0.attn.hook_pattern': an attention pattern is [batch, head, query, key], so its positions would pick heads. Edit the residual stream or q/k/v/z, or change attention with massact_lens.attention.bias_surgery.
+    """
+    layout = point_layout(name)
+    if layout == "pattern":
+        raise ValueError(
+            f"{what} cannot go at {name!r}: an attention pattern is [batch, head, query, key], so its positions "
+            "would pick heads. Edit the residual stream or q/k/v/z, or change attention with "
+            "massact_lens.attention.bias_surgery."
+        )
+    if layout == "head" and not per_head:
+        raise ValueError(
+            f"{what} cannot go at {name!r}: it is per head ([batch, pos, head, d_head]) and this writes "
+            "d_model-wide entries. Use a residual-stream point (hook_resid_post, hook_attn_out, ...), "
+            "or zero_hook/value_hook there, which edit every head's d_head entries."
+        )
 
 
 def attention_hook(kind: str, layer: int) -> str:

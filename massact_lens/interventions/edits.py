@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
+from massact_lens._core.hook_names import check_edit_point, point_layout
 from massact_lens.find.profiles import MassiveProfile
 from massact_lens.interventions._checks import (
     OPERATIONS,
@@ -56,6 +57,10 @@ class RuleHook(Protocol):
     positions: PositionRule
 
     def bound(self, tracker: TokenTracker) -> Any: ...
+
+    def check_point(self, name: str | None) -> None:
+        """ValueError when the hook cannot edit the point ``name`` (by its layout)."""
+        ...
 
 
 def edit_entries(
@@ -132,13 +137,21 @@ class EditHook:
         """A copy that reads tokens and positions from ``tracker``."""
         return replace(self, tracker=tracker)
 
+    def check_point(self, name: str | None) -> None:
+        """ValueError on an attention pattern or score point: its axes are [batch, head, query,
+        key], so an edit's positions would pick heads."""
+        check_edit_point(name, "An edit")
+
     def __call__(
         self, activation: Float[torch.Tensor, "*batch pos d_model"], hook: Any = None
     ) -> Float[torch.Tensor, "*batch pos d_model"]:
-        if activation.ndim == 2:  # run_with_hooks(remove_batch_dim=True) dropped a batch of one
+        name = getattr(hook, "name", None)
+        self.check_point(name)
+        if activation.ndim == (4 if point_layout(name) == "head" else 3) - 1:
+            # run_with_hooks(remove_batch_dim=True) dropped a batch of one ([pos, head, d_head] per head)
             return self(activation[None], hook)[0]
         d_model = int(activation.shape[-1])
-        where = f" at {hook.name!r}" if getattr(hook, "name", None) else ""
+        where = f" at {name!r}" if name else ""
         if self.dims is not None and max(self.dims) >= d_model:
             raise ValueError(f"Dim {max(self.dims)} does not exist{where}: the hidden state has {d_model} dims.")
         if activation.ndim > 3 and self.positions.reads_activation:

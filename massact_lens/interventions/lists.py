@@ -76,8 +76,9 @@ def check_dims(model: TransformerLensModel, name: str, dims: tuple[int, ...] | N
 def intervention_hooks(model: TransformerLensModel, edits: Sequence[tuple[str, HookFn]]) -> HookList:
     """Validate ``(hook name, hook)`` pairs and make them a self-contained hook list.
 
-    Hook names are checked against the model, dims of edit (and patch) hooks
-    against ``d_model`` and their positions against the model (what an edit was given
+    Hook names are checked against the model, and against what each edit (or patch)
+    hook can write (no attention patterns; patches no per-head points), dims of edit
+    hooks against ``d_model`` and their positions against the model (what an edit was given
     before the model was known, ``positions="delimiters"`` say, is completed here:
     :func:`~massact_lens.interventions.as_positions`), all before any forward pass.
     Those hooks are bound to one :class:`TokenTracker`, whose hooks come first. Other
@@ -109,6 +110,7 @@ def intervention_hooks(model: TransformerLensModel, edits: Sequence[tuple[str, H
     for name, fn in pairs:
         resolve_hook_names(model, name)
         if isinstance(fn, RuleHook):
+            fn.check_point(name)
             check_dims(model, name, fn.dims)
             rule = as_positions(model, fn.positions)
             if rule is not fn.positions:  # completed for this model (RuleHooks are dataclasses)
