@@ -65,6 +65,7 @@ import torch
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_protocol import TransformerLensModel
 
+from massact_lens._core.hook_names import point_layout
 from massact_lens._core.probes import PROBE_KERNEL, delegates_attention, register_probe_kernel
 from massact_lens._core.types import weights_processed
 
@@ -422,10 +423,6 @@ def attention_for_run(model: TransformerLensModel) -> Iterator[Callable[[Iterabl
             _set_kernel(choice.hf, choice.original)
 
 
-#: Hook points that only eager attention fills.
-_PATTERN_HOOKS = ("hook_pattern", "hook_attn_scores")
-
-
 def reads_attention_pattern(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> bool:
     """True when ``hook_names``, or a hook already attached to the model, reads an
     attention pattern or score (which only eager attention computes).
@@ -434,10 +431,10 @@ def reads_attention_pattern(model: TransformerLensModel, hook_names: Iterable[st
     >>> reads_attention_pattern(minilm(), ["blocks.0.attn.hook_pattern"]), reads_attention_pattern(minilm())
     (True, False)
     """
-    if any(str(name).endswith(_PATTERN_HOOKS) for name in hook_names):
+    if any(point_layout(str(name)) == "pattern" for name in hook_names):  # only eager attention fills them
         return True
     points = getattr(model, "hook_dict", {})
-    return any(name.endswith(_PATTERN_HOOKS) and point.has_hooks() for name, point in points.items())
+    return any(point_layout(name) == "pattern" and point.has_hooks() for name, point in points.items())
 
 
 def fast_attention(model: TransformerLensModel, hook_names: Iterable[str] = ()) -> contextlib.AbstractContextManager[None]:
