@@ -153,8 +153,9 @@ def check_edit_point(name: str | None, what: str, per_head: bool = True) -> None
     if layout == "head" and not per_head:
         raise ValueError(
             f"{what} cannot go at {name!r}: it is per head ([batch, pos, head, d_head]) and this writes "
-            "d_model-wide entries. Use a residual-stream point (hook_resid_post, hook_attn_out, ...), "
-            "or zero_hook/value_hook there, which edit every head's d_head entries."
+            "d_model-wide entries. Use a residual-stream point (hook_resid_post, hook_attn_out, ...); to "
+            "change this point, use zero_hook, value_hook or scale_hook (every head's d_head entries "
+            "at the positions)."
         )
 
 
