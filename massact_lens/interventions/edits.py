@@ -102,8 +102,10 @@ class EditHook:
     """``fn(activation, hook)``: rewrite chosen dims at chosen positions, nothing else.
 
     Called as TransformerLens calls hooks: ``fn(activation, hook=hook)``, or
-    ``fn(activation, hook)`` with ``[pos, d_model]`` under
-    ``run_with_hooks(..., remove_batch_dim=True)``.
+    ``fn(activation, hook)`` with ``[pos, d_model]`` (``[pos, head, d_head]`` at a
+    per-head point such as ``hook_k``: the layout comes from ``hook.name``) under
+    ``run_with_hooks(..., remove_batch_dim=True)``. Attention patterns and scores are
+    refused (their positions would pick heads).
 
     Built by :func:`zero_hook`, :func:`value_hook`, :func:`scale_hook`,
     :func:`mean_hook`. It keeps no state: each call asks ``positions`` where, then
