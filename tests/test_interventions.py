@@ -635,9 +635,37 @@ def test_patches_refuse_per_head_points_before_running():
     from massact_lens.evaluate import patching_hooks
 
     model = tiny_model("llama")
-    for name in ("blocks.0.attn.hook_k", "blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern"):
-        with pytest.raises(ValueError, match="cannot go at"):
+    for name, why in (("blocks.0.attn.hook_k", "per head"), ("blocks.0.attn.hook_z", "per head"),
+                      ("blocks.0.hook_q_input", "per head"), ("blocks.0.attn.hook_pattern", "pick heads")):
+        with pytest.raises(ValueError, match=why):
             patching_hooks(model, torch.tensor([[5, 6, 7, 8]]), dims=[1], hooks=name)
+
+
+def test_layouts_are_read_through_aliases_and_pos_dim():
+    """A block-level alias of a per-head point (blocks.0.hook_q_input is attn.hook_q_input)
+    counts as per head before any pass; a pattern anywhere (cross-attention too) is a
+    pattern; a point whose positions TransformerLens marks on another axis (pos_dim 2,
+    Gemma 3's [batch, head, pos, d_head] q/k norms) is refused, not edited along heads."""
+    from transformer_lens.hook_points import HookPoint
+
+    from massact_lens._core.hook_names import check_edit_point, point_layout, point_names
+
+    model = tiny_model("llama")
+    names = point_names(model, "blocks.0.hook_q_input")
+    assert [point_layout(n) for n, _ in names] == ["head", "head"]
+    with pytest.raises(ValueError, match="per head"):
+        for name, pos_dim in names:
+            check_edit_point(name, "A patch", per_head=False, pos_dim=pos_dim)
+    assert point_layout("blocks.0.cross_attn.hook_pattern") == "pattern"
+    hook = HookPoint()
+    hook.name, hook.pos_dim = "blocks.0.attn.hook_q_normed", 2
+    with pytest.raises(ValueError, match="axis 2"):
+        iv.zero_hook(positions="start")(torch.ones(1, 4, 3, 8), hook=hook)
+    # A per-head point that fires flat ([batch, pos, heads x d_head], by keyword) stays a
+    # batch: position 0 of both inputs, nothing else.
+    hook.name, hook.pos_dim = "blocks.0.attn.q.hook_out", None
+    flat = iv.zero_hook(positions="start")(torch.ones(2, 3, 8), hook=hook)
+    assert (flat[:, 0] == 0).all() and (flat[:, 1:] == 1).all()
 
 
 def test_rules_that_read_hidden_states_refuse_per_head_hooks():

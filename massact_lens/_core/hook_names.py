@@ -57,6 +57,7 @@ __all__ = [
     "layer_of",
     "mlp_hook",
     "point_layout",
+    "point_names",
     "residual_hook_names",
     "resolve_hook_names",
 ]
@@ -103,14 +104,16 @@ _ATTENTION_HOOKS = {
 
 
 #: Points whose activation is per head, ``[batch, pos, head, d_head]`` (``d_model`` for the
-#: split inputs and the per-head results): the bridge's names and TransformerLens' aliases.
+#: split inputs and the per-head results): the bridge's names and TransformerLens' aliases
+#: (the block-level ones too).
 _PER_HEAD_POINTS = (
     "attn.q.hook_out", "attn.k.hook_out", "attn.v.hook_out", "attn.o.hook_in",
     "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_rot_q", "attn.hook_rot_k",
     "attn.hook_result", "attn.hook_attn_in", "attn.hook_q_input", "attn.hook_k_input", "attn.hook_v_input",
+    "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
 )
-#: Attention scores and patterns, ``[batch, head, query, key]``.
-_PATTERN_POINTS = ("attn.hook_attn_scores", "attn.hook_pattern")
+#: Attention scores and patterns, ``[batch, head, query, key]``, wherever they are (any name ending so).
+_PATTERN_ENDINGS = ("hook_attn_scores", "hook_pattern")
 
 
 def point_layout(name: str | None) -> Literal["residual", "head", "pattern"]:
@@ -125,18 +128,35 @@ def point_layout(name: str | None) -> Literal["residual", "head", "pattern"]:
     """
     if name is None:
         return "residual"
-    tail = name.split(".", 2)[-1] if _BLOCK_RE.match(name) else name
-    if tail in _PER_HEAD_POINTS:
-        return "head"
-    if tail in _PATTERN_POINTS:
+    if name.endswith(_PATTERN_ENDINGS):
         return "pattern"
-    return "residual"
+    tail = name.split(".", 2)[-1] if _BLOCK_RE.match(name) else name
+    return "head" if tail in _PER_HEAD_POINTS else "residual"
 
 
-def check_edit_point(name: str | None, what: str, per_head: bool = True) -> None:
+def point_names(model: TransformerLensModel, name: str) -> tuple[tuple[str, int | None], ...]:
+    """The names to judge a hook point's layout by, each with its ``pos_dim``: the name as
+    given and, when it is an alias, the point's underlying name (``blocks.0.hook_q_input``
+    is ``blocks.0.attn.hook_q_input``).
+
+    >>> from massact_lens.examples import tiny_model
+    >>> point_names(tiny_model(), "blocks.0.attn.hook_z")
+    (('blocks.0.attn.hook_z', None), ('blocks.0.attn.o.hook_in', None))
+    """
+    point = getattr(model, "hook_dict", {}).get(name)
+    pos_dim = getattr(point, "pos_dim", None)
+    underlying = getattr(point, "name", None)
+    if underlying and underlying != name:
+        return ((name, pos_dim), (underlying, pos_dim))
+    return ((name, pos_dim),)
+
+
+def check_edit_point(name: str | None, what: str, per_head: bool = True, pos_dim: int | None = None) -> None:
     """ValueError when ``what`` (an edit, a patch) cannot write at the point ``name``: never at
     an attention pattern or score (``[batch, head, query, key]``: positions would pick
-    heads), and at a per-head point only when ``per_head``.
+    heads), nor where TransformerLens says positions are not axis 1 (``pos_dim``, as on
+    Gemma 3's ``[batch, head, pos, d_head]`` q/k norms), and at a per-head point only when
+    ``per_head``.
 
     >>> check_edit_point("blocks.0.attn.hook_pattern", "An edit")
     Traceback (most recent call last):
@@ -144,18 +164,22 @@ def check_edit_point(name: str | None, what: str, per_head: bool = True) -> None
     ValueError: An edit cannot go at 'blocks.0.attn.hook_pattern': an attention pattern is [batch, head, query, key], so its positions would pick heads. Edit the residual stream or q/k/v/z, or change attention with massact_lens.attention.bias_surgery.
     """
     layout = point_layout(name)
+    instead = "Edit the residual stream or q/k/v/z" if per_head else "Patch the residual stream"
     if layout == "pattern":
         raise ValueError(
             f"{what} cannot go at {name!r}: an attention pattern is [batch, head, query, key], so its positions "
-            "would pick heads. Edit the residual stream or q/k/v/z, or change attention with "
-            "massact_lens.attention.bias_surgery."
+            f"would pick heads. {instead}, or change attention with massact_lens.attention.bias_surgery."
+        )
+    if pos_dim not in (None, 1):
+        raise ValueError(
+            f"{what} cannot go at {name!r}: its positions are on axis {pos_dim} (TransformerLens' pos_dim), "
+            f"not axis 1, so they would pick something else. {instead}."
         )
     if layout == "head" and not per_head:
         raise ValueError(
-            f"{what} cannot go at {name!r}: it is per head ([batch, pos, head, d_head]) and this writes "
-            "d_model-wide entries. Use a residual-stream point (hook_resid_post, hook_attn_out, ...); to "
-            "change this point, use zero_hook, value_hook or scale_hook (every head's d_head entries "
-            "at the positions)."
+            f"{what} cannot go at {name!r}: it is per head ([batch, pos, head, ...]) and this writes "
+            "d_model-wide entries of one position. Use a residual-stream point (hook_resid_post, hook_attn_out, "
+            "...); to change this point, use zero_hook, value_hook or scale_hook."
         )
 
 

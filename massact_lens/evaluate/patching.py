@@ -27,7 +27,12 @@ from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._plain_hf import refuse_plain_hf
 from massact_lens._core.batching import Batch, plan_batches
-from massact_lens._core.hook_names import HookSelection, check_edit_point, resolve_hook_names
+from massact_lens._core.hook_names import (
+    HookSelection,
+    check_edit_point,
+    point_names,
+    resolve_hook_names,
+)
 from massact_lens._core.loop import UserHooks, measure
 from massact_lens._core.results import Result
 from massact_lens._core.types import HookFn, HookList, Inputs, Provenance
@@ -117,14 +122,15 @@ class PatchHook:
         """A copy that reads tokens and positions from ``tracker``."""
         return PatchHook(self.source_values, self.dims, self.positions, self.label, tracker, self.hook_name, self.recorder)
 
-    def check_point(self, name: str | None) -> None:
-        """ValueError at a per-head or attention-pattern point: a patch writes d_model-wide entries."""
-        check_edit_point(name, "A patch", per_head=False)
+    def check_point(self, name: str | None, pos_dim: int | None = None) -> None:
+        """ValueError at a per-head or attention-pattern point (a patch writes d_model-wide
+        entries) or one whose positions are not axis 1."""
+        check_edit_point(name, "A patch", per_head=False, pos_dim=pos_dim)
 
     def __call__(
         self, activation: Float[torch.Tensor, "*batch pos d_model"], hook: Any = None
     ) -> Float[torch.Tensor, "*batch pos d_model"]:
-        self.check_point(getattr(hook, "name", None))
+        self.check_point(getattr(hook, "name", None), getattr(hook, "pos_dim", None))
         if activation.ndim == 2:  # run_with_hooks(remove_batch_dim=True) dropped a batch of one
             return self(activation[None], hook)[0]
         ctx = run_context(self.tracker, self.positions, activation, "patch")
@@ -206,7 +212,8 @@ def patching_hooks(
     target_rule = as_position_rule(target_positions or rule)
     names = resolve_hook_names(model, hooks, layers)
     for name in names:
-        check_edit_point(name, "A patch", per_head=False)
+        for point_name, pos_dim in point_names(model, name):
+            check_edit_point(point_name, "A patch", per_head=False, pos_dim=pos_dim)
         check_dims(model, name, chosen)
     rule.check(model)
     target_rule.check(model)

@@ -58,8 +58,9 @@ class RuleHook(Protocol):
 
     def bound(self, tracker: TokenTracker) -> Any: ...
 
-    def check_point(self, name: str | None) -> None:
-        """ValueError when the hook cannot edit the point ``name`` (by its layout)."""
+    def check_point(self, name: str | None, pos_dim: int | None = None) -> None:
+        """ValueError when the hook cannot edit the point ``name`` (by its layout; ``pos_dim``:
+        the point's position axis, as TransformerLens marks it)."""
         ...
 
 
@@ -139,19 +140,23 @@ class EditHook:
         """A copy that reads tokens and positions from ``tracker``."""
         return replace(self, tracker=tracker)
 
-    def check_point(self, name: str | None) -> None:
-        """ValueError on an attention pattern or score point: its axes are [batch, head, query,
-        key], so an edit's positions would pick heads."""
-        check_edit_point(name, "An edit")
+    def check_point(self, name: str | None, pos_dim: int | None = None) -> None:
+        """ValueError on an attention pattern or score point (its axes are [batch, head, query,
+        key], so an edit's positions would pick heads) or one whose positions are not axis 1."""
+        check_edit_point(name, "An edit", pos_dim=pos_dim)
 
     def __call__(
-        self, activation: Float[torch.Tensor, "*batch pos d_model"], hook: Any = None
+        self, activation: Float[torch.Tensor, "*batch pos d_model"], *given: Any, hook: Any = None
     ) -> Float[torch.Tensor, "*batch pos d_model"]:
+        # TransformerLens passes hook= by keyword; only run_with_hooks(remove_batch_dim=True)
+        # passes it positionally, and only then can a per-head point arrive as [pos, head, d_head]
+        # (a head point that fires flat, [batch, pos, heads x d_head], is 3-D by keyword).
+        hook = given[0] if given else hook
         name = getattr(hook, "name", None)
-        self.check_point(name)
-        if activation.ndim == (4 if point_layout(name) == "head" else 3) - 1:
-            # run_with_hooks(remove_batch_dim=True) dropped a batch of one ([pos, head, d_head] per head)
-            return self(activation[None], hook)[0]
+        self.check_point(name, getattr(hook, "pos_dim", None))
+        dropped = 2 if not given or point_layout(name) != "head" else 3  # ndim of a batch-dropped activation
+        if activation.ndim == dropped:
+            return self(activation[None], hook=hook)[0]
         d_model = int(activation.shape[-1])
         where = f" at {name!r}" if name else ""
         if self.dims is not None and max(self.dims) >= d_model:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._plain_hf import refuse_plain_hf
-from massact_lens._core.hook_names import HookSelection, layer_of, resolve_hook_names
+from massact_lens._core.hook_names import HookSelection, layer_of, point_names, resolve_hook_names
 from massact_lens._core.options import warn_user
 from massact_lens._core.types import HookFn, HookList, is_causal
 from massact_lens.find.criterion import Criterion, DimSummary, MassiveActivations
@@ -110,7 +110,8 @@ def intervention_hooks(model: TransformerLensModel, edits: Sequence[tuple[str, H
     for name, fn in pairs:
         resolve_hook_names(model, name)
         if isinstance(fn, RuleHook):
-            fn.check_point(name)
+            for point_name, pos_dim in point_names(model, name):
+                fn.check_point(point_name, pos_dim)
             check_dims(model, name, fn.dims)
             rule = as_positions(model, fn.positions)
             if rule is not fn.positions:  # completed for this model (RuleHooks are dataclasses)
