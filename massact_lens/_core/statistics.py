@@ -118,7 +118,7 @@ def _equalise_ranks(flat: Float[torch.Tensor, "group batch entries"], counts: tu
 
 def _writable(x: torch.Tensor) -> torch.Tensor | np.ndarray:
     """``x`` to write slices into: on the CPU its numpy view (a slice assignment there
-    costs a fifth of torch's ``fill_``, and the padding fills are one per input); the
+    costs less per call than torch's ``fill_``, and the padding fills are one per input); the
     tensor itself on a device, for bfloat16 (no numpy dtype) and when it requires grad."""
     if x.device.type != "cpu" or x.dtype == torch.bfloat16 or x.requires_grad:
         return x

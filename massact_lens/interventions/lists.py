@@ -21,7 +21,13 @@ from typing import Any, Literal
 from transformer_lens.model_protocol import TransformerLensModel
 
 from massact_lens._core._plain_hf import refuse_plain_hf
-from massact_lens._core.hook_names import HookSelection, layer_of, point_names, resolve_hook_names
+from massact_lens._core.hook_names import (
+    HookSelection,
+    layer_of,
+    point_layout,
+    point_names,
+    resolve_hook_names,
+)
 from massact_lens._core.options import warn_user
 from massact_lens._core.types import HookFn, HookList, is_causal
 from massact_lens.find.criterion import Criterion, DimSummary, MassiveActivations
@@ -51,11 +57,13 @@ _RESIDUAL_SUFFIXES = (
     "hook_attn_out",
     "hook_mlp_out",
 )
-_RESIDUAL_EXCEPTIONS = (".mlp.in.", ".mlp.out.hook_in", ".attn.q.", ".attn.k.", ".attn.v.", ".attn.o.hook_in", "embed.hook_in", "pos_embed.hook_in")
+_RESIDUAL_EXCEPTIONS = (".mlp.in.", ".mlp.out.hook_in", "embed.hook_in", "pos_embed.hook_in")
 
 
 def _is_residual(name: str) -> bool:
-    return name.endswith(_RESIDUAL_SUFFIXES) and not any(x in name for x in _RESIDUAL_EXCEPTIONS)
+    """d_model wide: a residual-like ending, not a per-head or pattern point (point_layout), not an MLP hidden."""
+    return (name.endswith(_RESIDUAL_SUFFIXES) and point_layout(name) == "residual"
+            and not any(x in name for x in _RESIDUAL_EXCEPTIONS))
 
 
 def check_dims(model: TransformerLensModel, name: str, dims: tuple[int, ...] | None) -> None:
