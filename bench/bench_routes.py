@@ -44,7 +44,10 @@ everywhere unless ``--eager``, for HF routes and for the bridge routes, which ru
     7' against        with ``--against DIR``: ``massact_lens.scan`` imported from the checkout
                       in DIR (an older commit, in a git worktree), in the same interleaved
                       rounds, so that its paired ratio compares two versions of the scan on
-                      one machine state. Checked like routes 3-8.
+                      one machine state. Checked like routes 3-8. It keeps its converted
+                      models in a cache folder of its own (under the cache's ``against/``), and
+                      ``--against-env NAME=VALUE`` sets a variable for it alone (for 0.2:
+                      ``MASSACT_LENS_STATS_THREAD=0`` runs its statistics inline).
 
 Everything runs on the CPU (models pinned to "cpu", also where a GPU exists), so RSS is
 the memory that counts. Method: tokens are made once by the parent (see
@@ -79,6 +82,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import importlib.util
 import json
 import os
@@ -365,6 +369,8 @@ def child(spec: dict[str, Any]) -> None:
         if method in HF_ROUTES:
             ctx: Any = HFContext(spec["model"], spec["folder"], "eager" if spec["eager"] else "sdpa", method == "nnsight")
         else:
+            if method == "against":  # its own model cache, and what --against-env sets
+                os.environ.update(spec["against_env"])
             ctx = BridgeContext(spec["model"], spec.get("against") if method == "against" else None)
             if method == "against" and not str(Path(ctx.ml.__file__).resolve()).startswith(spec["against"]):
                 raise SystemExit(f"--against: imported massact_lens from {ctx.ml.__file__}, not {spec['against']}")
@@ -446,6 +452,25 @@ def setup_nnsight() -> None:
     print(nnsight_python()[1])
 
 
+def against_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of route 7': its own model cache (two checkouts whose cache formats
+    differ would otherwise rebuild one folder in turn, a minute each, just before their
+    timed runs), then what ``--against-env`` gives."""
+    if args.against is None:
+        return {}
+    from massact_lens.models.cache import CACHE_ENV, cache_dir
+
+    root = args.against.resolve()
+    tag = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    env = {CACHE_ENV: str(cache_dir() / "against" / f"{root.name}-{tag}")}
+    for item in args.against_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--against-env {item!r}: give NAME=VALUE")
+        env[name] = value
+    return env
+
+
 def compare(ref: dict[str, list], got: dict[str, list], hooks: slice) -> tuple[float, float, int]:
     """Max relative difference of medians and of top-1 values, and top-1 (position, dim) mismatches."""
     import torch
@@ -488,6 +513,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--against", type=Path, help="another checkout (a git worktree of an older commit): adds "
                         "route 7', its scan, to the same rounds")
+    parser.add_argument("--against-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for route 7' only (repeatable), e.g. "
+                        "MASSACT_LENS_STATS_THREAD=0 runs 0.2's statistics inline, in the forward's thread")
     parser.add_argument("--setup-nnsight", action="store_true", help="make bench/.nnsight-venv and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -558,7 +586,8 @@ def main() -> None:
     torch.save({"configs": [{"batches": c["batches"]} for c in configs]}, corpus_file)
     base_spec = {"model": args.model, "folder": folder, "corpus": str(corpus_file), "threads": args.threads,
                  "top_k": args.top_k, "eager": args.eager,
-                 "against": None if args.against is None else str(args.against.resolve())}
+                 "against": None if args.against is None else str(args.against.resolve()),
+                 "against_env": against_env(args)}
     env_eager = {"MASSACT_LENS_EAGER": "1"} if args.eager else {}
     os.environ.update(env_eager)
 
