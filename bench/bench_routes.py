@@ -463,11 +463,7 @@ def against_env(args: argparse.Namespace) -> dict[str, str]:
     root = args.against.resolve()
     tag = hashlib.sha256(str(root).encode()).hexdigest()[:8]
     env = {CACHE_ENV: str(cache_dir() / "against" / f"{root.name}-{tag}")}
-    for item in args.against_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--against-env {item!r}: give NAME=VALUE")
-        env[name] = value
+    env.update(item.split("=", 1) for item in args.against_env)  # checked NAME=VALUE before any work
     return env
 
 
@@ -541,8 +537,11 @@ def main() -> None:
         if not (args.against / "massact_lens" / "__init__.py").is_file():
             parser.error(f"--against {args.against}: no massact_lens package there (pass a checkout's root)")
         routes.append("against")
-    elif "against" in routes:
-        parser.error("route 'against' needs --against DIR (another checkout's root)")
+    elif "against" in routes or args.against_env:
+        parser.error("route 'against' and --against-env need --against DIR (another checkout's root)")
+    bad = [item for item in args.against_env if not item.partition("=")[0] or "=" not in item]
+    if bad:
+        parser.error(f"--against-env {bad[0]!r}: give NAME=VALUE")
     notes = []
     if args.model == "minilm" and "hf_hidden" in routes:
         routes.remove("hf_hidden")
